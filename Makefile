@@ -1,0 +1,34 @@
+# Two commands do all set-up: `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+ARGS ?=
+
+.PHONY: run test lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+## run: start the daemon on its defaults (127.0.0.1:8080); pass flags with ARGS="..."
+run: $(STAMP)
+	$(BIN)/nwbcache serve $(ARGS)
+
+## test: lint, type-check and run the whole suite
+test: lint
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check client proxy tests
+	$(BIN)/ruff format --check client proxy tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format client proxy tests
+	$(BIN)/ruff check --fix client proxy tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

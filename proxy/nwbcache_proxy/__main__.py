@@ -1,0 +1,3 @@
+from nwbcache.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Build the aiohttp application and run it, in one process or several.
+
+The upstream session, index and cache are created in the app's lifecycle
+(``cleanup_ctx``), never at import time, so tests build as many independent
+apps as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from . import __version__
+from .cache import BlockCache
+from .config import Settings, describe
+from .index import CacheIndex
+from .layout import Layout
+from .retry import RetryBudget, RetryPolicy
+from .server import ALLOW_KEY, CACHE_KEY, build_routes, error_middleware
+from .upstream import Upstream, make_session
+
+log = logging.getLogger("nwbcache")
+
+SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
+# Start-up line that tests and scripts wait for; it names the bound address.
+READY_PREFIX = "nwbcache: serving on "
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+    app[SETTINGS_KEY] = settings
+    app[ALLOW_KEY] = settings.allow_list
+    app.cleanup_ctx.append(_cache_context)
+    build_routes(app)
+    return app
+
+
+async def _cache_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS_KEY]
+    layout = Layout(settings.cache_dir)
+    index = CacheIndex(layout)
+    await index.open()
+    session = make_session(
+        max_connections=settings.max_upstream_connections,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+    )
+    upstream = Upstream(
+        session,
+        settings.allow_list,
+        RetryPolicy(max_attempts=settings.retry_attempts, base_delay=settings.retry_base_delay),
+        RetryBudget(),
+        first_byte_timeout=settings.first_byte_timeout,
+    )
+    cache = BlockCache(
+        layout,
+        index,
+        upstream,
+        block_size=settings.block_size,
+        capacity=settings.cache_size,
+        readahead=settings.readahead,
+        revalidate_after=settings.revalidate_after,
+        fsync=settings.fsync,
+    )
+    await cache.start()
+    app[CACHE_KEY] = cache
+    try:
+        yield
+    finally:
+        await cache.close()
+        await session.close()
+        await index.close()
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+async def serve_forever(settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then shut down cleanly."""
+    app = build_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = _bound_address(site)
+    print(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})", flush=True)
+    log.info("nwbcache %s: %s", __version__, describe(settings))
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _bound_address(site: web.BaseSite) -> tuple[str, int]:
+    server = site._server  # aiohttp keeps the asyncio Server here
+    sockets = getattr(server, "sockets", None) or []
+    name = sockets[0].getsockname()
+    host = name[0] if ":" not in name[0] else f"[{name[0]}]"
+    return host, int(name[1])
+
+
+def run(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    if settings.workers == 1:
+        asyncio.run(serve_forever(settings))
+        return 0
+    return _run_workers(settings)
+
+
+def _listen_socket(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_workers(settings: Settings) -> int:
+    """Pre-fork: the parent binds once and supervises; each child serves the
+    shared socket with its own loop, session and index connection, and all
+    share the cache directory (safe by design: see docs/on-disk-format.md)."""
+    sock = _listen_socket(settings)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                asyncio.run(serve_forever(settings, sock))
+            finally:
+                os._exit(0)
+        children[pid] = slot
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(settings.workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        if slot is not None and not stopping:
+            log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
+            time.sleep(0.5)
+            spawn(slot)
+    return 0

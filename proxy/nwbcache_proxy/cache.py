@@ -1,0 +1,477 @@
+"""The block cache: resolve an object's version, then serve byte ranges of it
+from block files on disk, fetching the missing blocks from upstream.
+
+Storage (store.py), LRU accounting (index.py) and the upstream client
+(upstream.py) are separate; this module is the policy that ties them:
+single-flight per block, runs of consecutive missing blocks fetched with one
+upstream request, read-ahead for sequential readers, versions that never mix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+from nwbcache.urls import UpstreamURL, cache_key, redact_url
+
+from . import store
+from .errors import UpstreamUnavailable, VersionChanged
+from .index import CacheIndex
+from .inflight import InflightBlock
+from .layout import Layout, key_hash
+from .lru import BoundedLRU
+from .objectmeta import ObjectMeta, block_count, block_span, blocks_for
+from .store import OpenBlock, Staging
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Objects whose metadata is kept in memory; the rest is re-read from meta.json.
+META_MEMORY = 10_000
+# Blocks whose checksum this process has verified, so later hits go straight
+# to sendfile. Bounded: forgetting only costs one more verification.
+VERIFIED_MEMORY = 200_000
+# Longest single upstream request, in bytes: long enough to amortise the
+# round trip, short enough that a retry after a reset re-reads little.
+MAX_RUN_BYTES = 16 * 1024 * 1024
+# How many block files a single presence check looks at.
+PRESENCE_CHECK_LIMIT = 64
+
+
+class CacheOutcome(enum.StrEnum):
+    HIT = "HIT"
+    MISS = "MISS"
+    PARTIAL = "PARTIAL"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileSegment:
+    """Bytes [start, end) of the data of an open block file (sendfile-able)."""
+
+    block: OpenBlock
+    start: int
+    end: int
+
+
+Segment = FileSegment | bytes
+
+
+class RangeReader:
+    """The bytes of one range, and whether they came from cache.
+
+    Iterate it once; ``aclose`` releases the open block files whether or not
+    it was iterated (a generator that never started cannot clean up itself).
+    The consumer closes each FileSegment's block once it has sent it.
+    """
+
+    def __init__(
+        self, outcome: CacheOutcome, segments: AsyncIterator[Segment], first: object
+    ) -> None:
+        self.outcome = outcome
+        self._segments = segments
+        self._first = first
+        self._started = False
+
+    def __aiter__(self) -> AsyncIterator[Segment]:
+        self._started = True
+        return self._segments
+
+    async def aclose(self) -> None:
+        if not self._started and isinstance(self._first, OpenBlock):
+            self._first.close()
+        aclose = getattr(self._segments, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+@dataclasses.dataclass(slots=True)
+class CacheStats:
+    served_from_cache: int = 0
+    served_from_upstream: int = 0
+    coalesced: int = 0
+    evictions: int = 0
+    publish_failures: int = 0
+    corrupt_blocks: int = 0
+
+
+class BlockCache:
+    def __init__(
+        self,
+        layout: Layout,
+        index: CacheIndex,
+        upstream: Upstream,
+        *,
+        block_size: int,
+        capacity: int,
+        readahead: int,
+        revalidate_after: float,
+        fsync: bool,
+    ) -> None:
+        self.layout = layout
+        self.index = index
+        self.upstream = upstream
+        self.block_size = block_size
+        self.capacity = capacity
+        self.readahead_blocks = max(1, readahead // block_size)
+        self.max_run_blocks = max(1, MAX_RUN_BYTES // block_size)
+        self.revalidate_after = revalidate_after
+        self.fsync = fsync
+        self.stats = CacheStats()
+        self.staging: Staging | None = None
+        # Disk work runs here, not in the loop's default executor, so it can be
+        # sized for many concurrent block opens.
+        self._disk = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="nwbcache-disk")
+        self._meta: BoundedLRU[str, ObjectMeta] = BoundedLRU(META_MEMORY)
+        self._discovering: dict[str, asyncio.Task[ObjectMeta]] = {}
+        self._inflight: dict[tuple[str, int], InflightBlock] = {}
+        self._verified: BoundedLRU[str, int] = BoundedLRU(VERIFIED_MEMORY)
+        self._last_end: BoundedLRU[str, int] = BoundedLRU(4096)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._evict_wakeup = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        self.staging = await self._io(lambda: Staging(self.layout))
+        swept = await self._io(lambda: store.sweep_leftovers(self.layout))
+        if swept:
+            log.info("swept %d leftovers of earlier runs", swept)
+        self._spawn(self._reconcile_then_evict())
+        self._spawn(self._maintenance_loop())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.staging is not None:
+            staging = self.staging
+            await self._io(staging.close)
+        self._disk.shutdown(wait=True)
+
+    def _spawn(self, coro: object) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _io(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._disk, fn)
+
+    # -- object versions -----------------------------------------------------
+    async def resolve(self, url: UpstreamURL) -> ObjectMeta:
+        """The current version of the object, from memory, disk or upstream."""
+        key = cache_key(url)
+        now = time.time()
+        meta = self._meta.get(key)
+        if meta is not None and now - meta.validated_at < self.revalidate_after:
+            return meta
+        if meta is None:
+            kh = key_hash(key)
+            raw = await self._io(lambda: store.read_meta(self.layout.meta_path(kh)))
+            meta = ObjectMeta.from_json(raw, key) if raw is not None else None
+            if meta is not None and now - meta.validated_at < self.revalidate_after:
+                self._meta.put(key, meta)
+                return meta
+        task = self._discovering.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._discover(url, key, meta))
+            self._discovering[key] = task
+            task.add_done_callback(lambda _t: self._discovering.pop(key, None))
+        else:
+            self.stats.coalesced += 1
+        # shield: a client hanging up must not cancel a discovery others wait on.
+        return await asyncio.shield(task)
+
+    async def _discover(self, url: UpstreamURL, key: str, stale: ObjectMeta | None) -> ObjectMeta:
+        version, first = await self.upstream.discover(url, self.block_size)
+        meta = ObjectMeta(key, version, time.time())
+        if stale is not None and not stale.version.same_version(version):
+            log.info("object changed upstream, dropping old version: %s", redact_url(url.url))
+            await self.drop_version(stale)
+        kh = key_hash(key)
+        staging = self._require_staging()
+        await self._io(lambda: store.write_meta(staging, self.layout.meta_path(kh), meta.to_json()))
+        self._meta.put(key, meta)
+        if version.size > 0 and (self._inflight.get((self._vdir_key(meta), 0)) is None):
+            await self._publish(meta, 0, first)
+        return meta
+
+    async def drop_version(self, meta: ObjectMeta) -> None:
+        """Forget one version: metadata, blocks and index rows."""
+        current = self._meta.get(meta.cache_key)
+        if current is not None and current.version.same_version(meta.version):
+            self._meta.pop(meta.cache_key)
+        kh = key_hash(meta.cache_key)
+        vdir = self._vdir(meta)
+
+        def drop() -> None:
+            raw = store.read_meta(self.layout.meta_path(kh))
+            on_disk = ObjectMeta.from_json(raw, meta.cache_key) if raw else None
+            if on_disk is not None and on_disk.version.same_version(meta.version):
+                store.unlink_quietly(self.layout.meta_path(kh))
+            store.drop_dir(self.layout, vdir)
+
+        await self._io(drop)
+        await self.index.forget_object(self._relative(vdir))
+
+    def _require_staging(self) -> Staging:
+        assert self.staging is not None, "cache not started"
+        return self.staging
+
+    # -- paths -------------------------------------------------------------
+    def _vdir(self, meta: ObjectMeta) -> Path:
+        return self.layout.version_dir(key_hash(meta.cache_key), meta.digest, self.block_size)
+
+    def _vdir_key(self, meta: ObjectMeta) -> str:
+        return str(self._vdir(meta))
+
+    def _relative(self, path: Path) -> str:
+        return str(path.relative_to(self.layout.root))
+
+    def _block_path(self, meta: ObjectMeta, index: int) -> Path:
+        return self._vdir(meta) / Layout.block_name(index)
+
+    # -- reading -------------------------------------------------------------
+    async def read(
+        self, meta: ObjectMeta, url: UpstreamURL, start: int, end: int
+    ) -> RangeReader:
+        """Plan a read of bytes [start, end): how much is cached, and the bytes.
+
+        The first block is acquired before returning, so the outcome is known
+        before response headers go out and a version change found on the way
+        surfaces while the request can still start over.
+        """
+        blocks = blocks_for(start, end, self.block_size)
+        sequential = self._note_position(meta.cache_key, start, end)
+        first = await self._acquire(meta, url, blocks.start, wanted_end=blocks.stop)
+        present = isinstance(first, OpenBlock)
+        rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
+        cached_rest = await self._present(meta, rest) if len(rest) else set()
+        if present and len(cached_rest) == len(rest):
+            outcome = CacheOutcome.HIT
+        elif not present and not cached_rest:
+            outcome = CacheOutcome.MISS
+        else:
+            outcome = CacheOutcome.PARTIAL
+        missing = [i for i in rest if i not in cached_rest]
+        if missing:
+            self._start_runs(meta, url, missing[: self.readahead_blocks])
+        if sequential:
+            self._prefetch(meta, url, blocks.stop, blocks.stop + self.readahead_blocks)
+        return RangeReader(outcome, self._segments(meta, url, start, end, blocks, first), first)
+
+    async def _segments(
+        self,
+        meta: ObjectMeta,
+        url: UpstreamURL,
+        start: int,
+        end: int,
+        blocks: range,
+        first: OpenBlock | InflightBlock,
+    ) -> AsyncIterator[Segment]:
+        bs = self.block_size
+        source: OpenBlock | InflightBlock | None = first
+        planned_until = blocks.start + 1 + self.readahead_blocks
+        try:
+            for i in blocks:
+                if source is None:
+                    source = await self._acquire(meta, url, i, wanted_end=blocks.stop)
+                lo = max(start, i * bs) - i * bs
+                hi = min(end, (i + 1) * bs) - i * bs
+                if isinstance(source, OpenBlock):
+                    self.stats.served_from_cache += hi - lo
+                    yield FileSegment(source, lo, hi)
+                else:
+                    async for chunk in source.chunks(lo, hi):
+                        self.stats.served_from_upstream += len(chunk)
+                        yield chunk
+                source = None
+                # Keep fetching ahead of a long reader, at most ~1.5 windows
+                # ahead of what it has consumed.
+                if i + self.readahead_blocks // 2 >= planned_until and planned_until < blocks.stop:
+                    upto = min(blocks.stop, planned_until + self.readahead_blocks)
+                    self._prefetch(meta, url, planned_until, upto)
+                    planned_until = upto
+        finally:
+            if isinstance(source, OpenBlock):
+                source.close()
+
+    async def _acquire(
+        self, meta: ObjectMeta, url: UpstreamURL, i: int, *, wanted_end: int
+    ) -> OpenBlock | InflightBlock:
+        """The block from disk, or its in-flight fetch (started if needed)."""
+        vkey = self._vdir_key(meta)
+        inflight = self._inflight.get((vkey, i))
+        if inflight is not None:
+            self.stats.coalesced += 1
+            return inflight
+        opened = await self._open(meta, i)
+        if opened is not None:
+            return opened
+        inflight = self._inflight.get((vkey, i))
+        if inflight is not None:
+            self.stats.coalesced += 1
+            return inflight
+        upto = min(wanted_end, i + self.readahead_blocks, block_count(meta.version.size, self.block_size))
+        following = range(i + 1, upto)
+        cached = await self._present(meta, following) if len(following) else set()
+        run = [i]
+        for j in following:  # extend the run while blocks are missing and not in flight
+            if j in cached or (vkey, j) in self._inflight:
+                break
+            run.append(j)
+        self._start_runs(meta, url, run)
+        return self._inflight[(vkey, i)]
+
+    async def _open(self, meta: ObjectMeta, i: int) -> OpenBlock | None:
+        path = self._block_path(meta, i)
+        bstart, bend = block_span(i, meta.version.size, self.block_size)
+        verify = self._verified.get(str(path)) is None
+        digest = meta.digest
+        opened = await self._io(
+            lambda: store.open_block(path, index=i, length=bend - bstart, digest=digest, verify=verify)
+        )
+        if opened is None:
+            return None
+        if verify:
+            self._verified.put(str(path), 1)
+        self.index.record(self._relative(path), self._relative(path.parent), opened.file_size)
+        return opened
+
+    async def _present(self, meta: ObjectMeta, indices: range) -> set[int]:
+        vdir = self._vdir(meta)
+        names = [(i, vdir / Layout.block_name(i)) for i in indices]
+        return await self._io(lambda: {i for i, p in names if os.path.exists(p)})
+
+    def _note_position(self, key: str, start: int, end: int) -> bool:
+        """Record where this read ended; True when it continues the last one."""
+        last = self._last_end.get(key)
+        self._last_end.put(key, end)
+        # Continuing at (or just after) the last end: remfile reads exactly
+        # back to back, h5py chunk scans leave small gaps. Re-reading the same
+        # bytes is not sequential and must not trigger read-ahead.
+        return last is not None and 0 <= start - last <= self.block_size
+
+    def _prefetch(self, meta: ObjectMeta, url: UpstreamURL, lo: int, hi: int) -> None:
+        hi = min(hi, block_count(meta.version.size, self.block_size))
+        if lo >= hi:
+            return
+
+        async def plan() -> None:
+            cached = await self._present(meta, range(lo, hi))
+            vkey = self._vdir_key(meta)
+            self._start_runs(
+                meta, url, [i for i in range(lo, hi) if i not in cached and (vkey, i) not in self._inflight]
+            )
+
+        self._spawn(plan())
+
+    # -- fetching ------------------------------------------------------------
+    def _start_runs(self, meta: ObjectMeta, url: UpstreamURL, indices: list[int]) -> None:
+        """Fetch these blocks, one upstream request per run of consecutive ones."""
+        vkey = self._vdir_key(meta)
+        todo = [i for i in indices if (vkey, i) not in self._inflight]
+        run: list[InflightBlock] = []
+        for i in todo:
+            if run and (i != run[-1].index + 1 or len(run) >= self.max_run_blocks):
+                self._spawn(self._fetch_run(meta, url, run))
+                run = []
+            bstart, bend = block_span(i, meta.version.size, self.block_size)
+            block = InflightBlock(i, bend - bstart)
+            self._inflight[(vkey, i)] = block
+            run.append(block)
+        if run:
+            self._spawn(self._fetch_run(meta, url, run))
+
+    async def _fetch_run(self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]) -> None:
+        """One upstream request for consecutive blocks, published one by one."""
+        vkey = self._vdir_key(meta)
+        start = run[0].index * self.block_size
+        end = start + sum(b.length for b in run)
+        current = 0
+        try:
+            async for chunk in self.upstream.stream(url, start, end, meta.version):
+                view = memoryview(chunk)
+                while view:
+                    block = run[current]
+                    take = min(len(view), block.length - block.filled)
+                    block.append(view[:take])
+                    view = view[take:]
+                    if block.complete:
+                        await self._publish(meta, block.index, block.data)
+                        self._inflight.pop((vkey, block.index), None)
+                        current += 1
+        except asyncio.CancelledError:
+            for block in run[current:]:
+                block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
+            raise
+        except VersionChanged as exc:
+            for block in run[current:]:
+                block.fail(exc)
+            log.warning("object changed upstream mid-read: %s", redact_url(url.url))
+            await self.drop_version(meta)
+        except Exception as exc:
+            for block in run[current:]:
+                block.fail(exc)
+            log.info("fetch of %s failed: %s", redact_url(url.url), exc)
+        finally:
+            for block in run[current:]:
+                self._inflight.pop((vkey, block.index), None)
+
+    async def _publish(self, meta: ObjectMeta, index: int, data: bytes | memoryview) -> None:
+        """Write a fetched block to disk. A failure (disk full) loses nothing:
+        the bytes are still served from memory, just not cached."""
+        path = self._block_path(meta, index)
+        staging = self._require_staging()
+        digest = meta.digest
+        try:
+            size = await self._io(
+                lambda: store.publish_block(staging, path, index, data, digest, fsync=self.fsync)
+            )
+        except OSError as exc:
+            self.stats.publish_failures += 1
+            log.warning("could not cache block %d of %s: %s", index, meta.cache_key, exc)
+            self._evict_wakeup.set()
+            return
+        self._verified.put(str(path), 1)
+        self.index.record(self._relative(path), self._relative(path.parent), size)
+        if self.index.last_totals.bytes + self.index.pending_bytes > self.capacity:
+            self._evict_wakeup.set()
+
+    # -- upkeep ------------------------------------------------------------
+    async def _reconcile_then_evict(self) -> None:
+        result = await self.index.reconcile()
+        if result is not None and any(result):
+            log.info("index reconciled with disk: %d blocks added, %d removed", *result)
+        self._evict_wakeup.set()
+
+    async def _maintenance_loop(self) -> None:
+        """Flush LRU updates and keep the cache under its capacity."""
+        from .index import FLUSH_INTERVAL
+
+        while True:
+            try:
+                async with asyncio.timeout(FLUSH_INTERVAL):
+                    await self._evict_wakeup.wait()
+            except TimeoutError:
+                pass
+            self._evict_wakeup.clear()
+            try:
+                await self.index.flush()
+                if self.index.last_totals.bytes > self.capacity:
+                    # Down to a low-water mark, so eviction runs in bursts
+                    # rather than one block per publish.
+                    evicted = await self.index.evict_to(int(self.capacity * 0.95))
+                    self.stats.evictions += evicted
+            except Exception:
+                log.exception("cache maintenance failed; retrying")
+                await asyncio.sleep(FLUSH_INTERVAL)
+

@@ -1,0 +1,227 @@
+"""Settings of the daemon, from command line, environment and TOML file.
+
+Precedence, highest first: command-line flag, ``NWBCACHE_*`` environment
+variable, the TOML config file (``--config`` / ``NWBCACHE_CONFIG``), the
+defaults below. Stdlib only (argparse, tomllib): the CLI of the light client
+package builds its ``serve`` parser from here without importing aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from nwbcache.urls import DANDI_HOSTS, AllowList
+
+from .sizes import format_size, parse_size
+
+# Why 256 KiB: remfile asks for 100 KiB at least and h5py's metadata reads are
+# small and scattered, so a larger block multiplies upstream bytes on a cold
+# open; sequential reads do not suffer from small blocks because consecutive
+# missing blocks are fetched with a single upstream request (see fetch.py).
+DEFAULT_BLOCK_SIZE = 256 * 1024
+DEFAULT_CACHE_SIZE = 20 * 1024**3
+# Read-ahead for sequential readers and plain GETs: enough to cover the
+# latency of a WAN round trip at ~100 MB/s, small enough to waste little when
+# the client stops reading.
+DEFAULT_READAHEAD = 4 * 1024 * 1024
+# S3 objects on DANDI are immutable blobs, so revalidation is rare; objects on
+# other stores may be overwritten, and a changed ETag is also caught on every
+# upstream fetch (If-Match), so this only bounds how long pure hits may serve
+# an object that changed upstream.
+DEFAULT_REVALIDATE_AFTER = 3600.0
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nwbcache"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
+    cache_size: int = DEFAULT_CACHE_SIZE
+    block_size: int = DEFAULT_BLOCK_SIZE
+    allow_upstream: tuple[str, ...] = DANDI_HOSTS
+    workers: int = 1
+    readahead: int = DEFAULT_READAHEAD
+    revalidate_after: float = DEFAULT_REVALIDATE_AFTER
+    max_upstream_connections: int = 32
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 30.0
+    read_timeout: float = 30.0
+    retry_attempts: int = 5
+    retry_base_delay: float = 0.2
+    fsync: bool = False
+    log_level: str = "info"
+
+    @property
+    def allow_list(self) -> AllowList:
+        return AllowList.parse(self.allow_upstream)
+
+    def validate(self) -> None:
+        """Raise ValueError with a message a newcomer can act on."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port must be 0..65535, got {self.port}")
+        if not 4 <= self.block_size <= 64 * 1024**2:
+            raise ValueError(f"--block-size must be between 4 B and 64 MiB, got {self.block_size}")
+        if self.cache_size < self.block_size * 4:
+            raise ValueError(
+                f"--cache-size {format_size(self.cache_size)} is too small for "
+                f"--block-size {format_size(self.block_size)} (need at least 4 blocks)"
+            )
+        if self.workers < 1:
+            raise ValueError("--workers must be at least 1")
+        if self.retry_attempts < 1:
+            raise ValueError("--retry-attempts must be at least 1")
+        if self.max_upstream_connections < 1:
+            raise ValueError("--max-upstream-connections must be at least 1")
+        self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in {"1", "true", "yes", "on"}:
+        return True
+    if low in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.replace(",", " ").split() if item.strip())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Option:
+    field: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    repeatable: bool = False
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("host", "--host", str, "address to listen on (default 127.0.0.1: this machine only)"),
+    _Option("port", "--port", int, "port to listen on (default 8080; 0 picks a free one)"),
+    _Option("cache_dir", "--cache-dir", Path, "where cached blocks live (default $XDG_CACHE_HOME/nwbcache or ~/.cache/nwbcache)", "DIR"),
+    _Option("cache_size", "--cache-size", parse_size, "upper bound of the cache on disk, e.g. 500M, 20G (default 20G)", "SIZE"),
+    _Option("block_size", "--block-size", parse_size, "unit of caching and of upstream reads, e.g. 256K, 4M (default 256K)", "SIZE"),
+    _Option("allow_upstream", "--allow-upstream", str, "upstream HOST[:PORT][/path-prefix] the daemon may read from; repeat for several (default: the DANDI bucket hosts)", "HOST", repeatable=True),
+    _Option("workers", "--workers", int, "daemon processes sharing the port and the cache (default 1)", "N"),
+    _Option("readahead", "--readahead", parse_size, "how far ahead of a sequential reader to fetch (default 4M)", "SIZE"),
+    _Option("revalidate_after", "--revalidate-after", float, "seconds before a cached object's version is checked upstream again (default 3600)", "SECONDS"),
+    _Option("max_upstream_connections", "--max-upstream-connections", int, "concurrent upstream requests at most (default 32)", "N"),
+    _Option("connect_timeout", "--connect-timeout", float, "seconds to connect upstream (default 10)", "SECONDS"),
+    _Option("first_byte_timeout", "--first-byte-timeout", float, "seconds to wait for upstream's response headers (default 30)", "SECONDS"),
+    _Option("read_timeout", "--read-timeout", float, "seconds an upstream body may stay idle (default 30)", "SECONDS"),
+    _Option("retry_attempts", "--retry-attempts", int, "tries per upstream read, first included (default 5)", "N"),
+    _Option("retry_base_delay", "--retry-base-delay", float, "base of the exponential backoff in seconds (default 0.2)", "SECONDS"),
+    _Option("fsync", "--fsync", _parse_bool, "fsync each block before publishing it (default false: blocks carry a checksum that is verified before first use)", "BOOL"),
+    _Option("log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declare the ``serve`` flags. Values default to None so that unset flags
+    fall through to environment, config file and defaults."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file with the same settings (keys as the flags, with _ for -); env NWBCACHE_CONFIG",
+    )
+    for opt in _OPTIONS:
+        kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar, "dest": opt.field}
+        if opt.repeatable:
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = opt.parse
+        parser.add_argument(opt.flag, **kwargs)
+
+
+def _env_name(field: str) -> str:
+    return "NWBCACHE_" + field.upper()
+
+
+def _coerce(opt: _Option, raw: Any, source: str) -> Any:
+    try:
+        if opt.repeatable:
+            items = _parse_list(raw) if isinstance(raw, str) else tuple(str(x) for x in raw)
+            return items
+        if isinstance(raw, str):
+            return opt.parse(raw)
+        if opt.parse is parse_size and isinstance(raw, int):
+            return raw
+        if opt.parse is Path:
+            return Path(str(raw))
+        return opt.parse(str(raw)) if not isinstance(raw, bool | int | float) else raw
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+def load_settings(
+    args: argparse.Namespace | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge flags, environment and config file over the defaults."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    config_path = getattr(args, "config", None) or env.get("NWBCACHE_CONFIG")
+    if config_path:
+        values.update(_read_config_file(Path(config_path)))
+    for opt in _OPTIONS:
+        name = _env_name(opt.field)
+        if name in env and env[name] != "":
+            values[opt.field] = _coerce(opt, env[name], name)
+    if args is not None:
+        for opt in _OPTIONS:
+            given = getattr(args, opt.field, None)
+            if given is not None:
+                values[opt.field] = tuple(given) if opt.repeatable else given
+    settings = Settings(**values)
+    settings.validate()
+    return settings
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {path}: {exc}") from None
+    # Accept both a flat file and one with a [serve] table.
+    table = data.get("serve", data)
+    by_field = {opt.field: opt for opt in _OPTIONS}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        field = key.replace("-", "_")
+        if field not in by_field:
+            known = ", ".join(sorted(by_field))
+            raise ValueError(f"config file {path}: unknown setting {key!r} (known: {known})")
+        values[field] = _coerce(by_field[field], raw, f"{path}: {key}")
+    return values
+
+
+def describe(settings: Settings) -> str:
+    """One line for the start-up log."""
+    return (
+        f"cache {settings.cache_dir} ({format_size(settings.cache_size)}, "
+        f"blocks of {format_size(settings.block_size)}), "
+        f"upstreams {', '.join(settings.allow_upstream)}"
+    )
+
+
+def flags() -> Sequence[str]:
+    return [opt.flag for opt in _OPTIONS]

@@ -1,0 +1,241 @@
+"""LRU accounting of the cache in SQLite, shared by every daemon process.
+
+The index answers "how big is the cache" and "which blocks were used least
+recently"; it never answers "is this block cached" (the file does). It may
+lag the files by a flush interval, and after a crash it may miss blocks or
+list gone ones: ``reconcile`` repairs both, and a row without a file or a
+file without a row never causes a wrong byte, only an imprecise size.
+
+All SQLite work runs on one dedicated thread with its own connection, so the
+event loop never blocks on the database and no connection crosses threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import fcntl
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from . import store
+from .layout import Layout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blocks (
+    path TEXT PRIMARY KEY,      -- relative to the layout root
+    object TEXT NOT NULL,       -- the version dir holding it
+    bytes INTEGER NOT NULL,     -- file size on disk
+    atime REAL NOT NULL         -- last use, seconds since the epoch
+);
+CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
+CREATE INDEX IF NOT EXISTS blocks_by_object ON blocks(object);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL,
+    blocks INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+-- Totals kept by triggers: reading the cache size is O(1), not a SUM over
+-- every row, which matters when each of several processes polls it.
+CREATE TRIGGER IF NOT EXISTS blocks_ins AFTER INSERT ON blocks BEGIN
+    UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
+    UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = 0;
+END;
+"""
+
+UPSERT = (
+    "INSERT INTO blocks(path, object, bytes, atime) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(path) DO UPDATE SET atime = max(atime, excluded.atime)"
+)
+
+# How many rows one eviction transaction removes: bounded work per step, so
+# other processes' writes are never locked out for long (diskcache's cull_limit).
+EVICT_BATCH = 256
+# Pending index writes are flushed at this interval or at this many entries.
+FLUSH_INTERVAL = 1.0
+FLUSH_MAX_PENDING = 2000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Totals:
+    bytes: int
+    blocks: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    object: str
+    bytes: int
+    atime: float
+
+
+class CacheIndex:
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nwbcache-index")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: dict[str, _Pending] = {}
+        self.last_totals = Totals(0, 0)
+
+    # -- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        await self._run(self._open_sync)
+        self.last_totals = await self._run(self._totals_sync)
+
+    async def close(self) -> None:
+        try:
+            await self.flush()
+            await self._run(self._close_sync)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _open_sync(self) -> None:
+        self._layout.root.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._layout.index_path, timeout=30, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "index not open"
+        return self._conn
+
+    # -- recording use ---------------------------------------------------
+    def record(self, path: str, object_dir: str, nbytes: int) -> None:
+        """Note a block written or read now; written to SQLite on the next flush."""
+        self._pending[path] = _Pending(object_dir, nbytes, time.time())
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(p.bytes for p in self._pending.values())
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, {}
+        rows = [(path, p.object, p.bytes, p.atime) for path, p in batch.items()]
+
+        def write() -> Totals:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(UPSERT, rows)
+            return self._totals_sync()
+
+        self.last_totals = await self._run(write)
+
+    async def forget_object(self, object_prefix: str) -> None:
+        """Drop the rows of a version dir (or of every version of an object)."""
+        for path in [p for p, v in self._pending.items() if v.object.startswith(object_prefix)]:
+            del self._pending[path]
+
+        def delete() -> None:
+            with self.conn:
+                self.conn.execute(
+                    "DELETE FROM blocks WHERE object >= ? AND object < ?",
+                    (object_prefix, object_prefix + "\U0010ffff"),
+                )
+
+        await self._run(delete)
+
+    # -- size and eviction -------------------------------------------------
+    def _totals_sync(self) -> Totals:
+        row = self.conn.execute("SELECT bytes, blocks FROM totals WHERE id = 0").fetchone()
+        return Totals(int(row[0]), int(row[1]))
+
+    async def totals(self) -> Totals:
+        self.last_totals = await self._run(self._totals_sync)
+        return self.last_totals
+
+    async def evict_to(self, target_bytes: int) -> int:
+        """Remove least-recently-used blocks until the index totals at most
+        ``target_bytes``. Returns how many blocks were evicted."""
+        await self.flush()
+        return await self._run(lambda: self._evict_sync(target_bytes))
+
+    def _evict_sync(self, target_bytes: int) -> int:
+        evicted = 0
+        while True:
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                total = self._totals_sync().bytes
+                if total <= target_bytes:
+                    break
+                rows = self.conn.execute(
+                    "SELECT path, bytes FROM blocks ORDER BY atime LIMIT ?", (EVICT_BATCH,)
+                ).fetchall()
+                if not rows:
+                    break
+                # Delete rows first, files after commit: two evicting processes
+                # then never count the same block twice, and a crash in
+                # between leaves only orphan files that reconcile re-adds.
+                self.conn.executemany("DELETE FROM blocks WHERE path = ?", [(r[0],) for r in rows])
+            for path, _nbytes in rows:
+                store.unlink_quietly(self._layout.root / path)
+            evicted += len(rows)
+        self.last_totals = self._totals_sync()
+        return evicted
+
+    # -- repair ----------------------------------------------------------
+    async def reconcile(self) -> tuple[int, int] | None:
+        """Make the index agree with the files. Returns (added, removed), or
+        None when another process is already reconciling."""
+        await self.flush()
+        return await self._run(self._reconcile_sync)
+
+    def _reconcile_sync(self) -> tuple[int, int] | None:
+        lock_path = self._layout.root / "reconcile.lock"
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            started = time.time()
+            files = store.walk_blocks(self._layout)
+            on_disk = {path: (size, mtime) for path, size, mtime in files}
+            in_index = {row[0] for row in self.conn.execute("SELECT path FROM blocks")}
+            missing = [
+                (path, os.path.dirname(path), size, mtime)
+                for path, (size, mtime) in on_disk.items()
+                if path not in in_index
+            ]
+            # Rows for files that vanished. A file published after the walk
+            # started is kept: its row may legitimately be newer than the walk.
+            gone = [(path,) for path in in_index - on_disk.keys()]
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.executemany(UPSERT, missing)
+                self.conn.executemany(
+                    "DELETE FROM blocks WHERE path = ? AND atime < ?",
+                    [(p, started) for (p,) in gone],
+                )
+            self.last_totals = self._totals_sync()
+            return len(missing), len(gone)
+        finally:
+            os.close(fd)

@@ -1,0 +1,68 @@
+"""A block being fetched: its bytes so far, and the readers waiting on them.
+
+Single-flight: while a block is in flight every reader of it streams from
+this one buffer as bytes arrive, so concurrent misses on a block cost one
+upstream fetch. A reader going away never affects the fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+
+class InflightBlock:
+    __slots__ = ("_buf", "_event", "error", "filled", "index", "length")
+
+    def __init__(self, index: int, length: int) -> None:
+        self.index = index
+        self.length = length
+        self.filled = 0
+        self.error: BaseException | None = None
+        # Allocated when the first byte arrives: a long run registers all of
+        # its blocks at once, but only the one being received holds memory.
+        self._buf: bytearray | None = None
+        self._event = asyncio.Event()
+
+    @property
+    def complete(self) -> bool:
+        return self.filled == self.length
+
+    @property
+    def data(self) -> memoryview:
+        assert self._buf is not None and self.complete
+        return memoryview(self._buf)
+
+    def append(self, chunk: bytes | memoryview) -> None:
+        if self._buf is None:
+            self._buf = bytearray(self.length)
+        end = self.filled + len(chunk)
+        assert end <= self.length, "more bytes than the block holds"
+        self._buf[self.filled : end] = chunk
+        self.filled = end
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None and not self.complete:
+            self.error = exc
+            self._wake()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of the block, yielded as soon as they arrive."""
+        pos = start
+        while pos < end:
+            if self.filled > pos:
+                assert self._buf is not None
+                upto = min(self.filled, end)
+                # A copy: the buffer outlives nothing, but bytes handed to a
+                # transport must not alias memory that is still being filled.
+                yield bytes(self._buf[pos:upto])
+                pos = upto
+                continue
+            if self.error is not None:
+                raise self.error
+            await self._event.wait()

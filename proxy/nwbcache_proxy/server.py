@@ -1,0 +1,290 @@
+"""HTTP front of the daemon: the proxied-object route, /healthz, error mapping.
+
+The one place where errors become responses (``error_middleware``). Range and
+precondition logic is in httprange.py; what to fetch and from where is in
+cache.py; this module only speaks HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, redact_url, upstream_from_proxy_path
+
+from . import __version__, httprange
+from .blockfile import HEADER_SIZE
+from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
+from .errors import BadRequest, NotAllowed, ProxyError, VersionChanged
+from .httprange import ByteRange, Precondition, RangeOutcome
+from .objectmeta import ObjectMeta
+
+log = logging.getLogger("nwbcache.access")
+
+CACHE_KEY: web.AppKey[BlockCache] = web.AppKey("cache", BlockCache)
+ALLOW_KEY: web.AppKey[AllowList] = web.AppKey("allow", AllowList)
+SERVER_NAME = f"nwbcache/{__version__}"
+# Times a request starts over after finding that the object changed upstream
+# before any byte was sent (a second change in a row is answered with 503).
+VERSION_RESTARTS = 1
+
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _ResponseAborted(Exception):
+    """Headers went out and the body could not be completed: the connection is
+    cut so the client sees a short body, never bytes of a wrong version."""
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.Response(
+        status=status,
+        text=f"nwbcache: {message}\n",
+        headers={"Cache-Control": "no-store", "Server": SERVER_NAME},
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.monotonic()
+    request_id = secrets.token_hex(6)
+    request[REQUEST_ID_KEY] = request_id
+    status: int | str = "?"
+    outcome = "-"
+    try:
+        response = await handler(request)
+        status = response.status
+        outcome = response.headers.get("X-Cache", "-")
+        return response
+    except ProxyError as exc:
+        status = exc.status
+        return error_response(exc.status, exc.message)
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except _ResponseAborted as exc:
+        status = "aborted"
+        log.warning("%s response cut short: %s", request_id, exc)
+        raise
+    except (ConnectionResetError, asyncio.CancelledError):
+        status = "client-gone"
+        raise
+    finally:
+        if request.path != "/healthz":
+            log.info(
+                "%s %s %s %s %s %.1fms",
+                request_id,
+                request.method,
+                redact_url(request.raw_path),
+                status,
+                outcome,
+                (time.monotonic() - started) * 1000,
+            )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def index_page(request: web.Request) -> web.Response:
+    return web.Response(
+        text=(
+            f"{SERVER_NAME}: a caching range proxy for S3 objects.\n"
+            "GET /<scheme>/<host>[:<port>]/<path> serves <scheme>://<host>/<path> from the cache.\n"
+            "GET /healthz tells whether the daemon serves.\n"
+        )
+    )
+
+
+def _parse_target(request: web.Request) -> UpstreamURL:
+    path, _, query = request.raw_path.partition("?")
+    try:
+        url = upstream_from_proxy_path(path, query)
+    except InvalidURL as exc:
+        raise BadRequest(f"not a proxied URL ({exc}); expected /<scheme>/<host>[:<port>]/<path>") from None
+    if not request.app[ALLOW_KEY].permits(url):
+        raise NotAllowed(f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)")
+    return url
+
+
+def _object_headers(meta: ObjectMeta) -> dict[str, str]:
+    v = meta.version
+    headers = {"Accept-Ranges": "bytes", "Server": SERVER_NAME, "Content-Type": v.content_type}
+    if v.etag:
+        headers["ETag"] = v.etag
+    if v.last_modified:
+        headers["Last-Modified"] = v.last_modified
+    return headers
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"], text="nwbcache: only GET and HEAD\n")
+    url = _parse_target(request)
+    cache = request.app[CACHE_KEY]
+    for attempt in range(VERSION_RESTARTS + 1):
+        meta = await cache.resolve(url)
+        try:
+            return await _answer(request, cache, url, meta)
+        except VersionChanged:
+            if attempt == VERSION_RESTARTS:
+                raise
+            log.info("object changed upstream before headers were sent; starting over")
+    raise AssertionError("unreachable")
+
+
+async def _answer(
+    request: web.Request, cache: BlockCache, url: UpstreamURL, meta: ObjectMeta
+) -> web.StreamResponse:
+    v = meta.version
+    headers = _object_headers(meta)
+    pre = httprange.evaluate_preconditions(request.method, request.headers, v.etag, v.last_modified)
+    if pre is Precondition.NOT_MODIFIED:
+        return web.Response(status=304, headers=headers)
+    if pre is Precondition.FAILED:
+        return error_response(412, "precondition failed")
+    decision = httprange.decide(
+        request.method,
+        request.headers.get("Range"),
+        request.headers.get("If-Range"),
+        v.size,
+        v.etag,
+        v.last_modified,
+    )
+    if decision.outcome is RangeOutcome.UNSATISFIABLE:
+        headers["Content-Range"] = f"bytes */{v.size}"
+        return web.Response(status=416, headers=headers, text="nwbcache: range not satisfiable\n")
+    if decision.outcome is RangeOutcome.MULTIPART:
+        return await _answer_multipart(request, cache, url, meta, decision.ranges, headers)
+
+    rng = decision.ranges[0]
+    status = 200 if decision.outcome is RangeOutcome.FULL else 206
+    if status == 206:
+        headers["Content-Range"] = rng.content_range(v.size)
+    if request.method == "HEAD" or rng.length == 0:
+        headers["X-Cache"] = CacheOutcome.HIT
+        return await _bodiless(request, status, headers, rng.length)
+    reader = await cache.read(meta, url, rng.start, rng.end)
+    try:
+        headers["X-Cache"] = reader.outcome
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = rng.length
+        await response.prepare(request)
+        await _send(request, response, reader)
+    finally:
+        await reader.aclose()
+    await response.write_eof()
+    return response
+
+
+async def _answer_multipart(
+    request: web.Request,
+    cache: BlockCache,
+    url: UpstreamURL,
+    meta: ObjectMeta,
+    ranges: tuple[ByteRange, ...],
+    headers: dict[str, str],
+) -> web.StreamResponse:
+    plan = httprange.plan_multipart(
+        ranges, meta.version.size, meta.version.content_type, secrets.token_hex(12)
+    )
+    headers["Content-Type"] = plan.content_type
+    headers["X-Cache"] = CacheOutcome.PARTIAL
+    if request.method == "HEAD":
+        return await _bodiless(request, 206, headers, plan.content_length)
+    response = web.StreamResponse(status=206, headers=headers)
+    response.content_length = plan.content_length
+    await response.prepare(request)
+    for part_header, rng in plan.parts:
+        await response.write(part_header)
+        reader = await _reader_after_headers(cache, url, meta, rng)
+        try:
+            await _send(request, response, reader)
+        finally:
+            await reader.aclose()
+    await response.write(plan.closing)
+    await response.write_eof()
+    return response
+
+
+async def _bodiless(
+    request: web.Request, status: int, headers: dict[str, str], length: int
+) -> web.StreamResponse:
+    """HEAD (or an empty body): the headers GET would send, Content-Length included."""
+    response = web.StreamResponse(status=status, headers=headers)
+    response.content_length = length
+    await response.prepare(request)
+    await response.write_eof()
+    return response
+
+
+async def _reader_after_headers(
+    cache: BlockCache, url: UpstreamURL, meta: ObjectMeta, rng: ByteRange
+) -> RangeReader:
+    try:
+        return await cache.read(meta, url, rng.start, rng.end)
+    except ProxyError as exc:
+        raise _ResponseAborted(str(exc)) from exc
+
+
+async def _send(request: web.Request, response: web.StreamResponse, reader: RangeReader) -> None:
+    """Stream a reader's segments; sendfile for cached blocks."""
+    try:
+        async for segment in reader:
+            if isinstance(segment, FileSegment):
+                await _send_file_segment(request, response, segment)
+            else:
+                await response.write(segment)
+    except ProxyError as exc:
+        _abort(request)
+        raise _ResponseAborted(str(exc)) from exc
+
+
+async def _send_file_segment(request: web.Request, response: web.StreamResponse, seg: FileSegment) -> None:
+    block = seg.block
+    try:
+        if block.data is not None:  # just verified: the bytes are in memory already
+            await response.write(block.data[seg.start : seg.end])
+            return
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("client went away")
+        loop = asyncio.get_running_loop()
+        with os.fdopen(block.fd, "rb", buffering=0, closefd=False) as fobj:
+            try:
+                await loop.sendfile(transport, fobj, HEADER_SIZE + seg.start, seg.end - seg.start)
+            except NotImplementedError:  # TLS transport, or no sendfile on this platform
+                data = await loop.run_in_executor(
+                    None, os.pread, block.fd, seg.end - seg.start, HEADER_SIZE + seg.start
+                )
+                await response.write(data)
+    finally:
+        block.close()
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id:
+        response.headers["X-Request-Id"] = request_id
+
+
+def build_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(_add_request_id)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", index_page)
+    app.router.add_route("*", "/{tail:.+}", proxy)
+

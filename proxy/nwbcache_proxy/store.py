@@ -1,0 +1,262 @@
+"""Block files on disk: publish atomically, open and verify, drop versions.
+
+Every function here is blocking and is called through an executor by the
+async layer. Presence of a block is the existence of its file: nothing here
+keeps an in-memory belief about what is on disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import blockfile
+from .blockfile import HEADER_SIZE, CorruptBlock
+from .layout import Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(slots=True)
+class OpenBlock:
+    """An open, checked block file. ``data`` is set when it was read to verify it."""
+
+    fd: int
+    path: Path
+    length: int
+    file_size: int
+    data: bytes | None
+
+    def close(self) -> None:
+        """Idempotent: a closed fd number may be reused by another open at once,
+        so closing twice could close somebody else's file."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class Staging:
+    """A per-process directory for temp files, alive while its flock is held.
+
+    Temp files live on the cache's filesystem so that publishing is one
+    ``os.replace``; keeping them in a per-process directory lets a starting
+    daemon sweep the leftovers of dead processes without touching the temp
+    files of live ones that share the cache.
+    """
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        layout.staging.mkdir(parents=True, exist_ok=True)
+        self.path = layout.staging / f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.path.mkdir()
+        self._lock_fd = os.open(self.path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def temp_path(self) -> Path:
+        return self.path / f"{secrets.token_hex(8)}.tmp"
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)
+
+
+def sweep_leftovers(layout: Layout) -> int:
+    """Remove staging dirs of dead processes and anything left in trash.
+
+    Returns how many entries were removed. Safe to run while other daemons
+    use the cache: a live process holds the flock on its staging dir.
+    """
+    removed = 0
+    for entry in _scandir(layout.staging):
+        lock = Path(entry.path) / ".lock"
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            fd = -1  # died before taking its lock, or half-removed
+        try:
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # alive
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    for entry in _scandir(layout.trash):
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _scandir(path: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def publish_block(
+    staging: Staging,
+    target: Path,
+    index: int,
+    data: bytes | bytearray | memoryview,
+    digest: bytes,
+    *,
+    fsync: bool,
+) -> int:
+    """Write a block to a temp file, then rename it into place. Returns the file size.
+
+    Raises OSError (ENOSPC...) without leaving anything visible at ``target``.
+    """
+    tmp = staging.temp_path()
+    header = blockfile.encode_header(index, data, digest)
+    try:
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        try:
+            _write_all(fd, header)
+            _write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, target)
+        if fsync:
+            _fsync_dir(target.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return HEADER_SIZE + len(data)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_block(
+    path: Path, *, index: int, length: int, digest: bytes, verify: bool
+) -> OpenBlock | None:
+    """Open a block and check its header; with ``verify`` also its checksum.
+
+    Returns None when the block is absent. A corrupt block is deleted and
+    reported absent, so it is fetched again instead of served.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        header = blockfile.decode_header(os.pread(fd, HEADER_SIZE, 0))
+        blockfile.check_header(header, index=index, length=length, digest=digest, file_size=size)
+        data: bytes | None = None
+        if verify:
+            data = os.pread(fd, length, HEADER_SIZE)
+            if len(data) != length:
+                raise CorruptBlock("short read")
+            blockfile.check_data(header, data)
+    except CorruptBlock as exc:
+        os.close(fd)
+        log.warning("dropping corrupt block %s: %s", path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return OpenBlock(fd=fd, path=path, length=length, file_size=size, data=data)
+
+
+def read_block_data(block: OpenBlock, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the block's data (fallback when sendfile is unavailable)."""
+    if block.data is not None:
+        return block.data[start:end]
+    return os.pread(block.fd, end - start, HEADER_SIZE + start)
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as fh:
+            value = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable object metadata %s: %s", path, exc)
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def write_meta(staging: Staging, path: Path, value: dict[str, Any]) -> None:
+    tmp = staging.temp_path()
+    try:
+        tmp.write_text(json.dumps(value, sort_keys=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def drop_dir(layout: Layout, path: Path) -> None:
+    """Remove a version (or object) dir: first out of sight by rename, then rmtree."""
+    layout.trash.mkdir(parents=True, exist_ok=True)
+    doomed = layout.trash / secrets.token_hex(8)
+    try:
+        os.replace(path, doomed)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def walk_blocks(layout: Layout) -> list[tuple[str, int, float]]:
+    """Every block file as (path relative to the layout root, size, mtime)."""
+    found: list[tuple[str, int, float]] = []
+    root = str(layout.root) + os.sep
+    stack = [str(layout.objects)]
+    while stack:
+        for entry in _scandir(Path(stack.pop())):
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            elif entry.name.endswith(".blk"):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                found.append((entry.path.removeprefix(root), st.st_size, st.st_mtime))
+    return found

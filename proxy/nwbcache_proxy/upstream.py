@@ -1,0 +1,287 @@
+"""The one upstream HTTP client: retries, backoff, resume and validation.
+
+One ``aiohttp.ClientSession`` per process (created in the app's lifecycle)
+with a keep-alive pool and explicit timeouts. Every response is validated
+(validate.py) before its bytes are handed on; retryable faults are retried
+with full-jitter exponential backoff under a shared retry budget (retry.py),
+and a body cut short is resumed from the last byte received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from urllib.parse import urljoin
+
+import aiohttp
+from yarl import URL
+
+from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url, redact_url
+
+from . import __version__
+from .errors import (
+    NotAllowed,
+    ProxyError,
+    RetryableFault,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .objectmeta import ObjectVersion
+from .retry import RetryBudget, RetryPolicy, RetryReason, parse_retry_after
+from .validate import accept_range_response, check_status, version_from_headers
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"nwbcache/{__version__}"
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# A stream that keeps making progress may be resumed more often than
+# max_attempts, but never endlessly (a server cutting every body at 1 byte).
+_MAX_RESUMES_FACTOR = 4
+
+
+@dataclasses.dataclass(slots=True)
+class UpstreamStats:
+    """Counters read by the status endpoints and, later, by metrics."""
+
+    requests: Counter[str] = dataclasses.field(default_factory=Counter)
+    retries: Counter[str] = dataclasses.field(default_factory=Counter)
+    bytes: int = 0
+    first_byte_seconds_sum: float = 0.0
+
+
+def make_session(
+    *, max_connections: int, connect_timeout: float, read_timeout: float
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=max_connections,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=read_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
+        raise_for_status=False,
+        trust_env=False,  # an HTTP(S)_PROXY in the daemon's env must not reroute upstream reads
+    )
+
+
+class Upstream:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        allow: AllowList,
+        policy: RetryPolicy,
+        budget: RetryBudget,
+        *,
+        first_byte_timeout: float,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self._session = session
+        self._allow = allow
+        self._policy = policy
+        self._budget = budget
+        self._first_byte_timeout = first_byte_timeout
+        self._rng = rng
+        self.stats = UpstreamStats()
+
+    # -- public operations ---------------------------------------------------
+    async def discover(self, url: UpstreamURL, first_len: int) -> tuple[ObjectVersion, bytes]:
+        """Learn size and validators with a ranged GET of the first bytes.
+
+        Presigned URLs refuse HEAD, so a GET of block 0 both tells the version
+        and warms the first block. Returns the version and up to ``first_len``
+        leading bytes.
+        """
+        retries = 0
+        cost = 0
+        while True:
+            try:
+                result = await self._discover_once(url, first_len)
+            except RetryableFault as fault:
+                cost += await self._before_retry(fault, retries, url)
+                retries += 1
+                continue
+            self._budget.record_success(cost)
+            return result
+
+    async def stream(
+        self, url: UpstreamURL, start: int, end: int, expected: ObjectVersion
+    ) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of ``expected``'s version, resumed across faults."""
+        pos = start
+        retries = 0
+        tries = 0
+        cost = 0
+        while pos < end:
+            tries += 1
+            progress_before = pos
+            try:
+                headers = {"Range": f"bytes={pos}-{end - 1}", **_conditional(expected)}
+                async with self._get(url, headers) as resp:
+                    accepted = accept_range_response(
+                        resp.status, resp.headers, pos, end, expected
+                    )
+                    async for chunk in _body(resp, accepted.skip, accepted.length):
+                        pos += len(chunk)
+                        self.stats.bytes += len(chunk)
+                        yield chunk
+                    if pos < end:
+                        raise RetryableFault(
+                            f"body ended at {pos}, {end - pos} bytes short", reason=RetryReason.SHORT_BODY
+                        )
+                self.stats.requests["ok"] += 1
+            except RetryableFault as fault:
+                if pos > progress_before:
+                    retries = 0  # progress was made: resume with a fresh count
+                if tries >= self._policy.max_attempts * _MAX_RESUMES_FACTOR:
+                    raise self._give_up(fault, url) from None
+                cost += await self._before_retry(fault, retries, url)
+                retries += 1
+        self._budget.record_success(cost)
+
+    # -- one attempt -------------------------------------------------------
+    async def _discover_once(self, url: UpstreamURL, first_len: int) -> tuple[ObjectVersion, bytes]:
+        async with self._get(url, {"Range": f"bytes=0-{first_len - 1}"}) as resp:
+            if resp.status == 416:
+                return await self._discover_empty(url, resp)
+            accepted = accept_range_response(resp.status, resp.headers, 0, first_len, None)
+            data = bytearray()
+            async for chunk in _body(resp, accepted.skip, accepted.length):
+                data += chunk
+            self.stats.bytes += len(data)
+            if len(data) < accepted.length:
+                raise RetryableFault("first block cut short", reason=RetryReason.SHORT_BODY)
+            self.stats.requests["ok"] += 1
+            return accepted.version, bytes(data)
+
+    async def _discover_empty(
+        self, url: UpstreamURL, resp: aiohttp.ClientResponse
+    ) -> tuple[ObjectVersion, bytes]:
+        # S3 answers 416 to `bytes=0-N` on an empty object; a plain GET then
+        # gives 200 with the validators.
+        if resp.headers.get("Content-Range", "") != "bytes */0":
+            raise UpstreamProtocolError("upstream refused the first block with 416")
+        async with self._get(url, {}) as plain:
+            if plain.status != 200 or plain.headers.get("Content-Length") != "0":
+                raise RetryableFault("object changed while discovering it", reason=RetryReason.SERVER_ERROR)
+            self.stats.requests["ok"] += 1
+            return version_from_headers(plain.headers, 0), b""
+
+    @contextlib.asynccontextmanager
+    async def _get(
+        self, url: UpstreamURL, headers: dict[str, str]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault."""
+        current = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            started = time.monotonic()
+            try:
+                async with asyncio.timeout(self._first_byte_timeout):
+                    resp = await self._session.get(
+                        URL(current.url, encoded=True), headers=headers, allow_redirects=False
+                    )
+            except TimeoutError:
+                raise RetryableFault("no response headers in time", reason=RetryReason.TIMEOUT) from None
+            except aiohttp.ClientConnectorError as exc:
+                raise RetryableFault(f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT) from None
+            except aiohttp.ClientError as exc:
+                raise RetryableFault(f"request failed: {type(exc).__name__}", reason=RetryReason.RESET) from None
+            self.stats.first_byte_seconds_sum += time.monotonic() - started
+            if resp.status in _REDIRECTS and "Location" in resp.headers:
+                location = resp.headers["Location"]
+                resp.release()
+                current = self._redirect_target(current, location)
+                continue
+            try:
+                check_status(resp.status, resp.headers, _retry_after(resp))
+                yield resp
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                raise RetryableFault(f"body failed: {type(exc).__name__}", reason=RetryReason.RESET) from None
+            except TimeoutError:
+                raise RetryableFault("body stalled", reason=RetryReason.TIMEOUT) from None
+            finally:
+                resp.close()  # never reuse a connection with an unread body
+            return
+        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects")
+
+    def _redirect_target(self, current: UpstreamURL, location: str) -> UpstreamURL:
+        try:
+            target = parse_upstream_url(urljoin(current.url, location))
+        except InvalidURL as exc:
+            raise UpstreamProtocolError(f"upstream redirected to an invalid URL: {exc}") from None
+        if not self._allow.permits(target):
+            raise NotAllowed(f"upstream redirected to {target.netloc}, which is not allowed")
+        return target
+
+    # -- retry bookkeeping ---------------------------------------------------
+    async def _before_retry(self, fault: RetryableFault, retries: int, url: UpstreamURL) -> int:
+        """Sleep before the next attempt, or raise when attempts or budget are spent.
+        Returns the budget cost taken."""
+        self.stats.requests[f"fault_{fault.reason}"] += 1
+        if not self._policy.should_retry(retries + 1):
+            raise self._give_up(fault, url)
+        reason = RetryReason(fault.reason)
+        cost = self._budget.try_acquire(reason)
+        if cost is None:
+            raise self._give_up(fault, url, budget=True)
+        self.stats.retries[fault.reason] += 1
+        delay = self._policy.delay(retries, self._rng, fault.retry_after)
+        log.info("retrying %s in %.2fs: %s", redact_url(url.url), delay, fault)
+        await asyncio.sleep(delay)
+        return cost
+
+    def _give_up(self, fault: RetryableFault, url: UpstreamURL, *, budget: bool = False) -> ProxyError:
+        why = "retry budget exhausted" if budget else "retries exhausted"
+        message = f"upstream {url.netloc} failed ({why}): {fault}"
+        self.stats.requests["failed"] += 1
+        if fault.reason == RetryReason.TIMEOUT:
+            return UpstreamTimeout(message)
+        return UpstreamUnavailable(message)
+
+
+def _conditional(expected: ObjectVersion) -> dict[str, str]:
+    """Bind a fetch to the version we hold (If-Match), so upstream refuses
+    with 412 rather than send bytes of another version."""
+    if expected.etag and not expected.etag.startswith("W/"):
+        return {"If-Match": expected.etag}
+    if expected.last_modified:
+        return {"If-Unmodified-Since": expected.last_modified}
+    return {}
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    return parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC))
+
+
+async def _body(resp: aiohttp.ClientResponse, skip: int, length: int) -> AsyncIterator[bytes]:
+    """The ``length`` bytes after the first ``skip`` of a response body."""
+    remaining = length
+    async for chunk in resp.content.iter_any():
+        if skip:
+            if len(chunk) <= skip:
+                skip -= len(chunk)
+                continue
+            chunk = chunk[skip:]
+            skip = 0
+        if len(chunk) > remaining:
+            chunk = chunk[:remaining]
+        if chunk:
+            remaining -= len(chunk)
+            yield chunk
+        if remaining == 0:
+            return

@@ -1,0 +1,61 @@
+"""Fixtures: a real S3 emulator on port 0 and the real daemon in front of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemons import DaemonThread
+from s3emu import S3Emulator
+
+from nwbcache_proxy.config import Settings
+
+SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
+
+
+@pytest.fixture
+def origin() -> Iterator[S3Emulator]:
+    emu = S3Emulator()
+    emu.start_in_thread()
+    try:
+        yield emu
+    finally:
+        emu.stop_thread()
+
+
+def origin_host(emu: S3Emulator) -> str:
+    return emu.url.removeprefix("http://")
+
+
+def proxied(daemon_url: str, emu: S3Emulator, key: str, query: str = "") -> str:
+    """The daemon URL for object ``key`` of the emulator."""
+    url = f"{daemon_url}/http/{origin_host(emu)}{key}"
+    return f"{url}?{query}" if query else url
+
+
+@pytest.fixture
+def make_daemon(
+    origin: S3Emulator, tmp_path: Path
+) -> Iterator[Callable[..., DaemonThread]]:
+    """Start daemons (in threads) in front of ``origin``; all stopped at teardown."""
+    started: list[DaemonThread] = []
+
+    def make(**overrides: Any) -> DaemonThread:
+        base = Settings(
+            port=0,
+            cache_dir=tmp_path / "cache",
+            allow_upstream=(origin_host(origin),),
+            retry_base_delay=0.01,
+            first_byte_timeout=5.0,
+            read_timeout=5.0,
+        )
+        daemon = DaemonThread(dataclasses.replace(base, **overrides)).start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()

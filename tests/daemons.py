@@ -1,0 +1,134 @@
+"""Run the real daemon for tests: in a thread of this process, or as a process.
+
+A thread keeps the daemon's internals in reach (stats, the cache object) and
+lets synchronous clients (requests, remfile, h5py, curl) talk to it; a
+process is for what a thread cannot show: kill -9, several workers, two
+daemons on one cache directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from nwbcache_proxy.app import READY_PREFIX, build_app
+from nwbcache_proxy.cache import BlockCache
+from nwbcache_proxy.config import Settings
+from nwbcache_proxy.server import CACHE_KEY
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class DaemonThread:
+    """The daemon's aiohttp app served from a background thread's own loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._app: web.Application | None = None
+        self._thread = threading.Thread(target=self._main, daemon=True, name="nwbcache-daemon")
+
+    def start(self) -> DaemonThread:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("daemon thread did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    @property
+    def cache(self) -> BlockCache:
+        assert self._app is not None
+        return self._app[CACHE_KEY]
+
+    def call(self, coro: Any) -> Any:
+        """Run a coroutine on the daemon's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._stop = asyncio.Event()
+        self._app = build_app(self.settings)
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://{self.settings.host}:{port}"
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def stop(self) -> None:
+        if self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(30)
+        if not self._loop.is_closed() and not self._thread.is_alive():
+            self._loop.close()
+
+
+class DaemonProcess:
+    """``python -m nwbcache_proxy serve ...`` as a child process."""
+
+    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.stderr_path: Path | None = None
+
+    def start(self, timeout: float = 30) -> DaemonProcess:
+        cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0", *self.args]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=self.env,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"daemon exited early with {self.proc.wait()}")
+            if line.startswith(READY_PREFIX):
+                self.url = line[len(READY_PREFIX) :].split()[0]
+                return self
+        raise RuntimeError("daemon did not report ready")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(30)
