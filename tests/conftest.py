@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from daemons import DaemonThread
-from s3emu import S3Emulator
 
+from daemons import DaemonThread
 from nwbcache_proxy.config import Settings
+from s3emu import S3Emulator
 
 SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
 
@@ -37,9 +37,7 @@ def proxied(daemon_url: str, emu: S3Emulator, key: str, query: str = "") -> str:
 
 
 @pytest.fixture
-def make_daemon(
-    origin: S3Emulator, tmp_path: Path
-) -> Iterator[Callable[..., DaemonThread]]:
+def make_daemon(origin: S3Emulator, tmp_path: Path) -> Iterator[Callable[..., DaemonThread]]:
     """Start daemons (in threads) in front of ``origin``; all stopped at teardown."""
     started: list[DaemonThread] = []
 

@@ -678,7 +678,9 @@ ows = st.sampled_from(["", " ", "\t", "  ", " \t"])
 )
 def test_range_header_round_trips(specs: list[RangeSpec], unit: str, blanks: list[str]) -> None:
     def written(spec: RangeSpec) -> str:
-        return f"{'' if spec.first is None else spec.first}-{'' if spec.last is None else spec.last}"
+        first = "" if spec.first is None else str(spec.first)
+        last = "" if spec.last is None else str(spec.last)
+        return f"{first}-{last}"
 
     elements = [f"{blanks[2 * i]}{written(s)}{blanks[2 * i + 1]}" for i, s in enumerate(specs)]
     header = f"{blanks[-1]}{unit}{blanks[-2]}={blanks[-3]}" + ",".join(elements)

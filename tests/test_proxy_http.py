@@ -14,24 +14,28 @@ from collections.abc import Callable
 
 import pytest
 import requests
+
 from conftest import proxied
 from daemons import DaemonThread
-from s3emu import S3Emulator
-
 from nwbcache import __version__
+from s3emu import S3Emulator
 
 KEY = "/dandiarchive/blobs/abc/def/0123-object"
 DATA = os.urandom(1_000_003)  # not a multiple of any block size
 
 
 @pytest.fixture
-def served(origin: S3Emulator, make_daemon: Callable[..., DaemonThread]) -> tuple[S3Emulator, DaemonThread, str]:
+def served(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> tuple[S3Emulator, DaemonThread, str]:
     origin.put(KEY, DATA)
     daemon = make_daemon(block_size=64 * 1024)
     return origin, daemon, proxied(daemon.url, origin, KEY)
 
 
-def test_plain_get_is_200_with_length_and_exact_body(served: tuple[S3Emulator, DaemonThread, str]) -> None:
+def test_plain_get_is_200_with_length_and_exact_body(
+    served: tuple[S3Emulator, DaemonThread, str],
+) -> None:
     origin, _daemon, url = served
     r = requests.get(url, timeout=30)
     assert r.status_code == 200
@@ -71,7 +75,9 @@ def test_range_forms_answer_206_with_exact_content_range(
     assert r.content == DATA[start:end]
 
 
-def test_range_past_the_end_is_416_with_star_size(served: tuple[S3Emulator, DaemonThread, str]) -> None:
+def test_range_past_the_end_is_416_with_star_size(
+    served: tuple[S3Emulator, DaemonThread, str],
+) -> None:
     _origin, _daemon, url = served
     r = requests.get(url, headers={"Range": f"bytes={len(DATA)}-"}, timeout=30)
     assert r.status_code == 416
@@ -79,14 +85,18 @@ def test_range_past_the_end_is_416_with_star_size(served: tuple[S3Emulator, Daem
 
 
 @pytest.mark.parametrize("header", ["bytes=5-2", "bytes=abc", "items=0-5", "bytes="])
-def test_invalid_range_syntax_is_ignored(served: tuple[S3Emulator, DaemonThread, str], header: str) -> None:
+def test_invalid_range_syntax_is_ignored(
+    served: tuple[S3Emulator, DaemonThread, str], header: str
+) -> None:
     _origin, _daemon, url = served
     r = requests.get(url, headers={"Range": header}, timeout=30)
     assert r.status_code == 200
     assert r.content == DATA
 
 
-def test_head_answers_what_get_would_without_body(served: tuple[S3Emulator, DaemonThread, str]) -> None:
+def test_head_answers_what_get_would_without_body(
+    served: tuple[S3Emulator, DaemonThread, str],
+) -> None:
     _origin, _daemon, url = served
     head = requests.head(url, timeout=30)
     assert head.status_code == 200
@@ -121,7 +131,9 @@ def test_conditionals_304_and_412(served: tuple[S3Emulator, DaemonThread, str]) 
     assert requests.get(url, headers={"If-Match": '"nope"'}, timeout=30).status_code == 412
 
 
-def test_multiple_ranges_answer_multipart_byteranges(served: tuple[S3Emulator, DaemonThread, str]) -> None:
+def test_multiple_ranges_answer_multipart_byteranges(
+    served: tuple[S3Emulator, DaemonThread, str],
+) -> None:
     _origin, _daemon, url = served
     r = requests.get(url, headers={"Range": "bytes=0-9,200000-200099,-7"}, timeout=30)
     assert r.status_code == 206
@@ -183,9 +195,19 @@ def test_host_outside_allow_list_is_403_and_nothing_is_sent(
 
 
 @pytest.mark.parametrize(
-    "path", ["/ftp/host/x", "/https/", "/https/host", "/http/host:99999/x", "/http/u@host/x", "/http/h/a/../b"]
+    "path",
+    [
+        "/ftp/host/x",
+        "/https/",
+        "/https/host",
+        "/http/host:99999/x",
+        "/http/u@host/x",
+        "/http/h/a/../b",
+    ],
 )
-def test_malformed_proxy_path_is_400(served: tuple[S3Emulator, DaemonThread, str], path: str) -> None:
+def test_malformed_proxy_path_is_400(
+    served: tuple[S3Emulator, DaemonThread, str], path: str
+) -> None:
     _origin, daemon, _url = served
     # http.client sends the path as written (requests would remove "..").
     host, port = daemon.url.removeprefix("http://").split(":")

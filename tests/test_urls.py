@@ -671,7 +671,7 @@ def _is_dot_segment_path(path: str) -> bool:
     return False
 
 
-_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
+_CHARS = st.characters(codec="utf-8", exclude_categories=["Cs"])
 _LABELS = st.text("abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=10)
 _DNS_HOSTS = (
     st.lists(_LABELS, min_size=1, max_size=4)

@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     url = sub.add_parser(
         "url",
         help="print the proxied URL of an S3 URL",
-        description="Print the URL to read URL through the daemon at --proxy (default $NWBCACHE_URL).",
+        description=(
+            "Print the URL to read URL through the daemon at --proxy (default $NWBCACHE_URL)."
+        ),
     )
     url.add_argument("url", metavar="URL", help="https://..., http://... or s3://bucket/key")
     url.add_argument("--proxy", help="the daemon's base URL, e.g. http://127.0.0.1:8080")
@@ -68,7 +70,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.exit(2, f"nwbcache url: {exc}\n")
         return 0
     parser.error(f"unknown command {args.command}")
-    return 2
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

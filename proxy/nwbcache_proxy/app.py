@@ -8,6 +8,7 @@ apps as they like.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -161,10 +162,8 @@ def _run_workers(settings: Settings) -> int:
         nonlocal stopping
         stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -177,8 +176,8 @@ def _run_workers(settings: Settings) -> int:
             break
         except InterruptedError:
             continue
-        slot = children.pop(pid, None)
-        if slot is not None and not stopping:
+        slot = children.pop(pid, -1)
+        if slot >= 0 and not stopping:
             log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
             time.sleep(0.5)
             spawn(slot)

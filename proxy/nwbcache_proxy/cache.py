@@ -16,9 +16,9 @@ import enum
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from nwbcache.urls import UpstreamURL, cache_key, redact_url
 
@@ -156,8 +156,8 @@ class BlockCache:
             await self._io(staging.close)
         self._disk.shutdown(wait=True)
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -240,9 +240,7 @@ class BlockCache:
         return self._vdir(meta) / Layout.block_name(index)
 
     # -- reading -------------------------------------------------------------
-    async def read(
-        self, meta: ObjectMeta, url: UpstreamURL, start: int, end: int
-    ) -> RangeReader:
+    async def read(self, meta: ObjectMeta, url: UpstreamURL, start: int, end: int) -> RangeReader:
         """Plan a read of bytes [start, end): how much is cached, and the bytes.
 
         The first block is acquired before returning, so the outcome is known
@@ -320,7 +318,9 @@ class BlockCache:
         if inflight is not None:
             self.stats.coalesced += 1
             return inflight
-        upto = min(wanted_end, i + self.readahead_blocks, block_count(meta.version.size, self.block_size))
+        upto = min(
+            wanted_end, i + self.readahead_blocks, block_count(meta.version.size, self.block_size)
+        )
         following = range(i + 1, upto)
         cached = await self._present(meta, following) if len(following) else set()
         run = [i]
@@ -331,13 +331,15 @@ class BlockCache:
         self._start_runs(meta, url, run)
         return self._inflight[(vkey, i)]
 
-    async def _open(self, meta: ObjectMeta, i: int) -> OpenBlock | None:
+    async def _open(self, meta: ObjectMeta, i: int, *, need_data: bool = False) -> OpenBlock | None:
         path = self._block_path(meta, i)
         bstart, bend = block_span(i, meta.version.size, self.block_size)
-        verify = self._verified.get(str(path)) is None
+        verify = need_data or self._verified.get(str(path)) is None
         digest = meta.digest
         opened = await self._io(
-            lambda: store.open_block(path, index=i, length=bend - bstart, digest=digest, verify=verify)
+            lambda: store.open_block(
+                path, index=i, length=bend - bstart, digest=digest, verify=verify
+            )
         )
         if opened is None:
             return None
@@ -369,7 +371,9 @@ class BlockCache:
             cached = await self._present(meta, range(lo, hi))
             vkey = self._vdir_key(meta)
             self._start_runs(
-                meta, url, [i for i in range(lo, hi) if i not in cached and (vkey, i) not in self._inflight]
+                meta,
+                url,
+                [i for i in range(lo, hi) if i not in cached and (vkey, i) not in self._inflight],
             )
 
         self._spawn(plan())
@@ -391,40 +395,81 @@ class BlockCache:
         if run:
             self._spawn(self._fetch_run(meta, url, run))
 
-    async def _fetch_run(self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]) -> None:
-        """One upstream request for consecutive blocks, published one by one."""
+    async def _fetch_run(
+        self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]
+    ) -> None:
+        """Fill consecutive in-flight blocks: from disk where another fetch
+        published them meanwhile, else with one upstream request per gap."""
         vkey = self._vdir_key(meta)
-        start = run[0].index * self.block_size
-        end = start + sum(b.length for b in run)
-        current = 0
         try:
-            async for chunk in self.upstream.stream(url, start, end, meta.version):
-                view = memoryview(chunk)
-                while view:
-                    block = run[current]
-                    take = min(len(view), block.length - block.filled)
-                    block.append(view[:take])
-                    view = view[take:]
-                    if block.complete:
-                        await self._publish(meta, block.index, block.data)
-                        self._inflight.pop((vkey, block.index), None)
-                        current += 1
+            missing = await self._fill_from_disk(meta, run)
+            for gap in _contiguous(missing):
+                await self._stream_into(meta, url, gap)
         except asyncio.CancelledError:
-            for block in run[current:]:
+            for block in run:
                 block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
             raise
         except VersionChanged as exc:
-            for block in run[current:]:
+            for block in run:
                 block.fail(exc)
             log.warning("object changed upstream mid-read: %s", redact_url(url.url))
             await self.drop_version(meta)
         except Exception as exc:
-            for block in run[current:]:
+            for block in run:
                 block.fail(exc)
             log.info("fetch of %s failed: %s", redact_url(url.url), exc)
         finally:
-            for block in run[current:]:
-                self._inflight.pop((vkey, block.index), None)
+            for block in run:
+                if self._inflight.get((vkey, block.index)) is block:
+                    del self._inflight[(vkey, block.index)]
+
+    async def _fill_from_disk(
+        self, meta: ObjectMeta, run: list[InflightBlock]
+    ) -> list[InflightBlock]:
+        """Complete the blocks that are on disk; return those still missing.
+
+        A reader decides to fetch after a presence check that may be stale by
+        the time its run is registered (another fetch published the block in
+        between); checking again here, after registration, is what makes
+        "one upstream fetch per block" hold under a stampede.
+        """
+        present = await self._present(meta, range(run[0].index, run[-1].index + 1))
+        missing: list[InflightBlock] = []
+        for block in run:
+            opened = (
+                await self._open(meta, block.index, need_data=True)
+                if block.index in present
+                else None
+            )
+            if opened is None:
+                missing.append(block)
+                continue
+            try:
+                assert opened.data is not None
+                block.append(opened.data)
+            finally:
+                opened.close()
+        return missing
+
+    async def _stream_into(
+        self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]
+    ) -> None:
+        """One upstream request for consecutive blocks, each published when full."""
+        vkey = self._vdir_key(meta)
+        start = run[0].index * self.block_size
+        end = start + sum(b.length for b in run)
+        current = 0
+        async for chunk in self.upstream.stream(url, start, end, meta.version):
+            view = memoryview(chunk)
+            while view:
+                block = run[current]
+                take = min(len(view), block.length - block.filled)
+                block.append(view[:take])
+                view = view[take:]
+                if block.complete:
+                    await self._publish(meta, block.index, block.data)
+                    self._inflight.pop((vkey, block.index), None)
+                    current += 1
 
     async def _publish(self, meta: ObjectMeta, index: int, data: bytes | memoryview) -> None:
         """Write a fetched block to disk. A failure (disk full) loses nothing:
@@ -475,3 +520,13 @@ class BlockCache:
                 log.exception("cache maintenance failed; retrying")
                 await asyncio.sleep(FLUSH_INTERVAL)
 
+
+def _contiguous(blocks: list[InflightBlock]) -> list[list[InflightBlock]]:
+    """Split blocks (sorted by index) into runs of consecutive indices."""
+    runs: list[list[InflightBlock]] = []
+    for block in blocks:
+        if runs and runs[-1][-1].index + 1 == block.index:
+            runs[-1].append(block)
+        else:
+            runs.append([block])
+    return runs

@@ -112,21 +112,110 @@ class _Option:
 _OPTIONS: tuple[_Option, ...] = (
     _Option("host", "--host", str, "address to listen on (default 127.0.0.1: this machine only)"),
     _Option("port", "--port", int, "port to listen on (default 8080; 0 picks a free one)"),
-    _Option("cache_dir", "--cache-dir", Path, "where cached blocks live (default $XDG_CACHE_HOME/nwbcache or ~/.cache/nwbcache)", "DIR"),
-    _Option("cache_size", "--cache-size", parse_size, "upper bound of the cache on disk, e.g. 500M, 20G (default 20G)", "SIZE"),
-    _Option("block_size", "--block-size", parse_size, "unit of caching and of upstream reads, e.g. 256K, 4M (default 256K)", "SIZE"),
-    _Option("allow_upstream", "--allow-upstream", str, "upstream HOST[:PORT][/path-prefix] the daemon may read from; repeat for several (default: the DANDI bucket hosts)", "HOST", repeatable=True),
-    _Option("workers", "--workers", int, "daemon processes sharing the port and the cache (default 1)", "N"),
-    _Option("readahead", "--readahead", parse_size, "how far ahead of a sequential reader to fetch (default 4M)", "SIZE"),
-    _Option("revalidate_after", "--revalidate-after", float, "seconds before a cached object's version is checked upstream again (default 3600)", "SECONDS"),
-    _Option("max_upstream_connections", "--max-upstream-connections", int, "concurrent upstream requests at most (default 32)", "N"),
-    _Option("connect_timeout", "--connect-timeout", float, "seconds to connect upstream (default 10)", "SECONDS"),
-    _Option("first_byte_timeout", "--first-byte-timeout", float, "seconds to wait for upstream's response headers (default 30)", "SECONDS"),
-    _Option("read_timeout", "--read-timeout", float, "seconds an upstream body may stay idle (default 30)", "SECONDS"),
-    _Option("retry_attempts", "--retry-attempts", int, "tries per upstream read, first included (default 5)", "N"),
-    _Option("retry_base_delay", "--retry-base-delay", float, "base of the exponential backoff in seconds (default 0.2)", "SECONDS"),
-    _Option("fsync", "--fsync", _parse_bool, "fsync each block before publishing it (default false: blocks carry a checksum that is verified before first use)", "BOOL"),
-    _Option("log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"),
+    _Option(
+        "cache_dir",
+        "--cache-dir",
+        Path,
+        "where cached blocks live (default $XDG_CACHE_HOME/nwbcache or ~/.cache/nwbcache)",
+        "DIR",
+    ),
+    _Option(
+        "cache_size",
+        "--cache-size",
+        parse_size,
+        "upper bound of the cache on disk, e.g. 500M, 20G (default 20G)",
+        "SIZE",
+    ),
+    _Option(
+        "block_size",
+        "--block-size",
+        parse_size,
+        "unit of caching and of upstream reads, e.g. 256K, 4M (default 256K)",
+        "SIZE",
+    ),
+    _Option(
+        "allow_upstream",
+        "--allow-upstream",
+        str,
+        "upstream HOST[:PORT][/path-prefix] the daemon may read from; repeat for several "
+        "(default: the DANDI bucket hosts)",
+        "HOST",
+        repeatable=True,
+    ),
+    _Option(
+        "workers",
+        "--workers",
+        int,
+        "daemon processes sharing the port and the cache (default 1)",
+        "N",
+    ),
+    _Option(
+        "readahead",
+        "--readahead",
+        parse_size,
+        "how far ahead of a sequential reader to fetch (default 4M)",
+        "SIZE",
+    ),
+    _Option(
+        "revalidate_after",
+        "--revalidate-after",
+        float,
+        "seconds before a cached object's version is checked upstream again (default 3600)",
+        "SECONDS",
+    ),
+    _Option(
+        "max_upstream_connections",
+        "--max-upstream-connections",
+        int,
+        "concurrent upstream requests at most (default 32)",
+        "N",
+    ),
+    _Option(
+        "connect_timeout",
+        "--connect-timeout",
+        float,
+        "seconds to connect upstream (default 10)",
+        "SECONDS",
+    ),
+    _Option(
+        "first_byte_timeout",
+        "--first-byte-timeout",
+        float,
+        "seconds to wait for upstream's response headers (default 30)",
+        "SECONDS",
+    ),
+    _Option(
+        "read_timeout",
+        "--read-timeout",
+        float,
+        "seconds an upstream body may stay idle (default 30)",
+        "SECONDS",
+    ),
+    _Option(
+        "retry_attempts",
+        "--retry-attempts",
+        int,
+        "tries per upstream read, first included (default 5)",
+        "N",
+    ),
+    _Option(
+        "retry_base_delay",
+        "--retry-base-delay",
+        float,
+        "base of the exponential backoff in seconds (default 0.2)",
+        "SECONDS",
+    ),
+    _Option(
+        "fsync",
+        "--fsync",
+        _parse_bool,
+        "fsync each block before publishing it (default false: blocks carry a checksum "
+        "that is verified before first use)",
+        "BOOL",
+    ),
+    _Option(
+        "log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"
+    ),
 )
 
 
@@ -137,7 +226,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         metavar="FILE",
-        help="TOML file with the same settings (keys as the flags, with _ for -); env NWBCACHE_CONFIG",
+        help=(
+            "TOML file with the same settings (keys as the flags, with _ for -); "
+            "env NWBCACHE_CONFIG"
+        ),
     )
     for opt in _OPTIONS:
         kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar, "dest": opt.field}

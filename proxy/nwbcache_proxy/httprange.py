@@ -399,10 +399,9 @@ def evaluate_preconditions(
         # Step 1 / §13.1.1: If-Match uses strong comparison.
         if not _list_matches(if_match, etag, strong=True):
             return Precondition.FAILED
-    elif if_unmodified_since is not None:
+    elif if_unmodified_since is not None and _modified_after(last_modified, if_unmodified_since):
         # Step 2 / §13.1.4: false if modified after the date.
-        if _modified_after(last_modified, if_unmodified_since):
-            return Precondition.FAILED
+        return Precondition.FAILED
     safe = method in _METHODS_WITH_RANGES
     if_none_match = fields.get("if-none-match")
     if_modified_since = fields.get("if-modified-since")
@@ -410,10 +409,13 @@ def evaluate_preconditions(
         # Step 3 / §13.1.2: If-None-Match uses weak comparison.
         if _list_matches(if_none_match, etag, strong=False):
             return Precondition.NOT_MODIFIED if safe else Precondition.FAILED
-    elif safe and if_modified_since is not None:
+    elif (
+        safe
+        and if_modified_since is not None
+        and _modified_after(last_modified, if_modified_since) is False
+    ):
         # Step 4 / §13.1.3: only for GET and HEAD; false if not modified since.
-        if _modified_after(last_modified, if_modified_since) is False:
-            return Precondition.NOT_MODIFIED
+        return Precondition.NOT_MODIFIED
     return Precondition.PROCEED
 
 

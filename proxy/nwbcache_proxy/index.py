@@ -83,7 +83,9 @@ class _Pending:
 class CacheIndex:
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nwbcache-index")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="nwbcache-index"
+        )
         self._conn: sqlite3.Connection | None = None
         self._pending: dict[str, _Pending] = {}
         self.last_totals = Totals(0, 0)

@@ -35,6 +35,8 @@ SERVER_NAME = f"nwbcache/{__version__}"
 VERSION_RESTARTS = 1
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
+# Set when a response was cut short after its headers (for the access log).
+ABORTED_KEY = web.RequestKey("aborted", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -63,6 +65,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
         status = response.status
         outcome = response.headers.get("X-Cache", "-")
+        aborted = request.get(ABORTED_KEY)
+        if aborted is not None:
+            status = f"{status}-cut"
+            log.warning("%s response cut short: %s", request_id, aborted)
         return response
     except ProxyError as exc:
         status = exc.status
@@ -70,12 +76,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         status = exc.status
         raise
-    except _ResponseAborted as exc:
-        status = "aborted"
-        log.warning("%s response cut short: %s", request_id, exc)
-        raise
-    except (ConnectionResetError, asyncio.CancelledError):
-        status = "client-gone"
+    except asyncio.CancelledError:
+        status = "cancelled"
         raise
     finally:
         if request.path != "/healthz":
@@ -109,9 +111,13 @@ def _parse_target(request: web.Request) -> UpstreamURL:
     try:
         url = upstream_from_proxy_path(path, query)
     except InvalidURL as exc:
-        raise BadRequest(f"not a proxied URL ({exc}); expected /<scheme>/<host>[:<port>]/<path>") from None
+        raise BadRequest(
+            f"not a proxied URL ({exc}); expected /<scheme>/<host>[:<port>]/<path>"
+        ) from None
     if not request.app[ALLOW_KEY].permits(url):
-        raise NotAllowed(f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)")
+        raise NotAllowed(
+            f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)"
+        )
     return url
 
 
@@ -127,7 +133,9 @@ def _object_headers(meta: ObjectMeta) -> dict[str, str]:
 
 async def proxy(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"], text="nwbcache: only GET and HEAD\n")
+        raise web.HTTPMethodNotAllowed(
+            request.method, ["GET", "HEAD"], text="nwbcache: only GET and HEAD\n"
+        )
     url = _parse_target(request)
     cache = request.app[CACHE_KEY]
     for attempt in range(VERSION_RESTARTS + 1):
@@ -179,6 +187,9 @@ async def _answer(
         response.content_length = rng.length
         await response.prepare(request)
         await _send(request, response, reader)
+    except _ResponseAborted as exc:
+        request[ABORTED_KEY] = str(exc)
+        return response
     finally:
         await reader.aclose()
     await response.write_eof()
@@ -203,14 +214,21 @@ async def _answer_multipart(
     response = web.StreamResponse(status=206, headers=headers)
     response.content_length = plan.content_length
     await response.prepare(request)
-    for part_header, rng in plan.parts:
-        await response.write(part_header)
-        reader = await _reader_after_headers(cache, url, meta, rng)
-        try:
-            await _send(request, response, reader)
-        finally:
-            await reader.aclose()
-    await response.write(plan.closing)
+    try:
+        for part_header, rng in plan.parts:
+            await response.write(part_header)
+            reader = await _reader_after_headers(request, cache, url, meta, rng)
+            try:
+                await _send(request, response, reader)
+            finally:
+                await reader.aclose()
+        await response.write(plan.closing)
+    except ConnectionError:
+        request[ABORTED_KEY] = "client went away"
+        return response
+    except _ResponseAborted as exc:
+        request[ABORTED_KEY] = str(exc)
+        return response
     await response.write_eof()
     return response
 
@@ -227,16 +245,22 @@ async def _bodiless(
 
 
 async def _reader_after_headers(
-    cache: BlockCache, url: UpstreamURL, meta: ObjectMeta, rng: ByteRange
+    request: web.Request, cache: BlockCache, url: UpstreamURL, meta: ObjectMeta, rng: ByteRange
 ) -> RangeReader:
     try:
         return await cache.read(meta, url, rng.start, rng.end)
     except ProxyError as exc:
-        raise _ResponseAborted(str(exc)) from exc
+        _abort(request)
+        raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
 
 
 async def _send(request: web.Request, response: web.StreamResponse, reader: RangeReader) -> None:
-    """Stream a reader's segments; sendfile for cached blocks."""
+    """Stream a reader's segments; sendfile for cached blocks.
+
+    Raises _ResponseAborted when the body cannot be completed, after cutting
+    the connection: with Content-Length already sent, a short body on a
+    closed connection is how HTTP/1.1 says "this response failed".
+    """
     try:
         async for segment in reader:
             if isinstance(segment, FileSegment):
@@ -245,10 +269,14 @@ async def _send(request: web.Request, response: web.StreamResponse, reader: Rang
                 await response.write(segment)
     except ProxyError as exc:
         _abort(request)
-        raise _ResponseAborted(str(exc)) from exc
+        raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
+    except ConnectionError as exc:  # the client hung up; fetches others wait on go on
+        raise _ResponseAborted("client went away") from exc
 
 
-async def _send_file_segment(request: web.Request, response: web.StreamResponse, seg: FileSegment) -> None:
+async def _send_file_segment(
+    request: web.Request, response: web.StreamResponse, seg: FileSegment
+) -> None:
     block = seg.block
     try:
         if block.data is not None:  # just verified: the bytes are in memory already
@@ -287,4 +315,3 @@ def build_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index_page)
     app.router.add_route("*", "/{tail:.+}", proxy)
-

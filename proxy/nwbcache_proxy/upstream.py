@@ -133,16 +133,15 @@ class Upstream:
             try:
                 headers = {"Range": f"bytes={pos}-{end - 1}", **_conditional(expected)}
                 async with self._get(url, headers) as resp:
-                    accepted = accept_range_response(
-                        resp.status, resp.headers, pos, end, expected
-                    )
+                    accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
                     async for chunk in _body(resp, accepted.skip, accepted.length):
                         pos += len(chunk)
                         self.stats.bytes += len(chunk)
                         yield chunk
                     if pos < end:
                         raise RetryableFault(
-                            f"body ended at {pos}, {end - pos} bytes short", reason=RetryReason.SHORT_BODY
+                            f"body ended at {pos}, {end - pos} bytes short",
+                            reason=RetryReason.SHORT_BODY,
                         )
                 self.stats.requests["ok"] += 1
             except RetryableFault as fault:
@@ -178,7 +177,9 @@ class Upstream:
             raise UpstreamProtocolError("upstream refused the first block with 416")
         async with self._get(url, {}) as plain:
             if plain.status != 200 or plain.headers.get("Content-Length") != "0":
-                raise RetryableFault("object changed while discovering it", reason=RetryReason.SERVER_ERROR)
+                raise RetryableFault(
+                    "object changed while discovering it", reason=RetryReason.SERVER_ERROR
+                )
             self.stats.requests["ok"] += 1
             return version_from_headers(plain.headers, 0), b""
 
@@ -196,11 +197,17 @@ class Upstream:
                         URL(current.url, encoded=True), headers=headers, allow_redirects=False
                     )
             except TimeoutError:
-                raise RetryableFault("no response headers in time", reason=RetryReason.TIMEOUT) from None
+                raise RetryableFault(
+                    "no response headers in time", reason=RetryReason.TIMEOUT
+                ) from None
             except aiohttp.ClientConnectorError as exc:
-                raise RetryableFault(f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT) from None
+                raise RetryableFault(
+                    f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
+                ) from None
             except aiohttp.ClientError as exc:
-                raise RetryableFault(f"request failed: {type(exc).__name__}", reason=RetryReason.RESET) from None
+                raise RetryableFault(
+                    f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
+                ) from None
             self.stats.first_byte_seconds_sum += time.monotonic() - started
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 location = resp.headers["Location"]
@@ -211,7 +218,9 @@ class Upstream:
                 check_status(resp.status, resp.headers, _retry_after(resp))
                 yield resp
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise RetryableFault(f"body failed: {type(exc).__name__}", reason=RetryReason.RESET) from None
+                raise RetryableFault(
+                    f"body failed: {type(exc).__name__}", reason=RetryReason.RESET
+                ) from None
             except TimeoutError:
                 raise RetryableFault("body stalled", reason=RetryReason.TIMEOUT) from None
             finally:
@@ -245,7 +254,9 @@ class Upstream:
         await asyncio.sleep(delay)
         return cost
 
-    def _give_up(self, fault: RetryableFault, url: UpstreamURL, *, budget: bool = False) -> ProxyError:
+    def _give_up(
+        self, fault: RetryableFault, url: UpstreamURL, *, budget: bool = False
+    ) -> ProxyError:
         why = "retry budget exhausted" if budget else "retries exhausted"
         message = f"upstream {url.netloc} failed ({why}): {fault}"
         self.stats.requests["failed"] += 1

@@ -85,18 +85,24 @@ def accept_range_response(
                 reason="server_error",
             )
         if content_length is not None and content_length != cr.end - cr.start:
-            raise RetryableFault("206 whose Content-Length disagrees with Content-Range", reason="server_error")
+            raise RetryableFault(
+                "206 whose Content-Length disagrees with Content-Range", reason="server_error"
+            )
         version = version_from_headers(headers, cr.size)
         _check_same_version(expected, version)
         return Accepted(skip=0, length=cr.end - cr.start, version=version)
     if status == 200:
         if content_length is None:
-            raise RetryableFault("200 without Content-Length for a range request", reason="server_error")
+            raise RetryableFault(
+                "200 without Content-Length for a range request", reason="server_error"
+            )
         version = version_from_headers(headers, content_length)
         _check_same_version(expected, version)
         want_end = min(end, content_length)
         if start > MAX_SKIP_FOR_FULL_ANSWER:
-            raise RetryableFault("upstream ignored Range (200 for the whole object)", reason="server_error")
+            raise RetryableFault(
+                "upstream ignored Range (200 for the whole object)", reason="server_error"
+            )
         return Accepted(skip=start, length=max(0, want_end - start), version=version)
     raise UpstreamProtocolError(f"unexpected upstream status {status}")
 
