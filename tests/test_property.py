@@ -18,13 +18,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 import requests
-from conftest import origin_host, proxied
-from daemons import DaemonThread
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from s3emu import Fault, S3Emulator
 
+from conftest import origin_host, proxied
+from daemons import DaemonThread
 from nwbcache_proxy.config import Settings
+from s3emu import Fault, S3Emulator
 
 BLOCK = 7
 SIZES = [0, 1, 6, 7, 8, 13, 14, 15, 49, 50, 97, 211]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import remfile
 import requests
+
 from conftest import SHARED_NWB, proxied
 from daemons import DaemonThread
 from s3emu import S3Emulator

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import requests
+
 from conftest import proxied
 from daemons import DaemonThread
 from s3emu import Fault, S3Emulator
