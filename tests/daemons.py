@@ -93,8 +93,17 @@ class DaemonThread:
 class DaemonProcess:
     """``python -m nwbcache_proxy serve ...`` as a child process."""
 
-    def __init__(self, args: Sequence[str], *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        file_size_limit: int | None = None,
+    ) -> None:
         self.args = list(args)
+        # RLIMIT_FSIZE for the daemon: writes past it fail with EFBIG, a real
+        # "disk full" for every file the daemon writes, without a small mount.
+        self.file_size_limit = file_size_limit
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
@@ -110,6 +119,7 @@ class DaemonProcess:
             env=self.env,
             cwd=REPO,
             start_new_session=True,
+            preexec_fn=self._limit_files if self.file_size_limit is not None else None,
         )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
@@ -121,6 +131,12 @@ class DaemonProcess:
                 self.url = line[len(READY_PREFIX) :].split()[0]
                 return self
         raise RuntimeError("daemon did not report ready")
+
+    def _limit_files(self) -> None:
+        import resource
+
+        assert self.file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def kill9(self) -> None:
         assert self.proc is not None

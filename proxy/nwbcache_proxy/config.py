@@ -37,8 +37,9 @@ DEFAULT_READAHEAD = 4 * 1024 * 1024
 DEFAULT_REVALIDATE_AFTER = 3600.0
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "nwbcache"
 
 
@@ -280,6 +281,7 @@ def load_settings(
             given = getattr(args, opt.field, None)
             if given is not None:
                 values[opt.field] = tuple(given) if opt.repeatable else given
+    values.setdefault("cache_dir", default_cache_dir(env))
     settings = Settings(**values)
     settings.validate()
     return settings

@@ -40,8 +40,16 @@ def version_from_headers(headers: Mapping[str, str], size: int) -> ObjectVersion
         size=size,
         etag=_header(headers, "ETag"),
         last_modified=_header(headers, "Last-Modified"),
-        content_type=_header(headers, "Content-Type") or "application/octet-stream",
+        content_type=_safe_content_type(_header(headers, "Content-Type")),
     )
+
+
+def _safe_content_type(value: str | None) -> str:
+    """Upstream's Content-Type if it is plain printable ASCII, else the generic
+    type: it is echoed in our headers and in multipart part headers."""
+    if value and value.isascii() and value.isprintable() and len(value) <= 200:
+        return value
+    return "application/octet-stream"
 
 
 def check_status(status: int, headers: Mapping[str, str], retry_after: float | None) -> None:

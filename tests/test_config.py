@@ -1,0 +1,154 @@
+"""Settings from flags, NWBCACHE_* environment and TOML, and the CLI's help."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nwbcache.cli import build_parser
+from nwbcache.urls import DANDI_HOSTS
+from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings, load_settings
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_defaults_bind_loopback_and_allow_only_dandi(tmp_path: Path) -> None:
+    s = load_settings(_args(), environ={"XDG_CACHE_HOME": str(tmp_path)})
+    assert s.host == "127.0.0.1"
+    assert s.port == 8080
+    assert s.allow_upstream == DANDI_HOSTS
+    assert s.block_size == DEFAULT_BLOCK_SIZE
+    assert s.cache_dir == tmp_path / "nwbcache"
+
+
+def test_flags_parse_sizes_and_repeat_allow_upstream() -> None:
+    s = load_settings(
+        _args(
+            "--cache-size",
+            "500M",
+            "--block-size",
+            "4M",
+            "--allow-upstream",
+            "a.example:9000",
+            "--allow-upstream",
+            "b.example",
+        ),
+        environ={},
+    )
+    assert s.cache_size == 500 * 1024**2
+    assert s.block_size == 4 * 1024**2
+    assert s.allow_upstream == ("a.example:9000", "b.example")
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    config = tmp_path / "nwbcache.toml"
+    config.write_text('cache-size = "1G"\nblock-size = "128K"\nport = 9001\nworkers = 3\n')
+    env = {"NWBCACHE_CONFIG": str(config), "NWBCACHE_BLOCK_SIZE": "64K", "NWBCACHE_PORT": "9002"}
+    s = load_settings(_args("--port", "9003"), environ=env)
+    assert s.port == 9003  # flag
+    assert s.block_size == 64 * 1024  # env over file
+    assert s.cache_size == 1024**3  # file over default
+    assert s.workers == 3
+
+
+def test_env_allow_upstream_is_a_list() -> None:
+    s = load_settings(_args(), environ={"NWBCACHE_ALLOW_UPSTREAM": "a.example, b.example:81"})
+    assert s.allow_upstream == ("a.example", "b.example:81")
+
+
+def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[serve]\nallow_upstream = ["x.example", "y.example:8443"]\nfsync = true\n')
+    s = load_settings(_args("--config", str(config)), environ={})
+    assert s.allow_upstream == ("x.example", "y.example:8443")
+    assert s.fsync is True
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--block-size", "3"], {}, "block-size"),
+        (["--cache-size", "1K", "--block-size", "1K"], {}, "too small"),
+        ([], {"NWBCACHE_CACHE_SIZE": "lots"}, "NWBCACHE_CACHE_SIZE"),
+        ([], {"NWBCACHE_FSYNC": "maybe"}, "NWBCACHE_FSYNC"),
+        (["--workers", "0"], {}, "workers"),
+        (["--allow-upstream", "bad host!"], {}, "allow-list entry"),
+    ],
+)
+def test_bad_settings_fail_with_a_clear_message(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_settings(_args(*argv), environ=env)
+
+
+def test_unknown_config_key_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("cache_sise = '1G'\n")
+    with pytest.raises(ValueError, match="cache_sise"):
+        load_settings(_args("--config", str(config)), environ={})
+
+
+def test_bad_size_flag_is_a_usage_error() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nwbcache_proxy", "serve", "--cache-size", "20X"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "--cache-size" in proc.stderr
+
+
+def test_serve_help_explains_every_flag() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nwbcache_proxy", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for flag in (
+        "--host",
+        "--port",
+        "--cache-dir",
+        "--cache-size",
+        "--block-size",
+        "--allow-upstream",
+        "--workers",
+        "NWBCACHE_",
+        "--config",
+    ):
+        assert flag in proc.stdout
+
+
+def test_settings_validate_rejects_port_out_of_range() -> None:
+    with pytest.raises(ValueError, match="port"):
+        Settings(port=70000).validate()
+
+
+def test_url_command_prints_proxied_url() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nwbcache_proxy",
+            "url",
+            "--proxy",
+            "http://127.0.0.1:8080",
+            "s3://dandiarchive/blobs/abc/def/0123",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        "http://127.0.0.1:8080/https/dandiarchive.s3.amazonaws.com/blobs/abc/def/0123"
+    )

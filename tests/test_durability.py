@@ -1,0 +1,520 @@
+"""Durability of the shared on-disk cache: restarts, kill -9, shared directories, eviction.
+
+Every daemon here is a real process (``python -m nwbcache_proxy serve``) and
+every client a real HTTP client (``requests``, threads for concurrency). Every
+body is compared byte for byte with the bytes put into the origin, never with
+what the daemon says; the origin's request log is the source of truth for
+what was fetched. Block files left on disk are checked with the daemon's own
+reader (``store.open_block(..., verify=True)``) against the version digest
+derived from their object's ``meta.json``, and their bytes against the origin's.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import origin_host, proxied
+from daemons import DaemonProcess
+from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, decode_header
+from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
+from nwbcache_proxy.store import open_block
+from s3emu import LoggedRequest, S3Emulator
+
+K64 = 64 * 1024
+TIMEOUT = 30  # per HTTP request: generous, only there so a hang fails instead of blocking
+
+_BLOCK_NAME = re.compile(r"(\d+)\.blk")
+_VERSION_DIR = re.compile(r"([0-9a-f]{32})\.(\d+)")
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+Spawn = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def spawn(origin: S3Emulator) -> Iterator[Spawn]:
+    """Start daemon processes in front of ``origin``; every one still alive is
+    stopped at teardown (SIGTERM, then SIGKILL if it does not exit)."""
+    started: list[DaemonProcess] = []
+
+    def start(cache_dir: Path, *extra: str) -> DaemonProcess:
+        args = [
+            "--cache-dir",
+            str(cache_dir),
+            "--allow-upstream",
+            origin_host(origin),
+            "--retry-base-delay",
+            "0.01",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        daemon = DaemonProcess(args)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is None or daemon.proc.poll() is not None:
+            continue
+        try:
+            daemon.terminate()
+        except Exception:
+            daemon.kill9()
+
+
+def put_objects(origin: S3Emulator, prefix: str, sizes: Sequence[int]) -> dict[str, bytes]:
+    """Random objects in the origin, by key."""
+    objects = {f"/dandiarchive/blobs/{prefix}/{i:03d}": os.urandom(n) for i, n in enumerate(sizes)}
+    for key, data in objects.items():
+        origin.put(key, data)
+    return objects
+
+
+def by_cache_key(origin: S3Emulator, objects: dict[str, bytes]) -> dict[str, bytes]:
+    """The same objects keyed as meta.json names them (the upstream URL)."""
+    return {origin.url + key: data for key, data in objects.items()}
+
+
+def get_range(url: str, start: int, end: int) -> tuple[bytes, str]:
+    """Bytes [start, end) through the daemon, checked for a well-formed 206; and X-Cache."""
+    r = requests.get(url, headers={"Range": f"bytes={start}-{end - 1}"}, timeout=TIMEOUT)
+    assert r.status_code == 206, (r.status_code, r.text[:200])
+    assert r.headers["Content-Range"].startswith(f"bytes {start}-{end - 1}/")
+    return r.content, r.headers["X-Cache"]
+
+
+def get_all(url: str) -> tuple[bytes, str]:
+    r = requests.get(url, timeout=TIMEOUT)
+    assert r.status_code == 200, (r.status_code, r.text[:200])
+    return r.content, r.headers["X-Cache"]
+
+
+def random_ranges(rng: random.Random, size: int, count: int, block: int) -> list[tuple[int, int]]:
+    """[start, end) ranges: small, block-crossing, long, the last byte, the whole object."""
+    ranges = [(0, size), (size - 1, size), (block - 1, block + 1)]
+    while len(ranges) < count:
+        start = rng.randrange(size)
+        length = rng.choice([1, rng.randrange(1, 512), rng.randrange(1, 3 * block)])
+        ranges.append((start, min(size, start + length)))
+    rng.shuffle(ranges)
+    return ranges
+
+
+def blk_files(cache_dir: Path) -> list[Path]:
+    return sorted((cache_dir / "v1" / "objects").rglob("*.blk"))
+
+
+def blk_bytes(cache_dir: Path) -> int:
+    """Total size of the block files on disk (files may vanish while we look)."""
+    total = 0
+    for path in blk_files(cache_dir):
+        with contextlib.suppress(FileNotFoundError):
+            total += path.stat().st_size
+    return total
+
+
+def wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
+    """Poll until condition() holds; fail naming `what` after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"not within {deadline} s: {what}")
+        time.sleep(0.05)
+
+
+def staging_dirs(cache_dir: Path, pid: int) -> list[str]:
+    staging = cache_dir / "v1" / "staging"
+    if not staging.is_dir():
+        return []
+    return [p.name for p in staging.iterdir() if p.name.startswith(f"{pid}-")]
+
+
+def object_dir(cache_dir: Path, origin: S3Emulator, key: str) -> Path:
+    """Where an object's meta.json and version dirs live (by the hash of its cache key)."""
+    kh = hashlib.sha256((origin.url + key).encode()).hexdigest()
+    return cache_dir / "v1" / "objects" / kh[:2] / kh
+
+
+def current_blocks(cache_dir: Path, origin: S3Emulator, key: str) -> set[int]:
+    """Indices of the block files of the version its meta.json names."""
+    obj_dir = object_dir(cache_dir, origin, key)
+    meta = _meta_of(obj_dir)
+    if meta is None:
+        return set()
+    found = set()
+    for path in obj_dir.glob(f"{meta.digest.hex()[:32]}.*/*.blk"):
+        m = _BLOCK_NAME.fullmatch(path.name)
+        assert m is not None, path
+        found.add(int(m[1]))
+    return found
+
+
+@dataclass
+class BlockCheck:
+    verified: int = 0  # blocks of a known version, checked with open_block and against the origin
+    orphans: int = 0  # blocks whose version has no matching meta.json: header + CRC only
+
+
+def verify_blocks(cache_dir: Path, originals: dict[str, bytes]) -> BlockCheck:
+    """Check every block file under the cache dir; fail on the first bad one.
+
+    ``originals`` maps cache keys (upstream URLs) to the origin's bytes. Call
+    only when no daemon uses the directory (open_block deletes a corrupt block).
+    """
+    result = BlockCheck()
+    for path in blk_files(cache_dir):
+        name = _BLOCK_NAME.fullmatch(path.name)
+        vdir = _VERSION_DIR.fullmatch(path.parent.name)
+        assert name is not None and vdir is not None, f"unexpected block path {path}"
+        index, vd, bs = int(name[1]), vdir[1], int(vdir[2])
+        obj_dir = path.parent.parent
+        raw_file = path.read_bytes()  # kept for the failure message: open_block deletes
+        meta = _meta_of(obj_dir)
+        if meta is not None and meta.digest.hex()[:32] == vd:
+            assert meta.cache_key in originals, f"block of an unknown object: {path}"
+            start, end = block_span(index, meta.version.size, bs)
+            assert start < end, f"block {index} past the end of its object: {path}"
+            opened = open_block(
+                path, index=index, length=end - start, digest=meta.digest, verify=True
+            )
+            assert opened is not None, f"block fails verification: {path} {_describe(raw_file)}"
+            try:
+                assert opened.data is not None
+                data = bytes(opened.data)
+            finally:
+                opened.close()
+            assert data == originals[meta.cache_key][start:end], f"wrong bytes in {path}"
+            result.verified += 1
+        else:
+            try:
+                header = decode_header(raw_file[:HEADER_SIZE])
+                check_data(header, raw_file[HEADER_SIZE:])
+            except CorruptBlock as exc:
+                pytest.fail(f"orphan block with a bad header or checksum: {path}: {exc}")
+            assert header.index == index, f"{path} holds block {header.index}"
+            assert header.length <= bs and len(raw_file) == HEADER_SIZE + header.length, path
+            result.orphans += 1
+    return result
+
+
+def _meta_of(obj_dir: Path) -> ObjectMeta | None:
+    try:
+        raw = json.loads((obj_dir / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+    assert isinstance(raw, dict), obj_dir
+    cache_key = raw.get("cache_key")
+    assert isinstance(cache_key, str), obj_dir
+    # meta.json lives under the hash of its own cache key, or it is misplaced.
+    assert hashlib.sha256(cache_key.encode()).hexdigest() == obj_dir.name, obj_dir
+    meta = ObjectMeta.from_json(raw, cache_key)
+    assert meta is not None, f"unreadable meta.json in {obj_dir}"
+    return meta
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        header = decode_header(raw[:HEADER_SIZE])
+    except CorruptBlock as exc:
+        return f"({len(raw)} B: {exc})"
+    return f"({len(raw)} B, header index {header.index} length {header.length})"
+
+
+def requests_since(origin: S3Emulator, since: float, key: str | None = None) -> list[LoggedRequest]:
+    """Origin requests (of key) that started after time.monotonic() was `since`.
+
+    By start time, not by position in the log: the log gets an entry when a
+    request finishes, so a request of a killed daemon may be logged later.
+    """
+    return [r for r in origin.requests(key) if r.started >= since]
+
+
+def run_threads(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run each job in its own thread; re-raise the first failure."""
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()
+
+
+def random_readers(
+    urls: Sequence[str], objects: dict[str, bytes], threads: int, reads: int, seed: int
+) -> list[Callable[[], None]]:
+    """Jobs doing random range reads of every object, spread over the daemons in urls."""
+    keys = sorted(objects)
+
+    def reader(n: int) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(seed * 1000 + n)
+            for i in range(reads):
+                key = rng.choice(keys)
+                data = objects[key]
+                start = rng.randrange(len(data))
+                end = min(len(data), start + rng.randrange(1, 3 * K64))
+                body, _ = get_range(urls[(n + i) % len(urls)] + key, start, end)
+                assert body == data[start:end], f"{key} [{start}, {end}) differs"
+
+        return run
+
+    return [reader(n) for n in range(threads)]
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_restart_serves_warm_cache_without_upstream(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """A cache filled by one daemon is served by the next, byte-exact, with no upstream GET."""
+    cache_dir = tmp_path / "cache"
+    [(key, data)] = put_objects(origin, "warm", [3_000_017]).items()
+    nblocks = block_count(len(data), K64)
+
+    first = spawn(cache_dir, "--block-size", "64K")
+    body, _ = get_all(proxied(first.url, origin, key))
+    assert body == data
+    assert origin.requests(key, method="GET"), "the first read must come from the origin"
+    # The response may end before the last block's rename: wait for the files.
+    wait_for(lambda: len(blk_files(cache_dir)) == nblocks, 10, f"{nblocks} blocks on disk")
+    pid = first.proc.pid if first.proc else -1
+    assert first.terminate() == 0
+    assert staging_dirs(cache_dir, pid) == [], "a clean shutdown leaves no staging dir"
+
+    since = time.monotonic()
+    second = spawn(cache_dir, "--block-size", "64K")
+    rng = random.Random(1)
+    for start, end in random_ranges(rng, len(data), 40, K64):
+        body, outcome = get_range(proxied(second.url, origin, key), start, end)
+        assert body == data[start:end], f"[{start}, {end}) differs"
+        assert outcome == "HIT", f"[{start}, {end}) was {outcome} after a restart"
+    assert requests_since(origin, since, key) == [], "a warm restart asked the origin again"
+    assert second.terminate() == 0
+    check = verify_blocks(cache_dir, by_cache_key(origin, {key: data}))
+    assert (check.verified, check.orphans) == (nblocks, 0)
+
+
+def test_kill9_during_fetches_leaves_only_whole_blocks(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """kill -9 with fetches in flight: no torn block, the dead staging dir is swept,
+    the next daemon serves everything exact and never re-fetches a surviving block."""
+    cache_dir = tmp_path / "cache"
+    objects = put_objects(origin, "kill", [1_500_000 + i * 4099 for i in range(4)])
+    total_blocks = sum(block_count(len(d), K64) for d in objects.values())
+    origin.bandwidth = 2_000_000  # bytes/s per response: fetches last ~0.75 s each
+    daemon = spawn(cache_dir, "--block-size", "64K")
+    stop = threading.Event()
+    complete: list[str] = []
+
+    def full_reader(key: str) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                r = requests.get(proxied(daemon.url, origin, key), timeout=TIMEOUT)
+            except requests.RequestException:
+                return  # cut by the kill
+            if r.status_code == 200:
+                assert r.content == objects[key], f"{key}: a completed body differs"
+                complete.append(key)
+
+        return run
+
+    def range_reader(key: str, seed: int) -> Callable[[], None]:
+        def run() -> None:
+            rng = random.Random(seed)
+            data = objects[key]
+            while not stop.is_set():
+                start = rng.randrange(len(data))
+                end = min(len(data), start + rng.randrange(1, 2 * K64))
+                try:
+                    body, _ = get_range(proxied(daemon.url, origin, key), start, end)
+                except requests.RequestException:
+                    return
+                assert body == data[start:end], f"{key} [{start}, {end}) differs"
+
+        return run
+
+    jobs = [full_reader(k) for k in objects] + [range_reader(k, i) for i, k in enumerate(objects)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        wait_for(lambda: len(blk_files(cache_dir)) >= 8, 15, "8 blocks published")
+        pid = daemon.proc.pid if daemon.proc else -1
+        daemon.kill9()
+        stop.set()
+        for future in futures:
+            future.result()
+    survivors = blk_files(cache_dir)
+    assert len(survivors) < total_blocks, "the kill came too late to interrupt any fetch"
+    assert len(complete) < len(objects), "every full read finished before the kill"
+    assert staging_dirs(cache_dir, pid), "kill -9 should leave the staging dir behind"
+
+    originals = by_cache_key(origin, objects)
+    check = verify_blocks(cache_dir, originals)  # as the crash left them
+    assert check.verified + check.orphans == len(survivors)
+    warm = {key: current_blocks(cache_dir, origin, key) for key in objects}
+
+    origin.bandwidth = None
+    since = time.monotonic()
+    again = spawn(cache_dir, "--block-size", "64K")
+    wait_for(lambda: not staging_dirs(cache_dir, pid), 5, "the dead daemon's staging swept")
+    for n, (key, data) in enumerate(objects.items()):
+        body, _ = get_all(proxied(again.url, origin, key))
+        assert body == data, f"{key} differs after the crash"
+        for start, end in random_ranges(random.Random(n), len(data), 10, K64):
+            body, _ = get_range(proxied(again.url, origin, key), start, end)
+            assert body == data[start:end], f"{key} [{start}, {end}) differs after the crash"
+    # Blocks that survived the crash are served from disk, never fetched again.
+    for r in requests_since(origin, since):
+        m = _RANGE.fullmatch(r.range or "")
+        assert r.method == "GET" and m is not None, (r.method, r.path, r.range)
+        fetched = set(range(int(m[1]) // K64, int(m[2]) // K64 + 1))
+        assert not fetched & warm[r.path], f"{r.path}: cached blocks fetched again: {r.range}"
+    assert again.terminate() == 0
+    assert verify_blocks(cache_dir, originals).verified > len(survivors)
+
+
+def test_two_daemons_share_one_cache_dir(origin: S3Emulator, spawn: Spawn, tmp_path: Path) -> None:
+    """Two processes on one directory, read at once: every byte exact, every block whole."""
+    cache_dir = tmp_path / "cache"
+    objects = put_objects(origin, "shared", [1_000_003 + i * 7919 for i in range(4)])
+    a = spawn(cache_dir, "--block-size", "64K")
+    b = spawn(cache_dir, "--block-size", "64K")
+    urls = [f"{d.url}/http/{origin_host(origin)}" for d in (a, b)]
+    run_threads(random_readers(urls, objects, threads=8, reads=25, seed=3))
+    for url in urls:
+        for key, data in objects.items():
+            body, _ = get_all(url + key)
+            assert body == data, f"{key} via {url} differs"
+    assert a.terminate() == 0
+    assert b.terminate() == 0
+    check = verify_blocks(cache_dir, by_cache_key(origin, objects))
+    assert check.verified >= len(objects)
+
+
+def test_two_workers_serve_exact_bytes(origin: S3Emulator, spawn: Spawn, tmp_path: Path) -> None:
+    """--workers 2: concurrent random reads exact, upstream reads by the daemon, blocks whole."""
+    cache_dir = tmp_path / "cache"
+    objects = put_objects(origin, "workers", [900_001 + i * 6151 for i in range(4)])
+    daemon = spawn(cache_dir, "--block-size", "64K", "--workers", "2")
+    url = f"{daemon.url}/http/{origin_host(origin)}"
+    run_threads(random_readers([url], objects, threads=8, reads=25, seed=4))
+    for key, data in objects.items():
+        body, _ = get_all(url + key)
+        assert body == data
+        seen = origin.requests(key)
+        assert seen, f"{key} never reached the origin"
+        assert all((r.user_agent or "").startswith("nwbcache/") for r in seen), {
+            r.user_agent for r in seen
+        }
+    assert daemon.terminate() == 0
+    check = verify_blocks(cache_dir, by_cache_key(origin, objects))
+    assert check.verified >= len(objects)
+
+
+def test_eviction_keeps_cache_bounded_and_lru(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """12 MB read through a 2 MiB cache: the disk usage comes back under the bound,
+    the oldest object is fetched again and the newest one is still a hit."""
+    cache_dir = tmp_path / "cache"
+    capacity = 2 * 1024 * 1024
+    objects = put_objects(origin, "evict", [1_000_000 + i * 1021 for i in range(12)])
+    keys = sorted(objects)
+    daemon = spawn(cache_dir, "--block-size", "64K", "--cache-size", "2M")
+    for key in keys:
+        body, _ = get_all(proxied(daemon.url, origin, key))
+        assert body == objects[key]
+
+    # Eviction starts when the indexed size exceeds the capacity and goes down
+    # to 95 %, once a second. Once reads stop, the next pass therefore brings
+    # the files to <= capacity; one more block file (64 KiB + header) is
+    # allowed for a block whose rename lands just after the pass that checked.
+    bound = capacity + K64 + HEADER_SIZE
+    wait_for(lambda: blk_bytes(cache_dir) <= bound, 10, f"block files <= {bound} B")
+
+    newest, oldest = keys[-1], keys[0]
+    since = time.monotonic()
+    body, outcome = get_all(proxied(daemon.url, origin, newest))
+    assert body == objects[newest]
+    assert outcome == "HIT", "the most recently read object was evicted"
+    assert requests_since(origin, since, newest) == []
+
+    oldest_left = current_blocks(cache_dir, origin, oldest)
+    assert len(oldest_left) < block_count(len(objects[oldest]), K64), "nothing was evicted"
+    since = time.monotonic()
+    body, outcome = get_all(proxied(daemon.url, origin, oldest))
+    assert body == objects[oldest]
+    assert outcome != "HIT"
+    refetched = [r for r in requests_since(origin, since, oldest) if r.method == "GET"]
+    assert refetched, "evicted blocks were not fetched again"
+    assert daemon.terminate() == 0
+    verify_blocks(cache_dir, by_cache_key(origin, objects))
+
+
+def test_start_with_many_blocks_and_lost_index(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """~5000 blocks and no index: serves at once, exact; the index is rebuilt from the files."""
+    cache_dir = tmp_path / "cache"
+    block = 4 * 1024
+    objects = put_objects(origin, "many", [10_000_000, 10_000_001])
+    expected = sum(block_count(len(d), block) for d in objects.values())
+    first = spawn(cache_dir, "--block-size", "4K")
+    run_threads([partial(_read_exact, proxied(first.url, origin, k), objects[k]) for k in objects])
+    wait_for(lambda: len(blk_files(cache_dir)) == expected, 20, f"{expected} blocks on disk")
+    assert first.terminate() == 0
+
+    index = cache_dir / "v1" / "index.sqlite3"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{index}{suffix}").unlink(missing_ok=True)
+    on_disk = blk_files(cache_dir)
+    assert len(on_disk) == expected
+    disk_bytes = sum(p.stat().st_size for p in on_disk)
+
+    since = time.monotonic()
+    daemon = spawn(cache_dir, "--block-size", "4K")
+    health = requests.get(f"{daemon.url}/healthz", timeout=5)
+    assert health.status_code == 200
+    key = sorted(objects)[0]
+    data = objects[key]
+    body, outcome = get_range(proxied(daemon.url, origin, key), 5000, 20000)
+    assert body == data[5000:20000]
+    assert outcome == "HIT"
+
+    def totals() -> tuple[int, int] | None:
+        try:
+            with sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5) as conn:
+                row = conn.execute("SELECT blocks, bytes FROM totals WHERE id = 0").fetchone()
+        except sqlite3.Error:
+            return None  # not created yet, or busy
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    wait_for(lambda: totals() == (expected, disk_bytes), 30, f"index totals {expected} blocks")
+    for key, data in objects.items():
+        body, outcome = get_all(proxied(daemon.url, origin, key))
+        assert body == data
+    assert requests_since(origin, since) == [], "blocks on disk were fetched again without an index"
+    assert daemon.terminate() == 0
+
+
+def _read_exact(url: str, data: bytes) -> None:
+    body, _ = get_all(url)
+    assert body == data
