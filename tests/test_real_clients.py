@@ -168,5 +168,7 @@ def test_plain_get_that_hangs_up_costs_little_upstream(
     f = remfile.File(url)
     assert f.read(10) == bytes(10)
     time.sleep(1.0)  # let anything in flight finish and be logged
-    # discovery block + bounded read-ahead (+ what a socket buffer absorbed), never the object
-    assert origin.bytes_sent("/b/big") <= block + 6 * readahead
+    # The fetch window of a plain GET starts at one block and doubles as the
+    # client consumes: two hang-ups cost a few blocks, never the read-ahead
+    # many times over, let alone the 64 MiB object (measured: 3 blocks).
+    assert origin.bytes_sent("/b/big") <= block + readahead

@@ -240,16 +240,28 @@ class BlockCache:
         return self._vdir(meta) / Layout.block_name(index)
 
     # -- reading -------------------------------------------------------------
-    async def read(self, meta: ObjectMeta, url: UpstreamURL, start: int, end: int) -> RangeReader:
+    async def read(
+        self, meta: ObjectMeta, url: UpstreamURL, start: int, end: int, *, eager: bool
+    ) -> RangeReader:
         """Plan a read of bytes [start, end): how much is cached, and the bytes.
 
         The first block is acquired before returning, so the outcome is known
         before response headers go out and a version change found on the way
         surfaces while the request can still start over.
+
+        ``eager``: the client named the bytes it wants (a Range): fetch them
+        at once, up to the read-ahead. Otherwise (a plain GET) the fetch
+        window starts at one block and doubles as the client consumes, so a
+        client that hangs up after the headers (remfile learning the size)
+        costs one block upstream, while a real download soon streams with
+        the full read-ahead.
         """
         blocks = blocks_for(start, end, self.block_size)
         sequential = self._note_position(meta.cache_key, start, end)
-        first = await self._acquire(meta, url, blocks.start, wanted_end=blocks.stop)
+        window = self.readahead_blocks if eager else 1
+        first = await self._acquire(
+            meta, url, blocks.start, wanted_end=min(blocks.stop, blocks.start + window)
+        )
         present = isinstance(first, OpenBlock)
         rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
         cached_rest = await self._present(meta, rest) if len(rest) else set()
@@ -259,12 +271,13 @@ class BlockCache:
             outcome = CacheOutcome.MISS
         else:
             outcome = CacheOutcome.PARTIAL
-        missing = [i for i in rest if i not in cached_rest]
-        if missing:
+        if eager:
+            missing = [i for i in rest if i not in cached_rest]
             self._start_runs(meta, url, missing[: self.readahead_blocks])
         if sequential:
             self._prefetch(meta, url, blocks.stop, blocks.stop + self.readahead_blocks)
-        return RangeReader(outcome, self._segments(meta, url, start, end, blocks, first), first)
+        segments = self._segments(meta, url, start, end, blocks, first, window)
+        return RangeReader(outcome, segments, first)
 
     async def _segments(
         self,
@@ -274,14 +287,17 @@ class BlockCache:
         end: int,
         blocks: range,
         first: OpenBlock | InflightBlock,
+        window: int,
     ) -> AsyncIterator[Segment]:
         bs = self.block_size
         source: OpenBlock | InflightBlock | None = first
-        planned_until = blocks.start + 1 + self.readahead_blocks
+        planned_until = blocks.start + window  # blocks before this were asked for
         try:
             for i in blocks:
                 if source is None:
-                    source = await self._acquire(meta, url, i, wanted_end=blocks.stop)
+                    source = await self._acquire(
+                        meta, url, i, wanted_end=min(blocks.stop, i + window)
+                    )
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
                 if isinstance(source, OpenBlock):
@@ -292,10 +308,11 @@ class BlockCache:
                         self.stats.served_from_upstream += len(chunk)
                         yield chunk
                 source = None
-                # Keep fetching ahead of a long reader, at most ~1.5 windows
-                # ahead of what it has consumed.
-                if i + self.readahead_blocks // 2 >= planned_until and planned_until < blocks.stop:
-                    upto = min(blocks.stop, planned_until + self.readahead_blocks)
+                window = min(self.readahead_blocks, window * 2)
+                # Stay up to one window ahead of the reader; top up when half
+                # of it is consumed, so runs stay long rather than one block.
+                if planned_until < blocks.stop and planned_until - (i + 1) <= window // 2:
+                    upto = min(blocks.stop, i + 1 + window)
                     self._prefetch(meta, url, planned_until, upto)
                     planned_until = upto
         finally:

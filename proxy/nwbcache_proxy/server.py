@@ -180,7 +180,7 @@ async def _answer(
     if request.method == "HEAD" or rng.length == 0:
         headers["X-Cache"] = CacheOutcome.HIT
         return await _bodiless(request, status, headers, rng.length)
-    reader = await cache.read(meta, url, rng.start, rng.end)
+    reader = await cache.read(meta, url, rng.start, rng.end, eager=status == 206)
     try:
         headers["X-Cache"] = reader.outcome
         response = web.StreamResponse(status=status, headers=headers)
@@ -248,7 +248,7 @@ async def _reader_after_headers(
     request: web.Request, cache: BlockCache, url: UpstreamURL, meta: ObjectMeta, rng: ByteRange
 ) -> RangeReader:
     try:
-        return await cache.read(meta, url, rng.start, rng.end)
+        return await cache.read(meta, url, rng.start, rng.end, eager=True)
     except ProxyError as exc:
         _abort(request)
         raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
@@ -267,6 +267,10 @@ async def _send(request: web.Request, response: web.StreamResponse, reader: Rang
                 await _send_file_segment(request, response, segment)
             else:
                 await response.write(segment)
+            # A write into the socket buffer succeeds after the peer closed;
+            # stop before asking for (and maybe fetching) the next block.
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("client went away")
     except ProxyError as exc:
         _abort(request)
         raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
