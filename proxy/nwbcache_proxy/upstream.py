@@ -73,7 +73,9 @@ def make_session(
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
-        headers={"User-Agent": USER_AGENT},
+        # identity: a server that compresses on the fly would change the bytes
+        # and make Content-Range count compressed ones.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
         raise_for_status=False,
         trust_env=False,  # an HTTP(S)_PROXY in the daemon's env must not reroute upstream reads
