@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import requests
+
 from conftest import origin_host, proxied
 from daemons import DaemonProcess
 from s3emu import S3Emulator

@@ -22,10 +22,11 @@ from aiohttp import web
 from . import __version__
 from .cache import BlockCache
 from .config import Settings, describe
+from .dandi_resolver import DandiResolver
 from .index import CacheIndex
 from .layout import Layout
 from .retry import RetryBudget, RetryPolicy
-from .server import ALLOW_KEY, CACHE_KEY, build_routes, error_middleware
+from .server import ALLOW_KEY, CACHE_KEY, DANDI_KEY, build_routes, error_middleware
 from .upstream import Upstream, make_session
 
 log = logging.getLogger("nwbcache")
@@ -73,6 +74,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     )
     await cache.start()
     app[CACHE_KEY] = cache
+    app[DANDI_KEY] = DandiResolver(session, settings.dandi_api_url, settings.allow_list)
     try:
         yield
     finally:

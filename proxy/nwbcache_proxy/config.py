@@ -62,6 +62,7 @@ class Settings:
     retry_base_delay: float = 0.2
     fsync: bool = False
     log_level: str = "info"
+    dandi_api_url: str = "https://api.dandiarchive.org/api"
 
     @property
     def allow_list(self) -> AllowList:
@@ -216,6 +217,14 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"
+    ),
+    _Option(
+        "dandi_api_url",
+        "--dandi-api-url",
+        str,
+        "DANDI API that the /dandi/<dandiset>/<version>/<path> route asks "
+        "(default https://api.dandiarchive.org/api)",
+        "URL",
     ),
 )
 

@@ -21,6 +21,7 @@ from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, redact_url, upstre
 from . import __version__, httprange
 from .blockfile import HEADER_SIZE
 from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
+from .dandi_resolver import DandiResolver, parse_dandi_path
 from .errors import BadRequest, NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, Precondition, RangeOutcome
 from .objectmeta import ObjectMeta
@@ -29,6 +30,7 @@ log = logging.getLogger("nwbcache.access")
 
 CACHE_KEY: web.AppKey[BlockCache] = web.AppKey("cache", BlockCache)
 ALLOW_KEY: web.AppKey[AllowList] = web.AppKey("allow", AllowList)
+DANDI_KEY: web.AppKey[DandiResolver] = web.AppKey("dandi", DandiResolver)
 SERVER_NAME = f"nwbcache/{__version__}"
 # Times a request starts over after finding that the object changed upstream
 # before any byte was sent (a second change in a row is answered with 503).
@@ -101,6 +103,7 @@ async def index_page(request: web.Request) -> web.Response:
         text=(
             f"{SERVER_NAME}: a caching range proxy for S3 objects.\n"
             "GET /<scheme>/<host>[:<port>]/<path> serves <scheme>://<host>/<path> from the cache.\n"
+            "GET /dandi/<dandiset>/<version>/<path> serves a DANDI asset by its path.\n"
             "GET /healthz tells whether the daemon serves.\n"
         )
     )
@@ -131,12 +134,29 @@ def _object_headers(meta: ObjectMeta) -> dict[str, str]:
     return headers
 
 
-async def proxy(request: web.Request) -> web.StreamResponse:
+def _check_method(request: web.Request) -> None:
     if request.method not in ("GET", "HEAD"):
         raise web.HTTPMethodNotAllowed(
             request.method, ["GET", "HEAD"], text="nwbcache: only GET and HEAD\n"
         )
-    url = _parse_target(request)
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    _check_method(request)
+    return await _serve_object(request, _parse_target(request))
+
+
+async def dandi(request: web.Request) -> web.StreamResponse:
+    """/dandi/<dandiset>/<version>/<path>: the asset's bytes, resolved through the DANDI API."""
+    _check_method(request)
+    target = parse_dandi_path(request.raw_path.partition("?")[0])
+    url = await request.app[DANDI_KEY].resolve(target)
+    if not request.app[ALLOW_KEY].permits(url):
+        raise NotAllowed(f"asset lives on {url.netloc}, which is not on the allow-list")
+    return await _serve_object(request, url)
+
+
+async def _serve_object(request: web.Request, url: UpstreamURL) -> web.StreamResponse:
     cache = request.app[CACHE_KEY]
     for attempt in range(VERSION_RESTARTS + 1):
         meta = await cache.resolve(url)
@@ -318,4 +338,5 @@ def build_routes(app: web.Application) -> None:
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/", index_page)
+    app.router.add_route("*", "/dandi/{tail:.+}", dandi)
     app.router.add_route("*", "/{tail:.+}", proxy)
