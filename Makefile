@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test lint format clean
+.PHONY: run test test-deps lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ run: $(STAMP)
 	$(BIN)/nwbcache serve $(ARGS)
 
 ## test: lint, type-check and run the whole suite
-test: lint
+test: lint test-deps
 	$(BIN)/pytest
+
+# System tools the tests drive (curl, ...), from Debian's packages if missing.
+test-deps:
+	./scripts/install-test-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,25 @@ from nwbcache_proxy.config import Settings
 from s3emu import S3Emulator
 
 SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
+
+
+@pytest.fixture
+def gc_in_main_thread_only() -> Iterator[None]:
+    """Keep the cyclic garbage collector out of the server threads.
+
+    h5py/hdmf objects have finalizers that take h5py's global lock. If a
+    collection triggered in the daemon's or the emulator's thread runs one
+    while the main thread holds that lock and waits for an HTTP answer from
+    that very thread, the test deadlocks. (In production the daemon is its
+    own process and this cannot happen.) So: no automatic collection while a
+    test that mixes h5py with in-process servers runs; collect afterwards.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
 
 
 @pytest.fixture

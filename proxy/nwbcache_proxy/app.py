@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -25,8 +24,18 @@ from .config import Settings, describe
 from .dandi_resolver import DandiResolver
 from .index import CacheIndex
 from .layout import Layout
+from .logs import configure_logging
+from .metrics import Metrics, mark_worker_dead
 from .retry import RetryBudget, RetryPolicy
-from .server import ALLOW_KEY, CACHE_KEY, DANDI_KEY, build_routes, error_middleware
+from .server import (
+    ALLOW_KEY,
+    CACHE_KEY,
+    DANDI_KEY,
+    METRICS_KEY,
+    build_routes,
+    error_middleware,
+    observe_middleware,
+)
 from .upstream import Upstream, make_session
 
 log = logging.getLogger("nwbcache")
@@ -37,9 +46,10 @@ READY_PREFIX = "nwbcache: serving on "
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024)
+    app = web.Application(middlewares=[observe_middleware, error_middleware], client_max_size=1024)
     app[SETTINGS_KEY] = settings
     app[ALLOW_KEY] = settings.allow_list
+    app[METRICS_KEY] = Metrics()
     app.cleanup_ctx.append(_cache_context)
     build_routes(app)
     return app
@@ -61,6 +71,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         RetryPolicy(max_attempts=settings.retry_attempts, base_delay=settings.retry_base_delay),
         RetryBudget(),
         first_byte_timeout=settings.first_byte_timeout,
+        metrics=app[METRICS_KEY],
     )
     cache = BlockCache(
         layout,
@@ -71,6 +82,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         readahead=settings.readahead,
         revalidate_after=settings.revalidate_after,
         fsync=settings.fsync,
+        metrics=app[METRICS_KEY],
     )
     await cache.start()
     app[CACHE_KEY] = cache
@@ -81,14 +93,6 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         await cache.close()
         await session.close()
         await index.close()
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 async def serve_forever(settings: Settings, sock: socket.socket | None = None) -> None:
@@ -124,7 +128,7 @@ def _bound_address(site: web.BaseSite) -> tuple[str, int]:
 
 
 def run(settings: Settings) -> int:
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
         asyncio.run(serve_forever(settings))
         return 0
@@ -179,6 +183,7 @@ def _run_workers(settings: Settings) -> int:
         except InterruptedError:
             continue
         slot = children.pop(pid, -1)
+        mark_worker_dead(pid)
         if slot >= 0 and not stopping:
             log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
             time.sleep(0.5)

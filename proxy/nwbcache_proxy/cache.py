@@ -28,6 +28,7 @@ from .index import CacheIndex
 from .inflight import InflightBlock
 from .layout import Layout, key_hash
 from .lru import BoundedLRU
+from .metrics import Metrics
 from .objectmeta import ObjectMeta, block_count, block_span, blocks_for
 from .store import OpenBlock, Staging
 from .upstream import Upstream
@@ -93,16 +94,6 @@ class RangeReader:
             await aclose()
 
 
-@dataclasses.dataclass(slots=True)
-class CacheStats:
-    served_from_cache: int = 0
-    served_from_upstream: int = 0
-    coalesced: int = 0
-    evictions: int = 0
-    publish_failures: int = 0
-    corrupt_blocks: int = 0
-
-
 class BlockCache:
     def __init__(
         self,
@@ -115,6 +106,7 @@ class BlockCache:
         readahead: int,
         revalidate_after: float,
         fsync: bool,
+        metrics: Metrics,
     ) -> None:
         self.layout = layout
         self.index = index
@@ -125,7 +117,8 @@ class BlockCache:
         self.max_run_blocks = max(1, MAX_RUN_BYTES // block_size)
         self.revalidate_after = revalidate_after
         self.fsync = fsync
-        self.stats = CacheStats()
+        self.metrics = metrics
+        metrics.cache_capacity.set(capacity)
         self.staging: Staging | None = None
         # Disk work runs here, not in the loop's default executor, so it can be
         # sized for many concurrent block opens.
@@ -186,7 +179,7 @@ class BlockCache:
             self._discovering[key] = task
             task.add_done_callback(lambda _t: self._discovering.pop(key, None))
         else:
-            self.stats.coalesced += 1
+            self.metrics.coalesced.inc()
         # shield: a client hanging up must not cancel a discovery others wait on.
         return await asyncio.shield(task)
 
@@ -301,11 +294,11 @@ class BlockCache:
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
                 if isinstance(source, OpenBlock):
-                    self.stats.served_from_cache += hi - lo
+                    self.metrics.served_bytes.labels("cache").inc(hi - lo)
                     yield FileSegment(source, lo, hi)
                 else:
                     async for chunk in source.chunks(lo, hi):
-                        self.stats.served_from_upstream += len(chunk)
+                        self.metrics.served_bytes.labels("upstream").inc(len(chunk))
                         yield chunk
                 source = None
                 window = min(self.readahead_blocks, window * 2)
@@ -326,14 +319,14 @@ class BlockCache:
         vkey = self._vdir_key(meta)
         inflight = self._inflight.get((vkey, i))
         if inflight is not None:
-            self.stats.coalesced += 1
+            self.metrics.coalesced.inc()
             return inflight
         opened = await self._open(meta, i)
         if opened is not None:
             return opened
         inflight = self._inflight.get((vkey, i))
         if inflight is not None:
-            self.stats.coalesced += 1
+            self.metrics.coalesced.inc()
             return inflight
         upto = min(
             wanted_end, i + self.readahead_blocks, block_count(meta.version.size, self.block_size)
@@ -499,7 +492,6 @@ class BlockCache:
                 lambda: store.publish_block(staging, path, index, data, digest, fsync=self.fsync)
             )
         except OSError as exc:
-            self.stats.publish_failures += 1
             log.warning("could not cache block %d of %s: %s", index, meta.cache_key, exc)
             self._evict_wakeup.set()
             return
@@ -531,8 +523,12 @@ class BlockCache:
                 if self.index.last_totals.bytes > self.capacity:
                     # Down to a low-water mark, so eviction runs in bursts
                     # rather than one block per publish.
-                    evicted = await self.index.evict_to(int(self.capacity * 0.95))
-                    self.stats.evictions += evicted
+                    evicted, recent = await self.index.evict_to(int(self.capacity * 0.95))
+                    self.metrics.evictions.inc(evicted)
+                    self.metrics.evicted_recent.inc(recent)
+                totals = self.index.last_totals
+                self.metrics.cache_size.set(totals.bytes)
+                self.metrics.cache_blocks.set(totals.blocks)
             except Exception:
                 log.exception("cache maintenance failed; retrying")
                 await asyncio.sleep(FLUSH_INTERVAL)

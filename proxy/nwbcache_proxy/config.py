@@ -62,6 +62,7 @@ class Settings:
     retry_base_delay: float = 0.2
     fsync: bool = False
     log_level: str = "info"
+    log_format: str = "text"
     dandi_api_url: str = "https://api.dandiarchive.org/api"
 
     @property
@@ -83,6 +84,8 @@ class Settings:
             raise ValueError("--workers must be at least 1")
         if self.retry_attempts < 1:
             raise ValueError("--retry-attempts must be at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
         if self.max_upstream_connections < 1:
             raise ValueError("--max-upstream-connections must be at least 1")
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
@@ -217,6 +220,13 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option(
         "log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"
+    ),
+    _Option(
+        "log_format",
+        "--log-format",
+        str,
+        "text or json, one line per event (default text)",
+        "FORMAT",
     ),
     _Option(
         "dandi_api_url",

@@ -62,6 +62,9 @@ UPSERT = (
 # How many rows one eviction transaction removes: bounded work per step, so
 # other processes' writes are never locked out for long (diskcache's cull_limit).
 EVICT_BATCH = 256
+# An evicted block used more recently than this means the cache is too small
+# for the working set (the "thrashing" alert counts these).
+RECENT_USE = 600.0
 # Pending index writes are flushed at this interval or at this many entries.
 FLUSH_INTERVAL = 1.0
 FLUSH_MAX_PENDING = 2000
@@ -174,14 +177,17 @@ class CacheIndex:
         self.last_totals = await self._run(self._totals_sync)
         return self.last_totals
 
-    async def evict_to(self, target_bytes: int) -> int:
+    async def evict_to(self, target_bytes: int) -> tuple[int, int]:
         """Remove least-recently-used blocks until the index totals at most
-        ``target_bytes``. Returns how many blocks were evicted."""
+        ``target_bytes``. Returns how many blocks were evicted, and how many of
+        them had been used within RECENT_USE seconds (a sign of thrashing)."""
         await self.flush()
         return await self._run(lambda: self._evict_sync(target_bytes))
 
-    def _evict_sync(self, target_bytes: int) -> int:
+    def _evict_sync(self, target_bytes: int) -> tuple[int, int]:
         evicted = 0
+        recent = 0
+        recent_after = time.time() - RECENT_USE
         while True:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -189,7 +195,7 @@ class CacheIndex:
                 if total <= target_bytes:
                     break
                 rows = self.conn.execute(
-                    "SELECT path, bytes FROM blocks ORDER BY atime LIMIT ?", (EVICT_BATCH,)
+                    "SELECT path, atime FROM blocks ORDER BY atime LIMIT ?", (EVICT_BATCH,)
                 ).fetchall()
                 if not rows:
                     break
@@ -197,11 +203,12 @@ class CacheIndex:
                 # then never count the same block twice, and a crash in
                 # between leaves only orphan files that reconcile re-adds.
                 self.conn.executemany("DELETE FROM blocks WHERE path = ?", [(r[0],) for r in rows])
-            for path, _nbytes in rows:
+            for path, atime in rows:
                 store.unlink_quietly(self._layout.root / path)
+                recent += atime >= recent_after
             evicted += len(rows)
         self.last_totals = self._totals_sync()
-        return evicted
+        return evicted, recent
 
     # -- repair ----------------------------------------------------------
     async def reconcile(self) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, redact_url, upstream_from_proxy_path
 
@@ -24,6 +25,7 @@ from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
 from .dandi_resolver import DandiResolver, parse_dandi_path
 from .errors import BadRequest, NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, Precondition, RangeOutcome
+from .metrics import Metrics
 from .objectmeta import ObjectMeta
 
 log = logging.getLogger("nwbcache.access")
@@ -31,6 +33,7 @@ log = logging.getLogger("nwbcache.access")
 CACHE_KEY: web.AppKey[BlockCache] = web.AppKey("cache", BlockCache)
 ALLOW_KEY: web.AppKey[AllowList] = web.AppKey("allow", AllowList)
 DANDI_KEY: web.AppKey[DandiResolver] = web.AppKey("dandi", DandiResolver)
+METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 SERVER_NAME = f"nwbcache/{__version__}"
 # Times a request starts over after finding that the object changed upstream
 # before any byte was sent (a second change in a row is answered with 503).
@@ -39,6 +42,10 @@ VERSION_RESTARTS = 1
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # Set when a response was cut short after its headers (for the access log).
 ABORTED_KEY = web.RequestKey("aborted", str)
+# Body bytes sent, counted where they are sent (sendfile bypasses aiohttp's count).
+SENT_KEY = web.RequestKey("sent", int)
+# Not client data traffic: left out of request metrics and the access log.
+INFRA_PATHS = frozenset({"/healthz", "/metrics"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,46 +59,87 @@ def error_response(status: int, message: str) -> web.Response:
     return web.Response(
         status=status,
         text=f"nwbcache: {message}\n",
-        headers={"Cache-Control": "no-store", "Server": SERVER_NAME},
+        headers={"Cache-Control": "no-store", "Server": SERVER_NAME, "X-Cache": "MISS"},
+    )
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, metrics and one access-log line per request."""
+    started = time.monotonic()
+    request_id = secrets.token_hex(6)
+    request[REQUEST_ID_KEY] = request_id
+    infra = request.path in INFRA_PATHS
+    metrics = request.app[METRICS_KEY]
+    if not infra:
+        metrics.inflight.inc()
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = 499  # client closed the request (nginx's convention)
+        raise
+    finally:
+        if not infra:
+            metrics.inflight.dec()
+            _observe(request, response, status, time.monotonic() - started, metrics)
+
+
+def _observe(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    status: int,
+    duration: float,
+    metrics: Metrics,
+) -> None:
+    x_cache = response.headers.get("X-Cache", "") if response is not None else ""
+    cache = x_cache.lower() if status < 300 and x_cache else "bypass"
+    method = request.method if request.method in ("GET", "HEAD") else "other"
+    metrics.requests.labels(method, str(status), cache).inc()
+    metrics.request_duration.observe(duration)
+    if isinstance(response, web.Response) and request.method != "HEAD":
+        sent = len(response.body) if isinstance(response.body, bytes) else 0
+    else:
+        sent = request.get(SENT_KEY, 0)
+    record = {
+        "request_id": request[REQUEST_ID_KEY],
+        "method": request.method,
+        "path": redact_url(request.raw_path),
+        "status": status,
+        "cache": x_cache or "-",
+        "bytes": sent,
+        "duration_ms": round(duration * 1000, 2),
+    }
+    aborted = request.get(ABORTED_KEY)
+    if aborted is not None:
+        record["aborted"] = aborted
+    log.log(
+        logging.WARNING if aborted else logging.INFO,
+        "%(request_id)s %(method)s %(path)s %(status)s %(cache)s %(bytes)dB "
+        "%(duration_ms).1fms%(tail)s",
+        {**record, "tail": f" cut short: {aborted}" if aborted else ""},
+        extra={"request": record},
     )
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    started = time.monotonic()
-    request_id = secrets.token_hex(6)
-    request[REQUEST_ID_KEY] = request_id
-    status: int | str = "?"
-    outcome = "-"
+    """The one place where the daemon's errors become HTTP responses."""
     try:
-        response = await handler(request)
-        status = response.status
-        outcome = response.headers.get("X-Cache", "-")
-        aborted = request.get(ABORTED_KEY)
-        if aborted is not None:
-            status = f"{status}-cut"
-            log.warning("%s response cut short: %s", request_id, aborted)
-        return response
+        return await handler(request)
     except ProxyError as exc:
-        status = exc.status
         return error_response(exc.status, exc.message)
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    except asyncio.CancelledError:
-        status = "cancelled"
-        raise
-    finally:
-        if request.path != "/healthz":
-            log.info(
-                "%s %s %s %s %s %.1fms",
-                request_id,
-                request.method,
-                redact_url(request.raw_path),
-                status,
-                outcome,
-                (time.monotonic() - started) * 1000,
-            )
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    body = request.app[METRICS_KEY].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -126,7 +174,14 @@ def _parse_target(request: web.Request) -> UpstreamURL:
 
 def _object_headers(meta: ObjectMeta) -> dict[str, str]:
     v = meta.version
-    headers = {"Accept-Ranges": "bytes", "Server": SERVER_NAME, "Content-Type": v.content_type}
+    # X-Cache: HIT for answers made from cached metadata alone (HEAD, 304,
+    # 416); a response with a body overwrites it with what its blocks were.
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Server": SERVER_NAME,
+        "Content-Type": v.content_type,
+        "X-Cache": "HIT",
+    }
     if v.etag:
         headers["ETag"] = v.etag
     if v.last_modified:
@@ -285,10 +340,14 @@ async def _send(request: web.Request, response: web.StreamResponse, reader: Rang
         async for segment in reader:
             if isinstance(segment, FileSegment):
                 await _send_file_segment(request, response, segment)
+                request[SENT_KEY] = request.get(SENT_KEY, 0) + segment.end - segment.start
             else:
                 await response.write(segment)
+                request[SENT_KEY] = request.get(SENT_KEY, 0) + len(segment)
             # A write into the socket buffer succeeds after the peer closed;
-            # stop before asking for (and maybe fetching) the next block.
+            # give the loop one turn to notice a close, and stop before asking
+            # for (and maybe fetching) the next block.
+            await asyncio.sleep(0)
             if request.transport is None or request.transport.is_closing():
                 raise ConnectionResetError("client went away")
     except ProxyError as exc:
@@ -337,6 +396,7 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 def build_routes(app: web.Application) -> None:
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/", index_page)
     app.router.add_route("*", "/dandi/{tail:.+}", dandi)
     app.router.add_route("*", "/{tail:.+}", proxy)

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from urllib.parse import urljoin
@@ -34,6 +32,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .metrics import Metrics
 from .objectmeta import ObjectVersion
 from .retry import RetryBudget, RetryPolicy, RetryReason, parse_retry_after
 from .validate import accept_range_response, check_status, version_from_headers
@@ -46,16 +45,6 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A stream that keeps making progress may be resumed more often than
 # max_attempts, but never endlessly (a server cutting every body at 1 byte).
 _MAX_RESUMES_FACTOR = 4
-
-
-@dataclasses.dataclass(slots=True)
-class UpstreamStats:
-    """Counters read by the status endpoints and, later, by metrics."""
-
-    requests: Counter[str] = dataclasses.field(default_factory=Counter)
-    retries: Counter[str] = dataclasses.field(default_factory=Counter)
-    bytes: int = 0
-    first_byte_seconds_sum: float = 0.0
 
 
 def make_session(
@@ -91,6 +80,7 @@ class Upstream:
         budget: RetryBudget,
         *,
         first_byte_timeout: float,
+        metrics: Metrics,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._session = session
@@ -99,7 +89,7 @@ class Upstream:
         self._budget = budget
         self._first_byte_timeout = first_byte_timeout
         self._rng = rng
-        self.stats = UpstreamStats()
+        self.metrics = metrics
 
     # -- public operations ---------------------------------------------------
     async def discover(self, url: UpstreamURL, first_len: int) -> tuple[ObjectVersion, bytes]:
@@ -138,14 +128,14 @@ class Upstream:
                     accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
                     async for chunk in _body(resp, accepted.skip, accepted.length):
                         pos += len(chunk)
-                        self.stats.bytes += len(chunk)
+                        self.metrics.upstream_bytes.inc(len(chunk))
                         yield chunk
                     if pos < end:
                         raise RetryableFault(
                             f"body ended at {pos}, {end - pos} bytes short",
                             reason=RetryReason.SHORT_BODY,
                         )
-                self.stats.requests["ok"] += 1
+                self.metrics.upstream_requests.labels("ok").inc()
             except RetryableFault as fault:
                 if pos > progress_before:
                     retries = 0  # progress was made: resume with a fresh count
@@ -164,10 +154,10 @@ class Upstream:
             data = bytearray()
             async for chunk in _body(resp, accepted.skip, accepted.length):
                 data += chunk
-            self.stats.bytes += len(data)
+            self.metrics.upstream_bytes.inc(len(data))
             if len(data) < accepted.length:
                 raise RetryableFault("first block cut short", reason=RetryReason.SHORT_BODY)
-            self.stats.requests["ok"] += 1
+            self.metrics.upstream_requests.labels("ok").inc()
             return accepted.version, bytes(data)
 
     async def _discover_empty(
@@ -182,7 +172,7 @@ class Upstream:
                 raise RetryableFault(
                     "object changed while discovering it", reason=RetryReason.SERVER_ERROR
                 )
-            self.stats.requests["ok"] += 1
+            self.metrics.upstream_requests.labels("ok").inc()
             return version_from_headers(plain.headers, 0), b""
 
     @contextlib.asynccontextmanager
@@ -210,7 +200,7 @@ class Upstream:
                 raise RetryableFault(
                     f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
                 ) from None
-            self.stats.first_byte_seconds_sum += time.monotonic() - started
+            self.metrics.upstream_first_byte.observe(time.monotonic() - started)
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 location = resp.headers["Location"]
                 resp.release()
@@ -243,14 +233,14 @@ class Upstream:
     async def _before_retry(self, fault: RetryableFault, retries: int, url: UpstreamURL) -> int:
         """Sleep before the next attempt, or raise when attempts or budget are spent.
         Returns the budget cost taken."""
-        self.stats.requests[f"fault_{fault.reason}"] += 1
+        self.metrics.upstream_requests.labels(fault.reason).inc()
         if not self._policy.should_retry(retries + 1):
             raise self._give_up(fault, url)
         reason = RetryReason(fault.reason)
         cost = self._budget.try_acquire(reason)
         if cost is None:
             raise self._give_up(fault, url, budget=True)
-        self.stats.retries[fault.reason] += 1
+        self.metrics.upstream_retries.labels(fault.reason).inc()
         delay = self._policy.delay(retries, self._rng, fault.retry_after)
         log.info("retrying %s in %.2fs: %s", redact_url(url.url), delay, fault)
         await asyncio.sleep(delay)
@@ -261,7 +251,6 @@ class Upstream:
     ) -> ProxyError:
         why = "retry budget exhausted" if budget else "retries exhausted"
         message = f"upstream {url.netloc} failed ({why}): {fault}"
-        self.stats.requests["failed"] += 1
         if fault.reason == RetryReason.TIMEOUT:
             return UpstreamTimeout(message)
         return UpstreamUnavailable(message)

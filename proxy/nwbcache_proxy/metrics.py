@@ -1,0 +1,134 @@
+"""Prometheus metrics of the daemon.
+
+Names are a public interface (dashboards and alerts in deploy/ use them).
+Label values are bounded sets: never a URL, a path or a client address.
+
+With ``--workers N`` the processes share one ``PROMETHEUS_MULTIPROC_DIR``
+(set by the CLI before prometheus_client is imported, which is when the
+library picks its storage) and ``/metrics`` in any worker reports the sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# From a loopback hit (~0.1 ms) to a slow WAN miss of a large range (~minutes).
+DURATION_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+)  # fmt: skip
+FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 30)
+
+CACHE_LABELS = ("hit", "miss", "partial", "bypass")
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "nwbcache_requests_total",
+            "Client requests answered, by method, status and cache outcome.",
+            ["method", "status", "cache"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "nwbcache_request_duration_seconds",
+            "Time from request to the last byte of the response.",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.served_bytes = Counter(
+            "nwbcache_served_bytes_total",
+            "Body bytes sent to clients, by where they came from.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "nwbcache_upstream_requests_total",
+            "Upstream requests, by outcome (ok, or the fault that ended the attempt).",
+            ["outcome"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "nwbcache_upstream_bytes_total", "Body bytes received from upstream.", registry=r
+        )
+        self.upstream_retries = Counter(
+            "nwbcache_upstream_retries_total",
+            "Upstream retries, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.upstream_first_byte = Histogram(
+            "nwbcache_upstream_first_byte_seconds",
+            "Time to upstream response headers.",
+            buckets=FIRST_BYTE_BUCKETS,
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "nwbcache_cache_size_bytes",
+            "Bytes of cached blocks on disk (from the shared index).",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.cache_capacity = Gauge(
+            "nwbcache_cache_capacity_bytes",
+            "The --cache-size bound.",
+            multiprocess_mode="max",
+            registry=r,
+        )
+        self.cache_blocks = Gauge(
+            "nwbcache_cache_blocks",
+            "Cached blocks on disk (from the shared index).",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "nwbcache_cache_evictions_total", "Blocks evicted to stay under capacity.", registry=r
+        )
+        self.evicted_recent = Counter(
+            "nwbcache_cache_evictions_recent_total",
+            "Evicted blocks that had been used in the last 10 minutes (thrashing).",
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "nwbcache_coalesced_requests_total",
+            "Reads that joined a fetch already in flight instead of going upstream.",
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "nwbcache_inflight_requests",
+            "Client requests being answered now.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        """The text format of every metric, summed over workers when there are several."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (in-flight requests) from the sums."""
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
