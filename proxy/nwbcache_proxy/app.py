@@ -8,12 +8,10 @@ apps as they like.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -24,8 +22,7 @@ from .config import Settings, describe
 from .dandi_resolver import DandiResolver
 from .index import CacheIndex
 from .layout import Layout
-from .logs import configure_logging
-from .metrics import Metrics, mark_worker_dead
+from .metrics import Metrics
 from .retry import RetryBudget, RetryPolicy
 from .server import (
     ALLOW_KEY,
@@ -128,64 +125,7 @@ def _bound_address(site: web.BaseSite) -> tuple[str, int]:
 
 
 def run(settings: Settings) -> int:
-    configure_logging(settings.log_level, settings.log_format)
-    if settings.workers == 1:
-        asyncio.run(serve_forever(settings))
-        return 0
-    return _run_workers(settings)
+    """Kept for callers that import it from here; see runner.run."""
+    from .runner import run as run_daemon
 
-
-def _listen_socket(settings: Settings) -> socket.socket:
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
-
-def _run_workers(settings: Settings) -> int:
-    """Pre-fork: the parent binds once and supervises; each child serves the
-    shared socket with its own loop, session and index connection, and all
-    share the cache directory (safe by design: see docs/on-disk-format.md)."""
-    sock = _listen_socket(settings)
-    children: dict[int, int] = {}
-    stopping = False
-
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # child
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                asyncio.run(serve_forever(settings, sock))
-            finally:
-                os._exit(0)
-        children[pid] = slot
-
-    def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for slot in range(settings.workers):
-        spawn(slot)
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        slot = children.pop(pid, -1)
-        mark_worker_dead(pid)
-        if slot >= 0 and not stopping:
-            log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
-            time.sleep(0.5)
-            spawn(slot)
-    return 0
+    return run_daemon(settings)

@@ -1,0 +1,102 @@
+"""Run the daemon: one process, or a supervisor with pre-forked workers.
+
+Imports the app (and with it prometheus_client) only after deciding how many
+processes there are: with ``--workers N`` every worker must record metrics in
+one shared ``PROMETHEUS_MULTIPROC_DIR``, and prometheus_client picks its
+storage when it is first imported. Nothing else here touches aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+from .config import Settings
+from .logs import configure_logging
+
+log = logging.getLogger("nwbcache")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def run(settings: Settings) -> int:
+    configure_logging(settings.log_level, settings.log_format)
+    if settings.workers == 1:
+        from .app import serve_forever
+
+        asyncio.run(serve_forever(settings))
+        return 0
+    own_dir = MULTIPROC_ENV not in os.environ
+    if own_dir:
+        os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="nwbcache-metrics-")
+    try:
+        return _run_workers(settings)
+    finally:
+        if own_dir:
+            shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
+
+
+def _listen_socket(settings: Settings) -> socket.socket:
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_workers(settings: Settings) -> int:
+    """Pre-fork: the parent binds once and supervises; each child serves the
+    shared socket with its own loop, session and index connection, and all
+    share the cache directory (safe by design: see docs/on-disk-format.md)."""
+    from .app import serve_forever
+    from .metrics import mark_worker_dead
+
+    sock = _listen_socket(settings)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                asyncio.run(serve_forever(settings, sock))
+            finally:
+                os._exit(0)
+        children[pid] = slot
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(settings.workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, -1)
+        mark_worker_dead(pid)
+        if slot >= 0 and not stopping:
+            log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
+            time.sleep(0.5)
+            spawn(slot)
+    return 0
