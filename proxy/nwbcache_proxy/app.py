@@ -29,10 +29,12 @@ from .server import (
     CACHE_KEY,
     DANDI_KEY,
     METRICS_KEY,
+    STATUS_KEY,
     build_routes,
     error_middleware,
     observe_middleware,
 )
+from .status import StatusTracker
 from .upstream import Upstream, make_session
 
 log = logging.getLogger("nwbcache")
@@ -84,9 +86,13 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     await cache.start()
     app[CACHE_KEY] = cache
     app[DANDI_KEY] = DandiResolver(session, settings.dandi_api_url, settings.allow_list)
+    tracker = StatusTracker(app[METRICS_KEY], index, layout)
+    app[STATUS_KEY] = tracker
+    snapshots = asyncio.create_task(tracker.run())
     try:
         yield
     finally:
+        snapshots.cancel()
         await cache.close()
         await session.close()
         await index.close()

@@ -210,6 +210,20 @@ class CacheIndex:
         self.last_totals = self._totals_sync()
         return evicted, recent
 
+    async def top_objects(self, limit: int) -> list[tuple[str, int, int]]:
+        """(version dir, bytes, blocks) of the objects taking most of the cache."""
+        await self.flush()
+
+        def query() -> list[tuple[str, int, int]]:
+            rows = self.conn.execute(
+                "SELECT object, SUM(bytes), COUNT(*) FROM blocks GROUP BY object "
+                "ORDER BY 2 DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
+
+        return await self._run(query)
+
     # -- repair ----------------------------------------------------------
     async def reconcile(self) -> tuple[int, int] | None:
         """Make the index agree with the files. Returns (added, removed), or

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, redact_url, upstream_from_proxy_path
 
-from . import __version__, httprange
+from . import __version__, httprange, status
 from .blockfile import HEADER_SIZE
 from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
 from .dandi_resolver import DandiResolver, parse_dandi_path
@@ -34,6 +34,7 @@ CACHE_KEY: web.AppKey[BlockCache] = web.AppKey("cache", BlockCache)
 ALLOW_KEY: web.AppKey[AllowList] = web.AppKey("allow", AllowList)
 DANDI_KEY: web.AppKey[DandiResolver] = web.AppKey("dandi", DandiResolver)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+STATUS_KEY: web.AppKey[status.StatusTracker] = web.AppKey("status", status.StatusTracker)
 SERVER_NAME = f"nwbcache/{__version__}"
 # Times a request starts over after finding that the object changed upstream
 # before any byte was sent (a second change in a row is answered with 503).
@@ -45,7 +46,7 @@ ABORTED_KEY = web.RequestKey("aborted", str)
 # Body bytes sent, counted where they are sent (sendfile bypasses aiohttp's count).
 SENT_KEY = web.RequestKey("sent", int)
 # Not client data traffic: left out of request metrics and the access log.
-INFRA_PATHS = frozenset({"/healthz", "/metrics"})
+INFRA_PATHS = frozenset({"/", "/healthz", "/metrics", "/status.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -146,15 +147,16 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
 
 
-async def index_page(request: web.Request) -> web.Response:
-    return web.Response(
-        text=(
-            f"{SERVER_NAME}: a caching range proxy for S3 objects.\n"
-            "GET /<scheme>/<host>[:<port>]/<path> serves <scheme>://<host>/<path> from the cache.\n"
-            "GET /dandi/<dandiset>/<version>/<path> serves a DANDI asset by its path.\n"
-            "GET /healthz tells whether the daemon serves.\n"
-        )
-    )
+async def status_page(request: web.Request) -> web.Response:
+    """Plain HTML for labs without Grafana; readable on a phone."""
+    report = await request.app[STATUS_KEY].report()
+    return web.Response(text=status.render_html(report), content_type="text/html")
+
+
+async def status_json(request: web.Request) -> web.Response:
+    """What ``nwbcache status`` prints."""
+    report = await request.app[STATUS_KEY].report()
+    return web.Response(text=status.dumps(report), content_type="application/json")
 
 
 def _parse_target(request: web.Request) -> UpstreamURL:
@@ -397,6 +399,7 @@ def build_routes(app: web.Application) -> None:
     app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
-    app.router.add_get("/", index_page)
+    app.router.add_get("/", status_page)
+    app.router.add_get("/status.json", status_json)
     app.router.add_route("*", "/dandi/{tail:.+}", dandi)
     app.router.add_route("*", "/{tail:.+}", proxy)

@@ -1,0 +1,261 @@
+"""The status report behind ``GET /``, ``GET /status.json`` and ``nwbcache status``.
+
+For labs without Grafana: the same figures as the dashboard, now and over
+the last hour, and the objects that take most of the cache. History is a
+ring of snapshots of this process's view of the metrics (summed over
+workers when there are several), taken every SNAPSHOT_INTERVAL seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import html
+import json
+import time
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from . import __version__, store
+from .index import CacheIndex
+from .layout import Layout
+from .metrics import Metrics
+from .sizes import format_size
+
+SNAPSHOT_INTERVAL = 10.0
+HOUR = 3600.0
+TOP_OBJECTS = 10
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    at: float
+    values: dict[str, float]
+
+
+def summarize(exposition: bytes) -> dict[str, float]:
+    """The figures the status page shows, summed from the metrics text. Pure."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for family in text_string_to_metric_families(exposition.decode()):
+        for s in family.samples:
+            name, labels = s.name, s.labels
+            if name == "nwbcache_requests_total":
+                out["requests"] += s.value
+                out[f"requests_{labels.get('cache', 'bypass')}"] += s.value
+                if labels.get("status", "").startswith("5"):
+                    out["requests_5xx"] += s.value
+            elif name == "nwbcache_served_bytes_total":
+                out[f"served_{labels.get('source', 'cache')}"] += s.value
+            elif name == "nwbcache_upstream_requests_total":
+                out["upstream_requests"] += s.value
+                if labels.get("outcome") != "ok":
+                    out["upstream_errors"] += s.value
+            elif name in (
+                "nwbcache_upstream_bytes_total",
+                "nwbcache_upstream_retries_total",
+                "nwbcache_cache_evictions_total",
+                "nwbcache_cache_evictions_recent_total",
+                "nwbcache_coalesced_requests_total",
+                "nwbcache_cache_size_bytes",
+                "nwbcache_cache_capacity_bytes",
+                "nwbcache_cache_blocks",
+                "nwbcache_inflight_requests",
+            ):
+                out[name.removeprefix("nwbcache_").removesuffix("_total")] += s.value
+    return dict(out)
+
+
+def _delta(now: Snapshot, then: Snapshot | None, key: str) -> float:
+    return now.values.get(key, 0.0) - (then.values.get(key, 0.0) if then else 0.0)
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole > 0 else None
+
+
+def window(now: Snapshot, then: Snapshot | None) -> dict[str, Any]:
+    """Counters as increases between two snapshots (then=None: since start). Pure."""
+    served_cache = _delta(now, then, "served_cache")
+    served_upstream = _delta(now, then, "served_upstream")
+    requests = _delta(now, then, "requests")
+    hits = _delta(now, then, "requests_hit")
+    return {
+        "seconds": now.at - then.at if then else None,
+        "requests": requests,
+        "hit_ratio_requests": _ratio(hits, requests - _delta(now, then, "requests_bypass")),
+        "hit_ratio_bytes": _ratio(served_cache, served_cache + served_upstream),
+        "served_from_cache_bytes": served_cache,
+        "served_from_upstream_bytes": served_upstream,
+        "upstream_bytes": _delta(now, then, "upstream_bytes"),
+        "upstream_requests": _delta(now, then, "upstream_requests"),
+        "upstream_errors": _delta(now, then, "upstream_errors"),
+        "upstream_retries": _delta(now, then, "upstream_retries"),
+        "server_errors": _delta(now, then, "requests_5xx"),
+        "evictions": _delta(now, then, "cache_evictions"),
+        "evictions_recent": _delta(now, then, "cache_evictions_recent"),
+        "coalesced": _delta(now, then, "coalesced_requests"),
+    }
+
+
+class StatusTracker:
+    def __init__(self, metrics: Metrics, index: CacheIndex, layout: Layout) -> None:
+        self._metrics = metrics
+        self._index = index
+        self._layout = layout
+        self._history: collections.deque[Snapshot] = collections.deque(
+            maxlen=int(HOUR / SNAPSHOT_INTERVAL) + 2
+        )
+        self.started = time.time()
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(time.time(), summarize(self._metrics.exposition()))
+
+    async def run(self) -> None:
+        while True:
+            self._history.append(self.snapshot())
+            await asyncio.sleep(SNAPSHOT_INTERVAL)
+
+    def _at_least(self, age: float, now: float) -> Snapshot | None:
+        """The newest snapshot at least ``age`` old, else the oldest one."""
+        chosen = None
+        for snap in self._history:
+            if now - snap.at >= age:
+                chosen = snap
+        return chosen if chosen is not None else (self._history[0] if self._history else None)
+
+    async def report(self) -> dict[str, Any]:
+        now = self.snapshot()
+        v = now.values
+        top = await self.top_objects()
+        return {
+            "version": __version__,
+            "uptime_seconds": now.at - self.started,
+            "cache": {
+                "size_bytes": v.get("cache_size_bytes", 0.0),
+                "capacity_bytes": v.get("cache_capacity_bytes", 0.0),
+                "blocks": v.get("cache_blocks", 0.0),
+                "fill": _ratio(v.get("cache_size_bytes", 0.0), v.get("cache_capacity_bytes", 0.0)),
+            },
+            "inflight_requests": v.get("inflight_requests", 0.0),
+            "last_minute": window(now, self._at_least(60, now.at)),
+            "last_hour": window(now, self._at_least(HOUR, now.at)),
+            "since_start": window(now, None),
+            "top_objects": top,
+        }
+
+    async def top_objects(self) -> list[dict[str, Any]]:
+        rows = await self._index.top_objects(TOP_OBJECTS)
+        result = []
+        for object_dir, nbytes, blocks in rows:
+            key_dir = self._layout.root / object_dir
+            meta = await asyncio.get_running_loop().run_in_executor(
+                None, store.read_meta, key_dir.parent / "meta.json"
+            )
+            url = meta.get("cache_key") if meta else None
+            result.append({"url": url or "(metadata gone)", "bytes": nbytes, "blocks": blocks})
+        return result
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x * 100:.1f} %"
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _b(x: float) -> str:
+    return format_size(int(x))
+
+
+ROWS: tuple[tuple[str, str, Any], ...] = (
+    ("Hit ratio (bytes)", "hit_ratio_bytes", _pct),
+    ("Hit ratio (requests)", "hit_ratio_requests", _pct),
+    ("Requests", "requests", _n),
+    ("Served from cache", "served_from_cache_bytes", _b),
+    ("Served from upstream", "served_from_upstream_bytes", _b),
+    ("Upstream bytes", "upstream_bytes", _b),
+    ("Upstream requests", "upstream_requests", _n),
+    ("Upstream errors", "upstream_errors", _n),
+    ("Upstream retries", "upstream_retries", _n),
+    ("Server errors (5xx)", "server_errors", _n),
+    ("Joined a fetch in flight", "coalesced", _n),
+    ("Evictions", "evictions", _n),
+    ("Evictions of recently used blocks", "evictions_recent", _n),
+)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    cache = report["cache"]
+    lines = [
+        f"nwbcache {report['version']}  up {report['uptime_seconds'] / 60:.0f} min",
+        f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
+        f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks; "
+        f"{_n(report['inflight_requests'])} requests in flight",
+        "",
+        f"{'':36} {'last minute':>14} {'last hour':>14}",
+    ]
+    for label, key, fmt in ROWS:
+        lines.append(
+            f"{label:36} {fmt(report['last_minute'][key]):>14} {fmt(report['last_hour'][key]):>14}"
+        )
+    lines += ["", "Objects taking most of the cache:"]
+    for obj in report["top_objects"] or [{"url": "(cache empty)", "bytes": 0, "blocks": 0}]:
+        lines.append(f"  {_b(obj['bytes']):>10}  {obj['blocks']:>7} blocks  {obj['url']}")
+    return "\n".join(lines) + "\n"
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1rem;max-width:52rem;color:#222}
+h1{font-size:1.3rem} h2{font-size:1.05rem;margin-top:1.5rem}
+table{border-collapse:collapse;width:100%}
+th,td{padding:.3rem .4rem;border-bottom:1px solid #ddd;text-align:right}
+th{text-align:left;font-weight:500}
+.url{text-align:left;word-break:break-all;font-size:.85rem}
+.bar{background:#eee;height:.8rem;border-radius:.4rem}
+.bar>div{background:#2a7;height:100%;border-radius:.4rem}
+"""
+
+
+def render_html(report: dict[str, Any]) -> str:
+    e = html.escape
+    cache = report["cache"]
+    fill = cache["fill"] or 0.0
+    rows = "".join(
+        f"<tr><th>{e(label)}</th><td>{e(fmt(report['last_minute'][key]))}</td>"
+        f"<td>{e(fmt(report['last_hour'][key]))}</td></tr>"
+        for label, key, fmt in ROWS
+    )
+    objects = (
+        "".join(
+            f"<tr><td>{e(_b(o['bytes']))}</td><td>{o['blocks']}</td>"
+            f"<td class=url>{e(o['url'])}</td></tr>"
+            for o in report["top_objects"]
+        )
+        or "<tr><td colspan=3>(cache empty)</td></tr>"
+    )
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<meta http-equiv=refresh content=30>
+<title>nwbcache status</title>
+<style>{STYLE}</style></head><body>
+<h1>nwbcache {e(report["version"])}</h1>
+<p>Cache: <b id=cache-size>{e(_b(cache["size_bytes"]))}</b>
+of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
+{e(_n(cache["blocks"]))} blocks; {e(_n(report["inflight_requests"]))} requests in flight;
+up {report["uptime_seconds"] / 60:.0f} min.</p>
+<div class=bar><div style="width:{min(fill, 1.0) * 100:.1f}%"></div></div>
+<h2>Traffic</h2>
+<table id=traffic><tr><th></th><th>last minute</th><th>last hour</th></tr>{rows}</table>
+<h2>Objects taking most of the cache</h2>
+<table id=objects><tr><th>size</th><th>blocks</th><th class=url>object</th></tr>{objects}</table>
+<p><a href="/metrics">metrics</a> · <a href="/status.json">status.json</a></p>
+</body></html>
+"""
+
+
+def dumps(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2)

@@ -1,0 +1,89 @@
+"""The status page (GET /, /status.json) against a workload of known shape."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from conftest import proxied
+from daemons import DaemonThread
+from nwbcache_proxy import status
+from s3emu import S3Emulator
+
+BS = 64 * 1024
+A, B = os.urandom(8 * BS), os.urandom(3 * BS)
+
+
+@pytest.fixture
+def busy_daemon(origin: S3Emulator, make_daemon: Callable[..., DaemonThread]) -> DaemonThread:
+    origin.put("/bucket/a", A)
+    origin.put("/bucket/b", B)
+    daemon = make_daemon(block_size=BS, cache_size=100 * BS)
+    assert requests.get(proxied(daemon.url, origin, "/bucket/a"), timeout=30).content == A  # cold
+    assert requests.get(proxied(daemon.url, origin, "/bucket/b"), timeout=30).content == B  # cold
+    for _ in range(3):  # warm: 3 × A
+        assert requests.get(proxied(daemon.url, origin, "/bucket/a"), timeout=30).content == A
+    time.sleep(1.5)  # a maintenance pass updates the cache size gauges
+    return daemon
+
+
+def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None:
+    report = requests.get(f"{busy_daemon.url}/status.json", timeout=30).json()
+    since = report["since_start"]
+    assert since["requests"] == 5
+    assert since["served_from_cache_bytes"] >= 3 * len(A)
+    assert since["served_from_cache_bytes"] + since["served_from_upstream_bytes"] == 4 * len(
+        A
+    ) + len(B)
+    assert since["upstream_bytes"] == len(A) + len(B)
+    assert since["hit_ratio_requests"] == pytest.approx(3 / 5)
+    assert report["cache"]["blocks"] == 11
+    assert report["cache"]["capacity_bytes"] == 100 * BS
+    top = report["top_objects"]
+    assert [o["blocks"] for o in top] == [8, 3]
+    assert top[0]["url"].endswith("/bucket/a") and top[1]["url"].endswith("/bucket/b")
+    # the last-hour window covers the whole workload too
+    assert report["last_hour"]["requests"] == 5
+
+
+def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None:
+    r = requests.get(f"{busy_daemon.url}/", timeout=30)
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/html")
+    page = r.text
+    assert "name=viewport" in page
+    assert "Hit ratio (bytes)" in page
+    assert "/bucket/a" in page
+    assert "11 blocks" in page
+
+
+def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
+    report = requests.get(f"{busy_daemon.url}/status.json", timeout=30).json()
+    text = status.render_text(report)
+    for label, _key, _fmt in status.ROWS:
+        assert label in text
+    assert "/bucket/a" in text
+
+
+def test_summarize_reads_metrics_text() -> None:
+    text = b"""# TYPE nwbcache_requests_total counter
+nwbcache_requests_total{method="GET",status="200",cache="hit"} 3.0
+nwbcache_requests_total{method="GET",status="502",cache="bypass"} 2.0
+# TYPE nwbcache_served_bytes_total counter
+nwbcache_served_bytes_total{source="cache"} 300.0
+nwbcache_served_bytes_total{source="upstream"} 100.0
+# TYPE nwbcache_upstream_requests_total counter
+nwbcache_upstream_requests_total{outcome="ok"} 4.0
+nwbcache_upstream_requests_total{outcome="throttled"} 1.0
+"""
+    v = status.summarize(text)
+    assert v["requests"] == 5 and v["requests_hit"] == 3 and v["requests_5xx"] == 2
+    assert v["served_cache"] == 300 and v["served_upstream"] == 100
+    assert v["upstream_requests"] == 5 and v["upstream_errors"] == 1
+    w = status.window(status.Snapshot(10, v), None)
+    assert w["hit_ratio_bytes"] == 0.75
+    assert w["hit_ratio_requests"] == 1.0  # 3 hits of 3 requests that could hit
