@@ -202,3 +202,30 @@ def test_wrong_etag_header_mid_read_is_detected(
     except requests.exceptions.RequestException:
         pass
     assert _get(url).content == DATA
+
+
+def test_failure_before_any_byte_is_a_status_not_a_cut_body(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    origin.put(KEY, DATA)
+    daemon = make_daemon(block_size=BS, retry_attempts=2)
+    url = proxied(daemon.url, origin, KEY)
+    assert _get(url, "bytes=0-0").status_code == 206  # object known, block 0 cached
+    origin.inject(Fault.INTERNAL_ERROR, count=100, method="GET")
+    r = _get(url, f"bytes={5 * BS}-{5 * BS + 99}")
+    assert r.status_code == 502
+    assert r.text.startswith("nwbcache:")
+
+
+def test_version_change_before_headers_restarts_on_the_new_version(
+    setup: tuple[S3Emulator, DaemonThread, str],
+) -> None:
+    origin, _daemon, url = setup
+    assert _get(url, "bytes=0-0").content == DATA[:1]  # version A known
+    new = os.urandom(len(DATA))
+    new_etag = origin.put(KEY, new)
+    r = _get(url, f"bytes={3 * BS}-{3 * BS + 99}")  # a cold block: If-Match fails with 412
+    assert r.status_code == 206
+    assert r.content == new[3 * BS : 3 * BS + 100]
+    assert r.headers["ETag"] == new_etag
+    assert 412 in [e.status for e in origin.requests(KEY)]

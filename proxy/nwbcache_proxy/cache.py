@@ -256,6 +256,8 @@ class BlockCache:
             meta, url, blocks.start, wanted_end=min(blocks.stop, blocks.start + window)
         )
         present = isinstance(first, OpenBlock)
+        if isinstance(first, InflightBlock):
+            await first.first_bytes()
         rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
         cached_rest = await self._present(meta, rest) if len(rest) else set()
         if present and len(cached_rest) == len(rest):

@@ -51,6 +51,18 @@ class InflightBlock:
         event, self._event = self._event, asyncio.Event()
         event.set()
 
+    async def first_bytes(self) -> None:
+        """Wait until bytes arrive; raise the fetch's error if it fails first.
+
+        Lets a response wait for upstream's first answer before sending its
+        own headers, so an unreachable upstream or a changed object becomes a
+        truthful status (or a clean restart) rather than a cut-short body.
+        """
+        while self.filled == 0 and not self.complete:
+            if self.error is not None:
+                raise self.error
+            await self._event.wait()
+
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the block, yielded as soon as they arrive."""
         pos = start
