@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import random
 import re
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,10 +34,11 @@ import pytest
 import requests
 
 from conftest import origin_host, proxied
-from daemons import DaemonProcess
+from daemons import REPO, DaemonProcess
 from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, decode_header
+from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
-from nwbcache_proxy.store import open_block
+from nwbcache_proxy.store import Staging, open_block
 from s3emu import LoggedRequest, S3Emulator
 
 K64 = 64 * 1024
@@ -52,8 +57,8 @@ Spawn = Callable[..., DaemonProcess]
 
 @pytest.fixture
 def spawn(origin: S3Emulator) -> Iterator[Spawn]:
-    """Start daemon processes in front of ``origin``; every one still alive is
-    stopped at teardown (SIGTERM, then SIGKILL if it does not exit)."""
+    """Start daemon processes in front of ``origin``; any still alive at teardown
+    (a test failed before stopping it) is killed: the tests assert clean exits."""
     started: list[DaemonProcess] = []
 
     def start(cache_dir: Path, *extra: str) -> DaemonProcess:
@@ -74,11 +79,7 @@ def spawn(origin: S3Emulator) -> Iterator[Spawn]:
 
     yield start
     for daemon in started:
-        if daemon.proc is None or daemon.proc.poll() is not None:
-            continue
-        try:
-            daemon.terminate()
-        except Exception:
+        if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill9()
 
 
@@ -367,8 +368,7 @@ def test_kill9_during_fetches_leaves_only_whole_blocks(
     assert staging_dirs(cache_dir, pid), "kill -9 should leave the staging dir behind"
 
     originals = by_cache_key(origin, objects)
-    check = verify_blocks(cache_dir, originals)  # as the crash left them
-    assert check.verified + check.orphans == len(survivors)
+    verify_blocks(cache_dir, originals)  # as the crash left them
     warm = {key: current_blocks(cache_dir, origin, key) for key in objects}
 
     origin.bandwidth = None
@@ -443,12 +443,13 @@ def test_eviction_keeps_cache_bounded_and_lru(
         body, _ = get_all(proxied(daemon.url, origin, key))
         assert body == objects[key]
 
-    # Eviction starts when the indexed size exceeds the capacity and goes down
-    # to 95 %, once a second. Once reads stop, the next pass therefore brings
-    # the files to <= capacity; one more block file (64 KiB + header) is
-    # allowed for a block whose rename lands just after the pass that checked.
-    bound = capacity + K64 + HEADER_SIZE
-    wait_for(lambda: blk_bytes(cache_dir) <= bound, 10, f"block files <= {bound} B")
+    # No overshoot is allowed once the reads have stopped. The documented one
+    # (what is written between two passes, plus blocks in flight) exists only
+    # while blocks are being written. The index counts each block file at its
+    # size on disk, header included (meta.json is not counted, and neither is it
+    # here), and a pass runs at least once a second whenever the indexed total
+    # exceeds the capacity, so at rest the files total <= capacity.
+    wait_for(lambda: blk_bytes(cache_dir) <= capacity, 10, f"block files <= {capacity} B")
 
     newest, oldest = keys[-1], keys[0]
     since = time.monotonic()
@@ -501,7 +502,8 @@ def test_start_with_many_blocks_and_lost_index(
 
     def totals() -> tuple[int, int] | None:
         try:
-            with sqlite3.connect(f"file:{index}?mode=ro", uri=True, timeout=5) as conn:
+            uri = f"file:{index}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5)) as conn:
                 row = conn.execute("SELECT blocks, bytes FROM totals WHERE id = 0").fetchone()
         except sqlite3.Error:
             return None  # not created yet, or busy
@@ -511,6 +513,7 @@ def test_start_with_many_blocks_and_lost_index(
     for key, data in objects.items():
         body, outcome = get_all(proxied(daemon.url, origin, key))
         assert body == data
+        assert outcome == "HIT"
     assert requests_since(origin, since) == [], "blocks on disk were fetched again without an index"
     assert daemon.terminate() == 0
 
@@ -518,3 +521,92 @@ def test_start_with_many_blocks_and_lost_index(
 def _read_exact(url: str, data: bytes) -> None:
     body, _ = get_all(url)
     assert body == data
+
+
+# --------------------------------------------------------------------------- regressions
+
+
+def test_staging_dir_survives_a_daemon_starting_while_it_is_created(
+    spawn: Spawn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deterministic replay of the race between two daemons starting on one cache dir."""
+    cache_dir = tmp_path / "cache"
+    real_flock = fcntl.flock
+    raced: list[int] = []
+
+    def flock_after_another_daemon_started(fd: int, operation: int) -> None:
+        if not raced:  # the first lock taken: this process's own staging dir
+            raced.append(fd)
+            spawn(cache_dir).terminate()  # another daemon starts (and sweeps) right now
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_another_daemon_started)
+    staging = Staging(Layout(cache_dir))
+    monkeypatch.undo()
+    try:
+        assert raced, "Staging took no lock"
+        assert staging.path.is_dir(), "the staging dir of a live process was swept"
+        staging.temp_path().write_bytes(b"block")  # what publish_block and write_meta do next
+    finally:
+        staging.close()
+
+
+def test_eviction_stops_at_the_low_water_mark(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Just over capacity: a pass frees what is needed to reach 95 %, not everything."""
+    cache_dir = tmp_path / "cache"
+    capacity = 2 * 1024 * 1024
+    # 3 x 12 blocks = 2 222 304 B on disk: over capacity even while the last
+    # block is still being renamed, so the poll below waits for a real pass.
+    objects = put_objects(origin, "lowwater", [740_000] * 3)
+    daemon = spawn(cache_dir, "--block-size", "64K", "--cache-size", "2M")
+    for key, data in objects.items():
+        body, _ = get_all(proxied(daemon.url, origin, key))
+        assert body == data
+    wait_for(lambda: blk_bytes(cache_dir) <= capacity, 10, "an eviction pass")
+    # Evicting LRU blocks until the total is <= 95 % overshoots by less than one block.
+    low_water = int(capacity * 0.95) - (K64 + HEADER_SIZE)
+    assert blk_bytes(cache_dir) >= low_water, "eviction went far below its low-water mark"
+
+
+def test_sigterm_while_a_worker_is_being_restarted_stops_the_daemon(tmp_path: Path) -> None:
+    """The first workers die at start-up (staging is a file); SIGTERM lands in the restart pause."""
+    cache_dir = tmp_path / "cache"
+    staging = cache_dir / "v1" / "staging"
+    staging.parent.mkdir(parents=True)
+    staging.write_text("")  # not a directory: Staging() fails, so the worker exits
+    cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0"]
+    cmd += ["--cache-dir", str(cache_dir), "--allow-upstream", "127.0.0.1:9", "--workers", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        start_new_session=True,
+    )
+    restarting = threading.Event()
+
+    def watch() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "restarting" in line:
+                restarting.set()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert restarting.wait(20), "no worker died at start-up"
+        staging.unlink()  # the re-spawned worker will start fine
+        os.killpg(proc.pid, signal.SIGTERM)  # the parent logs, then sleeps 0.5 s: we are in it
+        try:
+            code: int | None = proc.wait(10)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0, "the daemon did not exit within 10 s of SIGTERM"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        watcher.join(5)

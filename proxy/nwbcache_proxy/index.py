@@ -194,11 +194,20 @@ class CacheIndex:
                 total = self._totals_sync().bytes
                 if total <= target_bytes:
                     break
-                rows = self.conn.execute(
-                    "SELECT path, atime FROM blocks ORDER BY atime LIMIT ?", (EVICT_BATCH,)
+                candidates = self.conn.execute(
+                    "SELECT path, bytes, atime FROM blocks ORDER BY atime LIMIT ?",
+                    (EVICT_BATCH,),
                 ).fetchall()
-                if not rows:
+                if not candidates:
                     break
+                # Only as many as it takes to reach the target: a batch is a
+                # bound on work, not an amount to evict.
+                rows = []
+                for path, nbytes, atime in candidates:
+                    rows.append((path, atime))
+                    total -= nbytes
+                    if total <= target_bytes:
+                        break
                 # Delete rows first, files after commit: two evicting processes
                 # then never count the same block twice, and a crash in
                 # between leaves only orphan files that reconcile re-adds.

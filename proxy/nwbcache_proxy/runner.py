@@ -69,10 +69,15 @@ def _run_workers(settings: Settings) -> int:
         if pid == 0:  # child
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 0
             try:
                 asyncio.run(serve_forever(settings, sock))
+            except BaseException:
+                log.exception("worker %d failed", slot)
+                code = 1
             finally:
-                os._exit(0)
+                logging.shutdown()
+                os._exit(code)
         children[pid] = slot
 
     def stop(_signum: int, _frame: object) -> None:
@@ -98,5 +103,6 @@ def _run_workers(settings: Settings) -> int:
         if slot >= 0 and not stopping:
             log.warning("worker %d (pid %d) exited with %d; restarting", slot, pid, status)
             time.sleep(0.5)
-            spawn(slot)
+            if not stopping:  # a SIGTERM during the pause must not be lost on a new child
+                spawn(slot)
     return 0

@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,15 @@ class Staging:
     def __init__(self, layout: Layout) -> None:
         self._layout = layout
         layout.staging.mkdir(parents=True, exist_ok=True)
-        self.path = layout.staging / f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.path.mkdir()
-        self._lock_fd = os.open(self.path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # Created and locked under a dot-name, then renamed into place: a
+        # daemon sweeping at the same moment never sees it unlocked.
+        nascent = layout.staging / f"{NASCENT_PREFIX}{name}"
+        nascent.mkdir()
+        self._lock_fd = os.open(nascent / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = layout.staging / name
+        os.rename(nascent, self.path)
 
     def temp_path(self) -> Path:
         return self.path / f"{secrets.token_hex(8)}.tmp"
@@ -71,6 +77,11 @@ class Staging:
             os.close(self._lock_fd)
 
 
+# Staging dirs still being set up; swept only when this old (a crash mid-set-up).
+NASCENT_PREFIX = "."
+NASCENT_GRACE = 3600.0
+
+
 def sweep_leftovers(layout: Layout) -> int:
     """Remove staging dirs of dead processes and anything left in trash.
 
@@ -79,6 +90,8 @@ def sweep_leftovers(layout: Layout) -> int:
     """
     removed = 0
     for entry in _scandir(layout.staging):
+        if entry.name.startswith(NASCENT_PREFIX) and not _older_than(entry, NASCENT_GRACE):
+            continue
         lock = Path(entry.path) / ".lock"
         try:
             fd = os.open(lock, os.O_RDWR)
@@ -99,6 +112,13 @@ def sweep_leftovers(layout: Layout) -> int:
         shutil.rmtree(entry.path, ignore_errors=True)
         removed += 1
     return removed
+
+
+def _older_than(entry: os.DirEntry[str], seconds: float) -> bool:
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > seconds
+    except FileNotFoundError:
+        return False
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:
