@@ -55,7 +55,8 @@ def test_counters_match_a_known_workload(
     time.sleep(1.5)  # one maintenance pass: cache size gauges
     m = scrape(daemon.url)
 
-    assert value(m, "nwbcache_served_bytes_total", source="cache") >= warm_bytes
+    assert value(m, "nwbcache_served_bytes_total", source="cache") == warm_bytes
+    assert value(m, "nwbcache_served_bytes_total", source="upstream") == len(DATA)
     served = value(m, "nwbcache_served_bytes_total", source="cache") + value(
         m, "nwbcache_served_bytes_total", source="upstream"
     )

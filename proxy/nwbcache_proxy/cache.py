@@ -128,6 +128,9 @@ class BlockCache:
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
         self._verified: BoundedLRU[str, int] = BoundedLRU(VERIFIED_MEMORY)
         self._last_end: BoundedLRU[str, int] = BoundedLRU(4096)
+        # Version dirs whose block 0 was just fetched by a discovery: the next
+        # read of it counts as served from upstream (a miss), not a hit.
+        self._fresh_first: BoundedLRU[str, bool] = BoundedLRU(4096)
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -195,6 +198,7 @@ class BlockCache:
         self._meta.put(key, meta)
         if version.size > 0 and (self._inflight.get((self._vdir_key(meta), 0)) is None):
             await self._publish(meta, 0, first)
+            self._fresh_first.put(self._vdir_key(meta), True)
         return meta
 
     async def drop_version(self, meta: ObjectMeta) -> None:
@@ -255,7 +259,8 @@ class BlockCache:
         first = await self._acquire(
             meta, url, blocks.start, wanted_end=min(blocks.stop, blocks.start + window)
         )
-        present = isinstance(first, OpenBlock)
+        fresh = blocks.start == 0 and self._fresh_first.pop(self._vdir_key(meta)) is not None
+        present = isinstance(first, OpenBlock) and not fresh
         if isinstance(first, InflightBlock):
             await first.first_bytes()
         rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
@@ -271,7 +276,7 @@ class BlockCache:
             self._start_runs(meta, url, missing[: self.readahead_blocks])
         if sequential:
             self._prefetch(meta, url, blocks.stop, blocks.stop + self.readahead_blocks)
-        segments = self._segments(meta, url, start, end, blocks, first, window)
+        segments = self._segments(meta, url, start, end, blocks, first, window, fresh)
         return RangeReader(outcome, segments, first)
 
     async def _segments(
@@ -283,6 +288,7 @@ class BlockCache:
         blocks: range,
         first: OpenBlock | InflightBlock,
         window: int,
+        first_fresh: bool,
     ) -> AsyncIterator[Segment]:
         bs = self.block_size
         source: OpenBlock | InflightBlock | None = first
@@ -296,7 +302,8 @@ class BlockCache:
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
                 if isinstance(source, OpenBlock):
-                    self.metrics.served_bytes.labels("cache").inc(hi - lo)
+                    fresh = first_fresh and i == blocks.start
+                    self.metrics.served_bytes.labels("upstream" if fresh else "cache").inc(hi - lo)
                     yield FileSegment(source, lo, hi)
                 else:
                     async for chunk in source.chunks(lo, hi):

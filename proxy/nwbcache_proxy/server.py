@@ -46,7 +46,7 @@ ABORTED_KEY = web.RequestKey("aborted", str)
 # Body bytes sent, counted where they are sent (sendfile bypasses aiohttp's count).
 SENT_KEY = web.RequestKey("sent", int)
 # Not client data traffic: left out of request metrics and the access log.
-INFRA_PATHS = frozenset({"/", "/healthz", "/metrics", "/status.json"})
+INFRA_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/metrics", "/status.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -151,6 +151,11 @@ async def status_page(request: web.Request) -> web.Response:
     """Plain HTML for labs without Grafana; readable on a phone."""
     report = await request.app[STATUS_KEY].report()
     return web.Response(text=status.render_html(report), content_type="text/html")
+
+
+async def no_favicon(request: web.Request) -> web.Response:
+    """Browsers ask for it with every status page view; not a proxied path."""
+    return web.Response(status=404)
 
 
 async def status_json(request: web.Request) -> web.Response:
@@ -401,5 +406,6 @@ def build_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/", status_page)
     app.router.add_get("/status.json", status_json)
+    app.router.add_get("/favicon.ico", no_favicon)
     app.router.add_route("*", "/dandi/{tail:.+}", dandi)
     app.router.add_route("*", "/{tail:.+}", proxy)
