@@ -1,18 +1,22 @@
 """The ``nwbcache`` command.
 
 ``nwbcache serve`` runs the daemon; ``nwbcache url`` prints the proxied URL
-of an S3 object. The daemon's modules are imported only by ``serve``, so the
+of an S3 object or a DANDI asset; ``nwbcache run -- CMD`` runs a command in
+transparent mode. The daemon's modules are imported only by ``serve``, so the
 other commands stay as light as the client library.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .urls import InvalidURL, proxied_url
+from .env import ENV_URL
+from .urls import InvalidURL, _proxy, proxied_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +52,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     url = sub.add_parser(
         "url",
-        help="print the proxied URL of an S3 URL",
+        help="print the proxied URL of an S3 URL or a DANDI asset",
         description=(
-            "Print the URL to read URL through the daemon at --proxy (default $NWBCACHE_URL)."
+            "Print the URL to read URL through the daemon at --proxy (default $NWBCACHE_URL). "
+            "With --dandi DANDISET, the positional argument is an asset path, looked up "
+            "with the DANDI API."
+        ),
+        epilog=(
+            "Examples: nwbcache url s3://dandiarchive/blobs/abc/def/<uuid>; "
+            "nwbcache url --dandi 000006 sub-anm369962/sub-anm369962_ses-20170310.nwb"
         ),
     )
-    url.add_argument("url", metavar="URL", help="https://..., http://... or s3://bucket/key")
+    url.add_argument(
+        "url", metavar="URL", help="https://..., http://... or s3://bucket/key (PATH with --dandi)"
+    )
     url.add_argument("--proxy", help="the daemon's base URL, e.g. http://127.0.0.1:8080")
+    url.add_argument("--dandi", metavar="DANDISET", help="a Dandiset id, e.g. 000006")
+    url.add_argument("--version", default="draft", help="the Dandiset version (default draft)")
+    url.add_argument("--api-url", help="the DANDI API, default https://api.dandiarchive.org/api")
+
+    run = sub.add_parser(
+        "run",
+        help="run a command whose remfile/fsspec reads go through the daemon",
+        description=(
+            f"Run CMD with {ENV_URL} set (from --proxy or the environment), so that "
+            "remfile and fsspec in every Python process it starts read allowed "
+            "upstreams (NWBCACHE_HOSTS, default the DANDI bucket) through the daemon. "
+            "Python processes need nwbcache installed in their environment."
+        ),
+        epilog="Example: nwbcache run --proxy http://127.0.0.1:8080 -- python analysis.py",
+    )
+    run.add_argument("--proxy", help=f"the daemon's base URL (default ${ENV_URL})")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     return parser
 
 
@@ -64,12 +93,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(parser, args)
     if args.command == "url":
-        try:
-            print(proxied_url(args.url, args.proxy))
-        except InvalidURL as exc:
-            parser.exit(2, f"nwbcache url: {exc}\n")
-        return 0
+        return _url(parser, args)
+    if args.command == "run":
+        return _run(parser, args)
     parser.error(f"unknown command {args.command}")
+
+
+def _url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    try:
+        if args.dandi is None:
+            print(proxied_url(args.url, args.proxy))
+            return 0
+        from .dandi_assets import dandi_url
+
+        print(dandi_url(args.dandi, args.url, args.version, args.api_url, args.proxy))
+    except InvalidURL as exc:
+        parser.exit(2, f"nwbcache url: {exc}\n")
+    except Exception as exc:  # the DANDI client's errors: not found, HTTP, connection
+        parser.exit(1, f"nwbcache url: {type(exc).__name__}: {exc}\n")
+    return 0
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        parser.exit(2, "nwbcache run: no command given (nwbcache run -- CMD ...)\n")
+    proxy = args.proxy if args.proxy is not None else os.environ.get(ENV_URL, "")
+    if not proxy.strip():
+        parser.exit(2, f"nwbcache run: no daemon given: pass --proxy URL or set {ENV_URL}\n")
+    try:
+        base = _proxy(proxy).base  # validated and normalised: "host:8080/" -> http://host:8080
+    except InvalidURL as exc:
+        parser.exit(2, f"nwbcache run: {exc}\n")
+    environ = {**os.environ, ENV_URL: base}
+    if os.name == "posix":
+        # Become the command: its exit status, signals and terminal are its own.
+        try:
+            os.execvpe(cmd[0], cmd, environ)
+        except OSError as exc:
+            parser.exit(127, f"nwbcache run: cannot run {cmd[0]!r}: {exc}\n")
+    try:
+        return subprocess.call(cmd, env=environ)
+    except OSError as exc:
+        parser.exit(127, f"nwbcache run: cannot run {cmd[0]!r}: {exc}\n")
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -79,7 +145,7 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         settings = load_settings(args)
     except ValueError as exc:
         parser.exit(2, f"nwbcache serve: {exc}\n")
-    from nwbcache_proxy.app import run
+    from nwbcache_proxy.runner import run
 
     return run(settings)
 
