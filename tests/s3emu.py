@@ -513,6 +513,7 @@ class S3Emulator:
         self.presigned_refuse_head = presigned_refuse_head
         self.access_log = access_log
         self.log: list[LoggedRequest] = []
+        self._active = 0  # requests being served now (see wait_idle)
         # put/inject may come from a test thread while the loop thread serves.
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
@@ -653,6 +654,24 @@ class S3Emulator:
     def bytes_sent(self, path: str | None = None) -> int:
         return sum(r.bytes_sent for r in self.requests(path))
 
+    def wait_idle(self, timeout: float = 5.0, quiet: float = 0.05) -> None:
+        """Wait until no request is being served (and none for ``quiet`` s).
+
+        A request is logged when its response has been sent, which can be a
+        moment after the client has its bytes: call this before counting.
+        """
+        deadline = time.monotonic() + timeout
+        idle_since: float | None = None
+        while time.monotonic() < deadline:
+            if self._active == 0:
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= quiet:
+                    return
+            else:
+                idle_since = None
+            time.sleep(0.01)
+        raise TimeoutError(f"origin still serving {self._active} request(s)")
+
     def _record(self, entry: LoggedRequest) -> None:
         entry.finished = time.monotonic()
         self.log.append(entry)  # list.append is atomic: readers in other threads are safe
@@ -691,10 +710,12 @@ class S3Emulator:
             finished=0.0,
             peer=f"{peer[0]}:{peer[1]}" if peer else None,
         )
+        self._active += 1
         try:
             return await self._serve(request, key, entry)
         finally:
             self._record(entry)
+            self._active -= 1
 
     async def _serve(
         self, request: web.Request, key: str, entry: LoggedRequest

@@ -53,6 +53,7 @@ def test_counters_match_a_known_workload(
         warm_bytes += len(r.content)
     requests.get(f"{daemon.url}/http/not-allowed.example/x", timeout=30)  # a 403
     time.sleep(1.5)  # one maintenance pass: cache size gauges
+    origin.wait_idle()
     m = scrape(daemon.url)
 
     assert value(m, "nwbcache_served_bytes_total", source="cache") == warm_bytes

@@ -177,6 +177,7 @@ async def test_stampede_costs_one_upstream_fetch_per_block(
 
         bodies = await asyncio.gather(*(read() for _ in range(100)))
     assert all(body == data for body in bodies)
+    origin.wait_idle()
     fetched = origin.requests(key)
     assert sum(e.bytes_sent for e in fetched) == len(data)
     # runs of consecutive blocks: far fewer requests than blocks, let alone readers

@@ -170,10 +170,12 @@ def test_signature_params_forwarded_but_not_in_cache_key(
     second = proxied(daemon.url, origin, KEY, "X-Amz-Signature=bbb&X-Amz-Expires=60")
     r1 = requests.get(first, headers={"Range": "bytes=0-99"}, timeout=30)
     assert r1.content == DATA[:100]
+    origin.wait_idle()
     before = len(origin.requests(KEY))
     r2 = requests.get(second, headers={"Range": "bytes=0-99"}, timeout=30)
     assert r2.content == DATA[:100]
     assert r2.headers["X-Cache"] == "HIT"
+    origin.wait_idle()
     assert len(origin.requests(KEY)) == before  # served from cache
     assert "X-Amz-Signature=aaa" in origin.requests(KEY)[0].query
 

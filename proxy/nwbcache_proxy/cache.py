@@ -429,10 +429,14 @@ class BlockCache:
                 block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
             raise
         except VersionChanged as exc:
-            for block in run:
-                block.fail(exc)
             log.warning("object changed upstream mid-read: %s", redact_url(url.url))
-            await self.drop_version(meta)
+            try:
+                # Drop first, then wake the readers: a reader that starts over
+                # must not find the old version's metadata still on disk.
+                await self.drop_version(meta)
+            finally:
+                for block in run:
+                    block.fail(exc)
         except Exception as exc:
             for block in run:
                 block.fail(exc)
