@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # System tools the test suite drives for real (not Python packages: those come
 # from pyproject.toml). Installs only what is missing, from Debian's packages.
+#
+#   curl        tests/test_real_clients.py and friends (a real HTTP client)
+#   prometheus  tests/test_deploy_*.py: /usr/bin/prometheus scrapes a real
+#               daemon, /usr/bin/promtool checks and unit-tests deploy/prometheus
+#   chromium    tests/test_status_browser.py renders the status page headless
 set -euo pipefail
 
 need=()
 command -v curl >/dev/null 2>&1 || need+=(curl)
+# One package ships both binaries; tests look for them in PATH or /usr/bin.
+if ! { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; } &&
+    ! { [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; }; then
+    need+=(prometheus)
+fi
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -84,6 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--proxy", help=f"the daemon's base URL (default ${ENV_URL})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    status = sub.add_parser(
+        "status",
+        help="print a running daemon's figures (cache fill, hit ratios, upstream, top objects)",
+        description=(
+            "Print what the daemon's status page (GET /) shows: the cache's fill, hit "
+            "ratios and traffic over the last minute and hour, and the objects taking "
+            f"most of the cache. The daemon is --url, else ${ENV_URL}, else "
+            "http://127.0.0.1:8080."
+        ),
+    )
+    status.add_argument("--url", help="the daemon's base URL")
+    status.add_argument("--json", action="store_true", help="print the raw JSON report")
     return parser
 
 
@@ -96,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _url(parser, args)
     if args.command == "run":
         return _run(parser, args)
+    if args.command == "status":
+        return _status(parser, args)
     parser.error(f"unknown command {args.command}")
 
 
@@ -136,6 +151,28 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return subprocess.call(cmd, env=environ)
     except OSError as exc:
         parser.exit(127, f"nwbcache run: cannot run {cmd[0]!r}: {exc}\n")
+
+
+def _status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = (args.url or os.environ.get(ENV_URL) or "http://127.0.0.1:8080").rstrip("/")
+    # No proxies: the daemon is on this machine or the lab network.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"{base}/status.json", timeout=10) as resp:
+            report = json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        parser.exit(1, f"nwbcache status: cannot read {base}/status.json: {exc}\n")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from nwbcache_proxy.status import render_text
+
+    sys.stdout.write(render_text(report))
+    return 0
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

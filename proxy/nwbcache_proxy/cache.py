@@ -128,9 +128,11 @@ class BlockCache:
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
         self._verified: BoundedLRU[str, int] = BoundedLRU(VERIFIED_MEMORY)
         self._last_end: BoundedLRU[str, int] = BoundedLRU(4096)
-        # Version dirs whose block 0 was just fetched by a discovery: the next
-        # read of it counts as served from upstream (a miss), not a hit.
-        self._fresh_first: BoundedLRU[str, bool] = BoundedLRU(4096)
+        # Blocks fetched (by a discovery or by read-ahead) that no client has
+        # read yet: their first read counts as served from upstream, a miss,
+        # because the client would have waited for upstream without the fetch
+        # made on its behalf. Bounded: forgetting one only counts it as a hit.
+        self._unserved: BoundedLRU[tuple[str, int], bool] = BoundedLRU(65_536)
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -198,7 +200,6 @@ class BlockCache:
         self._meta.put(key, meta)
         if version.size > 0 and (self._inflight.get((self._vdir_key(meta), 0)) is None):
             await self._publish(meta, 0, first)
-            self._fresh_first.put(self._vdir_key(meta), True)
         return meta
 
     async def drop_version(self, meta: ObjectMeta) -> None:
@@ -259,7 +260,10 @@ class BlockCache:
         first = await self._acquire(
             meta, url, blocks.start, wanted_end=min(blocks.stop, blocks.start + window)
         )
-        fresh = blocks.start == 0 and self._fresh_first.pop(self._vdir_key(meta)) is not None
+        vkey = self._vdir_key(meta)
+        fresh = (
+            isinstance(first, OpenBlock) and self._unserved.pop((vkey, blocks.start)) is not None
+        )
         present = isinstance(first, OpenBlock) and not fresh
         if isinstance(first, InflightBlock):
             await first.first_bytes()
@@ -302,7 +306,10 @@ class BlockCache:
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
                 if isinstance(source, OpenBlock):
-                    fresh = first_fresh and i == blocks.start
+                    if i == blocks.start:
+                        fresh = first_fresh
+                    else:
+                        fresh = self._unserved.pop((self._vdir_key(meta), i)) is not None
                     self.metrics.served_bytes.labels("upstream" if fresh else "cache").inc(hi - lo)
                     yield FileSegment(source, lo, hi)
                 else:
@@ -490,11 +497,17 @@ class BlockCache:
                 block.append(view[:take])
                 view = view[take:]
                 if block.complete:
-                    await self._publish(meta, block.index, block.data)
+                    await self._publish(meta, block.index, block.data, block)
                     self._inflight.pop((vkey, block.index), None)
                     current += 1
 
-    async def _publish(self, meta: ObjectMeta, index: int, data: bytes | memoryview) -> None:
+    async def _publish(
+        self,
+        meta: ObjectMeta,
+        index: int,
+        data: bytes | memoryview,
+        block: InflightBlock | None = None,
+    ) -> None:
         """Write a fetched block to disk. A failure (disk full) loses nothing:
         the bytes are still served from memory, just not cached."""
         path = self._block_path(meta, index)
@@ -509,6 +522,8 @@ class BlockCache:
             self._evict_wakeup.set()
             return
         self._verified.put(str(path), 1)
+        if block is None or not block.served:
+            self._unserved.put((self._vdir_key(meta), index), True)
         self.index.record(self._relative(path), self._relative(path.parent), size)
         if self.index.last_totals.bytes + self.index.pending_bytes > self.capacity:
             self._evict_wakeup.set()

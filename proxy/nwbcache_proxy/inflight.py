@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 
 
 class InflightBlock:
-    __slots__ = ("_buf", "_event", "error", "filled", "index", "length")
+    __slots__ = ("_buf", "_event", "error", "filled", "index", "length", "served")
 
     def __init__(self, index: int, length: int) -> None:
         self.index = index
         self.length = length
         self.filled = 0
         self.error: BaseException | None = None
+        self.served = False  # a client read from it (accounting: served from upstream)
         # Allocated when the first byte arrives: a long run registers all of
         # its blocks at once, but only the one being received holds memory.
         self._buf: bytearray | None = None
@@ -65,6 +66,7 @@ class InflightBlock:
 
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the block, yielded as soon as they arrive."""
+        self.served = True
         pos = start
         while pos < end:
             if self.filled > pos:

@@ -21,6 +21,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .retry import RetryReason
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # From a loopback hit (~0.1 ms) to a slow WAN miss of a large range (~minutes).
@@ -29,7 +31,6 @@ DURATION_BUCKETS = (
 )  # fmt: skip
 FIRST_BYTE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 30)
 
-CACHE_LABELS = ("hit", "miss", "partial", "bypass")
 
 
 def multiprocess_dir() -> str | None:
@@ -116,6 +117,26 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+
+        self._declare_label_values()
+
+    def _declare_label_values(self) -> None:
+        """Create the bounded label values at start, at zero.
+
+        A labelled series that first appears at its first increment loses that
+        increment to rate()/increase(), so a fresh daemon's hit ratio would
+        read low or empty until each series has moved twice.
+        """
+        for source in ("cache", "upstream"):
+            self.served_bytes.labels(source)
+        for reason in RetryReason:
+            self.upstream_requests.labels(reason.value)
+            self.upstream_retries.labels(reason.value)
+        self.upstream_requests.labels("ok")
+        for method in ("GET", "HEAD"):
+            for status in ("200", "206"):
+                for cache in ("hit", "miss", "partial"):
+                    self.requests.labels(method, status, cache)
 
     def exposition(self) -> bytes:
         """The text format of every metric, summed over workers when there are several."""
