@@ -29,7 +29,6 @@ URL), which this fake answers.
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import hashlib
 import mimetypes
@@ -41,13 +40,15 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Self
+from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
 from dandischema.consts import ALLOWED_INPUT_SCHEMAS, DANDI_SCHEMA_VERSION
 from dandischema.digests.dandietag import ETagHashlike
 from yarl import URL
+
+from served import ServedApp
 
 __all__ = [
     "DANDI_OFFLINE_ENV",
@@ -65,7 +66,6 @@ DANDI_OFFLINE_ENV: dict[str, str] = {
     "no_proxy": "127.0.0.1,localhost,::1",
 }
 
-_SHUTDOWN_TIMEOUT = 1.0
 _DANDISET_ID_RE = re.compile(r"\d{6}")
 _PUBLISHED_RE = re.compile(r"0\.\d{6}\.\d{4}")
 _PAGE_SIZE = 100  # the real API's default and maximum page sizes
@@ -185,7 +185,9 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
 
-class FakeDandiAPI:
+class FakeDandiAPI(ServedApp):
+    thread_name = "dandi-fake"
+
     """The DANDI REST API over real HTTP on 127.0.0.1, with a request log.
 
     presign: ``/download/`` redirects to a fresh presigned-looking S3 URL
@@ -195,6 +197,7 @@ class FakeDandiAPI:
     """
 
     def __init__(self, *, presign: bool = True, page_size: int = _PAGE_SIZE) -> None:
+        super().__init__()
         self.presign = presign
         self.page_size = page_size
         self.log: list[ApiRequest] = []
@@ -202,10 +205,6 @@ class FakeDandiAPI:
         self._dandisets: dict[str, _Dandiset] = {}
         self._assets: dict[str, FakeAsset] = {}
         self._last_time = _EPOCH
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ content
 
@@ -704,12 +703,6 @@ class FakeDandiAPI:
     # ----------------------------------------------------------------- serving
 
     @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("FakeDandiAPI is not started")
-        return self._url
-
-    @property
     def api_url(self) -> str:
         """What to give ``DandiAPIClient(api_url=...)``."""
         return self.url + "/api"
@@ -717,87 +710,6 @@ class FakeDandiAPI:
     def download_url(self, asset: FakeAsset | str) -> str:
         asset_id = asset if isinstance(asset, str) else asset.asset_id
         return f"{self.api_url}/assets/{asset_id}/download/"
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on the running loop."""
-        if self._runner is not None:
-            raise RuntimeError("FakeDandiAPI is already started")
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_port = runner.addresses[0][1]
-        shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        if ":" in shown:
-            shown = f"[{shown}]"
-        self._url = f"http://{shown}:{bound_port}"
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        self._url = None
-        if runner is not None:
-            await runner.cleanup()
-
-    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Serve from a daemon thread's own loop; returns once listening."""
-        if self._thread is not None:
-            raise RuntimeError("FakeDandiAPI is already running in a thread")
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start(host, port))
-            except BaseException as exc:  # re-raised in the caller's thread
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        thread = threading.Thread(target=run, name="dandi-fake", daemon=True)
-        thread.start()
-        ready.wait()
-        if failure:
-            thread.join()
-            raise failure[0]
-        self._loop, self._thread = loop, thread
-
-    def stop_thread(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        try:
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-
-    def __enter__(self) -> Self:
-        self.start_in_thread()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_thread()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
     def assets(self) -> list[FakeAsset]:
         """Every asset of every version, in creation order."""

@@ -39,11 +39,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self, TextIO
+from typing import TextIO
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from aiohttp import web
+
+from served import ServedApp
 
 try:  # Linux: lets a reset wait until the client has the bytes before the cut.
     import fcntl
@@ -55,9 +57,6 @@ except (ImportError, AttributeError):  # pragma: no cover - non-Linux
 
 __all__ = ["Fault", "LoggedRequest", "S3Emulator", "main", "parse_bandwidth"]
 
-# In-flight handlers get this long to finish when the server stops; a stalled or
-# throttled response must not hold a test's teardown for its full duration.
-_SHUTDOWN_TIMEOUT = 1.0
 # Upper bound on waiting for the client to acknowledge the bytes before a reset.
 _FLUSH_TIMEOUT = 2.0
 # Bandwidth pacing granularity: chunks of about this many seconds of transfer,
@@ -483,7 +482,9 @@ def _request_id() -> tuple[str, str]:
 # --------------------------------------------------------------------------- emulator
 
 
-class S3Emulator:
+class S3Emulator(ServedApp):
+    thread_name = "s3emu"
+
     """S3 GetObject/HeadObject over real HTTP on 127.0.0.1, with faults and a request log.
 
     latency: seconds before the status line of every response (first-byte latency).
@@ -506,6 +507,7 @@ class S3Emulator:
     ) -> None:
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError("bandwidth must be positive (None for unlimited)")
+        super().__init__()
         self.latency = latency
         self.bandwidth = bandwidth
         self.head_refused = head_refused
@@ -518,10 +520,6 @@ class S3Emulator:
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
         self._rules: list[_FaultRule] = []
-        self._runner: web.AppRunner | None = None
-        self._url: str | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- objects
 
@@ -809,95 +807,8 @@ class S3Emulator:
 
     # ------------------------------------------------------------- lifecycle
 
-    @property
-    def url(self) -> str:
-        if self._url is None:
-            raise RuntimeError("S3Emulator is not started")
-        return self._url
-
     def url_for(self, key: str) -> str:
         return self.url + quote(_norm_key(key))
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on the running loop."""
-        if self._runner is not None:
-            raise RuntimeError("S3Emulator is already started")
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound_port = runner.addresses[0][1]  # the port the kernel chose for port 0
-        shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
-        if ":" in shown:
-            shown = f"[{shown}]"
-        self._url = f"http://{shown}:{bound_port}"
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        self._url = None
-        if runner is not None:
-            await runner.cleanup()
-
-    def start_in_thread(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Serve from a daemon thread's own loop; returns once listening."""
-        if self._thread is not None:
-            raise RuntimeError("S3Emulator is already running in a thread")
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start(host, port))
-            except BaseException as exc:  # re-raised in the caller's thread
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.close()
-
-        thread = threading.Thread(target=run, name="s3emu", daemon=True)
-        thread.start()
-        ready.wait()
-        if failure:
-            thread.join()
-            raise failure[0]
-        self._loop, self._thread = loop, thread
-
-    def stop_thread(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        self._loop = self._thread = None
-        try:
-            asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=30)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=30)
-
-    def __enter__(self) -> Self:
-        self.start_in_thread()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_thread()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
 
 
 # --------------------------------------------------------------------------- CLI
