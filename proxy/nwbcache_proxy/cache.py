@@ -133,6 +133,7 @@ class BlockCache:
         # because the client would have waited for upstream without the fetch
         # made on its behalf. Bounded: forgetting one only counts it as a hit.
         self._unserved: BoundedLRU[tuple[str, int], bool] = BoundedLRU(65_536)
+        self._vdirs: BoundedLRU[ObjectMeta, tuple[Path, str]] = BoundedLRU(META_MEMORY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -167,26 +168,41 @@ class BlockCache:
     async def resolve(self, url: UpstreamURL) -> ObjectMeta:
         """The current version of the object, from memory, disk or upstream."""
         key = cache_key(url)
-        now = time.time()
-        meta = self._meta.get(key)
-        if meta is not None and now - meta.validated_at < self.revalidate_after:
+        meta = self._fresh_meta(key)
+        if meta is not None:
             return meta
-        if meta is None:
-            kh = key_hash(key)
-            raw = await self._io(lambda: store.read_meta(self.layout.meta_path(kh)))
-            meta = ObjectMeta.from_json(raw, key) if raw is not None else None
-            if meta is not None and now - meta.validated_at < self.revalidate_after:
-                self._meta.put(key, meta)
-                return meta
         task = self._discovering.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._discover(url, key, meta))
-            self._discovering[key] = task
-            task.add_done_callback(lambda _t: self._discovering.pop(key, None))
-        else:
-            self.metrics.coalesced.inc()
+            stale = self._meta.get(key)
+            if stale is None:
+                kh = key_hash(key)
+                raw = await self._io(lambda: store.read_meta(self.layout.meta_path(kh)))
+                on_disk = ObjectMeta.from_json(raw, key) if raw is not None else None
+                if on_disk is not None and self._is_fresh(on_disk):
+                    self._meta.put(key, on_disk)
+                    return on_disk
+                stale = on_disk
+            # Look again after the disk read: a discovery may have started, or
+            # finished, meanwhile (finished ones leave _discovering at once).
+            meta = self._fresh_meta(key)
+            if meta is not None:
+                return meta
+            task = self._discovering.get(key)
+            if task is None:
+                task = asyncio.ensure_future(self._discover(url, key, stale))
+                self._discovering[key] = task
+                task.add_done_callback(lambda _t: self._discovering.pop(key, None))
+                return await asyncio.shield(task)
+        self.metrics.coalesced.inc()  # joined a discovery already under way
         # shield: a client hanging up must not cancel a discovery others wait on.
         return await asyncio.shield(task)
+
+    def _is_fresh(self, meta: ObjectMeta) -> bool:
+        return time.time() - meta.validated_at < self.revalidate_after
+
+    def _fresh_meta(self, key: str) -> ObjectMeta | None:
+        meta = self._meta.get(key)
+        return meta if meta is not None and self._is_fresh(meta) else None
 
     async def _discover(self, url: UpstreamURL, key: str, stale: ObjectMeta | None) -> ObjectMeta:
         version, first = await self.upstream.discover(url, self.block_size)
@@ -194,12 +210,15 @@ class BlockCache:
         if stale is not None and not stale.version.same_version(version):
             log.info("object changed upstream, dropping old version: %s", redact_url(url.url))
             await self.drop_version(stale)
+        # Block 0 first, then the metadata that makes the object known: a
+        # reader that finds the metadata (here or in another process) must
+        # find block 0 too, or it would fetch it a second time.
+        if version.size > 0 and (self._inflight.get((self._vdir_key(meta), 0)) is None):
+            await self._publish(meta, 0, first)
         kh = key_hash(key)
         staging = self._require_staging()
         await self._io(lambda: store.write_meta(staging, self.layout.meta_path(kh), meta.to_json()))
         self._meta.put(key, meta)
-        if version.size > 0 and (self._inflight.get((self._vdir_key(meta), 0)) is None):
-            await self._publish(meta, 0, first)
         return meta
 
     async def drop_version(self, meta: ObjectMeta) -> None:
@@ -226,10 +245,19 @@ class BlockCache:
 
     # -- paths -------------------------------------------------------------
     def _vdir(self, meta: ObjectMeta) -> Path:
-        return self.layout.version_dir(key_hash(meta.cache_key), meta.digest, self.block_size)
+        return self._vdir_and_key(meta)[0]
 
     def _vdir_key(self, meta: ObjectMeta) -> str:
-        return str(self._vdir(meta))
+        return self._vdir_and_key(meta)[1]
+
+    def _vdir_and_key(self, meta: ObjectMeta) -> tuple[Path, str]:
+        """Memoised: two SHA-256s and a path join, asked for several times per block."""
+        known = self._vdirs.get(meta)
+        if known is None:
+            path = self.layout.version_dir(key_hash(meta.cache_key), meta.digest, self.block_size)
+            known = (path, str(path))
+            self._vdirs.put(meta, known)
+        return known
 
     def _relative(self, path: Path) -> str:
         return str(path.relative_to(self.layout.root))
