@@ -6,6 +6,7 @@
 #   prometheus  tests/test_deploy_*.py: /usr/bin/prometheus scrapes a real
 #               daemon, /usr/bin/promtool checks and unit-tests deploy/prometheus
 #   chromium    tests/test_status_browser.py renders the status page headless
+#   systemd     tests/test_deploy_files.py: systemd-analyze verify/security on the unit
 set -euo pipefail
 
 need=()
@@ -16,6 +17,7 @@ if ! { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2
     need+=(prometheus)
 fi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

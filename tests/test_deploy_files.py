@@ -423,8 +423,7 @@ def test_systemd_unit_is_hardened_and_runs_the_daemon_with_the_config() -> None:
 
 def systemd_analyze() -> str:
     path = shutil.which("systemd-analyze")
-    if path is None:
-        pytest.skip("systemd-analyze is not installed (apt package systemd)")
+    assert path is not None, "systemd-analyze is missing: run scripts/install-test-deps.sh"
     return path
 
 

@@ -119,6 +119,11 @@ def test_json_access_log_has_one_line_per_request(
     origin.put(KEY, DATA)
     daemon = make_daemon(block_size=BS)
     r = requests.get(proxied(daemon.url, origin, KEY, "X-Amz-Signature=TOPSECRET"), timeout=30)
+    deadline = time.monotonic() + 5  # logged when the handler returns, just after the last byte
+    while not any(rec.name == "nwbcache.access" for rec in caplog.records):
+        assert time.monotonic() < deadline, "no access-log line"
+        time.sleep(0.02)
+    time.sleep(0.1)
     records = [rec for rec in caplog.records if rec.name == "nwbcache.access"]
     assert len(records) == 1
     line = json.loads(JsonFormatter().format(records[0]))
@@ -151,6 +156,7 @@ def test_metrics_sum_over_workers(origin: S3Emulator, tmp_path: Path) -> None:
         for _ in range(n):  # new connections: the kernel spreads them over both workers
             with requests.Session() as s:
                 assert s.get(url, headers={"Range": "bytes=0-99"}, timeout=30).content == DATA[:100]
+        time.sleep(0.3)  # a request is counted as its handler returns, just after its last byte
         totals = []
         for _ in range(10):  # whichever worker answers, the sum is the same
             m = scrape(daemon.url)
