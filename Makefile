@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-deps lint format clean
+.PHONY: run test test-deps lint format clean bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,14 +25,18 @@ test: lint test-deps
 test-deps:
 	./scripts/install-test-deps.sh
 
+## bench-quick: a few minutes of side-by-side figures (remfile direct vs nwbcache cold/warm)
+bench-quick: $(STAMP)
+	$(BIN)/python bench/quick_bench.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check client proxy tests
-	$(BIN)/ruff format --check client proxy tests
+	$(BIN)/ruff check client proxy tests bench
+	$(BIN)/ruff format --check client proxy tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format client proxy tests
-	$(BIN)/ruff check --fix client proxy tests
+	$(BIN)/ruff format client proxy tests bench
+	$(BIN)/ruff check --fix client proxy tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

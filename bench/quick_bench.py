@@ -37,8 +37,8 @@ import numpy as np
 import remfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemons import DaemonProcess  # noqa: E402
-from s3emu import S3Emulator  # noqa: E402
+from daemons import DaemonProcess
+from s3emu import S3Emulator
 
 RATE = 30_000
 CHANNELS = 64
@@ -68,7 +68,7 @@ def open_and_walk(opener: Callable[[], object]) -> None:
     with h5py.File(opener(), "r") as f:
         f["acquisition/ElectricalSeries/data"].shape  # noqa: B018
         for name in f["general/intracellular"]:
-            f[f"general/intracellular/{name}"].attrs["description"]  # noqa: B018
+            f[f"general/intracellular/{name}"].attrs["description"]
 
 
 def slice_1s(opener: Callable[[], object]) -> None:
@@ -124,7 +124,9 @@ async def raw_serving(url: str, size: int, length: int, seconds: float = 3.0) ->
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size-mb", type=int, default=256)
     ap.add_argument("--latency", type=float, default=0.03)
     ap.add_argument("--bandwidth", type=float, default=80e6)
@@ -149,12 +151,19 @@ def main() -> int:
             for wname, work in workloads.items():
                 row: dict[str, list[float]] = {m: [] for m in ("local", "remfile", "cold", "warm")}
                 for _ in range(args.repeat):
-                    row["local"].append(timed(lambda w=work: w(lambda: open(path, "rb"))))
+                    row["local"].append(timed(lambda w=work: w(lambda: path.open("rb"))))
                     emu.clear_log()
                     row["remfile"].append(timed(lambda w=work: w(lambda: remfile.File(direct_url))))
-                    traffic.setdefault(f"{wname}/remfile", {"bytes": emu.bytes_sent(), "requests": len(emu.log)})
+                    traffic.setdefault(
+                        f"{wname}/remfile", {"bytes": emu.bytes_sent(), "requests": len(emu.log)}
+                    )
                     daemon = DaemonProcess(
-                        ["--cache-dir", str(tmp / f"cache-{wname}-{_}"), "--allow-upstream", origin_host]
+                        [
+                            "--cache-dir",
+                            str(tmp / f"cache-{wname}-{_}"),
+                            "--allow-upstream",
+                            origin_host,
+                        ]
                     ).start()
                     try:
                         url = f"{daemon.url}/http/{origin_host}{KEY}"
@@ -162,7 +171,10 @@ def main() -> int:
                         emu.clear_log()
                         row["cold"].append(timed(lambda w=work, u=url: w(lambda: remfile.File(u))))
                         emu.wait_idle()
-                        traffic.setdefault(f"{wname}/nwbcache cold", {"bytes": emu.bytes_sent(), "requests": len(emu.log)})
+                        traffic.setdefault(
+                            f"{wname}/nwbcache cold",
+                            {"bytes": emu.bytes_sent(), "requests": len(emu.log)},
+                        )
                         row["warm"].append(timed(lambda w=work, u=url: w(lambda: remfile.File(u))))
                         if wname == "scan" and _ == 0:
                             raw = {
@@ -175,24 +187,43 @@ def main() -> int:
         finally:
             emu.stop_thread()
 
-    print(f"file {size / 1e6:.0f} MB; upstream latency {args.latency * 1000:.0f} ms, "
-          f"{args.bandwidth / 1e6:.0f} MB/s per connection; median of {args.repeat}")
-    print(f"{'workload':8} {'local':>8} {'remfile':>9} {'cold':>8} {'warm':>8} {'warm/local':>11} {'remfile/warm':>13}")
+    print(
+        f"file {size / 1e6:.0f} MB; upstream latency {args.latency * 1000:.0f} ms, "
+        f"{args.bandwidth / 1e6:.0f} MB/s per connection; median of {args.repeat}"
+    )
+    print(
+        f"{'workload':8} {'local':>8} {'remfile':>9} {'cold':>8} {'warm':>8} "
+        f"{'warm/local':>11} {'remfile/warm':>13}"
+    )
     for w, r in results.items():
-        print(f"{w:8} {r['local']:8.3f} {r['remfile']:9.3f} {r['cold']:8.3f} {r['warm']:8.3f} "
-              f"{r['warm'] / r['local']:11.2f} {r['remfile'] / r['warm']:13.1f}")
+        print(
+            f"{w:8} {r['local']:8.3f} {r['remfile']:9.3f} {r['cold']:8.3f} {r['warm']:8.3f} "
+            f"{r['warm'] / r['local']:11.2f} {r['remfile'] / r['warm']:13.1f}"
+        )
     print("upstream traffic (first run):")
     for k, v in traffic.items():
         print(f"  {k:22} {v['bytes'] / 1e6:9.2f} MB {v['requests']:6.0f} requests")
     print("warm raw serving, 16 concurrent keep-alive clients, random ranges:")
     for k, v in raw.items():
-        print(f"  {k:>8}: {v['req_per_s']:8.0f} req/s {v['MB_per_s']:8.1f} MB/s "
-              f"p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms")
-    args.json.write_text(json.dumps({
-        "machine": platform.platform(), "python": platform.python_version(),
-        "file_bytes": size, "latency": args.latency, "bandwidth": args.bandwidth,
-        "seconds": results, "upstream": traffic, "raw_serving": raw,
-    }, indent=2))
+        print(
+            f"  {k:>8}: {v['req_per_s']:8.0f} req/s {v['MB_per_s']:8.1f} MB/s "
+            f"p50 {v['p50_ms']:.2f} ms p99 {v['p99_ms']:.2f} ms"
+        )
+    args.json.write_text(
+        json.dumps(
+            {
+                "machine": platform.platform(),
+                "python": platform.python_version(),
+                "file_bytes": size,
+                "latency": args.latency,
+                "bandwidth": args.bandwidth,
+                "seconds": results,
+                "upstream": traffic,
+                "raw_serving": raw,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

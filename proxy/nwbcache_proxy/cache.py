@@ -44,6 +44,9 @@ VERIFIED_MEMORY = 200_000
 # Longest single upstream request, in bytes: long enough to amortise the
 # round trip, short enough that a retry after a reset re-reads little.
 MAX_RUN_BYTES = 16 * 1024 * 1024
+# Spans up to this size are read along with the block's open (one executor
+# hop); larger ones go out with sendfile.
+SMALL_READ = 128 * 1024
 # How many block files a single presence check looks at.
 PRESENCE_CHECK_LIMIT = 64
 
@@ -127,13 +130,15 @@ class BlockCache:
         self._discovering: dict[str, asyncio.Task[ObjectMeta]] = {}
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
         self._verified: BoundedLRU[str, int] = BoundedLRU(VERIFIED_MEMORY)
-        self._last_end: BoundedLRU[str, int] = BoundedLRU(4096)
+        # Per object: where the last read ended, and how many reads in a row
+        # continued the one before (drives sequential read-ahead).
+        self._last_end: BoundedLRU[str, tuple[int, int]] = BoundedLRU(4096)
         # Blocks fetched (by a discovery or by read-ahead) that no client has
         # read yet: their first read counts as served from upstream, a miss,
         # because the client would have waited for upstream without the fetch
         # made on its behalf. Bounded: forgetting one only counts it as a hit.
         self._unserved: BoundedLRU[tuple[str, int], bool] = BoundedLRU(65_536)
-        self._vdirs: BoundedLRU[ObjectMeta, tuple[Path, str]] = BoundedLRU(META_MEMORY)
+        self._vdirs: BoundedLRU[ObjectMeta, tuple[Path, str, str]] = BoundedLRU(META_MEMORY)
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -250,12 +255,13 @@ class BlockCache:
     def _vdir_key(self, meta: ObjectMeta) -> str:
         return self._vdir_and_key(meta)[1]
 
-    def _vdir_and_key(self, meta: ObjectMeta) -> tuple[Path, str]:
-        """Memoised: two SHA-256s and a path join, asked for several times per block."""
+    def _vdir_and_key(self, meta: ObjectMeta) -> tuple[Path, str, str]:
+        """(path, its string, relative to the layout root). Memoised: two SHA-256s
+        and path arithmetic, asked for several times per block."""
         known = self._vdirs.get(meta)
         if known is None:
             path = self.layout.version_dir(key_hash(meta.cache_key), meta.digest, self.block_size)
-            known = (path, str(path))
+            known = (path, str(path), self._relative(path))
             self._vdirs.put(meta, known)
         return known
 
@@ -283,10 +289,19 @@ class BlockCache:
         the full read-ahead.
         """
         blocks = blocks_for(start, end, self.block_size)
-        sequential = self._note_position(meta.cache_key, start, end)
+        ahead = self._sequential_readahead(meta.cache_key, start, end)
         window = self.readahead_blocks if eager else 1
+        bs = self.block_size
+        first_span = (
+            start - blocks.start * bs,
+            min(end, (blocks.start + 1) * bs) - blocks.start * bs,
+        )
         first = await self._acquire(
-            meta, url, blocks.start, wanted_end=min(blocks.stop, blocks.start + window)
+            meta,
+            url,
+            blocks.start,
+            wanted_end=min(blocks.stop, blocks.start + window),
+            span=first_span,
         )
         vkey = self._vdir_key(meta)
         fresh = (
@@ -306,8 +321,8 @@ class BlockCache:
         if eager:
             missing = [i for i in rest if i not in cached_rest]
             self._start_runs(meta, url, missing[: self.readahead_blocks])
-        if sequential:
-            self._prefetch(meta, url, blocks.stop, blocks.stop + self.readahead_blocks)
+        if ahead:
+            self._prefetch(meta, url, blocks.stop, blocks.stop + ahead)
         segments = self._segments(meta, url, start, end, blocks, first, window, fresh)
         return RangeReader(outcome, segments, first)
 
@@ -327,12 +342,12 @@ class BlockCache:
         planned_until = blocks.start + window  # blocks before this were asked for
         try:
             for i in blocks:
-                if source is None:
-                    source = await self._acquire(
-                        meta, url, i, wanted_end=min(blocks.stop, i + window)
-                    )
                 lo = max(start, i * bs) - i * bs
                 hi = min(end, (i + 1) * bs) - i * bs
+                if source is None:
+                    source = await self._acquire(
+                        meta, url, i, wanted_end=min(blocks.stop, i + window), span=(lo, hi)
+                    )
                 if isinstance(source, OpenBlock):
                     if i == blocks.start:
                         fresh = first_fresh
@@ -357,15 +372,22 @@ class BlockCache:
                 source.close()
 
     async def _acquire(
-        self, meta: ObjectMeta, url: UpstreamURL, i: int, *, wanted_end: int
+        self,
+        meta: ObjectMeta,
+        url: UpstreamURL,
+        i: int,
+        *,
+        wanted_end: int,
+        span: tuple[int, int] | None = None,
     ) -> OpenBlock | InflightBlock:
-        """The block from disk, or its in-flight fetch (started if needed)."""
+        """The block from disk, or its in-flight fetch (started if needed).
+        ``span``: the bytes of the block the caller will send (read at once if small)."""
         vkey = self._vdir_key(meta)
         inflight = self._inflight.get((vkey, i))
         if inflight is not None:
             self.metrics.coalesced.inc()
             return inflight
-        opened = await self._open(meta, i)
+        opened = await self._open(meta, i, span=span)
         if opened is not None:
             return opened
         inflight = self._inflight.get((vkey, i))
@@ -385,21 +407,30 @@ class BlockCache:
         self._start_runs(meta, url, run)
         return self._inflight[(vkey, i)]
 
-    async def _open(self, meta: ObjectMeta, i: int, *, need_data: bool = False) -> OpenBlock | None:
+    async def _open(
+        self,
+        meta: ObjectMeta,
+        i: int,
+        *,
+        need_data: bool = False,
+        span: tuple[int, int] | None = None,
+    ) -> OpenBlock | None:
         path = self._block_path(meta, i)
         bstart, bend = block_span(i, meta.version.size, self.block_size)
         verify = need_data or self._verified.get(str(path)) is None
         digest = meta.digest
+        small = span if span is not None and span[1] - span[0] <= SMALL_READ else None
         opened = await self._io(
             lambda: store.open_block(
-                path, index=i, length=bend - bstart, digest=digest, verify=verify
+                path, index=i, length=bend - bstart, digest=digest, verify=verify, span=small
             )
         )
         if opened is None:
             return None
         if verify:
             self._verified.put(str(path), 1)
-        self.index.record(self._relative(path), self._relative(path.parent), opened.file_size)
+        vdir_rel = self._vdir_and_key(meta)[2]
+        self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, opened.file_size)
         return opened
 
     async def _present(self, meta: ObjectMeta, indices: range) -> set[int]:
@@ -407,14 +438,22 @@ class BlockCache:
         names = [(i, vdir / Layout.block_name(i)) for i in indices]
         return await self._io(lambda: {i for i, p in names if os.path.exists(p)})
 
-    def _note_position(self, key: str, start: int, end: int) -> bool:
-        """Record where this read ended; True when it continues the last one."""
+    def _sequential_readahead(self, key: str, start: int, end: int) -> int:
+        """Blocks to fetch past the end of this read.
+
+        None unless it continues the last read of the object (at or just after
+        its end: remfile reads back to back, h5py chunk scans leave small
+        gaps; re-reading the same bytes does not count). Then a window that
+        doubles with each read in a row that does (1, 2, 4, ... blocks, up to
+        --readahead), as remfile grows its own requests: a few back-to-back
+        metadata reads on open cost a block or two, a scan soon streams with
+        the full read-ahead.
+        """
         last = self._last_end.get(key)
-        self._last_end.put(key, end)
-        # Continuing at (or just after) the last end: remfile reads exactly
-        # back to back, h5py chunk scans leave small gaps. Re-reading the same
-        # bytes is not sequential and must not trigger read-ahead.
-        return last is not None and 0 <= start - last <= self.block_size
+        continues = last is not None and 0 <= start - last[0] <= self.block_size
+        streak = last[1] + 1 if continues and last is not None else 0
+        self._last_end.put(key, (end, streak))
+        return 0 if streak == 0 else min(self.readahead_blocks, 2 ** (streak - 1))
 
     def _prefetch(self, meta: ObjectMeta, url: UpstreamURL, lo: int, hi: int) -> None:
         hi = min(hi, block_count(meta.version.size, self.block_size))

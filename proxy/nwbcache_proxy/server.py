@@ -372,6 +372,11 @@ async def _send_file_segment(
         if block.data is not None:  # just verified: the bytes are in memory already
             await response.write(block.data[seg.start : seg.end])
             return
+        if block.piece is not None and block.piece[0] == seg.start:
+            piece = block.piece[1]
+            if len(piece) == seg.end - seg.start:  # a small span, read with the open
+                await response.write(piece)
+                return
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")

@@ -36,6 +36,9 @@ class OpenBlock:
     length: int
     file_size: int
     data: bytes | None
+    # (start, bytes) of a small span read along with the open, so a small
+    # hit costs one executor hop and no sendfile set-up.
+    piece: tuple[int, bytes] | None = None
 
     def close(self) -> None:
         """Idempotent: a closed fd number may be reused by another open at once,
@@ -180,7 +183,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def open_block(
-    path: Path, *, index: int, length: int, digest: bytes, verify: bool
+    path: Path,
+    *,
+    index: int,
+    length: int,
+    digest: bytes,
+    verify: bool,
+    span: tuple[int, int] | None = None,
 ) -> OpenBlock | None:
     """Open a block and check its header; with ``verify`` also its checksum.
 
@@ -196,6 +205,9 @@ def open_block(
         header = blockfile.decode_header(os.pread(fd, HEADER_SIZE, 0))
         blockfile.check_header(header, index=index, length=length, digest=digest, file_size=size)
         data: bytes | None = None
+        piece: tuple[int, bytes] | None = None
+        if span is not None and not verify:
+            piece = (span[0], os.pread(fd, span[1] - span[0], HEADER_SIZE + span[0]))
         if verify:
             data = os.pread(fd, length, HEADER_SIZE)
             if len(data) != length:
@@ -210,7 +222,7 @@ def open_block(
     except BaseException:
         os.close(fd)
         raise
-    return OpenBlock(fd=fd, path=path, length=length, file_size=size, data=data)
+    return OpenBlock(fd=fd, path=path, length=length, file_size=size, data=data, piece=piece)
 
 
 def read_block_data(block: OpenBlock, start: int, end: int) -> bytes:
