@@ -25,6 +25,7 @@ from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
 from .dandi_resolver import DandiResolver, parse_dandi_path
 from .errors import BadRequest, NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, Precondition, RangeOutcome
+from .lru import BoundedLRU
 from .metrics import Metrics
 from .objectmeta import ObjectMeta
 
@@ -164,19 +165,31 @@ async def status_json(request: web.Request) -> web.Response:
     return web.Response(text=status.dumps(report), content_type="application/json")
 
 
+# Parsed proxied paths, by raw request target: readers ask for the same object
+# over and over, and parsing and validating a URL costs more than a hit's I/O.
+_PARSED: BoundedLRU[str, UpstreamURL] = BoundedLRU(10_000)
+
+
 def _parse_target(request: web.Request) -> UpstreamURL:
-    path, _, query = request.raw_path.partition("?")
-    try:
-        url = upstream_from_proxy_path(path, query)
-    except InvalidURL as exc:
-        raise BadRequest(
-            f"not a proxied URL ({exc}); expected /<scheme>/<host>[:<port>]/<path>"
-        ) from None
+    url = _PARSED.get(request.raw_path)
+    if url is None:
+        url = _parse_new_target(request.raw_path)
     if not request.app[ALLOW_KEY].permits(url):
         raise NotAllowed(
             f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)"
         )
+    _PARSED.put(request.raw_path, url)
     return url
+
+
+def _parse_new_target(raw_path: str) -> UpstreamURL:
+    path, _, query = raw_path.partition("?")
+    try:
+        return upstream_from_proxy_path(path, query)
+    except InvalidURL as exc:
+        raise BadRequest(
+            f"not a proxied URL ({exc}); expected /<scheme>/<host>[:<port>]/<path>"
+        ) from None
 
 
 def _object_headers(meta: ObjectMeta) -> dict[str, str]:
@@ -268,7 +281,7 @@ async def _answer(
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = rng.length
         await response.prepare(request)
-        await _send(request, response, reader)
+        await _send(request, response, reader, rng.length)
     except _ResponseAborted as exc:
         request[ABORTED_KEY] = str(exc)
         return response
@@ -301,7 +314,7 @@ async def _answer_multipart(
             await response.write(part_header)
             reader = await _reader_after_headers(request, cache, url, meta, rng)
             try:
-                await _send(request, response, reader)
+                await _send(request, response, reader, rng.length)
             finally:
                 await reader.aclose()
         await response.write(plan.closing)
@@ -336,27 +349,33 @@ async def _reader_after_headers(
         raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
 
 
-async def _send(request: web.Request, response: web.StreamResponse, reader: RangeReader) -> None:
-    """Stream a reader's segments; sendfile for cached blocks.
+async def _send(
+    request: web.Request, response: web.StreamResponse, reader: RangeReader, length: int
+) -> None:
+    """Stream a reader's ``length`` bytes; sendfile for large cached spans.
 
     Raises _ResponseAborted when the body cannot be completed, after cutting
     the connection: with Content-Length already sent, a short body on a
     closed connection is how HTTP/1.1 says "this response failed".
     """
+    remaining = length
     try:
         async for segment in reader:
             if isinstance(segment, FileSegment):
                 await _send_file_segment(request, response, segment)
-                request[SENT_KEY] = request.get(SENT_KEY, 0) + segment.end - segment.start
+                n = segment.end - segment.start
             else:
                 await response.write(segment)
-                request[SENT_KEY] = request.get(SENT_KEY, 0) + len(segment)
-            # A write into the socket buffer succeeds after the peer closed;
-            # give the loop one turn to notice a close, and stop before asking
-            # for (and maybe fetching) the next block.
-            await asyncio.sleep(0)
-            if request.transport is None or request.transport.is_closing():
-                raise ConnectionResetError("client went away")
+                n = len(segment)
+            request[SENT_KEY] = request.get(SENT_KEY, 0) + n
+            remaining -= n
+            if remaining > 0:
+                # A write into the socket buffer succeeds after the peer closed;
+                # give the loop one turn to notice a close, and stop before
+                # asking for (and maybe fetching) the next block.
+                await asyncio.sleep(0)
+                if request.transport is None or request.transport.is_closing():
+                    raise ConnectionResetError("client went away")
     except ProxyError as exc:
         _abort(request)
         raise _ResponseAborted(f"upstream failed mid-body: {exc}") from exc
