@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
             "http://127.0.0.1:8080."
         ),
     )
+    check = sub.add_parser(
+        "check",
+        help="verify every cached block (header, checksum, version) and the index",
+        description=(
+            "Verify every block of the cache against its object's version and its "
+            "checksum, and compare the index with the files. With --repair, delete "
+            "corrupt blocks and reconcile the index. Safe while daemons are running. "
+            "Exit status 1 when problems were found and not repaired."
+        ),
+    )
+    check.add_argument(
+        "--cache-dir", help="the cache (default $NWBCACHE_CACHE_DIR, else serve's default)"
+    )
+    check.add_argument("--repair", action="store_true", help="delete corrupt blocks, fix the index")
+
     status.add_argument("--url", help="the daemon's base URL")
     status.add_argument("--json", action="store_true", help="print the raw JSON report")
     return parser
@@ -111,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(parser, args)
     if args.command == "status":
         return _status(parser, args)
+    if args.command == "check":
+        return _check(args)
     parser.error(f"unknown command {args.command}")
 
 
@@ -173,6 +190,19 @@ def _status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     sys.stdout.write(render_text(report))
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nwbcache_proxy.check import check_cache
+    from nwbcache_proxy.config import default_cache_dir
+
+    cache_dir = Path(args.cache_dir or os.environ.get("NWBCACHE_CACHE_DIR") or default_cache_dir())
+    report = check_cache(cache_dir, repair=args.repair)
+    print(f"nwbcache check {cache_dir}")
+    print(report.summary())
+    return 0 if report.ok or args.repair else 1
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
