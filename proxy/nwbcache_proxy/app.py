@@ -82,6 +82,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         revalidate_after=settings.revalidate_after,
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
+        memory_cache=settings.memory_cache,
     )
     await cache.start()
     app[CACHE_KEY] = cache

@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 from nwbcache.urls import UpstreamURL, cache_key, redact_url
 
 from . import store
+from .blockfile import HEADER_SIZE
 from .errors import UpstreamUnavailable, VersionChanged
+from .hotblocks import HotBlocks
 from .index import CacheIndex
 from .inflight import InflightBlock
 from .layout import Layout, key_hash
@@ -110,6 +112,7 @@ class BlockCache:
         revalidate_after: float,
         fsync: bool,
         metrics: Metrics,
+        memory_cache: int = 0,
     ) -> None:
         self.layout = layout
         self.index = index
@@ -139,6 +142,7 @@ class BlockCache:
         # made on its behalf. Bounded: forgetting one only counts it as a hit.
         self._unserved: BoundedLRU[tuple[str, int], bool] = BoundedLRU(65_536)
         self._vdirs: BoundedLRU[ObjectMeta, tuple[Path, str, str]] = BoundedLRU(META_MEMORY)
+        self._hot = HotBlocks(memory_cache)
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -241,6 +245,7 @@ class BlockCache:
                 store.unlink_quietly(self.layout.meta_path(kh))
             store.drop_dir(self.layout, vdir)
 
+        self._hot.drop_version(str(vdir))
         await self._io(drop)
         await self.index.forget_object(self._relative(vdir))
 
@@ -387,6 +392,9 @@ class BlockCache:
         if inflight is not None:
             self.metrics.coalesced.inc()
             return inflight
+        hot = self._hot.get(vkey, i)
+        if hot is not None:
+            return self._from_memory(meta, i, hot)
         opened = await self._open(meta, i, span=span)
         if opened is not None:
             return opened
@@ -419,24 +427,43 @@ class BlockCache:
         bstart, bend = block_span(i, meta.version.size, self.block_size)
         verify = need_data or self._verified.get(str(path)) is None
         digest = meta.digest
-        small = span if span is not None and span[1] - span[0] <= SMALL_READ else None
+        small = span is not None and span[1] - span[0] <= SMALL_READ
+        if small and self._hot.capacity:
+            verify = True  # read the whole block: it goes to the memory tier
+        piece = span if small and not verify else None
         opened = await self._io(
             lambda: store.open_block(
-                path, index=i, length=bend - bstart, digest=digest, verify=verify, span=small
+                path, index=i, length=bend - bstart, digest=digest, verify=verify, span=piece
             )
         )
         if opened is None:
             return None
         if verify:
             self._verified.put(str(path), 1)
+            if small and opened.data is not None:
+                self._hot.put(self._vdir_key(meta), i, opened.data)
         vdir_rel = self._vdir_and_key(meta)[2]
         self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, opened.file_size)
         return opened
 
+    def _from_memory(self, meta: ObjectMeta, i: int, data: bytes) -> OpenBlock:
+        """A block served from the memory tier (no file open: fd -1)."""
+        path, _, vdir_rel = self._vdir_and_key(meta)
+        block_file = path / Layout.block_name(i)
+        self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, HEADER_SIZE + len(data))
+        return OpenBlock(
+            fd=-1, path=block_file, length=len(data), file_size=HEADER_SIZE + len(data), data=data
+        )
+
     async def _present(self, meta: ObjectMeta, indices: range) -> set[int]:
-        vdir = self._vdir(meta)
-        names = [(i, vdir / Layout.block_name(i)) for i in indices]
-        return await self._io(lambda: {i for i, p in names if os.path.exists(p)})
+        """Blocks that need no fetch: in the memory tier or on disk."""
+        vdir, vkey, _ = self._vdir_and_key(meta)
+        in_memory = {i for i in indices if self._hot.holds(vkey, i)}
+        names = [(i, vdir / Layout.block_name(i)) for i in indices if i not in in_memory]
+        if not names:
+            return in_memory
+        on_disk = await self._io(lambda: {i for i, p in names if os.path.exists(p)})
+        return in_memory | on_disk
 
     def _sequential_readahead(self, key: str, start: int, end: int) -> int:
         """Blocks to fetch past the end of this read.
@@ -532,7 +559,12 @@ class BlockCache:
         """
         present = await self._present(meta, range(run[0].index, run[-1].index + 1))
         missing: list[InflightBlock] = []
+        vkey = self._vdir_key(meta)
         for block in run:
+            hot = self._hot.get(vkey, block.index) if block.index in present else None
+            if hot is not None:
+                block.append(hot)
+                continue
             opened = (
                 await self._open(meta, block.index, need_data=True)
                 if block.index in present
