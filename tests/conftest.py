@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,18 @@ from nwbcache_proxy.config import Settings
 from s3emu import S3Emulator
 
 SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
+
+
+def system_tool(name: str) -> str:
+    """Path of a system tool a test drives (curl, promtool, chromium...); the
+    test fails, never skips, without it: scripts/install-test-deps.sh installs
+    them (make test runs it)."""
+    path = shutil.which(name)
+    if path is None and os.access(f"/usr/bin/{name}", os.X_OK):
+        path = f"/usr/bin/{name}"
+    if path is None:
+        pytest.fail(f"{name} not found: run scripts/install-test-deps.sh", pytrace=False)
+    return path
 
 
 @pytest.fixture

@@ -25,11 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import requests
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import system_tool as tool
 from daemons import DaemonProcess, DaemonThread
 from nwbcache_proxy.config import Settings, add_serve_arguments, load_settings
 
@@ -44,20 +44,6 @@ UNIT = DEPLOY / "systemd" / "nwbcache.service"
 SYSUSERS = DEPLOY / "systemd" / "nwbcache.sysusers"
 README = DEPLOY / "README.md"
 DS_UID = "${DS_PROMETHEUS}"
-
-
-def tool(name: str) -> str:
-    """Path of a system tool the deploy tests need; fail (not skip) without it."""
-    path = shutil.which(name)
-    if path is None and os.access(f"/usr/bin/{name}", os.X_OK):
-        path = f"/usr/bin/{name}"
-    if path is None:
-        pytest.fail(
-            f"{name} not found: run scripts/install-test-deps.sh "
-            "(installs Debian's prometheus package: prometheus and promtool)",
-            pytrace=False,
-        )
-    return path
 
 
 def serve_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +27,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import proxied
+from conftest import system_tool as tool
 from daemons import DaemonThread
 from nwbcache_proxy.metrics import Metrics
 from s3emu import Fault, S3Emulator
@@ -55,20 +55,6 @@ KEY_B = "/dandiarchive/blobs/de/pl/oy-b"  # 16 blocks: more than the cache holds
 DATA_A = os.urandom(8 * BS)
 DATA_B = os.urandom(16 * BS)
 SLOWDOWNS = 3
-
-
-def tool(name: str) -> str:
-    """Path of a system tool the deploy tests need; fail (not skip) without it."""
-    path = shutil.which(name)
-    if path is None and os.access(f"/usr/bin/{name}", os.X_OK):
-        path = f"/usr/bin/{name}"
-    if path is None:
-        pytest.fail(
-            f"{name} not found: run scripts/install-test-deps.sh "
-            "(installs Debian's prometheus package: prometheus and promtool)",
-            pytrace=False,
-        )
-    return path
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:
