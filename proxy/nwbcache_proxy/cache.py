@@ -49,6 +49,9 @@ MAX_RUN_BYTES = 16 * 1024 * 1024
 # Spans up to this size are read along with the block's open (one executor
 # hop); larger ones go out with sendfile.
 SMALL_READ = 128 * 1024
+# On shutdown, fetches under way get this long to finish before cancellation.
+SHUTDOWN_GRACE = 5.0
+FETCH_TASK_PREFIX = "nwbcache-fetch"
 # How many block files a single presence check looks at.
 PRESENCE_CHECK_LIMIT = 64
 
@@ -156,6 +159,11 @@ class BlockCache:
         self._spawn(self._maintenance_loop())
 
     async def close(self) -> None:
+        # Let fetches under way finish (their blocks are written and indexed)
+        # for a moment before cancelling what is left.
+        fetches = [t for t in self._tasks if t.get_name().startswith(FETCH_TASK_PREFIX)]
+        if fetches:
+            await asyncio.wait(fetches, timeout=SHUTDOWN_GRACE)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -164,8 +172,10 @@ class BlockCache:
             await self._io(staging.close)
         self._disk.shutdown(wait=True)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
+    def _spawn(
+        self, coro: Coroutine[Any, Any, None], name: str | None = None
+    ) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -506,14 +516,14 @@ class BlockCache:
         run: list[InflightBlock] = []
         for i in todo:
             if run and (i != run[-1].index + 1 or len(run) >= self.max_run_blocks):
-                self._spawn(self._fetch_run(meta, url, run))
+                self._spawn(self._fetch_run(meta, url, run), FETCH_TASK_PREFIX)
                 run = []
             bstart, bend = block_span(i, meta.version.size, self.block_size)
             block = InflightBlock(i, bend - bstart)
             self._inflight[(vkey, i)] = block
             run.append(block)
         if run:
-            self._spawn(self._fetch_run(meta, url, run))
+            self._spawn(self._fetch_run(meta, url, run), FETCH_TASK_PREFIX)
 
     async def _fetch_run(
         self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]
