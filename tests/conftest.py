@@ -16,6 +16,10 @@ from daemons import DaemonThread
 from nwbcache_proxy.config import Settings
 from s3emu import S3Emulator
 
+# Fixtures of the client tests (a fake DANDI archive, a dead daemon URL) and
+# their autouse isolation: no NWBCACHE_* of the developer's leaks into a test.
+pytest_plugins = ["client_support"]
+
 SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
 
 

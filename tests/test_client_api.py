@@ -14,39 +14,29 @@ import h5py
 import pytest
 
 import nwbcache
+from client_support import (
+    DANDISET,
+    NWB_FILES,
+    PUBLISHED,
+    PYNWB_FILES,
+    Archive,
+    asset_path,
+    blob_key,
+    h5_digest,
+    local_digest,
+    local_summary,
+    require_hook,
+    script_env,
+)
 from conftest import origin_host, proxied
 from daemons import DaemonThread
 from nwbcache import cli
 from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
 from nwbcache.urls import InvalidURL
 from s3emu import S3Emulator
-from test_client_support import (  # noqa: F401 - fixtures
-    DANDISET,
-    NWB_FILES,
-    PUBLISHED,
-    PYNWB_FILES,
-    Archive,
-    _fresh_routing,
-    _no_client_env,
-    archive,
-    asset_path,
-    blob_key,
-    dandi_api,
-    dead_daemon_url,
-    h5_digest,
-    local_digest,
-    local_summary,
-    needs_nwb,
-    require_hook,
-    script_env,
-)
-
-# Fixtures come from test_client_support (conftest.py is not ours to extend):
-# pyflakes takes a fixture parameter for a redefinition of the import.
-# ruff: noqa: F811
 
 # h5py in this process next to in-process servers: see conftest.gc_in_main_thread_only.
-pytestmark = [needs_nwb, pytest.mark.usefixtures("gc_in_main_thread_only")]
+pytestmark = pytest.mark.usefixtures("gc_in_main_thread_only")
 
 
 def _agents(origin: S3Emulator) -> set[str]:

@@ -21,37 +21,27 @@ from typing import Any
 
 import pytest
 
-from conftest import origin_host
-from daemons import DaemonThread
-from nwbcache import routing
-from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
-from s3emu import S3Emulator
-from test_client_support import (  # noqa: F401 - fixtures
+from client_support import (
     DANDISET,
     DIGEST_SRC,
     NWB_FILES,
     PYNWB_FILES,
     Archive,
-    _fresh_routing,
-    _no_client_env,
-    archive,
     asset_path,
-    dandi_api,
-    dead_daemon_url,
     local_digest,
     local_summary,
-    needs_nwb,
     require_hook,
     script_env,
 )
-
-# Fixtures come from test_client_support (conftest.py is not ours to extend):
-# pyflakes takes a fixture parameter for a redefinition of the import.
-# ruff: noqa: F811
+from conftest import origin_host
+from daemons import DaemonThread
+from nwbcache import routing
+from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
+from s3emu import S3Emulator
 
 # h5py and remfile in this process next to in-process servers (a few tests):
 # see conftest.gc_in_main_thread_only.
-pytestmark = [needs_nwb, pytest.mark.usefixtures("gc_in_main_thread_only")]
+pytestmark = pytest.mark.usefixtures("gc_in_main_thread_only")
 
 # -- the tutorial ----------------------------------------------------------------
 # The streaming tutorial of the DANDI/PyNWB docs, as users copy it. The only

@@ -16,7 +16,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,7 +83,7 @@ class RangeReader:
     """
 
     def __init__(
-        self, outcome: CacheOutcome, segments: AsyncIterator[Segment], first: object
+        self, outcome: CacheOutcome, segments: AsyncGenerator[Segment, None], first: object
     ) -> None:
         self.outcome = outcome
         self._segments = segments
@@ -97,9 +97,7 @@ class RangeReader:
     async def aclose(self) -> None:
         if not self._started and isinstance(self._first, OpenBlock):
             self._first.close()
-        aclose = getattr(self._segments, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await self._segments.aclose()
 
 
 class BlockCache:
@@ -351,7 +349,7 @@ class BlockCache:
         first: OpenBlock | InflightBlock,
         window: int,
         first_fresh: bool,
-    ) -> AsyncIterator[Segment]:
+    ) -> AsyncGenerator[Segment, None]:
         bs = self.block_size
         source: OpenBlock | InflightBlock | None = first
         planned_until = blocks.start + window  # blocks before this were asked for

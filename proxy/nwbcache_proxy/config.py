@@ -12,7 +12,7 @@ import argparse
 import dataclasses
 import os
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +345,3 @@ def describe(settings: Settings) -> str:
         f"blocks of {format_size(settings.block_size)}), "
         f"upstreams {', '.join(settings.allow_upstream)}"
     )
-
-
-def flags() -> Sequence[str]:
-    return [opt.flag for opt in _OPTIONS]

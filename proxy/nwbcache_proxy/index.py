@@ -133,10 +133,6 @@ class CacheIndex:
         self._pending[path] = _Pending(object_dir, nbytes, time.time())
 
     @property
-    def pending_count(self) -> int:
-        return len(self._pending)
-
-    @property
     def pending_bytes(self) -> int:
         return sum(p.bytes for p in self._pending.values())
 

@@ -22,8 +22,7 @@ from prometheus_client import (
 )
 
 from .retry import RetryReason
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from .runner import MULTIPROC_ENV
 
 # From a loopback hit (~0.1 ms) to a slow WAN miss of a large range (~minutes).
 DURATION_BUCKETS = (

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, redact_url, upstream_from_proxy_path
 
-from . import __version__, httprange, status
+from . import __version__, httprange, status, store
 from .blockfile import HEADER_SIZE
 from .cache import BlockCache, CacheOutcome, FileSegment, RangeReader
 from .dandi_resolver import DandiResolver, parse_dandi_path
@@ -405,7 +405,7 @@ async def _send_file_segment(
                 await loop.sendfile(transport, fobj, HEADER_SIZE + seg.start, seg.end - seg.start)
             except NotImplementedError:  # TLS transport, or no sendfile on this platform
                 data = await loop.run_in_executor(
-                    None, os.pread, block.fd, seg.end - seg.start, HEADER_SIZE + seg.start
+                    None, store.read_block_data, block, seg.start, seg.end
                 )
                 await response.write(data)
     finally:

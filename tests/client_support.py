@@ -32,8 +32,6 @@ DANDISET = "000123"
 PUBLISHED = "0.230101.1200"
 PTH_NAME = "nwbcache-transparent.pth"
 
-needs_nwb = pytest.mark.skipif(not NWB_FILES, reason="../shared/data/nwb is missing")
-
 # Digest of everything h5py can read from a file: every attribute and every
 # dataset's values, object references replaced by the path they point to (a
 # reference's identity differs between two opened files; its target must not).
