@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-deps lint format clean bench-quick
+.PHONY: run test test-deps lint format clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,13 @@ test: lint test-deps
 test-deps:
 	./scripts/install-test-deps.sh
 
-## bench-quick: a few minutes of side-by-side figures (remfile direct vs nwbcache cold/warm)
-bench-quick: $(STAMP)
-	$(BIN)/python bench/quick_bench.py
+## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~40 min); table + bench/results-full.json
+bench: $(STAMP) test-deps
+	$(BIN)/python bench/suite.py --scale full $(ARGS)
+
+## bench-quick: the same suite on smaller files (~10 min); bench/results-quick.json
+bench-quick: $(STAMP) test-deps
+	$(BIN)/python bench/suite.py --scale quick $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench
@@ -39,4 +43,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix client proxy tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench-data

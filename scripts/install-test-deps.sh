@@ -7,6 +7,8 @@
 #               daemon, /usr/bin/promtool checks and unit-tests deploy/prometheus
 #   chromium    tests/test_status_browser.py renders the status page headless
 #   systemd     tests/test_deploy_files.py: systemd-analyze verify/security on the unit
+#   nginx-light the benchmark's generic range cache (proxy_cache + slice), and
+#   wrk         its raw-serving load generator (bench/, tests/test_bench_smoke.py)
 set -euo pipefail
 
 need=()
@@ -18,6 +20,8 @@ if ! { command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2
 fi
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

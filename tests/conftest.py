@@ -28,8 +28,9 @@ def system_tool(name: str) -> str:
     test fails, never skips, without it: scripts/install-test-deps.sh installs
     them (make test runs it)."""
     path = shutil.which(name)
-    if path is None and os.access(f"/usr/bin/{name}", os.X_OK):
-        path = f"/usr/bin/{name}"
+    for folder in ("/usr/bin", "/usr/sbin"):  # sbin: nginx, when PATH lacks it
+        if path is None and os.access(f"{folder}/{name}", os.X_OK):
+            path = f"{folder}/{name}"
     if path is None:
         pytest.fail(f"{name} not found: run scripts/install-test-deps.sh", pytrace=False)
     return path

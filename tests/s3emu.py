@@ -81,6 +81,9 @@ class Fault(enum.StrEnum):
     NOT_FOUND = "not_found"  # 404 NoSuchKey although the object exists
 
 
+STATS_PATH = "/__s3emu/stats"
+
+
 @dataclass
 class LoggedRequest:
     """One request as the emulator saw and answered it (times from time.monotonic)."""
@@ -685,11 +688,26 @@ class S3Emulator(ServedApp):
 
     # ----------------------------------------------------------------- serving
 
+    def stats(self) -> dict[str, int]:
+        """Totals of the request log, and requests being served now."""
+        log = list(self.log)
+        return {
+            "requests": len(log),
+            "bytes": sum(r.bytes_sent for r in log),
+            "active": self._active,
+        }
+
     def app(self) -> web.Application:
         """A fresh aiohttp app bound to this emulator's state (e.g. for aiohttp_client)."""
         app = web.Application()
+        # For a benchmark driving the emulator in another process. Not an S3
+        # path: bucket names cannot contain "_", so no object can shadow it.
+        app.router.add_get(STATS_PATH, self._stats)
         app.router.add_route("*", "/{key:.*}", self._handle)
         return app
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         key = request.path

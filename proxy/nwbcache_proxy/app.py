@@ -31,7 +31,6 @@ from .server import (
     METRICS_KEY,
     STATUS_KEY,
     build_routes,
-    error_middleware,
     observe_middleware,
 )
 from .status import StatusTracker
@@ -45,7 +44,7 @@ READY_PREFIX = "nwbcache: serving on "
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[observe_middleware, error_middleware], client_max_size=1024)
+    app = web.Application(middlewares=[observe_middleware], client_max_size=1024)
     app[SETTINGS_KEY] = settings
     app[ALLOW_KEY] = settings.allow_list
     app[METRICS_KEY] = Metrics()
@@ -82,7 +81,6 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         revalidate_after=settings.revalidate_after,
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
-        memory_cache=settings.memory_cache,
     )
     await cache.start()
     app[CACHE_KEY] = cache

@@ -25,13 +25,13 @@ from nwbcache.urls import UpstreamURL, cache_key, redact_url
 from . import store
 from .blockfile import HEADER_SIZE
 from .errors import UpstreamUnavailable, VersionChanged
-from .hotblocks import HotBlocks
 from .index import CacheIndex
 from .inflight import InflightBlock
 from .layout import Layout, key_hash
 from .lru import BoundedLRU
 from .metrics import Metrics
 from .objectmeta import ObjectMeta, block_count, block_span, blocks_for
+from .openblocks import OpenBlocks, pread_nowait
 from .store import OpenBlock, Staging
 from .upstream import Upstream
 
@@ -46,8 +46,9 @@ VERIFIED_MEMORY = 200_000
 # Longest single upstream request, in bytes: long enough to amortise the
 # round trip, short enough that a retry after a reset re-reads little.
 MAX_RUN_BYTES = 16 * 1024 * 1024
-# Spans up to this size are read along with the block's open (one executor
-# hop); larger ones go out with sendfile.
+# Spans up to this size are read into memory (from the page cache on the
+# loop when it holds them) and sent with one write; larger ones go out with
+# sendfile.
 SMALL_READ = 128 * 1024
 # On shutdown, fetches under way get this long to finish before cancellation.
 SHUTDOWN_GRACE = 5.0
@@ -80,12 +81,20 @@ class RangeReader:
     Iterate it once; ``aclose`` releases the open block files whether or not
     it was iterated (a generator that never started cannot clean up itself).
     The consumer closes each FileSegment's block once it has sent it.
+
+    ``body``: set when the whole range is already in memory (a small hit);
+    the server can then answer with one write. Iterating yields it too.
     """
 
     def __init__(
-        self, outcome: CacheOutcome, segments: AsyncGenerator[Segment, None], first: object
+        self,
+        outcome: CacheOutcome,
+        segments: AsyncGenerator[Segment, None],
+        first: object,
+        body: bytes | None = None,
     ) -> None:
         self.outcome = outcome
+        self.body = body
         self._segments = segments
         self._first = first
         self._started = False
@@ -113,7 +122,6 @@ class BlockCache:
         revalidate_after: float,
         fsync: bool,
         metrics: Metrics,
-        memory_cache: int = 0,
     ) -> None:
         self.layout = layout
         self.index = index
@@ -142,8 +150,12 @@ class BlockCache:
         # because the client would have waited for upstream without the fetch
         # made on its behalf. Bounded: forgetting one only counts it as a hit.
         self._unserved: BoundedLRU[tuple[str, int], bool] = BoundedLRU(65_536)
-        self._vdirs: BoundedLRU[ObjectMeta, tuple[Path, str, str]] = BoundedLRU(META_MEMORY)
-        self._hot = HotBlocks(memory_cache)
+        # By version digest (bytes cache their hash; an ObjectMeta would be
+        # hashed field by field on every lookup).
+        self._vdirs: BoundedLRU[bytes, tuple[Path, str, str]] = BoundedLRU(META_MEMORY)
+        self._fds = OpenBlocks()
+        self._served_upstream = metrics.served_bytes.labels("upstream")
+        self._served_cache = metrics.served_bytes.labels("cache")
         self._tasks: set[asyncio.Task[None]] = set()
         self._evict_wakeup = asyncio.Event()
 
@@ -169,6 +181,7 @@ class BlockCache:
             staging = self.staging
             await self._io(staging.close)
         self._disk.shutdown(wait=True)
+        self._fds.close_all()
 
     def _spawn(
         self, coro: Coroutine[Any, Any, None], name: str | None = None
@@ -253,7 +266,7 @@ class BlockCache:
                 store.unlink_quietly(self.layout.meta_path(kh))
             store.drop_dir(self.layout, vdir)
 
-        self._hot.drop_version(str(vdir))
+        self._fds.drop_version(str(vdir))
         await self._io(drop)
         await self.index.forget_object(self._relative(vdir))
 
@@ -271,11 +284,11 @@ class BlockCache:
     def _vdir_and_key(self, meta: ObjectMeta) -> tuple[Path, str, str]:
         """(path, its string, relative to the layout root). Memoised: two SHA-256s
         and path arithmetic, asked for several times per block."""
-        known = self._vdirs.get(meta)
+        known = self._vdirs.get(meta.digest)
         if known is None:
             path = self.layout.version_dir(key_hash(meta.cache_key), meta.digest, self.block_size)
             known = (path, str(path), self._relative(path))
-            self._vdirs.put(meta, known)
+            self._vdirs.put(meta.digest, known)
         return known
 
     def _relative(self, path: Path) -> str:
@@ -336,6 +349,12 @@ class BlockCache:
             self._start_runs(meta, url, missing[: self.readahead_blocks])
         if ahead:
             self._prefetch(meta, url, blocks.stop, blocks.stop + ahead)
+        if len(blocks) == 1 and isinstance(first, OpenBlock):
+            body = first.bytes_of(*first_span)
+            if body is not None:  # a small read, already in memory: no streaming
+                first.close()
+                (self._served_upstream if fresh else self._served_cache).inc(len(body))
+                return RangeReader(outcome, _one(body), None, body=body)
         segments = self._segments(meta, url, start, end, blocks, first, window, fresh)
         return RangeReader(outcome, segments, first)
 
@@ -366,11 +385,11 @@ class BlockCache:
                         fresh = first_fresh
                     else:
                         fresh = self._unserved.pop((self._vdir_key(meta), i)) is not None
-                    self.metrics.served_bytes.labels("upstream" if fresh else "cache").inc(hi - lo)
+                    (self._served_upstream if fresh else self._served_cache).inc(hi - lo)
                     yield FileSegment(source, lo, hi)
                 else:
                     async for chunk in source.chunks(lo, hi):
-                        self.metrics.served_bytes.labels("upstream").inc(len(chunk))
+                        self._served_upstream.inc(len(chunk))
                         yield chunk
                 source = None
                 window = min(self.readahead_blocks, window * 2)
@@ -396,19 +415,21 @@ class BlockCache:
         """The block from disk, or its in-flight fetch (started if needed).
         ``span``: the bytes of the block the caller will send (read at once if small)."""
         vkey = self._vdir_key(meta)
+        # A reader is attached from here on: the block, once published, has
+        # been served (marking it only when streaming starts raced _publish
+        # and reported the next read of the block as a miss).
         inflight = self._inflight.get((vkey, i))
         if inflight is not None:
             self.metrics.coalesced.inc()
+            inflight.served = True
             return inflight
-        hot = self._hot.get(vkey, i)
-        if hot is not None:
-            return self._from_memory(meta, i, hot)
         opened = await self._open(meta, i, span=span)
         if opened is not None:
             return opened
         inflight = self._inflight.get((vkey, i))
         if inflight is not None:
             self.metrics.coalesced.inc()
+            inflight.served = True
             return inflight
         upto = min(
             wanted_end, i + self.readahead_blocks, block_count(meta.version.size, self.block_size)
@@ -421,7 +442,9 @@ class BlockCache:
                 break
             run.append(j)
         self._start_runs(meta, url, run)
-        return self._inflight[(vkey, i)]
+        started = self._inflight[(vkey, i)]
+        started.served = True
+        return started
 
     async def _open(
         self,
@@ -431,14 +454,56 @@ class BlockCache:
         need_data: bool = False,
         span: tuple[int, int] | None = None,
     ) -> OpenBlock | None:
+        """The block, open, or None when it is not on disk.
+
+        ``need_data``: with the block's bytes read. ``span``: the part of the
+        block the caller will send, read at once when it is small.
+        """
+        small = span is not None and span[1] - span[0] <= SMALL_READ
+        vkey = self._vdir_key(meta)
+        shared = self._fds.get(vkey, i)
+        if shared is not None:  # opened and checked before: no open, no header
+            bstart, bend = block_span(i, meta.version.size, self.block_size)
+            block = OpenBlock(
+                fd=shared.fd,
+                path=None,  # not needed to serve it, and a Path costs µs to build
+                length=bend - bstart,
+                file_size=shared.file_size,
+                data=None,
+                owner=shared,
+            )
+            complete = True
+            try:
+                if need_data:
+                    block.data = await self._pread(shared.fd, block.length, HEADER_SIZE)
+                    complete = block.data is not None
+                elif small and span is not None:
+                    piece = await self._pread(shared.fd, span[1] - span[0], HEADER_SIZE + span[0])
+                    complete = piece is not None
+                    block.piece = None if piece is None else (span[0], piece)
+            except BaseException:
+                block.close()
+                raise
+            if complete:
+                self._touch(meta, i, shared.file_size)
+                return block
+            block.close()  # a short read: the file is not what it was; look again
+            self._fds.forget(vkey, i)
+        return await self._open_file(meta, i, need_data=need_data, span=span if small else None)
+
+    async def _open_file(
+        self,
+        meta: ObjectMeta,
+        i: int,
+        *,
+        need_data: bool,
+        span: tuple[int, int] | None,
+    ) -> OpenBlock | None:
         path = self._block_path(meta, i)
         bstart, bend = block_span(i, meta.version.size, self.block_size)
         verify = need_data or self._verified.get(str(path)) is None
         digest = meta.digest
-        small = span is not None and span[1] - span[0] <= SMALL_READ
-        if small and self._hot.capacity:
-            verify = True  # read the whole block: it goes to the memory tier
-        piece = span if small and not verify else None
+        piece = span if not verify else None
         opened = await self._io(
             lambda: store.open_block(
                 path, index=i, length=bend - bstart, digest=digest, verify=verify, span=piece
@@ -448,30 +513,32 @@ class BlockCache:
             return None
         if verify:
             self._verified.put(str(path), 1)
-            if small and opened.data is not None:
-                self._hot.put(self._vdir_key(meta), i, opened.data)
-        vdir_rel = self._vdir_and_key(meta)[2]
-        self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, opened.file_size)
+        opened.owner = self._fds.adopt(self._vdir_key(meta), i, opened.fd, opened.file_size)
+        self._touch(meta, i, opened.file_size)
         return opened
 
-    def _from_memory(self, meta: ObjectMeta, i: int, data: bytes) -> OpenBlock:
-        """A block served from the memory tier (no file open: fd -1)."""
-        path, _, vdir_rel = self._vdir_and_key(meta)
-        block_file = path / Layout.block_name(i)
-        self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, HEADER_SIZE + len(data))
-        return OpenBlock(
-            fd=-1, path=block_file, length=len(data), file_size=HEADER_SIZE + len(data), data=data
-        )
+    async def _pread(self, fd: int, length: int, offset: int) -> bytes | None:
+        """Bytes of an open block: from the page cache on the loop, else in a
+        thread. None when the file is shorter than it should be."""
+        data = pread_nowait(fd, length, offset)
+        if data is None:
+            data = await self._io(lambda: os.pread(fd, length, offset))
+        return data if len(data) == length else None
+
+    def _touch(self, meta: ObjectMeta, i: int, file_size: int) -> None:
+        """Tell the LRU index the block was used."""
+        vdir_rel = self._vdir_and_key(meta)[2]
+        self.index.record(f"{vdir_rel}/{Layout.block_name(i)}", vdir_rel, file_size)
 
     async def _present(self, meta: ObjectMeta, indices: range) -> set[int]:
-        """Blocks that need no fetch: in the memory tier or on disk."""
+        """Blocks that need no fetch: held open, or on disk."""
         vdir, vkey, _ = self._vdir_and_key(meta)
-        in_memory = {i for i in indices if self._hot.holds(vkey, i)}
-        names = [(i, vdir / Layout.block_name(i)) for i in indices if i not in in_memory]
+        held = {i for i in indices if self._fds.holds(vkey, i)}
+        names = [(i, vdir / Layout.block_name(i)) for i in indices if i not in held]
         if not names:
-            return in_memory
+            return held
         on_disk = await self._io(lambda: {i for i, p in names if os.path.exists(p)})
-        return in_memory | on_disk
+        return held | on_disk
 
     def _sequential_readahead(self, key: str, start: int, end: int) -> int:
         """Blocks to fetch past the end of this read.
@@ -567,12 +634,7 @@ class BlockCache:
         """
         present = await self._present(meta, range(run[0].index, run[-1].index + 1))
         missing: list[InflightBlock] = []
-        vkey = self._vdir_key(meta)
         for block in run:
-            hot = self._hot.get(vkey, block.index) if block.index in present else None
-            if hot is not None:
-                block.append(hot)
-                continue
             opened = (
                 await self._open(meta, block.index, need_data=True)
                 if block.index in present
@@ -654,6 +716,7 @@ class BlockCache:
                 pass
             self._evict_wakeup.clear()
             try:
+                self._fds.close_idle()
                 await self.index.flush()
                 if self.index.last_totals.bytes > self.capacity:
                     # Down to a low-water mark, so eviction runs in bursts
@@ -667,6 +730,10 @@ class BlockCache:
             except Exception:
                 log.exception("cache maintenance failed; retrying")
                 await asyncio.sleep(FLUSH_INTERVAL)
+
+
+async def _one(body: bytes) -> AsyncGenerator[Segment, None]:
+    yield body
 
 
 def _contiguous(blocks: list[InflightBlock]) -> list[list[InflightBlock]]:

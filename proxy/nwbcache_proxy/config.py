@@ -35,9 +35,6 @@ DEFAULT_READAHEAD = 4 * 1024 * 1024
 # upstream fetch (If-Match), so this only bounds how long pure hits may serve
 # an object that changed upstream.
 DEFAULT_REVALIDATE_AFTER = 3600.0
-# Recently read blocks kept in memory per process (hotblocks.py): enough for
-# the metadata blocks of many open files, small beside a lab server's RAM.
-DEFAULT_MEMORY_CACHE = 64 * 1024 * 1024
 
 
 def default_cache_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -56,7 +53,6 @@ class Settings:
     allow_upstream: tuple[str, ...] = DANDI_HOSTS
     workers: int = 1
     readahead: int = DEFAULT_READAHEAD
-    memory_cache: int = DEFAULT_MEMORY_CACHE
     revalidate_after: float = DEFAULT_REVALIDATE_AFTER
     max_upstream_connections: int = 32
     connect_timeout: float = 10.0
@@ -163,13 +159,6 @@ _OPTIONS: tuple[_Option, ...] = (
         "--readahead",
         parse_size,
         "how far ahead of a sequential reader to fetch (default 4M)",
-        "SIZE",
-    ),
-    _Option(
-        "memory_cache",
-        "--memory-cache",
-        parse_size,
-        "recently read blocks kept in memory per process for small hits; 0 disables (default 64M)",
         "SIZE",
     ),
     _Option(

@@ -35,6 +35,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
+    # Neither format shows thread or process fields; not collecting them is
+    # the logging HOWTO's own advice for code that logs on a hot path (one
+    # access-log record per request).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # no stack walk per record for the caller's file and line
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -11,6 +11,7 @@ library picks its storage) and ``/metrics`` in any worker reports the sum.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -117,6 +118,7 @@ class Metrics:
         )
 
         self._declare_label_values()
+        self._request_counters: dict[tuple[str, str, str], Any] = {}
 
     def _declare_label_values(self) -> None:
         """Create the bounded label values at start, at zero.
@@ -135,6 +137,15 @@ class Metrics:
             for status in ("200", "206"):
                 for cache in ("hit", "miss", "partial"):
                     self.requests.labels(method, status, cache)
+
+    def count_request(self, method: str, status: int, cache: str) -> None:
+        """requests.labels(...).inc(), with the labelled child memoised: a
+        labels() lookup takes a lock and builds a tuple on every hit."""
+        key = (method, str(status), cache)
+        child = self._request_counters.get(key)
+        if child is None:
+            child = self._request_counters[key] = self.requests.labels(*key)
+        child.inc()
 
     def exposition(self) -> bytes:
         """The text format of every metric, summed over workers when there are several."""

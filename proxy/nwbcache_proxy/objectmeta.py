@@ -40,10 +40,12 @@ class ObjectMeta:
     cache_key: str
     version: ObjectVersion
     validated_at: float
+    # Derived once: every block read needs it, and it is a SHA-256.
+    digest: bytes = dataclasses.field(init=False, compare=False, repr=False)
 
-    @property
-    def digest(self) -> bytes:
-        return version_digest(self.cache_key, self.version.validator, self.version.size)
+    def __post_init__(self) -> None:
+        digest = version_digest(self.cache_key, self.version.validator, self.version.size)
+        object.__setattr__(self, "digest", digest)
 
     def to_json(self) -> dict[str, Any]:
         v = self.version

@@ -23,6 +23,7 @@ from typing import Any
 from . import blockfile
 from .blockfile import HEADER_SIZE, CorruptBlock
 from .layout import Layout
+from .openblocks import SharedFd
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,33 @@ class OpenBlock:
     """An open, checked block file. ``data`` is set when it was read to verify it."""
 
     fd: int
-    path: Path
+    path: Path | None
     length: int
     file_size: int
     data: bytes | None
     # (start, bytes) of a small span read along with the open, so a small
-    # hit costs one executor hop and no sendfile set-up.
+    # hit needs no sendfile set-up.
     piece: tuple[int, bytes] | None = None
+    # Set when the fd belongs to the table of open blocks (openblocks.py):
+    # closing then releases this reader's share instead of the fd.
+    owner: SharedFd | None = None
+
+    def bytes_of(self, start: int, end: int) -> bytes | None:
+        """Bytes [start, end) of the block's data if they are in memory."""
+        if self.data is not None:
+            return self.data[start:end]
+        if self.piece is not None and self.piece[0] == start and len(self.piece[1]) == end - start:
+            return self.piece[1]
+        return None
 
     def close(self) -> None:
         """Idempotent: a closed fd number may be reused by another open at once,
         so closing twice could close somebody else's file."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            if self.owner is not None:
+                self.owner.release()
+                return
             with contextlib.suppress(OSError):
                 os.close(fd)
 

@@ -1,0 +1,126 @@
+"""One measured client run, in a process of its own (so no client keeps a
+warm in-memory cache between runs and no run shares a GIL with a server).
+
+    python bench/clientrun.py '<json spec>'
+
+The spec names the method (how the file is opened), the workload, the URL or
+path and the dataset to slice. Imports happen before the clock starts: the
+time is what a script that already imported h5py and PyNWB waits for.
+Prints one JSON line: seconds, and a digest of the bytes the workload read,
+so the suite can check that every method returned the same data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import IO, Any
+
+import fsspec
+import h5py
+import numpy as np
+import pynwb
+import remfile
+
+Opener = Callable[[], Any]
+
+# What the user's script would write for each way of reading. "url" is the
+# object's URL as this method sees it (direct, through nginx, or proxied).
+METHODS = (
+    "local",
+    "remfile",
+    "fsspec",
+    "fsspec-blockcache",
+    "remfile-diskcache",
+    "nginx-remfile",
+    "nwbcache-remfile",
+    "nwbcache-fsspec",
+)
+
+
+def opener(spec: dict[str, Any]) -> Opener:
+    method, url = spec["method"], spec.get("url", "")
+    if method == "local":
+        return lambda: open(spec["path"], "rb")
+    if method in ("remfile", "nginx-remfile", "nwbcache-remfile"):
+        return lambda: remfile.File(url)
+    if method == "remfile-diskcache":
+        cache = remfile.DiskCache(spec["cache_dir"])
+        return lambda: remfile.File(url, disk_cache=cache)
+    if method in ("fsspec", "nwbcache-fsspec"):
+        fs = fsspec.filesystem("http")
+        return lambda: fs.open(url, "rb")
+    if method == "fsspec-blockcache":
+        fs = fsspec.filesystem(
+            "blockcache", target_protocol="http", cache_storage=spec["cache_dir"]
+        )
+        return lambda: fs.open(url, "rb")
+    raise SystemExit(f"unknown method {method!r}")
+
+
+def _digest(array: np.ndarray[Any, Any]) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def _slice(ds: h5py.Dataset, rate: float) -> np.ndarray[Any, Any]:
+    """1 s of data from the middle: 64 channels (ecephys), a 64 x 64 pixel
+    window (imaging), one sweep's second (icephys)."""
+    n = max(1, int(rate))
+    start = max(0, ds.shape[0] // 2 - n // 2)
+    if ds.ndim == 1:
+        return np.asarray(ds[start : start + n])
+    if ds.ndim == 2:
+        return np.asarray(ds[start : start + n, 0:64])
+    return np.asarray(ds[start : start + n, 0:64, 0:64])
+
+
+def _scan(ds: h5py.Dataset) -> str:
+    """Read the whole dataset front to back, a few chunks at a time."""
+    step = (ds.chunks[0] if ds.chunks else 65536) * 4
+    h = hashlib.sha256()
+    for start in range(0, ds.shape[0], step):
+        h.update(np.ascontiguousarray(ds[start : start + step]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_workload(spec: dict[str, Any], open_file: Opener) -> str:
+    workload = spec["workload"]
+    fobj: IO[bytes] = open_file()
+    try:
+        with h5py.File(fobj, "r") as f:
+            if workload == "open":
+                return ",".join(sorted(f.keys()))
+            if workload == "scan":
+                return _scan(f[spec["dataset"]])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # namespace-cache chatter, not the point
+                io = pynwb.NWBHDF5IO(file=f, mode="r", load_namespaces=True)
+                nwb = io.read()
+            if workload == "read":
+                return nwb.identifier  # type: ignore[no-any-return]
+            if workload == "read+slice":
+                return _digest(_slice(f[spec["dataset"]], spec["rate"]))
+            raise SystemExit(f"unknown workload {workload!r}")
+    finally:
+        fobj.close()
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    open_file = opener(spec)
+    start_at = spec.get("start_at")  # concurrent runs start together, imports done
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    started = time.perf_counter()
+    digest = run_workload(spec, open_file)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "digest": digest, "finished_at": time.time()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

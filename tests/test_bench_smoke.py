@@ -1,0 +1,80 @@
+"""The benchmark suite runs end to end at a tiny size (no timing asserted).
+
+It drives everything a real run does: generated PyNWB files, the emulator in
+its own process, nginx-light, nwbcache, every client method, wrk, the RSS
+probe and the block-size sweep. What it asserts is what a broken harness or
+a broken daemon would get wrong: every method read the same bytes as h5py on
+the local file, wrk saw no errors, and the report has every section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import system_tool
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
+    system_tool("nginx")
+    system_tool("wrk")
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "suite.py"),
+            "--scale",
+            "smoke",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    for section in ("machine", "versions", "workloads", "concurrent", "raw", "rss", "sweep"):
+        assert report[section], section
+    assert report["versions"]["nginx"].startswith("nginx version")
+
+    # Every method, cold and warm where it caches, read the same slice as h5py
+    # on the local file (the suite checks the digests; here we check it ran them).
+    cells = report["workloads"]
+    methods = {key.split("|")[2] for key in cells}
+    assert methods == {
+        "local",
+        "remfile",
+        "fsspec",
+        "fsspec-blockcache",
+        "remfile-diskcache",
+        "nginx-remfile",
+        "nwbcache-remfile",
+        "nwbcache-fsspec",
+    }
+    digests = {run["digest"] for cell in cells.values() for run in cell["runs"]}
+    assert len(digests) == 1
+    # A cold nwbcache run reads through; a warm one is served from the cache.
+    # (A warm run may fetch a block whose fetch the cold run abandoned when
+    # its client hung up on a plain GET, so "at most two blocks", not zero.)
+    warm = cells["ecephys-smoke.nwb|read+slice|nwbcache-remfile|warm"]
+    cold = cells["ecephys-smoke.nwb|read+slice|nwbcache-remfile|cold"]
+    assert cold["median_upstream_bytes"] > 1_000_000
+    assert warm["median_upstream_bytes"] <= 2 * 256 * 1024
+
+    for length, row in report["raw"]["1"].items():
+        if length.isdigit():
+            for server in ("nginx", "nwbcache"):
+                assert row[server]["requests"] > 0 and row[server]["errors"] == 0
+                assert not math.isnan(row[server]["p99_ms"])
+    assert 0 < report["rss"]["warm"]["peak_rss_bytes"] < 1e9
+    assert any(t["met"] is not None for t in report["targets"])
