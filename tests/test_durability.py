@@ -15,6 +15,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -427,6 +429,40 @@ def test_two_workers_serve_exact_bytes(origin: S3Emulator, spawn: Spawn, tmp_pat
     assert daemon.terminate() == 0
     check = verify_blocks(cache_dir, by_cache_key(origin, objects))
     assert check.verified >= len(objects)
+
+
+def test_workers_share_keep_alive_connections(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """--workers 2: many keep-alive connections are spread over both workers.
+
+    With one listening socket shared by the workers, a burst of connections
+    went to whichever worker woke first, and keep-alive clients then stayed
+    there (two workers served no more than one). Request ids start with a
+    per-process prefix, so they tell which worker answered.
+    """
+    origin.put("/b/spread", os.urandom(100_000))
+    daemon = spawn(tmp_path / "cache", "--workers", "2")
+    target = urllib.parse.urlsplit(proxied(daemon.url, origin, "/b/spread"))
+    # A burst of 16 connections, all connected before any request (as wrk or
+    # a pool of readers starting together do), then one request on each.
+    conns = [http.client.HTTPConnection(target.netloc, timeout=TIMEOUT) for _ in range(16)]
+    prefixes = set()
+    try:
+        for conn in conns:
+            conn.connect()
+        for conn in conns:
+            conn.request("GET", target.path, headers={"Range": "bytes=0-99"})
+            r = conn.getresponse()
+            assert r.status == 206 and len(r.read()) == 100
+            prefixes.add(r.headers["X-Request-Id"][:6])
+    finally:
+        for conn in conns:
+            conn.close()
+    # The kernel hashes each connection to one of the two sockets: all 16 on
+    # one worker would happen with probability 2**-15.
+    assert len(prefixes) == 2
+    assert daemon.terminate() == 0
 
 
 def test_eviction_keeps_cache_bounded_and_lru(
