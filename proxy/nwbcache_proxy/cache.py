@@ -10,12 +10,14 @@ upstream request, read-ahead for sequential readers, versions that never mix.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import enum
 import logging
 import os
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +33,7 @@ from .layout import Layout, key_hash
 from .lru import BoundedLRU
 from .metrics import Metrics
 from .objectmeta import ObjectMeta, block_count, block_span, blocks_for
-from .openblocks import OpenBlocks, pread_nowait
+from .openblocks import OpenBlocks, pread_nowait, raise_fd_limit, table_capacity
 from .store import OpenBlock, Staging
 from .upstream import Upstream
 
@@ -161,7 +163,7 @@ class BlockCache:
         # By version digest (bytes cache their hash; an ObjectMeta would be
         # hashed field by field on every lookup).
         self._vdirs: BoundedLRU[bytes, tuple[Path, str, str]] = BoundedLRU(META_MEMORY)
-        self._fds = OpenBlocks()
+        self._fds = OpenBlocks(table_capacity(raise_fd_limit()))
         self._served_upstream = metrics.served_bytes.labels("upstream")
         self._served_cache = metrics.served_bytes.labels("cache")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -658,14 +660,27 @@ class BlockCache:
         self, meta: ObjectMeta, url: UpstreamURL, run: list[InflightBlock]
     ) -> None:
         """Fill consecutive in-flight blocks: from disk where another fetch
-        published them meanwhile, else with one upstream request per gap."""
+        published them meanwhile, else with one upstream request per gap.
+
+        The run keeps only weak references to its blocks: a block that is
+        complete (filled from disk, or published) is then freed as soon as
+        its readers are done with it, rather than when the whole run ends.
+        Holding them all measured 265 MB of RSS with 256 cold streams (runs
+        waiting for an upstream connection held their disk-filled blocks).
+        """
         vkey = self._vdir_key(meta)
+        refs = [weakref.ref(block) for block in run]
+
+        def pending() -> list[InflightBlock]:
+            return [b for b in (r() for r in refs) if b is not None]
+
         try:
-            missing = await self._fill_from_disk(meta, run)
-            for gap in _contiguous(missing):
-                await self._stream_into(meta, url, gap)
+            gaps = _contiguous(await self._fill_from_disk(meta, run))
+            del run
+            while gaps:
+                await self._stream_into(meta, url, gaps.pop(0))
         except asyncio.CancelledError:
-            for block in run:
+            for block in pending():
                 block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
             raise
         except VersionChanged as exc:
@@ -675,14 +690,14 @@ class BlockCache:
                 # must not find the old version's metadata still on disk.
                 await self.drop_version(meta)
             finally:
-                for block in run:
+                for block in pending():
                     block.fail(exc)
         except Exception as exc:
-            for block in run:
+            for block in pending():
                 block.fail(exc)
             log.info("fetch of %s failed: %s", redact_url(url.url), exc)
         finally:
-            for block in run:
+            for block in pending():
                 if self._inflight.get((vkey, block.index)) is block:
                     del self._inflight[(vkey, block.index)]
 
@@ -698,6 +713,7 @@ class BlockCache:
         """
         present = await self._present(meta, range(run[0].index, run[-1].index + 1))
         missing: list[InflightBlock] = []
+        vkey = self._vdir_key(meta)
         for block in run:
             opened = (
                 await self._open(meta, block.index, need_data=True)
@@ -712,6 +728,10 @@ class BlockCache:
                 block.append(opened.data)
             finally:
                 opened.close()
+            if (
+                self._inflight.get((vkey, block.index)) is block
+            ):  # complete: new readers open the file
+                del self._inflight[(vkey, block.index)]
         return missing
 
     async def _stream_into(
@@ -721,18 +741,21 @@ class BlockCache:
         vkey = self._vdir_key(meta)
         start = run[0].index * self.block_size
         end = start + sum(b.length for b in run)
-        current = 0
+        pending = collections.deque(run)
+        del run  # published blocks leave with their last reader (see _fetch_run)
         async for chunk in self.upstream.stream(url, start, end, meta.version):
             view = memoryview(chunk)
             while view:
-                block = run[current]
+                block = pending[0]
                 take = min(len(view), block.length - block.filled)
                 block.append(view[:take])
                 view = view[take:]
                 if block.complete:
+                    pending.popleft()
                     await self._publish(meta, block.index, block.data, block)
-                    self._inflight.pop((vkey, block.index), None)
-                    current += 1
+                    if self._inflight.get((vkey, block.index)) is block:
+                        del self._inflight[(vkey, block.index)]
+                    del block
 
     async def _publish(
         self,

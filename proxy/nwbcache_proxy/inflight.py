@@ -12,7 +12,8 @@ from collections.abc import AsyncIterator
 
 
 class InflightBlock:
-    __slots__ = ("_buf", "_event", "error", "filled", "index", "length", "served")
+    # __weakref__: a fetch run refers to its blocks weakly (cache._fetch_run).
+    __slots__ = ("__weakref__", "_buf", "_event", "error", "filled", "index", "length", "served")
 
     def __init__(self, index: int, length: int) -> None:
         self.index = index
