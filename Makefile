@@ -25,7 +25,7 @@ test: lint test-deps
 test-deps:
 	./scripts/install-test-deps.sh
 
-## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~40 min); table + bench/results-full.json
+## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~1 h); table + bench/results-full.json
 bench: $(STAMP) test-deps
 	$(BIN)/python bench/suite.py --scale full $(ARGS)
 

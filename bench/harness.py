@@ -31,9 +31,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from nwbcache_proxy.app import READY_PREFIX  # noqa: E402
 from s3emu import STATS_PATH  # noqa: E402
 
-READY_PREFIX = "nwbcache: serving on "  # printed by nwbcache_proxy.app once listening
 OBJECT_PREFIX = "/bench"  # emulator path prefix: <emulator>/bench/<file name>
 
 

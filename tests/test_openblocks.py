@@ -610,3 +610,27 @@ def test_the_maintenance_loop_closes_idle_fds(
         time.sleep(0.05)
     assert all(_closed(s) for s in held.values())
     assert _in_loop(daemon, lambda: len(daemon.cache._fds)) == 0
+
+
+def test_table_capacity_leaves_most_of_the_fd_limit_to_sockets() -> None:
+    from nwbcache_proxy.openblocks import OPEN_BLOCKS, table_capacity
+
+    assert table_capacity(1024) == 256  # systemd's default soft limit
+    assert table_capacity(65536) == OPEN_BLOCKS
+    assert table_capacity(10) == 16  # never unusably small
+
+
+def test_raise_fd_limit_never_lowers_the_soft_limit() -> None:
+    import resource
+
+    from nwbcache_proxy.openblocks import WANTED_NOFILE, raise_fd_limit
+
+    before, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        got = raise_fd_limit()
+        after = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert after >= before
+        assert got == after or after == resource.RLIM_INFINITY
+        assert after >= min(WANTED_NOFILE, hard) or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (before, hard))
