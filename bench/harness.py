@@ -31,7 +31,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nwbcache_proxy.app import READY_PREFIX  # noqa: E402
+from daemons import DaemonProcess  # noqa: E402
 from s3emu import STATS_PATH  # noqa: E402
 
 OBJECT_PREFIX = "/bench"  # emulator path prefix: <emulator>/bench/<file name>
@@ -156,6 +156,8 @@ class Emulator:
 
 
 class Nwbcache:
+    """The daemon from this checkout (tests/daemons.py starts it), logging to a file."""
+
     def __init__(
         self,
         cache_dir: Path,
@@ -166,51 +168,30 @@ class Nwbcache:
         readahead: str | None = None,
         workers: int = 1,
     ) -> None:
-        self.cache_dir = cache_dir
-        self.args = [
-            "--cache-dir",
-            str(cache_dir),
-            "--allow-upstream",
-            upstream_host,
-            "--workers",
-            str(workers),
-        ]
+        args = ["--cache-dir", str(cache_dir), "--allow-upstream", upstream_host]
+        args += ["--workers", str(workers)]
         if block_size:
-            self.args += ["--block-size", block_size]
+            args += ["--block-size", block_size]
         if readahead:
-            self.args += ["--readahead", readahead]
-        self.upstream_host = upstream_host
-        self.log_path = log_path
-        self.proc: subprocess.Popen[str] | None = None
+            args += ["--readahead", readahead]
+        self.daemon = DaemonProcess(args, stderr_path=log_path)
         self.url = ""
 
     def start(self, timeout: float = 60) -> Nwbcache:
-        cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0", *self.args]
-        with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
-            )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"nwbcache exited with {self.proc.wait()}; see {self.log_path}")
-            if line.startswith(READY_PREFIX):
-                self.url = line[len(READY_PREFIX) :].split()[0]
-                return self
-        raise RuntimeError("nwbcache did not report ready")
+        self.url = self.daemon.start(timeout).url
+        return self
 
     def url_for(self, upstream_url: str) -> str:
         scheme, _, rest = upstream_url.partition("://")
         return f"{self.url}/{scheme}/{rest}"
 
     def pids(self) -> list[int]:
-        assert self.proc is not None
-        return process_tree(self.proc.pid)
+        assert self.daemon.proc is not None
+        return process_tree(self.daemon.proc.pid)
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        if self.daemon.proc is not None:
+            self.daemon.terminate()
 
 
 NGINX_CONF = """\

@@ -40,6 +40,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from clientrun import METHODS as ALL_METHODS  # noqa: E402
 from harness import ROOT, Emulator, Nginx, Nwbcache, rss_bytes  # noqa: E402
 from nwbfiles import BenchFile, ensure_files  # noqa: E402
 from wrkrun import run_wrk  # noqa: E402
@@ -57,16 +58,6 @@ CACHED = {
     "nwbcache-remfile",
     "nwbcache-fsspec",
 }
-ALL_METHODS = (
-    "local",
-    "remfile",
-    "fsspec",
-    "fsspec-blockcache",
-    "remfile-diskcache",
-    "nginx-remfile",
-    "nwbcache-remfile",
-    "nwbcache-fsspec",
-)
 # A full scan through every per-user cache adds minutes and nothing new:
 # the scan compares the shared caches with streaming.
 SCAN_METHODS = (

@@ -9,6 +9,7 @@ daemons on one cache directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -99,6 +100,7 @@ class DaemonProcess:
         *,
         env: dict[str, str] | None = None,
         file_size_limit: int | None = None,
+        stderr_path: Path | None = None,
     ) -> None:
         self.args = list(args)
         # RLIMIT_FSIZE for the daemon: writes past it fail with EFBIG, a real
@@ -107,20 +109,22 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
-        self.stderr_path: Path | None = None
+        self.stderr_path = stderr_path  # the daemon's log; None: discarded
 
     def start(self, timeout: float = 30) -> DaemonProcess:
         cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0", *self.args]
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            env=self.env,
-            cwd=REPO,
-            start_new_session=True,
-            preexec_fn=self._limit_files if self.file_size_limit is not None else None,
-        )
+        log = self.stderr_path.open("a") if self.stderr_path else None
+        with log or contextlib.nullcontext():  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=log or subprocess.DEVNULL,
+                text=True,
+                env=self.env,
+                cwd=REPO,
+                start_new_session=True,
+                preexec_fn=self._limit_files if self.file_size_limit is not None else None,
+            )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:

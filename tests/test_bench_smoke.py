@@ -19,6 +19,9 @@ from pathlib import Path
 from conftest import system_tool
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import clientrun  # noqa: E402
 
 
 def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
@@ -52,16 +55,7 @@ def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
     # on the local file (the suite checks the digests; here we check it ran them).
     cells = report["workloads"]
     methods = {key.split("|")[2] for key in cells}
-    assert methods == {
-        "local",
-        "remfile",
-        "fsspec",
-        "fsspec-blockcache",
-        "remfile-diskcache",
-        "nginx-remfile",
-        "nwbcache-remfile",
-        "nwbcache-fsspec",
-    }
+    assert methods == set(clientrun.METHODS) and len(methods) == 8
     digests = {run["digest"] for cell in cells.values() for run in cell["runs"]}
     assert len(digests) == 1
     # A cold nwbcache run reads through; a warm one is served from the cache.

@@ -417,6 +417,13 @@ class OpenCounter:
 RANGES = [(i * BS + 100, i * BS + 4195) for i in range(BLOCKS)]
 
 
+def _read_twice(url: str, data: bytes) -> None:
+    """Every range of RANGES, cold then warm (the warm pass keeps the fds)."""
+    for _round in ("cold", "warm: fds kept"):
+        for a, b in RANGES:
+            assert _get(url, a, b).content == data[a : b + 1]
+
+
 def test_warm_hits_reuse_open_fds_without_opening_block_files(
     origin: S3Emulator,
     make_daemon: Callable[..., DaemonThread],
@@ -474,9 +481,7 @@ def test_a_new_version_retires_the_old_versions_fds(
     origin.put("/b/ver", data)
     daemon = make_daemon(block_size=BS, cache_dir=tmp_path / "cache")
     url = proxied(daemon.url, origin, "/b/ver")
-    for _round in ("cold", "warm: fds kept"):
-        for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
+    _read_twice(url, data)
     old_meta = _resolve(daemon, url)
     old = _held(daemon, old_meta)
     assert len(old) == BLOCKS
@@ -510,9 +515,7 @@ def test_a_version_change_found_by_revalidation_retires_the_old_fds(
     # Every request revalidates: the daemon itself finds the new version.
     daemon = make_daemon(block_size=BS, cache_dir=tmp_path / "cache", revalidate_after=0.0)
     url = proxied(daemon.url, origin, "/b/reval")
-    for _round in ("cold", "warm: fds kept"):
-        for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
+    _read_twice(url, data)
     old_meta = _resolve(daemon, url)
     old = _held(daemon, old_meta)
     assert len(old) == BLOCKS
@@ -533,9 +536,7 @@ def test_fds_of_unlinked_block_files_serve_exact_bytes_until_closed(
     origin.put("/b/gone", data)
     daemon = make_daemon(block_size=BS, cache_dir=tmp_path / "cache")
     url = proxied(daemon.url, origin, "/b/gone")
-    for _round in ("cold", "warm: fds kept"):
-        for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
+    _read_twice(url, data)
     meta = _resolve(daemon, url)
     held = _held(daemon, meta)
     assert len(held) == BLOCKS
@@ -593,9 +594,7 @@ def test_the_maintenance_loop_closes_idle_fds(
     origin.put("/b/idle", data)
     daemon = make_daemon(block_size=BS, cache_dir=tmp_path / "cache")
     url = proxied(daemon.url, origin, "/b/idle")
-    for _round in ("cold", "warm: fds kept"):
-        for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
+    _read_twice(url, data)
     held = _held(daemon, _resolve(daemon, url))
     assert len(held) == BLOCKS
 

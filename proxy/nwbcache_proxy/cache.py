@@ -92,14 +92,15 @@ class RangeReader:
     it was iterated (a generator that never started cannot clean up itself).
     The consumer closes each FileSegment's block once it has sent it.
 
-    ``body``: set when the whole range is already in memory (a small hit);
-    the server can then answer with one write. Iterating yields it too.
+    A reader made with ``of_body`` holds the whole range in memory (a small
+    hit) and nothing open: the server answers it with one write, and neither
+    iterating nor closing it costs anything on that path.
     """
 
     def __init__(
         self,
         outcome: CacheOutcome,
-        segments: AsyncGenerator[Segment, None],
+        segments: AsyncGenerator[Segment, None] | None,
         first: object,
         body: bytes | None = None,
     ) -> None:
@@ -109,14 +110,22 @@ class RangeReader:
         self._first = first
         self._started = False
 
+    @classmethod
+    def of_body(cls, outcome: CacheOutcome, body: bytes) -> RangeReader:
+        return cls(outcome, None, None, body)
+
     def __aiter__(self) -> AsyncIterator[Segment]:
         self._started = True
+        if self._segments is None:
+            assert self.body is not None
+            return _one(self.body)
         return self._segments
 
     async def aclose(self) -> None:
         if not self._started and isinstance(self._first, OpenBlock):
             self._first.close()
-        await self._segments.aclose()
+        if self._segments is not None:
+            await self._segments.aclose()
 
 
 class BlockCache:
@@ -370,7 +379,7 @@ class BlockCache:
             if body is not None:  # a small read, already in memory: no streaming
                 first.close()
                 (self._served_upstream if fresh else self._served_cache).inc(len(body))
-                return RangeReader(outcome, _one(body), None, body=body)
+                return RangeReader.of_body(outcome, body)
         segments = self._segments(meta, url, start, end, blocks, first, window, fresh)
         return RangeReader(outcome, segments, first)
 
@@ -416,7 +425,7 @@ class BlockCache:
         else:
             outcome = CacheOutcome.PARTIAL
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return RangeReader(outcome, _one(body), None, body=body)
+        return RangeReader.of_body(outcome, body)
 
     async def _segments(
         self,
@@ -532,7 +541,6 @@ class BlockCache:
             bstart, bend = block_span(i, meta.version.size, self.block_size)
             block = OpenBlock(
                 fd=shared.fd,
-                path=None,  # not needed to serve it, and a Path costs µs to build
                 length=bend - bstart,
                 file_size=shared.file_size,
                 data=None,
@@ -755,7 +763,6 @@ class BlockCache:
                     await self._publish(meta, block.index, block.data, block)
                     if self._inflight.get((vkey, block.index)) is block:
                         del self._inflight[(vkey, block.index)]
-                    del block
 
     async def _publish(
         self,

@@ -305,7 +305,6 @@ async def _answer(
     reader = await cache.read(meta, url, rng.start, rng.end, eager=status == 206)
     headers["X-Cache"] = reader.outcome
     if reader.body is not None:  # a small read already in memory: one write
-        await reader.aclose()
         return web.Response(status=status, headers=headers, body=reader.body)
     try:
         response = web.StreamResponse(status=status, headers=headers)
@@ -418,14 +417,10 @@ async def _send_file_segment(
 ) -> None:
     block = seg.block
     try:
-        if block.data is not None:  # just verified: the bytes are in memory already
-            await response.write(block.data[seg.start : seg.end])
+        in_memory = block.bytes_of(seg.start, seg.end)  # verified, or a small span read
+        if in_memory is not None:
+            await response.write(in_memory)
             return
-        if block.piece is not None and block.piece[0] == seg.start:
-            piece = block.piece[1]
-            if len(piece) == seg.end - seg.start:  # a small span, read with the open
-                await response.write(piece)
-                return
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away")

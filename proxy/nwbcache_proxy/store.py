@@ -33,7 +33,6 @@ class OpenBlock:
     """An open, checked block file. ``data`` is set when it was read to verify it."""
 
     fd: int
-    path: Path | None
     length: int
     file_size: int
     data: bytes | None
@@ -237,7 +236,7 @@ def open_block(
     except BaseException:
         os.close(fd)
         raise
-    return OpenBlock(fd=fd, path=path, length=length, file_size=size, data=data, piece=piece)
+    return OpenBlock(fd=fd, length=length, file_size=size, data=data, piece=piece)
 
 
 def read_block_data(block: OpenBlock, start: int, end: int) -> bytes:
