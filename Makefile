@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-deps lint format clean bench bench-quick
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,17 +21,22 @@ run: $(STAMP)
 test: lint test-deps
 	$(BIN)/pytest
 
+## test-fast: the pure and in-process tests only (under a minute): no lint, no system
+## tools, no child processes; the tests marked `slow` are left out
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not slow" -q
+
 # System tools the tests drive (curl, ...), from Debian's packages if missing.
 test-deps:
 	./scripts/install-test-deps.sh
 
 ## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~1 h); table + bench/results-full.json
 bench: $(STAMP) test-deps
-	$(BIN)/python bench/suite.py --scale full $(ARGS)
+	$(BIN)/python -m bench.suite --scale full $(ARGS)
 
 ## bench-quick: the same suite on smaller files (~10 min); bench/results-quick.json
 bench-quick: $(STAMP) test-deps
-	$(BIN)/python bench/suite.py --scale quick $(ARGS)
+	$(BIN)/python -m bench.suite --scale quick $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench

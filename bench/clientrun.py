@@ -1,7 +1,7 @@
 """One measured client run, in a process of its own (so no client keeps a
 warm in-memory cache between runs and no run shares a GIL with a server).
 
-    python bench/clientrun.py '<json spec>'
+    python -m bench.clientrun '<json spec>'      # from the repository root
 
 The spec names the method (how the file is opened), the workload, the URL or
 path and the dataset to slice. Imports happen before the clock starts: the

@@ -1,6 +1,6 @@
 """The servers a benchmark run drives, each a real process on 127.0.0.1.
 
-- ``Emulator``: tests/s3emu.py serving the benchmark files with WAN-like
+- ``Emulator``: tests/support/s3emu.py serving the benchmark files with WAN-like
   first-byte latency and a per-connection bandwidth cap; its request log
   (count, bytes) is read over HTTP, so it runs in its own process and does
   not share a GIL with the clients it measures.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -27,32 +26,23 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-ROOT = BENCH_DIR.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from daemons import DaemonProcess  # noqa: E402
-from s3emu import STATS_PATH  # noqa: E402
+from tests.support.daemons import DaemonProcess
+from tests.support.helpers import REPO, find_tool, free_port, wait_until
+from tests.support.s3emu import STATS_PATH
 
 OBJECT_PREFIX = "/bench"  # emulator path prefix: <emulator>/bench/<file name>
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def wait_for_port(port: int, proc: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout} s")
+            return True
+        return False
+
+    if not wait_until(listening, timeout):
+        raise RuntimeError(f"nothing listening on {port} after {timeout} s")
 
 
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 30) -> None:
@@ -103,7 +93,8 @@ class Emulator:
     def start(self) -> Emulator:
         cmd = [
             sys.executable,
-            str(ROOT / "tests" / "s3emu.py"),
+            "-m",
+            "tests.support.s3emu",
             "--root",
             str(self.root),
             "--prefix",
@@ -115,7 +106,7 @@ class Emulator:
         ]
         with self.log_path.open("w") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+                cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True, cwd=REPO
             )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -156,7 +147,7 @@ class Emulator:
 
 
 class Nwbcache:
-    """The daemon from this checkout (tests/daemons.py starts it), logging to a file."""
+    """The daemon from this checkout (tests/support/daemons.py starts it), logging to a file."""
 
     def __init__(
         self,
@@ -243,9 +234,7 @@ class Nginx:
 
     @staticmethod
     def binary() -> str:
-        found = shutil.which("nginx") or (
-            "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-        )
+        found = find_tool("nginx")
         if found is None:
             raise RuntimeError("nginx not found: run scripts/install-bench-deps.sh")
         return found

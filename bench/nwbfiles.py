@@ -14,7 +14,7 @@ same datasets (only HDF5's own bookkeeping may differ):
 Large datasets are produced buffer by buffer through an hdmf chunk iterator,
 so memory stays ~50 MB whatever the file size.
 
-    .venv/bin/python bench/nwbfiles.py --scale quick [--data-dir .bench-data]
+    .venv/bin/python -m bench.nwbfiles --scale quick [--data-dir .bench-data]
 
 Or from a benchmark: ``ensure_files(data_dir, scale)`` (cached by manifest).
 """
@@ -837,7 +837,10 @@ def ensure_files(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.nwbfiles",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument(
         "--data-dir",

@@ -2,13 +2,13 @@
 
     make bench          # full: >= 1 GB ecephys file, 3 repetitions (~30 min)
     make bench-quick    # same suite on smaller files, 2 repetitions (a few minutes)
-    .venv/bin/python bench/suite.py --help
+    .venv/bin/python -m bench.suite --help      # from the repository root
 
-Everything runs on 127.0.0.1: the S3 emulator (tests/s3emu.py) with WAN-like
+Everything runs on 127.0.0.1: the S3 emulator (tests/support/s3emu.py) with WAN-like
 first-byte latency and a per-connection bandwidth cap plays S3; nginx-light
 (proxy_cache + slice 1m + proxy_cache_lock) is the generic range cache;
 nwbcache is started from this checkout. Each client run is a fresh process
-(bench/clientrun.py). Methods are interleaved within each repetition, so
+(``python -m bench.clientrun``). Methods are interleaved within each repetition, so
 drift on the machine hits all of them alike; figures are medians.
 
 Sections (``--only``): workloads, concurrent, raw, rss, sweep. The table is
@@ -37,18 +37,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.clientrun import METHODS as ALL_METHODS
+from bench.harness import Emulator, Nginx, Nwbcache, rss_bytes
+from bench.nwbfiles import BenchFile, ensure_files
+from bench.wrkrun import run_wrk
+from tests.support.helpers import REPO, SHARED_NWB, get_range
+
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from clientrun import METHODS as ALL_METHODS  # noqa: E402
-from harness import ROOT, Emulator, Nginx, Nwbcache, rss_bytes  # noqa: E402
-from nwbfiles import BenchFile, ensure_files  # noqa: E402
-from wrkrun import run_wrk  # noqa: E402
-
-REAL_FILES = ROOT.parent / "shared" / "data" / "nwb"
 # Real files current PyNWB reads (the MatNWB ones are NWB 2.0b: h5py only).
 REAL_READABLE = "pynwb-backcompat-*.nwb"
-CLIENTRUN = BENCH / "clientrun.py"
+# Each client run is a fresh interpreter, started in the repository root.
+CLIENTRUN = [sys.executable, "-m", "bench.clientrun"]
 
 # Which methods keep a cache, and so are measured cold and then warm.
 CACHED = {
@@ -189,10 +188,11 @@ class Bench:
 
     def client(self, spec: dict[str, Any]) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, str(CLIENTRUN), json.dumps(spec)],
+            [*CLIENTRUN, json.dumps(spec)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=REPO,
             env={**os.environ, "NWBCACHE_URL": "", "HDF5_USE_FILE_LOCKING": "FALSE"},
         )
 
@@ -336,11 +336,7 @@ class Bench:
             for _ in range(count):
                 length = rng.choice(RAW_LENGTHS)
                 start = rng.randrange(0, max(1, f.size - length))
-                req = urllib.request.Request(
-                    url, headers={"Range": f"bytes={start}-{start + length - 1}"}
-                )
-                with urllib.request.urlopen(req, timeout=60) as r:
-                    got = r.read()
+                got = get_range(url, start, start + length - 1, check=False).content
                 if data is not None:
                     want = data[start : start + length]
                 else:
@@ -457,7 +453,7 @@ def _versions() -> dict[str, str]:
     import aiohttp
     import fsspec
     import h5py
-    import hdmf
+    import hdmf  # type: ignore[import-untyped]
     import pynwb
     import remfile
 
@@ -755,7 +751,9 @@ def targets(bench: Bench, main: BenchFile | None, results: dict[str, Any]) -> li
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--scale", choices=sorted(SCALES), default="full")
     ap.add_argument("--repeat", type=int, help="repetitions (default: by scale)")
@@ -769,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="upstream bytes/s per connection (default 80e6)",
     )
     ap.add_argument("--only", nargs="+", choices=["workloads", "concurrent", "raw", "rss", "sweep"])
-    ap.add_argument("--data-dir", type=Path, default=ROOT / ".bench-data")
+    ap.add_argument("--data-dir", type=Path, default=REPO / ".bench-data")
     ap.add_argument("--out", type=Path, help="JSON results (default bench/results-<scale>.json)")
     ap.add_argument("--run-timeout", type=float, default=900, help="seconds per client run")
     ap.add_argument("--keep", action="store_true", help="keep caches and server logs")
@@ -794,8 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for f in files:
             (root / f.path.name).symlink_to(f.path)
         real: list[BenchFile] = []
-        if scale.real_files and REAL_FILES.is_dir():
-            for p in sorted(REAL_FILES.glob(REAL_READABLE)):
+        if scale.real_files and SHARED_NWB.is_dir():
+            for p in sorted(SHARED_NWB.glob(REAL_READABLE)):
                 (root / p.name).symlink_to(p)
                 real.append(BenchFile("real", p, p.stat().st_size, "", 0.0))
         bench = Bench(args, scale, work)
@@ -820,7 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench.emulator.stop()
 
     report = {
-        "command": " ".join([Path(sys.executable).name, "bench/suite.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(
+            [Path(sys.executable).name, "-m", "bench.suite", *(argv or sys.argv[1:])]
+        ),
         "scale": args.scale,
         "repeat": scale.repeat,
         "upstream": {"latency_s": args.latency, "bandwidth_bytes_per_s": args.bandwidth},

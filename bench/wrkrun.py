@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from tests.support.helpers import find_tool
 
 LUA = Path(__file__).resolve().parent / "ranges.lua"
 _UNITS = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
@@ -34,7 +35,7 @@ class WrkResult:
 
 
 def wrk_binary() -> str:
-    found = shutil.which("wrk")
+    found = find_tool("wrk")
     if found is None:
         raise RuntimeError("wrk not found: run scripts/install-bench-deps.sh")
     return found

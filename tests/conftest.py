@@ -1,39 +1,42 @@
-"""Fixtures: a real S3 emulator on port 0 and the real daemon in front of it."""
+"""Fixtures: a real S3 emulator on port 0 and the real daemon in front of it.
+
+Helpers (URLs, polling, ports) are in tests.support.helpers, imported like code.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import os
-import shutil
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from daemons import DaemonThread
 from nwbcache_proxy.config import Settings
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import origin_host
+from tests.support.s3emu import S3Emulator
 
 # Fixtures of the client tests (a fake DANDI archive, a dead daemon URL) and
 # their autouse isolation: no NWBCACHE_* of the developer's leaks into a test.
-pytest_plugins = ["client_support"]
-
-SHARED_NWB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "nwb"
+pytest_plugins = ["tests.support.client_support"]
 
 
-def system_tool(name: str) -> str:
-    """Path of a system tool a test drives (curl, promtool, chromium...); the
-    test fails, never skips, without it: scripts/install-test-deps.sh installs
-    them (make test runs it)."""
-    path = shutil.which(name)
-    for folder in ("/usr/bin", "/usr/sbin"):  # sbin: nginx, when PATH lacks it
-        if path is None and os.access(f"{folder}/{name}", os.X_OK):
-            path = f"{folder}/{name}"
-    if path is None:
-        pytest.fail(f"{name} not found: run scripts/install-test-deps.sh", pytrace=False)
-    return path
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_programs(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only tests marked ``slow`` start other programs, so that ``make test-fast``
+    (``-m "not slow"``) needs no system tools and no child interpreters."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+
+    def refuse(self: subprocess.Popen[Any], args: Any, *rest: Any) -> None:
+        raise AssertionError(f"starts {args!r}: mark the test @pytest.mark.slow")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
 
 
 @pytest.fixture
@@ -63,16 +66,6 @@ def origin() -> Iterator[S3Emulator]:
         yield emu
     finally:
         emu.stop_thread()
-
-
-def origin_host(emu: S3Emulator) -> str:
-    return emu.url.removeprefix("http://")
-
-
-def proxied(daemon_url: str, emu: S3Emulator, key: str, query: str = "") -> str:
-    """The daemon URL for object ``key`` of the emulator."""
-    url = f"{daemon_url}/http/{origin_host(emu)}{key}"
-    return f"{url}?{query}" if query else url
 
 
 @pytest.fixture

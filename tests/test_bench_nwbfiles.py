@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,10 @@ import numpy as np
 import pytest
 from pynwb import NWBHDF5IO
 
-# bench/ is a directory of scripts, not a package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import nwbfiles
+from bench import nwbfiles
+
+# Slow (not in make test-fast): writes the benchmark's NWB files with PyNWB.
+pytestmark = pytest.mark.slow
 
 
 def _read(path: Path) -> tuple[NWBHDF5IO, Any]:

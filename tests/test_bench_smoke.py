@@ -16,12 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import system_tool
+import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
+from bench import clientrun
+from tests.support.helpers import REPO, system_tool
 
-import clientrun  # noqa: E402
+# Slow (not in make test-fast): the benchmark suite, with nginx, wrk and a child
+# interpreter per client run.
+pytestmark = pytest.mark.slow
 
 
 def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
@@ -31,7 +33,8 @@ def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
     done = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "suite.py"),
+            "-m",
+            "bench.suite",
             "--scale",
             "smoke",
             "--data-dir",

@@ -10,11 +10,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import proxied
-from daemons import DaemonThread
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import proxied
+from tests.support.s3emu import S3Emulator
+
+# Slow (not in make test-fast): runs `python -m nwbcache_proxy check` in a child interpreter.
+pytestmark = pytest.mark.slow
 
 BS = 16 * 1024
 DATA = os.urandom(20 * BS)

@@ -9,12 +9,16 @@ import textwrap
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import pytest
 
 import nwbcache
-from client_support import (
+from nwbcache import cli
+from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
+from nwbcache.urls import InvalidURL
+from tests.support.client_support import (
     DANDISET,
     NWB_FILES,
     PUBLISHED,
@@ -28,15 +32,14 @@ from client_support import (
     require_hook,
     script_env,
 )
-from conftest import origin_host, proxied
-from daemons import DaemonThread
-from nwbcache import cli
-from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
-from nwbcache.urls import InvalidURL
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import origin_host, proxied
+from tests.support.s3emu import S3Emulator
 
 # h5py in this process next to in-process servers: see conftest.gc_in_main_thread_only.
 pytestmark = pytest.mark.usefixtures("gc_in_main_thread_only")
+
+Backend = Literal["remfile", "fsspec"]  # nwbcache.open's backends
 
 
 def _agents(origin: S3Emulator) -> set[str]:
@@ -48,7 +51,7 @@ def _agents(origin: S3Emulator) -> set[str]:
 
 @pytest.mark.parametrize("backend", ["remfile", "fsspec"])
 def test_open_reads_through_daemon(
-    backend: str, archive: Archive, make_daemon: Callable[..., DaemonThread]
+    backend: Backend, archive: Archive, make_daemon: Callable[..., DaemonThread]
 ) -> None:
     daemon = make_daemon()
     for path in NWB_FILES:
@@ -88,7 +91,8 @@ def test_open_without_proxy_reads_upstream_with_a_warning(archive: Archive) -> N
 def test_open_with_daemon_down_falls_back_once(archive: Archive, dead_daemon_url: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for path, backend in [(NWB_FILES[0], "remfile"), (NWB_FILES[1], "fsspec")]:
+        pairs: list[tuple[Path, Backend]] = [(NWB_FILES[0], "remfile"), (NWB_FILES[1], "fsspec")]
+        for path, backend in pairs:
             f = nwbcache.open(archive.blob_url(path), backend=backend, proxy=dead_daemon_url)
             with h5py.File(f, "r") as h5:
                 assert h5_digest(h5) == local_digest(path)
@@ -178,6 +182,7 @@ def _nwbcache(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_cli_run_sets_the_proxy_or_refuses() -> None:
     show = [sys.executable, "-c", "import os; print(os.environ['NWBCACHE_URL'])"]
     done = _nwbcache("run", "--proxy", "127.0.0.1:8080/", "--", *show)
@@ -192,6 +197,7 @@ def test_cli_run_sets_the_proxy_or_refuses() -> None:
     assert done.returncode == 2 and "no command" in done.stderr
 
 
+@pytest.mark.slow
 def test_cli_run_puts_unmodified_code_through_the_cache(
     archive: Archive, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:
@@ -243,6 +249,7 @@ HEAVY = ("aiohttp", "yarl", "requests", "fsspec", "remfile", "h5py", "dandi", "p
         "nwbcache.urls",
     ],
 )
+@pytest.mark.slow
 def test_every_client_module_stays_light(module: str) -> None:
     code = (
         f"import sys, {module}\n"

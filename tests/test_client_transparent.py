@@ -14,14 +14,15 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from client_support import (
+from nwbcache import routing
+from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
+from tests.support.client_support import (
     DANDISET,
     DIGEST_SRC,
     NWB_FILES,
@@ -33,11 +34,9 @@ from client_support import (
     require_hook,
     script_env,
 )
-from conftest import origin_host
-from daemons import DaemonThread
-from nwbcache import routing
-from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import origin_host, wait_until
+from tests.support.s3emu import S3Emulator
 
 # h5py and remfile in this process next to in-process servers (a few tests):
 # see conftest.gc_in_main_thread_only.
@@ -199,6 +198,7 @@ def _jobs(name: str) -> list[tuple[str, Path]]:
 
 
 @pytest.mark.parametrize("snippet", sorted(SNIPPETS))
+@pytest.mark.slow
 def test_tutorial_reads_through_daemon(
     snippet: str,
     archive: Archive,
@@ -223,6 +223,7 @@ def test_tutorial_reads_through_daemon(
     assert "cannot be reached" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_other_fsspec_entry_points(
     archive: Archive, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:
@@ -241,6 +242,7 @@ def test_other_fsspec_entry_points(
     assert {ua.split("/")[0] for ua in user_agents(archive.origin)} == {"nwbcache"}
 
 
+@pytest.mark.slow
 def test_daemon_down_reads_upstream_and_warns_once(
     archive: Archive, dead_daemon_url: str, tmp_path: Path
 ) -> None:
@@ -261,6 +263,7 @@ def test_daemon_down_reads_upstream_and_warns_once(
     assert {"remfile", "Python"} <= agents
 
 
+@pytest.mark.slow
 def test_daemon_down_with_fallback_off_fails_clearly(
     archive: Archive, dead_daemon_url: str, tmp_path: Path
 ) -> None:
@@ -282,6 +285,7 @@ def test_daemon_down_with_fallback_off_fails_clearly(
     assert not archive.origin.log  # nothing was read behind the cache's back
 
 
+@pytest.mark.slow
 def test_hosts_off_the_allow_list_are_read_directly(
     archive: Archive, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:
@@ -326,12 +330,14 @@ def _probe(**env: str) -> tuple[list[str], bool, bool, bool]:
     return before, remfile_patched, http_early, fsspec_patched
 
 
+@pytest.mark.slow
 def test_hook_is_inert_without_nwbcache_url() -> None:
     before, remfile_patched, _, fsspec_patched = _probe()
     assert not [m for m in before if m.startswith("nwbcache")]
     assert not remfile_patched and not fsspec_patched
 
 
+@pytest.mark.slow
 def test_hook_imports_only_stdlib_and_patches_on_import() -> None:
     before, remfile_patched, http_early, fsspec_patched = _probe(**{ENV_URL: "http://127.0.0.1:9"})
     ours = {m for m in before if m.startswith("nwbcache")}
@@ -448,9 +454,9 @@ def test_fsspec_writes_go_upstream(patched: DaemonThread, origin: S3Emulator) ->
     assert str(fs.encode_url(url)).startswith(patched.url)  # reads are routed
     with contextlib.suppress(Exception):  # the emulator refuses writes; who asked is the point
         fs.pipe_file(url, b"data")
-    deadline = time.monotonic() + 5
-    while not (puts := origin.requests(method="PUT")) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the emulator logs a request once its handler is done
+    # The emulator logs a request once its handler is done.
+    wait_until(lambda: origin.requests(method="PUT"), 5, interval=0.01)
+    puts = origin.requests(method="PUT")
     assert puts and all((p.user_agent or "").startswith("Python/") for p in puts)
 
 

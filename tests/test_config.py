@@ -95,6 +95,7 @@ def test_unknown_config_key_is_named(tmp_path: Path) -> None:
         load_settings(_args("--config", str(config)), environ={})
 
 
+@pytest.mark.slow
 def test_bad_size_flag_is_a_usage_error() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nwbcache_proxy", "serve", "--cache-size", "20X"],
@@ -106,6 +107,7 @@ def test_bad_size_flag_is_a_usage_error() -> None:
     assert "--cache-size" in proc.stderr
 
 
+@pytest.mark.slow
 def test_serve_help_explains_every_flag() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "nwbcache_proxy", "serve", "--help"],
@@ -133,6 +135,7 @@ def test_settings_validate_rejects_port_out_of_range() -> None:
         Settings(port=70000).validate()
 
 
+@pytest.mark.slow
 def test_url_command_prints_proxied_url() -> None:
     proc = subprocess.run(
         [

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -24,8 +23,9 @@ from dandi.utils import get_instance
 from dandischema import models
 from dandischema.consts import DANDI_SCHEMA_VERSION
 
-from dandi_fake import DANDI_OFFLINE_ENV, FakeAsset, FakeDandiAPI
-from s3emu import S3Emulator
+from tests.support.dandi_fake import DANDI_OFFLINE_ENV, FakeAsset, FakeDandiAPI
+from tests.support.helpers import wait_until
+from tests.support.s3emu import S3Emulator
 
 DANDISET = "000123"
 PUBLISHED = "0.230101.1200"
@@ -102,9 +102,7 @@ def client(fake: FakeDandiAPI) -> Iterator[DandiAPIClient]:
 
 def settled(emu: S3Emulator, count: int) -> list[Any]:
     """The emulator's log once it has ``count`` entries: it logs after responding."""
-    deadline = time.monotonic() + 5
-    while len(emu.log) < count and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: len(emu.log) >= count, 5, interval=0.005)
     return list(emu.log)
 
 

@@ -11,9 +11,10 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from daemons import DaemonThread
-from dandi_fake import FakeDandiAPI
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.dandi_fake import FakeDandiAPI
+from tests.support.helpers import free_port
+from tests.support.s3emu import S3Emulator
 
 BLOB = "/dandiarchive/blobs/abc/def/0a1b2c3d-0000-4000-8000-000000000001"
 DATA = os.urandom(300_000)
@@ -98,11 +99,7 @@ def test_asset_outside_allow_list_is_403(
 
 
 def test_api_down_is_502(make_daemon: Callable[..., DaemonThread]) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     daemon = make_daemon(dandi_api_url=f"http://127.0.0.1:{port}/api")
     r = requests.get(f"{daemon.url}/dandi/000123/draft/a.nwb", timeout=30)
     assert r.status_code == 502

@@ -25,15 +25,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
-import yaml
+import yaml  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import system_tool as tool
-from daemons import DaemonProcess, DaemonThread
 from nwbcache_proxy.config import Settings, add_serve_arguments, load_settings
+from tests.support.daemons import DaemonProcess, DaemonThread
+from tests.support.helpers import REPO
+from tests.support.helpers import system_tool as tool
 
-REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "nwbcache-dashboard.json"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"
@@ -195,6 +196,7 @@ def test_compose_parses_and_every_mounted_file_exists() -> None:
     assert cache_dir in targets, "the cache must live in a volume"
 
 
+@pytest.mark.slow
 def test_compose_prometheus_config_checks_as_the_container_sees_it(tmp_path: Path) -> None:
     """Lay the prometheus service's mounts out under a temp root and let
     promtool check the config there: rule_files must resolve like in the container."""
@@ -295,6 +297,7 @@ def healthcheck_command() -> list[str]:
     return [sys.executable, *command[1:]]
 
 
+@pytest.mark.slow
 def test_dockerfile_healthcheck_asks_healthz(
     make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:
@@ -326,6 +329,7 @@ def test_example_toml_loads_and_documents_every_setting() -> None:
     assert settings.host != "127.0.0.1", "a lab server must listen on the network"
 
 
+@pytest.mark.slow
 def test_example_toml_starts_the_real_daemon(tmp_path: Path) -> None:
     # The file as is, but on loopback, a free port and a temp cache directory.
     daemon = DaemonProcess(
@@ -423,6 +427,7 @@ def verifiable_unit(tmp_path: Path) -> Path:
     return unit
 
 
+@pytest.mark.slow
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
     unit = verifiable_unit(tmp_path)
     done = subprocess.run(
@@ -438,6 +443,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_systemd_analyze_security_rates_the_unit_ok(tmp_path: Path) -> None:
     unit = verifiable_unit(tmp_path)
     done = subprocess.run(

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,17 +21,16 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
+import yaml  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import proxied
-from conftest import system_tool as tool
-from daemons import DaemonThread
 from nwbcache_proxy.metrics import Metrics
-from s3emu import Fault, S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import REPO, free_port, proxied, wait_until
+from tests.support.helpers import system_tool as tool
+from tests.support.s3emu import Fault, S3Emulator
 
-REPO = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO / "deploy" / "prometheus"
 CONFIG = PROM_DIR / "prometheus.yml"
 ALERTS = PROM_DIR / "alerts.yml"
@@ -98,16 +96,19 @@ def variable_queries() -> list[str]:
 # ------------------------------------------------------------------- promtool
 
 
+@pytest.mark.slow
 def test_promtool_check_config() -> None:
     out = run_promtool("check", "config", str(CONFIG))
     assert "1 rule files found" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_promtool_check_rules() -> None:
     out = run_promtool("check", "rules", str(ALERTS))
     assert f"{len(alert_rules())} rules found" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_promtool_test_rules() -> None:
     out = run_promtool("test", "rules", str(ALERTS_TEST))
     assert "SUCCESS" in out.stdout + out.stderr
@@ -192,12 +193,6 @@ def test_operands_of_alert_expressions() -> None:
 # ------------------------------------------------------ a real Prometheus, scraping
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Prometheus:
     def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
         self.url = url
@@ -222,16 +217,16 @@ class Prometheus:
 
     def wait_for(self, expr: str, want: float, timeout: float = 10.0) -> float:
         """Poll until `expr` (one sample) equals `want`; return the last value seen."""
-        deadline = time.monotonic() + timeout
-        got = math.nan
-        while time.monotonic() < deadline:
+        seen = [math.nan]
+
+        def settled() -> bool:
             result = self.query(expr)
             if len(result) == 1:
-                got = float(result[0]["value"][1])
-                if got == want:
-                    break
-            time.sleep(0.2)
-        return got
+                seen[0] = float(result[0]["value"][1])
+            return seen[0] == want
+
+        wait_until(settled, timeout, interval=0.2)
+        return seen[0]
 
 
 @pytest.fixture
@@ -270,17 +265,16 @@ def prometheus(daemon: DaemonThread, tmp_path: Path) -> Iterator[Prometheus]:
             cwd=tmp_path,
         )
     prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
+
+    def ready() -> bool:
+        assert proc.poll() is None, f"prometheus exited:\n{log.read_text()}"
+        try:
+            return requests.get(f"{prom.url}/-/ready", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"prometheus exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"prometheus not ready:\n{log.read_text()}"
-            try:
-                if requests.get(f"{prom.url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
+        assert wait_until(ready, 30, interval=0.1), f"prometheus not ready:\n{log.read_text()}"
         # The first scrape (all counters at zero) comes before the workload.
         assert prom.wait_for('up{job="nwbcache"}', 1.0) == 1.0, log.read_text()
         yield prom
@@ -306,13 +300,6 @@ def daemon_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def substitute(expr: str, instance: str) -> str:
     """Grafana's template variables, as Grafana would expand them for this test."""
     values = {
@@ -333,6 +320,7 @@ def finite_values(data: dict[str, Any]) -> list[float]:
     return [v for v in vals if math.isfinite(v)]
 
 
+@pytest.mark.slow
 def test_real_prometheus_scrapes_the_daemon_and_answers_every_dashboard_and_alert_query(
     origin: S3Emulator, daemon: DaemonThread, prometheus: Prometheus
 ) -> None:
@@ -351,6 +339,7 @@ def test_real_prometheus_scrapes_the_daemon_and_answers_every_dashboard_and_aler
         lambda: daemon_metrics(daemon.url)["nwbcache_cache_evictions_total"] > 0,
         10,
         "an eviction pass",
+        interval=0.2,
     )
 
     # -- barrier: Prometheus has scraped everything the cold phase did
@@ -400,7 +389,7 @@ def test_real_prometheus_scrapes_the_daemon_and_answers_every_dashboard_and_aler
         data = prom.api("query", query='{__name__=~"nwbcache_.+", job="nwbcache"}[5m]')
         return min(len(series["values"]) for series in data["result"])
 
-    wait_until(lambda: fewest_samples() >= 3, 10, "three scrapes of every series")
+    wait_until(lambda: fewest_samples() >= 3, 10, "three scrapes of every series", interval=0.2)
     dashboard_text = DASHBOARD.read_text()
     now = time.time()
     queries = dashboard_queries()
@@ -446,6 +435,7 @@ def test_real_prometheus_scrapes_the_daemon_and_answers_every_dashboard_and_aler
         lambda: states().get("NwbcacheCacheThrashing", ("", "", ""))[1] == "pending",
         10,
         f"NwbcacheCacheThrashing pending (rules: {states()})",
+        interval=0.2,
     )
     rules = states()
     assert set(rules) == REQUIRED_ALERTS

@@ -4,14 +4,17 @@ no partial block is left to serve, and the daemon keeps serving."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import origin_host, proxied
-from daemons import DaemonProcess
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonProcess
+from tests.support.helpers import origin_host, proxied, wait_until
+from tests.support.s3emu import S3Emulator
+
+# Slow (not in make test-fast): a daemon process (RLIMIT_FSIZE).
+pytestmark = pytest.mark.slow
 
 
 def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
@@ -52,11 +55,7 @@ def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
         # the staging dir to empty.
         origin.wait_idle()
         staging = cache_dir / "v1" / "staging"
-        deadline = time.monotonic() + 10
-        leftovers = list(staging.rglob("*.tmp"))
-        while leftovers and time.monotonic() < deadline:
-            time.sleep(0.05)
-            leftovers = list(staging.rglob("*.tmp"))
-        assert leftovers == []
+        wait_until(lambda: not list(staging.rglob("*.tmp")), 10)
+        assert list(staging.rglob("*.tmp")) == []
     finally:
         assert daemon.terminate() == 0

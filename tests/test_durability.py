@@ -35,13 +35,17 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import origin_host, proxied
-from daemons import REPO, DaemonProcess
 from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, decode_header
 from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
 from nwbcache_proxy.store import Staging, open_block
-from s3emu import LoggedRequest, S3Emulator
+from tests.support.daemons import DaemonProcess
+from tests.support.helpers import REPO, get_range, origin_host, proxied, wait_until
+from tests.support.s3emu import LoggedRequest, S3Emulator
+
+# Slow (not in make test-fast): daemon processes (restarts, kill -9, workers, two
+# daemons on one cache).
+pytestmark = pytest.mark.slow
 
 K64 = 64 * 1024
 TIMEOUT = 30  # per HTTP request: generous, only there so a hang fails instead of blocking
@@ -98,14 +102,6 @@ def by_cache_key(origin: S3Emulator, objects: dict[str, bytes]) -> dict[str, byt
     return {origin.url + key: data for key, data in objects.items()}
 
 
-def get_range(url: str, start: int, end: int) -> tuple[bytes, str]:
-    """Bytes [start, end) through the daemon, checked for a well-formed 206; and X-Cache."""
-    r = requests.get(url, headers={"Range": f"bytes={start}-{end - 1}"}, timeout=TIMEOUT)
-    assert r.status_code == 206, (r.status_code, r.text[:200])
-    assert r.headers["Content-Range"].startswith(f"bytes {start}-{end - 1}/")
-    return r.content, r.headers["X-Cache"]
-
-
 def get_all(url: str) -> tuple[bytes, str]:
     r = requests.get(url, timeout=TIMEOUT)
     assert r.status_code == 200, (r.status_code, r.text[:200])
@@ -134,15 +130,6 @@ def blk_bytes(cache_dir: Path) -> int:
         with contextlib.suppress(FileNotFoundError):
             total += path.stat().st_size
     return total
-
-
-def wait_for(condition: Callable[[], bool], deadline: float, what: str) -> None:
-    """Poll until condition() holds; fail naming `what` after `deadline` seconds."""
-    end = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > end:
-            pytest.fail(f"not within {deadline} s: {what}")
-        time.sleep(0.05)
 
 
 def staging_dirs(cache_dir: Path, pid: int) -> list[str]:
@@ -273,7 +260,8 @@ def random_readers(
                 data = objects[key]
                 start = rng.randrange(len(data))
                 end = min(len(data), start + rng.randrange(1, 3 * K64))
-                body, _ = get_range(urls[(n + i) % len(urls)] + key, start, end)
+                url = urls[(n + i) % len(urls)] + key
+                body = get_range(url, start, end - 1, timeout=TIMEOUT).content
                 assert body == data[start:end], f"{key} [{start}, {end}) differs"
 
         return run
@@ -297,7 +285,7 @@ def test_restart_serves_warm_cache_without_upstream(
     assert body == data
     assert origin.requests(key, method="GET"), "the first read must come from the origin"
     # The response may end before the last block's rename: wait for the files.
-    wait_for(lambda: len(blk_files(cache_dir)) == nblocks, 10, f"{nblocks} blocks on disk")
+    wait_until(lambda: len(blk_files(cache_dir)) == nblocks, 10, f"{nblocks} blocks on disk")
     pid = first.proc.pid if first.proc else -1
     assert first.terminate() == 0
     assert staging_dirs(cache_dir, pid) == [], "a clean shutdown leaves no staging dir"
@@ -306,7 +294,8 @@ def test_restart_serves_warm_cache_without_upstream(
     second = spawn(cache_dir, "--block-size", "64K")
     rng = random.Random(1)
     for start, end in random_ranges(rng, len(data), 40, K64):
-        body, outcome = get_range(proxied(second.url, origin, key), start, end)
+        r = get_range(proxied(second.url, origin, key), start, end - 1, timeout=TIMEOUT)
+        body, outcome = r.content, r.headers["X-Cache"]
         assert body == data[start:end], f"[{start}, {end}) differs"
         assert outcome == "HIT", f"[{start}, {end}) was {outcome} after a restart"
     assert requests_since(origin, since, key) == [], "a warm restart asked the origin again"
@@ -344,11 +333,12 @@ def test_kill9_during_fetches_leaves_only_whole_blocks(
         def run() -> None:
             rng = random.Random(seed)
             data = objects[key]
+            url = proxied(daemon.url, origin, key)
             while not stop.is_set():
                 start = rng.randrange(len(data))
                 end = min(len(data), start + rng.randrange(1, 2 * K64))
                 try:
-                    body, _ = get_range(proxied(daemon.url, origin, key), start, end)
+                    body = get_range(url, start, end - 1, timeout=TIMEOUT).content
                 except requests.RequestException:
                     return
                 assert body == data[start:end], f"{key} [{start}, {end}) differs"
@@ -358,7 +348,7 @@ def test_kill9_during_fetches_leaves_only_whole_blocks(
     jobs = [full_reader(k) for k in objects] + [range_reader(k, i) for i, k in enumerate(objects)]
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(job) for job in jobs]
-        wait_for(lambda: len(blk_files(cache_dir)) >= 8, 15, "8 blocks published")
+        wait_until(lambda: len(blk_files(cache_dir)) >= 8, 15, "8 blocks published")
         pid = daemon.proc.pid if daemon.proc else -1
         daemon.kill9()
         stop.set()
@@ -376,12 +366,13 @@ def test_kill9_during_fetches_leaves_only_whole_blocks(
     origin.bandwidth = None
     since = time.monotonic()
     again = spawn(cache_dir, "--block-size", "64K")
-    wait_for(lambda: not staging_dirs(cache_dir, pid), 5, "the dead daemon's staging swept")
+    wait_until(lambda: not staging_dirs(cache_dir, pid), 5, "the dead daemon's staging swept")
     for n, (key, data) in enumerate(objects.items()):
-        body, _ = get_all(proxied(again.url, origin, key))
+        url = proxied(again.url, origin, key)
+        body, _ = get_all(url)
         assert body == data, f"{key} differs after the crash"
         for start, end in random_ranges(random.Random(n), len(data), 10, K64):
-            body, _ = get_range(proxied(again.url, origin, key), start, end)
+            body = get_range(url, start, end - 1, timeout=TIMEOUT).content
             assert body == data[start:end], f"{key} [{start}, {end}) differs after the crash"
     # Blocks that survived the crash are served from disk, never fetched again.
     for r in requests_since(origin, since):
@@ -485,7 +476,7 @@ def test_eviction_keeps_cache_bounded_and_lru(
     # size on disk, header included (meta.json is not counted, and neither is it
     # here), and a pass runs at least once a second whenever the indexed total
     # exceeds the capacity, so at rest the files total <= capacity.
-    wait_for(lambda: blk_bytes(cache_dir) <= capacity, 10, f"block files <= {capacity} B")
+    wait_until(lambda: blk_bytes(cache_dir) <= capacity, 10, f"block files <= {capacity} B")
 
     newest, oldest = keys[-1], keys[0]
     since = time.monotonic()
@@ -516,7 +507,7 @@ def test_start_with_many_blocks_and_lost_index(
     expected = sum(block_count(len(d), block) for d in objects.values())
     first = spawn(cache_dir, "--block-size", "4K")
     run_threads([partial(_read_exact, proxied(first.url, origin, k), objects[k]) for k in objects])
-    wait_for(lambda: len(blk_files(cache_dir)) == expected, 20, f"{expected} blocks on disk")
+    wait_until(lambda: len(blk_files(cache_dir)) == expected, 20, f"{expected} blocks on disk")
     assert first.terminate() == 0
 
     index = cache_dir / "v1" / "index.sqlite3"
@@ -532,7 +523,8 @@ def test_start_with_many_blocks_and_lost_index(
     assert health.status_code == 200
     key = sorted(objects)[0]
     data = objects[key]
-    body, outcome = get_range(proxied(daemon.url, origin, key), 5000, 20000)
+    r = get_range(proxied(daemon.url, origin, key), 5000, 19999, timeout=TIMEOUT)
+    body, outcome = r.content, r.headers["X-Cache"]
     assert body == data[5000:20000]
     assert outcome == "HIT"
 
@@ -545,7 +537,7 @@ def test_start_with_many_blocks_and_lost_index(
             return None  # not created yet, or busy
         return None if row is None else (int(row[0]), int(row[1]))
 
-    wait_for(lambda: totals() == (expected, disk_bytes), 30, f"index totals {expected} blocks")
+    wait_until(lambda: totals() == (expected, disk_bytes), 30, f"index totals {expected} blocks")
     for key, data in objects.items():
         body, outcome = get_all(proxied(daemon.url, origin, key))
         assert body == data
@@ -600,7 +592,7 @@ def test_eviction_stops_at_the_low_water_mark(
     for key, data in objects.items():
         body, _ = get_all(proxied(daemon.url, origin, key))
         assert body == data
-    wait_for(lambda: blk_bytes(cache_dir) <= capacity, 10, "an eviction pass")
+    wait_until(lambda: blk_bytes(cache_dir) <= capacity, 10, "an eviction pass")
     # Evicting LRU blocks until the total is <= 95 % overshoots by less than one block.
     low_water = int(capacity * 0.95) - (K64 + HEADER_SIZE)
     assert blk_bytes(cache_dir) >= low_water, "eviction went far below its low-water mark"

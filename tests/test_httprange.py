@@ -6,24 +6,26 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from nwbcache_proxy.conditional import (
+    Precondition,
+    evaluate_if_range,
+    evaluate_preconditions,
+    parse_etag_list,
+    strong_match,
+    weak_match,
+)
 from nwbcache_proxy.httprange import (
     MAX_RANGES,
     ByteRange,
     ContentRange,
-    Precondition,
     RangeDecision,
     RangeOutcome,
     RangeSpec,
     decide,
-    evaluate_if_range,
-    evaluate_preconditions,
     parse_content_range,
-    parse_etag_list,
     parse_range_header,
     plan_multipart,
     resolve_ranges,
-    strong_match,
-    weak_match,
 )
 
 FULL = RangeOutcome.FULL

@@ -7,11 +7,15 @@ import concurrent.futures
 import hashlib
 from pathlib import Path
 
+import pytest
 import requests
 
-from conftest import origin_host, proxied
-from daemons import DaemonProcess
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonProcess
+from tests.support.helpers import origin_host, proxied
+from tests.support.s3emu import S3Emulator
+
+# Slow (not in make test-fast): a daemon process, its RSS measured.
+pytestmark = pytest.mark.slow
 
 SIZE = 512 * 1024 * 1024
 

@@ -18,15 +18,14 @@ from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
-import requests
 
-from conftest import proxied
-from daemons import DaemonThread
 from nwbcache.urls import UpstreamURL, upstream_from_proxy_path
 from nwbcache_proxy import openblocks, store
-from nwbcache_proxy.objectmeta import ObjectMeta
 from nwbcache_proxy.openblocks import IDLE_SECONDS, OpenBlocks, SharedFd, pread_nowait
-from s3emu import S3Emulator
+from nwbcache_proxy.version import Version
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import get_range, proxied, wait_until
+from tests.support.s3emu import S3Emulator
 
 BS = 16 * 1024
 BLOCKS = 8
@@ -375,31 +374,25 @@ def _in_loop(daemon: DaemonThread, fn: Callable[[], T]) -> T:
     return result
 
 
-def _resolve(daemon: DaemonThread, url: str) -> ObjectMeta:
-    meta: ObjectMeta = daemon.call(daemon.cache.resolve(_upstream(url)))
+def _resolve(daemon: DaemonThread, url: str) -> Version:
+    meta: Version = daemon.call(daemon.cache.resolve(_upstream(url)))
     return meta
 
 
-def _held(daemon: DaemonThread, meta: ObjectMeta) -> dict[int, SharedFd]:
+def _held(daemon: DaemonThread, meta: Version) -> dict[int, SharedFd]:
     """The daemon's open fds of this version, by block index."""
 
     def look() -> dict[int, SharedFd]:
-        vkey = daemon.cache._vdir_key(meta)
+        vkey = meta.name
         out: dict[int, SharedFd] = {}
         for i in range(BLOCKS):
-            shared = daemon.cache._fds.get(vkey, i)
+            shared = daemon.cache.open_blocks.get(vkey, i)
             if shared is not None:
                 shared.release()  # the table keeps it: this does not close it
                 out[i] = shared
         return out
 
     return _in_loop(daemon, look)
-
-
-def _get(url: str, a: int, b: int) -> requests.Response:
-    r = requests.get(url, headers={"Range": f"bytes={a}-{b}"}, timeout=30)
-    assert r.status_code == 206, r.text
-    return r
 
 
 class OpenCounter:
@@ -421,7 +414,7 @@ def _read_twice(url: str, data: bytes) -> None:
     """Every range of RANGES, cold then warm (the warm pass keeps the fds)."""
     for _round in ("cold", "warm: fds kept"):
         for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
+            assert get_range(url, a, b).content == data[a : b + 1]
 
 
 def test_warm_hits_reuse_open_fds_without_opening_block_files(
@@ -436,7 +429,7 @@ def test_warm_hits_reuse_open_fds_without_opening_block_files(
     url = proxied(daemon.url, origin, "/b/fds")
     opens = OpenCounter(monkeypatch)
     for a, b in RANGES:  # cold: fetched from the origin
-        assert _get(url, a, b).content == data[a : b + 1]
+        assert get_range(url, a, b).content == data[a : b + 1]
     origin.wait_idle()
     fetched = len(origin.log)
 
@@ -446,22 +439,22 @@ def test_warm_hits_reuse_open_fds_without_opening_block_files(
         # its in-flight fetch may still count as "unserved" (InflightBlock.served
         # is set when streaming starts, _publish may look before), and its first
         # read from disk then says MISS. Not what this file tests.
-        assert _get(url, a, b).content == data[a : b + 1]
+        assert get_range(url, a, b).content == data[a : b + 1]
     assert 0 < len(opens.paths) <= BLOCKS
     assert len(set(opens.paths)) == len(opens.paths), "a block file opened twice"
     meta = _resolve(daemon, url)
     held = _held(daemon, meta)
     assert sorted(held) == list(range(BLOCKS))
-    assert _in_loop(daemon, lambda: len(daemon.cache._fds)) >= BLOCKS
+    assert _in_loop(daemon, lambda: len(daemon.cache.open_blocks)) >= BLOCKS
 
     opens.paths.clear()
     for _round in range(2):  # warm again: the same fds, no open() at all
         for a, b in RANGES:
-            r = _get(url, a, b)
+            r = get_range(url, a, b)
             assert r.content == data[a : b + 1]
             assert r.headers["X-Cache"] == "HIT"
         # A range over several blocks goes out with sendfile from the held fds.
-        r = _get(url, BS - 7, 5 * BS + 6)
+        r = get_range(url, BS - 7, 5 * BS + 6)
         assert r.content == data[BS - 7 : 5 * BS + 7]
         assert r.headers["X-Cache"] == "HIT"
     assert opens.paths == []
@@ -485,7 +478,7 @@ def test_a_new_version_retires_the_old_versions_fds(
     old_meta = _resolve(daemon, url)
     old = _held(daemon, old_meta)
     assert len(old) == BLOCKS
-    old_paths = {i: daemon.cache._block_path(old_meta, i) for i in old}
+    old_paths = {i: old_meta.block_path(i) for i in old}
     old_fds = {i: s.fd for i, s in old.items()}
     assert all(_fd_is_open_on(old_fds[i], old_paths[i]) for i in old)
 
@@ -498,11 +491,11 @@ def test_a_new_version_retires_the_old_versions_fds(
 
     for _round in ("cold", "warm: the new version's fds"):
         for a, b in RANGES:
-            assert _get(url, a, b).content == new[a : b + 1]
-        r = _get(url, 0, len(new) - 1)
+            assert get_range(url, a, b).content == new[a : b + 1]
+        r = get_range(url, 0, len(new) - 1)
         assert r.content == new
     new_meta = _resolve(daemon, url)
-    assert not new_meta.version.same_version(old_meta.version)
+    assert not new_meta.remote.same_version(old_meta.remote)
     assert len(_held(daemon, new_meta)) == BLOCKS
     assert _held(daemon, old_meta) == {}
 
@@ -524,7 +517,7 @@ def test_a_version_change_found_by_revalidation_retires_the_old_fds(
     origin.put("/b/reval", new)
     for _round in ("after the change", "again"):
         for a, b in RANGES:
-            assert _get(url, a, b).content == new[a : b + 1]
+            assert get_range(url, a, b).content == new[a : b + 1]
     assert all(_closed(s) for s in old.values())
     assert _held(daemon, old_meta) == {}
 
@@ -548,31 +541,31 @@ def test_fds_of_unlinked_block_files_serve_exact_bytes_until_closed(
     origin.wait_idle()
     origin.clear_log()
     for a, b in RANGES:  # the version is immutable: the open fds still have its bytes
-        r = _get(url, a, b)
+        r = get_range(url, a, b)
         assert r.content == data[a : b + 1]
         assert r.headers["X-Cache"] == "HIT"
-    r = _get(url, BS - 7, 5 * BS + 6)  # sendfile from unlinked files
+    r = get_range(url, BS - 7, 5 * BS + 6)  # sendfile from unlinked files
     assert r.content == data[BS - 7 : 5 * BS + 7]
     assert r.headers["X-Cache"] == "HIT"
     origin.wait_idle()
     assert origin.log == []
 
     # Every reader released its share: closing the idle fds closes them all.
-    closed = _in_loop(daemon, lambda: daemon.cache._fds.close_idle(0))
+    closed = _in_loop(daemon, lambda: daemon.cache.open_blocks.close_idle(0))
     assert closed >= BLOCKS
     assert all(_closed(s) for s in held.values()), "a reader leaked its share of an fd"
     assert _held(daemon, meta) == {}
 
     for a, b in RANGES:  # the files are gone: fetched again, still exact
-        assert _get(url, a, b).content == data[a : b + 1]
+        assert get_range(url, a, b).content == data[a : b + 1]
     origin.wait_idle()
     fetched = len(origin.log)
     assert fetched > 0
     assert len(list((tmp_path / "cache").rglob("*.blk"))) == BLOCKS
     for _round in ("from the new files", "from their fds"):  # cached again
         for a, b in RANGES:
-            assert _get(url, a, b).content == data[a : b + 1]
-    r = _get(url, 2 * BS + 5, 2 * BS + 4100)
+            assert get_range(url, a, b).content == data[a : b + 1]
+    r = get_range(url, 2 * BS + 5, 2 * BS + 4100)
     assert r.content == data[2 * BS + 5 : 2 * BS + 4101]
     assert r.headers["X-Cache"] == "HIT"
     origin.wait_idle()
@@ -598,17 +591,15 @@ def test_the_maintenance_loop_closes_idle_fds(
     held = _held(daemon, _resolve(daemon, url))
     assert len(held) == BLOCKS
 
-    _in_loop(daemon, daemon.cache._evict_wakeup.set)  # a maintenance pass now
+    _in_loop(daemon, daemon.cache.upkeep.wake)  # a maintenance pass now
     time.sleep(0.3)
     assert not any(_closed(s) for s in held.values()), "closed before they were idle"
 
     offset[0] = IDLE_SECONDS + 1  # a minute later, nobody read them
-    _in_loop(daemon, daemon.cache._evict_wakeup.set)
-    deadline = time.monotonic() + 5
-    while not all(_closed(s) for s in held.values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _in_loop(daemon, daemon.cache.upkeep.wake)
+    wait_until(lambda: all(_closed(s) for s in held.values()), 5)
     assert all(_closed(s) for s in held.values())
-    assert _in_loop(daemon, lambda: len(daemon.cache._fds)) == 0
+    assert _in_loop(daemon, lambda: len(daemon.cache.open_blocks)) == 0
 
 
 def test_table_capacity_leaves_most_of_the_fd_limit_to_sockets() -> None:

@@ -21,10 +21,10 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import origin_host, proxied
-from daemons import DaemonThread
 from nwbcache_proxy.config import Settings
-from s3emu import Fault, S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import origin_host, proxied
+from tests.support.s3emu import Fault, S3Emulator
 
 BLOCK = 7
 SIZES = [0, 1, 6, 7, 8, 13, 14, 15, 49, 50, 97, 211]

@@ -15,10 +15,10 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from conftest import proxied
-from daemons import DaemonThread
 from nwbcache import __version__
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import free_port, proxied
+from tests.support.s3emu import S3Emulator
 
 KEY = "/dandiarchive/blobs/abc/def/0123-object"
 DATA = os.urandom(1_000_003)  # not a multiple of any block size
@@ -231,11 +231,7 @@ def test_upstream_404_is_404(served: tuple[S3Emulator, DaemonThread, str]) -> No
 def test_unreachable_upstream_is_502_with_message(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
 ) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
+    dead_port = free_port()
     daemon = make_daemon(allow_upstream=(f"127.0.0.1:{dead_port}",), retry_attempts=2)
     r = requests.get(f"{daemon.url}/http/127.0.0.1:{dead_port}/x/y", timeout=30)
     assert r.status_code == 502

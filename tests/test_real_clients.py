@@ -20,12 +20,15 @@ import pytest
 import remfile
 import requests
 
-from conftest import SHARED_NWB, proxied
-from daemons import DaemonThread
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import SHARED_NWB, proxied
+from tests.support.s3emu import S3Emulator
 
 NWB_FILES = sorted(SHARED_NWB.glob("*.nwb"))
-pytestmark = pytest.mark.usefixtures("gc_in_main_thread_only")
+pytestmark = [
+    pytest.mark.slow,  # every real NWB file through h5py, remfile, fsspec, PyNWB and curl
+    pytest.mark.usefixtures("gc_in_main_thread_only"),
+]
 
 
 def test_shared_nwb_files_are_present() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import email.utils
 import hashlib
 import os
@@ -24,12 +23,14 @@ from hypothesis import strategies as st
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from s3emu import Fault, S3Emulator, parse_bandwidth
+from tests.support.helpers import REPO, wait_until_async
+from tests.support.s3emu import Fault, S3Emulator, parse_bandwidth
 
 KEY = "/dandiarchive/blobs/abc/def/0f1e2d3c-uuid"
 DATA = bytes(range(256)) * 4  # 1024 bytes, every offset distinguishable mod 256
 MD5_ETAG = '"' + hashlib.md5(DATA).hexdigest() + '"'
-S3EMU_PY = Path(__file__).with_name("s3emu.py")
+# The command line, as the benchmark and a developer run it (from the repository root).
+S3EMU = [sys.executable, "-m", "tests.support.s3emu"]
 
 
 @pytest.fixture
@@ -474,16 +475,9 @@ async def test_stall_trips_a_read_timeout(emu: S3Emulator, session: aiohttp.Clie
         with pytest.raises(aiohttp.ServerTimeoutError):
             await resp.read()
     # The emulator notices the hang-up and finishes the exchange well before 5 s.
-    await wait_for_log(emu, 1)
+    await wait_until_async(lambda: len(emu.log) >= 1, 3.0, "the request finished", interval=0.02)
     assert emu.log[0].bytes_sent == 0
     assert emu.log[0].finished - emu.log[0].started < 2.0
-
-
-async def wait_for_log(emu: S3Emulator, n: int) -> None:
-    deadline = time.monotonic() + 3.0
-    while len(emu.log) < n:
-        assert time.monotonic() < deadline, "request never finished"
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- matching
@@ -678,13 +672,16 @@ def test_parse_bandwidth_rejects(text: str) -> None:
         parse_bandwidth(text)
 
 
+@pytest.mark.slow
 def test_cli_serves_a_directory(tmp_path: Path) -> None:
     (tmp_path / "blobs" / "abc").mkdir(parents=True)
     (tmp_path / "blobs" / "abc" / "uuid-1").write_bytes(DATA)
     (tmp_path / "top.txt").write_bytes(b"top")
-    cmd = [sys.executable, str(S3EMU_PY), "--root", str(tmp_path), "--prefix", "/dandiarchive"]
+    cmd = [*S3EMU, "--root", str(tmp_path), "--prefix", "/dandiarchive"]
     cmd += ["--latency", "0.01", "--bandwidth", "80M"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -700,8 +697,9 @@ def test_cli_serves_a_directory(tmp_path: Path) -> None:
     assert '"GET /dandiarchive/blobs/abc/uuid-1" 206 10' in stderr
 
 
+@pytest.mark.slow
 def test_cli_help_names_network_units() -> None:
     out = subprocess.run(
-        [sys.executable, str(S3EMU_PY), "--help"], capture_output=True, text=True, check=True
+        [*S3EMU, "--help"], capture_output=True, text=True, check=True, cwd=REPO
     ).stdout
     assert "80*10**6" in out

@@ -6,15 +6,14 @@ import http.server
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import requests
 
-from conftest import origin_host, proxied
-from daemons import DaemonThread
-from s3emu import Fault, S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import origin_host, proxied, wait_until
+from tests.support.s3emu import Fault, S3Emulator
 
 KEY = "/dandiarchive/blobs/sec/ret/object"
 DATA = os.urandom(100_000)
@@ -37,9 +36,7 @@ def test_presigned_signature_never_reaches_logs(
     # ... and nowhere into the daemon's logs (urllib3, the test's own client, may log it).
     # The access line is written when the handler returns, which can be a
     # moment after the client has the last byte.
-    deadline = time.monotonic() + 5
-    while "nwbcache.access" not in {r.name for r in caplog.records} and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: "nwbcache.access" in {r.name for r in caplog.records}, 5, interval=0.02)
     daemon_log = "\n".join(
         caplog.handler.format(r)
         for r in caplog.records

@@ -9,10 +9,10 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from conftest import proxied
-from daemons import DaemonThread
 from nwbcache_proxy import status
-from s3emu import S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import free_port, proxied
+from tests.support.s3emu import S3Emulator
 
 BS = 64 * 1024
 A, B = os.urandom(8 * BS), os.urandom(3 * BS)
@@ -92,6 +92,7 @@ nwbcache_upstream_requests_total{outcome="throttled"} 1.0
     assert w["hit_ratio_requests"] == 1.0  # 3 hits of 3 requests that could hit
 
 
+@pytest.mark.slow
 def test_nwbcache_status_prints_the_same_figures(busy_daemon: DaemonThread) -> None:
     import subprocess
     import sys
@@ -113,14 +114,12 @@ def test_nwbcache_status_prints_the_same_figures(busy_daemon: DaemonThread) -> N
     assert json.loads(as_json.stdout)["since_start"]["requests"] == 5
 
 
+@pytest.mark.slow
 def test_nwbcache_status_with_no_daemon_fails_clearly() -> None:
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.run(
         [sys.executable, "-m", "nwbcache_proxy", "status", "--url", f"http://127.0.0.1:{port}"],
         capture_output=True, text=True, timeout=60, check=False,

@@ -11,18 +11,13 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from conftest import proxied
-from daemons import DaemonThread
-from s3emu import Fault, S3Emulator
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import get_range, proxied, wait_until
+from tests.support.s3emu import Fault, S3Emulator
 
 KEY = "/bucket/blobs/faulty"
 BS = 16 * 1024
 DATA = os.urandom(10 * BS + 123)
-
-
-def _get(url: str, rng: str | None = None) -> requests.Response:
-    headers = {"Range": rng} if rng else {}
-    return requests.get(url, headers=headers, timeout=60)
 
 
 @pytest.fixture
@@ -42,7 +37,7 @@ def test_retryable_faults_are_retried_and_bytes_exact(
 ) -> None:
     origin, _daemon, url = setup
     origin.inject(fault, count=2, method="GET")
-    r = _get(url)
+    r = requests.get(url, timeout=60)
     assert r.status_code == 200
     assert r.content == DATA
     statuses = [e.status for e in origin.requests(KEY)]
@@ -57,7 +52,7 @@ def test_retryable_faults_are_retried_and_bytes_exact(
 def test_retry_after_is_honoured(setup: tuple[S3Emulator, DaemonThread, str]) -> None:
     origin, _daemon, url = setup
     origin.inject(Fault.SLOWDOWN, count=1, method="GET", retry_after=1)
-    r = _get(url, "bytes=0-99")
+    r = get_range(url, 0, 99, check=False)
     assert r.content == DATA[:100]
     log = origin.requests(KEY)
     assert log[0].status == 503
@@ -69,10 +64,10 @@ def test_cut_body_resumes_from_last_byte(
     setup: tuple[S3Emulator, DaemonThread, str], fault: Fault
 ) -> None:
     origin, _daemon, url = setup
-    _get(url, "bytes=0-0")  # discover first, so the next fetch is a multi-block run
+    get_range(url, 0, 0, check=False)  # discover first, so the next fetch is a multi-block run
     origin.clear_log()
     origin.inject(fault, count=1, method="GET", after_bytes=BS + 1000)
-    r = _get(url, f"bytes={BS}-{4 * BS - 1}")
+    r = get_range(url, BS, 4 * BS - 1, check=False)
     assert r.status_code == 206
     assert r.content == DATA[BS : 4 * BS]
     log = origin.requests(KEY)
@@ -91,11 +86,11 @@ def test_full_answer_to_range_request_yields_exact_bytes(
 ) -> None:
     origin, _daemon, url = setup
     origin.inject(Fault.FULL_FOR_RANGE, count=3, method="GET")
-    r = _get(url, f"bytes={2 * BS + 5}-{2 * BS + 50}")
+    r = get_range(url, 2 * BS + 5, 2 * BS + 50, check=False)
     assert r.status_code == 206
     assert r.content == DATA[2 * BS + 5 : 2 * BS + 51]
     # and what got cached from those answers is right too
-    assert _get(url).content == DATA
+    assert requests.get(url, timeout=60).content == DATA
 
 
 def test_persistent_failure_is_a_truthful_5xx(
@@ -104,7 +99,7 @@ def test_persistent_failure_is_a_truthful_5xx(
     origin.put(KEY, DATA)
     daemon = make_daemon(block_size=BS, retry_attempts=3)
     origin.inject(Fault.INTERNAL_ERROR, count=100, method="GET")
-    r = _get(proxied(daemon.url, origin, KEY))
+    r = requests.get(proxied(daemon.url, origin, KEY), timeout=60)
     assert r.status_code == 502
     assert "retries exhausted" in r.text
     origin.wait_idle()
@@ -118,20 +113,18 @@ def test_stalled_upstream_times_out_and_retries(
     daemon = make_daemon(block_size=BS, read_timeout=0.3, first_byte_timeout=2.0)
     origin.inject(Fault.STALL, count=1, method="GET", stall_seconds=3)
     started = time.monotonic()
-    r = _get(proxied(daemon.url, origin, KEY), "bytes=0-99")
+    r = get_range(proxied(daemon.url, origin, KEY), 0, 99, check=False)
     assert r.content == DATA[:100]
     # answered before the stall ended: the idle read timed out and was retried
     assert time.monotonic() - started < 3
-    deadline = time.monotonic() + 10  # the stalled request is logged when it ends
-    while len(origin.requests(KEY)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(origin.requests(KEY)) >= 2, 10)  # logged when the stall ends
     assert [e.fault for e in origin.requests(KEY)].count(Fault.STALL) == 1
 
 
 def test_upstream_not_found_fault_passes_404(setup: tuple[S3Emulator, DaemonThread, str]) -> None:
     origin, _daemon, url = setup
     origin.inject(Fault.NOT_FOUND, count=1, method="GET")
-    assert _get(url).status_code == 404
+    assert requests.get(url, timeout=60).status_code == 404
 
 
 def test_head_to_daemon_works_when_upstream_refuses_head(
@@ -151,11 +144,11 @@ def test_etag_change_between_blocks_never_mixes_versions(
     setup: tuple[S3Emulator, DaemonThread, str],
 ) -> None:
     origin, _daemon, url = setup
-    _get(url, "bytes=0-0")  # block 0 of version A cached
+    get_range(url, 0, 0, check=False)  # block 0 of version A cached
     new = os.urandom(len(DATA))
     origin.put(KEY, new)  # upstream now has version B; the daemon still believes A
     try:
-        r = _get(url)
+        r = requests.get(url, timeout=60)
         body = r.content
         ok = r.status_code in (200, 206) and len(body) == len(DATA)
     except requests.exceptions.RequestException:
@@ -163,7 +156,7 @@ def test_etag_change_between_blocks_never_mixes_versions(
     if ok:
         assert body in (DATA, new)
     # the old version's blocks are gone: the next read is all version B
-    assert _get(url).content == new
+    assert requests.get(url, timeout=60).content == new
 
 
 def test_object_replaced_mid_read_gives_one_version_or_an_error(
@@ -187,22 +180,22 @@ def test_object_replaced_mid_read_gives_one_version_or_an_error(
     origin.bandwidth = None
     if complete:
         assert body in (data, new), "a response mixed two versions"
-    assert _get(url).content == new
+    assert requests.get(url, timeout=60).content == new
 
 
 def test_wrong_etag_header_mid_read_is_detected(
     setup: tuple[S3Emulator, DaemonThread, str],
 ) -> None:
     origin, _daemon, url = setup
-    _get(url, "bytes=0-0")
+    get_range(url, 0, 0, check=False)
     origin.inject(Fault.WRONG_ETAG, count=1, method="GET")
     try:
-        r = _get(url)
+        r = requests.get(url, timeout=60)
         if r.status_code == 200 and len(r.content) == len(DATA):
             assert r.content == DATA
     except requests.exceptions.RequestException:
         pass
-    assert _get(url).content == DATA
+    assert requests.get(url, timeout=60).content == DATA
 
 
 def test_failure_before_any_byte_is_a_status_not_a_cut_body(
@@ -211,9 +204,9 @@ def test_failure_before_any_byte_is_a_status_not_a_cut_body(
     origin.put(KEY, DATA)
     daemon = make_daemon(block_size=BS, retry_attempts=2)
     url = proxied(daemon.url, origin, KEY)
-    assert _get(url, "bytes=0-0").status_code == 206  # object known, block 0 cached
+    assert get_range(url, 0, 0, check=False).status_code == 206  # object known, block 0 cached
     origin.inject(Fault.INTERNAL_ERROR, count=100, method="GET")
-    r = _get(url, f"bytes={5 * BS}-{5 * BS + 99}")
+    r = get_range(url, 5 * BS, 5 * BS + 99, check=False)
     assert r.status_code == 502
     assert r.text.startswith("nwbcache:")
 
@@ -222,10 +215,10 @@ def test_version_change_before_headers_restarts_on_the_new_version(
     setup: tuple[S3Emulator, DaemonThread, str],
 ) -> None:
     origin, _daemon, url = setup
-    assert _get(url, "bytes=0-0").content == DATA[:1]  # version A known
+    assert get_range(url, 0, 0, check=False).content == DATA[:1]  # version A known
     new = os.urandom(len(DATA))
     new_etag = origin.put(KEY, new)
-    r = _get(url, f"bytes={3 * BS}-{3 * BS + 99}")  # a cold block: If-Match fails with 412
+    r = get_range(url, 3 * BS, 3 * BS + 99, check=False)  # a cold block: If-Match fails with 412
     assert r.status_code == 206
     assert r.content == new[3 * BS : 3 * BS + 100]
     assert r.headers["ETag"] == new_etag

@@ -411,6 +411,7 @@ def test_original_url_rejects(proxied: str, proxy: str, why: str) -> None:
     assert why in str(info.value)
 
 
+@pytest.mark.slow
 def test_client_module_stays_light() -> None:
     code = (
         "import sys, nwbcache, nwbcache.urls\n"

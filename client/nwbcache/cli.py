@@ -14,9 +14,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .env import ENV_URL
-from .urls import InvalidURL, _proxy, proxied_url
+from . import __version__, env
+from .urls import DANDI_API_URL, InvalidURL, _proxy, proxied_url
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "url",
         help="print the proxied URL of an S3 URL or a DANDI asset",
         description=(
-            "Print the URL to read URL through the daemon at --proxy (default $NWBCACHE_URL). "
+            f"Print the URL to read URL through the daemon at --proxy (default ${env.ENV_URL}). "
             "With --dandi DANDISET, the positional argument is an asset path, looked up "
             "with the DANDI API."
         ),
@@ -66,23 +65,26 @@ def build_parser() -> argparse.ArgumentParser:
     url.add_argument(
         "url", metavar="URL", help="https://..., http://... or s3://bucket/key (PATH with --dandi)"
     )
-    url.add_argument("--proxy", help="the daemon's base URL, e.g. http://127.0.0.1:8080")
+    url.add_argument("--proxy", help=f"the daemon's base URL, e.g. {env.DEFAULT_DAEMON_URL}")
     url.add_argument("--dandi", metavar="DANDISET", help="a Dandiset id, e.g. 000006")
     url.add_argument("--version", default="draft", help="the Dandiset version (default draft)")
-    url.add_argument("--api-url", help="the DANDI API, default https://api.dandiarchive.org/api")
+    url.add_argument(
+        "--api-url",
+        help=f"the DANDI API (default {DANDI_API_URL}, or dandi's $DANDI_INSTANCE)",
+    )
 
     run = sub.add_parser(
         "run",
         help="run a command whose remfile/fsspec reads go through the daemon",
         description=(
-            f"Run CMD with {ENV_URL} set (from --proxy or the environment), so that "
+            f"Run CMD with {env.ENV_URL} set (from --proxy or the environment), so that "
             "remfile and fsspec in every Python process it starts read allowed "
-            "upstreams (NWBCACHE_HOSTS, default the DANDI bucket) through the daemon. "
+            f"upstreams ({env.ENV_HOSTS}, default the DANDI bucket) through the daemon. "
             "Python processes need nwbcache installed in their environment."
         ),
-        epilog="Example: nwbcache run --proxy http://127.0.0.1:8080 -- python analysis.py",
+        epilog=f"Example: nwbcache run --proxy {env.DEFAULT_DAEMON_URL} -- python analysis.py",
     )
-    run.add_argument("--proxy", help=f"the daemon's base URL (default ${ENV_URL})")
+    run.add_argument("--proxy", help=f"the daemon's base URL (default ${env.ENV_URL})")
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
 
     status = sub.add_parser(
@@ -91,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Print what the daemon's status page (GET /) shows: the cache's fill, hit "
             "ratios and traffic over the last minute and hour, and the objects taking "
-            f"most of the cache. The daemon is --url, else ${ENV_URL}, else "
-            "http://127.0.0.1:8080."
+            f"most of the cache. The daemon is --url, else ${env.ENV_URL}, else "
+            f"{env.DEFAULT_DAEMON_URL}."
         ),
     )
     check = sub.add_parser(
@@ -106,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     check.add_argument(
-        "--cache-dir", help="the cache (default $NWBCACHE_CACHE_DIR, else serve's default)"
+        "--cache-dir", help=f"the cache (default ${env.ENV_CACHE_DIR}, else serve's default)"
     )
     check.add_argument("--repair", action="store_true", help="delete corrupt blocks, fix the index")
 
@@ -150,14 +152,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.exit(2, "nwbcache run: no command given (nwbcache run -- CMD ...)\n")
-    proxy = args.proxy if args.proxy is not None else os.environ.get(ENV_URL, "")
+    proxy = args.proxy if args.proxy is not None else env.proxy() or ""
     if not proxy.strip():
-        parser.exit(2, f"nwbcache run: no daemon given: pass --proxy URL or set {ENV_URL}\n")
+        parser.exit(2, f"nwbcache run: no daemon given: pass --proxy URL or set {env.ENV_URL}\n")
     try:
         base = _proxy(proxy).base  # validated and normalised: "host:8080/" -> http://host:8080
     except InvalidURL as exc:
         parser.exit(2, f"nwbcache run: {exc}\n")
-    environ = {**os.environ, ENV_URL: base}
+    environ = env.environ_with_proxy(base)
     if os.name == "posix":
         # Become the command: its exit status, signals and terminal are its own.
         try:
@@ -175,7 +177,7 @@ def _status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    base = (args.url or os.environ.get(ENV_URL) or "http://127.0.0.1:8080").rstrip("/")
+    base = (args.url or env.proxy() or env.DEFAULT_DAEMON_URL).rstrip("/")
     # No proxies: the daemon is on this machine or the lab network.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -198,7 +200,7 @@ def _check(args: argparse.Namespace) -> int:
     from nwbcache_proxy.check import check_cache
     from nwbcache_proxy.config import default_cache_dir
 
-    cache_dir = Path(args.cache_dir or os.environ.get("NWBCACHE_CACHE_DIR") or default_cache_dir())
+    cache_dir = Path(args.cache_dir or env.cache_dir() or default_cache_dir())
     report = check_cache(cache_dir, repair=args.repair)
     print(f"nwbcache check {cache_dir}")
     print(report.summary())

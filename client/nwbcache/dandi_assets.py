@@ -12,9 +12,11 @@ def asset_url(
 ) -> str:
     """The S3 URL of an asset's bytes, as the DANDI tutorials find it.
 
-    ``api_url`` None means the DANDI Archive itself. The API answers
-    ``/download/`` with a redirect to a presigned URL; its query is stripped,
-    as the bucket is public and a signature would only expire.
+    ``api_url`` None means dandi's default: the DANDI Archive
+    (:data:`nwbcache.urls.DANDI_API_URL`) unless ``DANDI_INSTANCE`` names
+    another instance. The API answers ``/download/`` with a redirect to a
+    presigned URL; its query is stripped, as the bucket is public and a
+    signature would only expire.
     """
     # Imported here: dandi pulls in pydantic, requests and more, and only
     # this function needs it.

@@ -1,40 +1,53 @@
 """The client's settings, read from the environment when they are used.
 
+This module owns every ``NWBCACHE_*`` variable the client reads: the names
+and the reading. Other modules call the functions here; none reads
+``os.environ`` for an ``NWBCACHE_*`` name itself. The one other reader, on
+purpose, is the ``nwbcache-transparent.pth`` line, which runs at every
+interpreter start and checks ``os.environ.get("NWBCACHE_URL")`` itself so that
+a process without it pays one lookup and imports nothing (see
+:mod:`nwbcache.transparent`); keep its spelling in step with :data:`ENV_URL`.
+The daemon's own ``NWBCACHE_<FLAG>`` settings are read by
+``nwbcache_proxy.config``; :data:`ENV_CACHE_DIR` is here because ``nwbcache
+check`` finds the cache the way ``serve`` does.
+
 Read at call time rather than at import, so a notebook can set
 ``os.environ["NWBCACHE_URL"]`` after importing and tests need not patch
-globals. Parsing is cached per distinct set of values, so the hot path (every
-fsspec request asks) costs a few dictionary lookups.
+globals. Values come back as text: parsing them is the job of their users
+(:mod:`nwbcache.patches` parses NWBCACHE_HOSTS once per distinct value).
+
+Standard library only and no other module of this package: everything else
+may import this one.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 
-from .urls import DANDI_HOSTS, ENV_VAR, AllowList
-
 __all__ = [
+    "DEFAULT_DAEMON_URL",
+    "ENV_CACHE_DIR",
     "ENV_FALLBACK",
     "ENV_HOSTS",
     "ENV_URL",
-    "ClientSettings",
-    "current",
+    "cache_dir",
+    "environ_with_proxy",
     "fallback_enabled",
+    "hosts",
+    "proxy",
     "split_entries",
 ]
 
-ENV_URL = ENV_VAR  # NWBCACHE_URL: the daemon's base URL
+ENV_URL = "NWBCACHE_URL"  # the daemon's base URL (also spelled out in nwbcache-transparent.pth)
 ENV_HOSTS = "NWBCACHE_HOSTS"  # upstreams transparent mode sends through the daemon
 ENV_FALLBACK = "NWBCACHE_FALLBACK"  # "0": fail when the daemon is down instead of going direct
+ENV_CACHE_DIR = "NWBCACHE_CACHE_DIR"  # serve's --cache-dir, for `nwbcache check`
+
+# Where `nwbcache status` looks when neither --url nor NWBCACHE_URL says:
+# `nwbcache serve`'s default --host and --port.
+DEFAULT_DAEMON_URL = "http://127.0.0.1:8080"
 
 _FALSE = frozenset({"0", "false", "no", "off"})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ClientSettings:
-    proxy: str | None  # NWBCACHE_URL as given, None when unset or blank
-    hosts: AllowList  # parsed NWBCACHE_HOSTS, DANDI_HOSTS by default
 
 
 def split_entries(text: str) -> tuple[str, ...]:
@@ -42,20 +55,30 @@ def split_entries(text: str) -> tuple[str, ...]:
     return tuple(text.replace(",", " ").split())
 
 
+def proxy() -> str | None:
+    """NWBCACHE_URL, stripped; None when unset or blank."""
+    return os.environ.get(ENV_URL, "").strip() or None
+
+
+def environ_with_proxy(base: str) -> dict[str, str]:
+    """This process's environment with NWBCACHE_URL set to ``base``, for a child process."""
+    return {**os.environ, ENV_URL: base}
+
+
 def fallback_enabled() -> bool:
     """NWBCACHE_FALLBACK: unless "0" (or false/no/off), read upstream when the daemon is down."""
     return _fallback(os.environ.get(ENV_FALLBACK, ""))
 
 
-def current() -> ClientSettings:
-    """Where transparent mode sends what. Raises InvalidURL for a malformed NWBCACHE_HOSTS."""
-    return _parse(os.environ.get(ENV_URL, ""), os.environ.get(ENV_HOSTS))
+def cache_dir() -> str | None:
+    """NWBCACHE_CACHE_DIR; None when unset or empty."""
+    return os.environ.get(ENV_CACHE_DIR) or None
 
 
-@functools.lru_cache(maxsize=16)
-def _parse(proxy: str, hosts: str | None) -> ClientSettings:
-    entries = DANDI_HOSTS if hosts is None or not hosts.strip() else split_entries(hosts)
-    return ClientSettings(proxy=proxy.strip() or None, hosts=AllowList.parse(entries))
+def hosts() -> str | None:
+    """NWBCACHE_HOSTS as given (an --allow-upstream list), None when unset or blank."""
+    value = os.environ.get(ENV_HOSTS)
+    return value if value is not None and value.strip() else None
 
 
 def _fallback(text: str) -> bool:

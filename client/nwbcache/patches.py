@@ -7,6 +7,7 @@ start with NWBCACHE_URL set does not pay for URL parsing and routing.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import functools
 import threading
 import warnings
@@ -16,7 +17,7 @@ from typing import Any
 
 from . import env
 from .routing import choose
-from .urls import InvalidURL, _proxy, parse_upstream_url, proxied_url
+from .urls import DANDI_HOSTS, AllowList, InvalidURL, _proxy, parse_upstream_url, proxied_url
 
 __all__ = ["patch_fsspec_http", "patch_remfile", "rewrite"]
 
@@ -37,8 +38,26 @@ def _warn_config_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClientSettings:
+    proxy: str | None  # NWBCACHE_URL as given, None when unset or blank
+    hosts: AllowList  # parsed NWBCACHE_HOSTS, DANDI_HOSTS by default
+
+
+def current() -> ClientSettings:
+    """Where transparent mode sends what. Raises InvalidURL for a malformed NWBCACHE_HOSTS."""
+    return _settings(env.proxy(), env.hosts())
+
+
+@functools.lru_cache(maxsize=16)
+def _settings(proxy: str | None, hosts: str | None) -> ClientSettings:
+    """Parsed once per distinct set of values: fsspec asks on every request."""
+    entries = DANDI_HOSTS if hosts is None else env.split_entries(hosts)
+    return ClientSettings(proxy=proxy, hosts=AllowList.parse(entries))
+
+
 @functools.lru_cache(maxsize=1024)
-def _plan(url: str, settings: env.ClientSettings) -> tuple[str, str] | None:
+def _plan(url: str, settings: ClientSettings) -> tuple[str, str] | None:
     """(through the daemon, upstream) for ``url``, or None to leave it as it is.
 
     Pure, hence cached: fsspec asks for every request, and parsing costs
@@ -66,7 +85,7 @@ def rewrite(url: str) -> str:
     if _writing.get():
         return url
     try:
-        settings = env.current()
+        settings = current()
     except InvalidURL as exc:
         _warn_config_once(f"nwbcache: {env.ENV_HOSTS} is invalid ({exc}); transparent mode is off")
         return url

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any, Literal, Protocol, cast
 
+from . import env
 from .routing import route
-from .urls import ENV_VAR, parse_upstream_url, redact_url
+from .urls import parse_upstream_url, redact_url
 
 __all__ = ["BACKENDS", "RemoteFile", "open"]
 
@@ -39,9 +39,9 @@ def open(  # shadows the builtin on purpose: the public name, as gzip.open
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    if proxy is None and not os.environ.get(ENV_VAR, "").strip():
+    if proxy is None and env.proxy() is None:
         warnings.warn(
-            f"nwbcache.open: no proxy given and {ENV_VAR} is unset; reading "
+            f"nwbcache.open: no proxy given and {env.ENV_URL} is unset; reading "
             f"{redact_url(url)} straight from upstream, uncached",
             RuntimeWarning,
             stacklevel=2,

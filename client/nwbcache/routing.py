@@ -20,7 +20,7 @@ import warnings
 from urllib.parse import urlsplit
 
 from . import env
-from .urls import _proxy, parse_upstream_url, proxied_url
+from .urls import _DEFAULT_PORTS, _proxy, parse_upstream_url, proxied_url
 
 __all__ = [
     "CONNECT_TIMEOUT",
@@ -57,7 +57,7 @@ def _probe(base: str) -> str:
     """Why a TCP connection to the daemon at ``base`` fails; "" when it opens."""
     parts = urlsplit(base)
     host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = parts.port or _DEFAULT_PORTS[parts.scheme]  # base is http(s): _proxy checked
     try:
         with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
             return ""
@@ -85,7 +85,7 @@ def _base(proxy: str) -> str:
 
 def _given(proxy: str | None) -> str:
     # NWBCACHE_URL is read at call time so it can be set after import.
-    return os.environ.get(env.ENV_URL, "") if proxy is None else proxy
+    return (env.proxy() or "") if proxy is None else proxy
 
 
 def daemon_reachable(proxy: str | None = None) -> bool:

@@ -2,7 +2,8 @@
 
 ``<proxy>/<scheme>/<host>[:<port>]/<path>[?<query>]`` stands for
 ``<scheme>://<host>[:<port>]/<path>[?<query>]``. Shared by the daemon and the
-light client package, so this module uses the standard library only.
+light client package, so this module uses the standard library only (and
+:mod:`nwbcache.env`, for the default proxy ``$NWBCACHE_URL``).
 
 The object path is kept percent-encoded exactly as received and is never
 decoded: decoding and re-encoding is not an identity (``%2F`` vs ``/``,
@@ -15,14 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import re
 import unicodedata
 from collections.abc import Iterable
 from typing import NamedTuple
 from urllib.parse import quote, unquote
 
+from . import env
+
 __all__ = [
+    "DANDI_API_URL",
     "DANDI_HOSTS",
     "ENV_VAR",
     "SIGNATURE_PARAMS",
@@ -40,7 +43,7 @@ __all__ = [
     "upstream_from_proxy_path",
 ]
 
-ENV_VAR = "NWBCACHE_URL"
+ENV_VAR = env.ENV_URL  # the name is env's; kept here for code that imported it from here
 
 _DEFAULT_PORTS: dict[str, int] = {"http": 80, "https": 443}
 
@@ -73,6 +76,8 @@ DANDI_HOSTS: tuple[str, ...] = (
     "s3.us-east-2.amazonaws.com/dandiarchive",
     "s3.amazonaws.com/dandiarchive",
 )
+# The DANDI Archive's API, where asset paths are looked up.
+DANDI_API_URL = "https://api.dandiarchive.org/api"
 
 _REDACTED = "REDACTED"
 _SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]{0,15}")
@@ -344,10 +349,10 @@ class _Proxy(NamedTuple):
 
 def _proxy(proxy: str | None) -> _Proxy:
     # NWBCACHE_URL is read at call time so it can be set after import.
-    text = (os.environ.get(ENV_VAR, "") if proxy is None else proxy).strip()
+    text = ((env.proxy() or "") if proxy is None else proxy).strip()
     if not text:
         raise InvalidURL(
-            f"no proxy given: pass proxy= or set {ENV_VAR} (e.g. http://127.0.0.1:8080)"
+            f"no proxy given: pass proxy= or set {env.ENV_URL} (e.g. {env.DEFAULT_DAEMON_URL})"
         )
     _check_chars(text, "proxy URL")
     if "://" not in text:
@@ -394,7 +399,7 @@ def original_url(proxied: str, proxy: str | None = None) -> str:
     ``localhost`` and ``127.0.0.1`` spellings of the daemon both work.
     """
     prefix = ""
-    if proxy is not None or os.environ.get(ENV_VAR, "").strip():
+    if proxy is not None or env.proxy() is not None:
         prefix = _proxy(proxy).prefix
     outer = parse_upstream_url(proxied)
     path = outer.path

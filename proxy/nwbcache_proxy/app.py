@@ -17,23 +17,18 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import __version__
+from .appkeys import ALLOW_KEY, CACHE_KEY, DANDI_KEY, METRICS_KEY, STATUS_KEY, TARGETS_KEY
 from .cache import BlockCache
 from .config import Settings, describe
 from .dandi_resolver import DandiResolver
 from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
+from .observe import observe_middleware
 from .retry import RetryBudget, RetryPolicy
-from .server import (
-    ALLOW_KEY,
-    CACHE_KEY,
-    DANDI_KEY,
-    METRICS_KEY,
-    STATUS_KEY,
-    build_routes,
-    observe_middleware,
-)
+from .server import build_routes
 from .status import StatusTracker
+from .targets import Targets
 from .upstream import Upstream, make_session
 
 log = logging.getLogger("nwbcache")
@@ -48,6 +43,7 @@ def build_app(settings: Settings) -> web.Application:
     app[SETTINGS_KEY] = settings
     app[ALLOW_KEY] = settings.allow_list
     app[METRICS_KEY] = Metrics()
+    app[TARGETS_KEY] = Targets(settings.allow_list)
     app.cleanup_ctx.append(_cache_context)
     build_routes(app)
     return app
@@ -127,10 +123,3 @@ def _bound_address(site: web.BaseSite) -> tuple[str, int]:
     name = sockets[0].getsockname()
     host = name[0] if ":" not in name[0] else f"[{name[0]}]"
     return host, int(name[1])
-
-
-def run(settings: Settings) -> int:
-    """Kept for callers that import it from here; see runner.run."""
-    from .runner import run as run_daemon
-
-    return run_daemon(settings)

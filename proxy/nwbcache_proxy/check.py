@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sqlite3
 import zlib
 from pathlib import Path
 
-from . import blockfile, store
+from . import blockfile, index, store
 from .blockfile import HEADER_SIZE, CorruptBlock
-from .layout import Layout
+from .layout import Layout, key_hash
 from .objectmeta import ObjectMeta, block_span
 
 
@@ -52,21 +51,26 @@ def check_cache(cache_dir: Path, *, repair: bool) -> CheckReport:
     report = CheckReport(repaired=repair)
     on_disk: set[str] = set()
     for kh_dir in _dirs(layout.objects, depth=2):
-        meta_raw = store.read_meta(kh_dir / "meta.json")
+        meta_raw = store.read_meta(layout.meta_path(kh_dir.name))
         key = meta_raw.get("cache_key") if meta_raw else None
         meta = ObjectMeta.from_json(meta_raw, key) if meta_raw and isinstance(key, str) else None
+        if meta is not None and key_hash(meta.cache_key) != kh_dir.name:
+            meta = None  # misplaced: trusted for no block here
         for vdir in _dirs(kh_dir, depth=1):
-            current = meta is not None and vdir == layout.version_dir(
-                kh_dir.name, meta.digest, _block_size(vdir)
+            block_size = Layout.block_size_of(vdir.name)
+            current = (
+                meta is not None
+                and block_size is not None
+                and vdir == layout.version_dir(kh_dir.name, meta.digest, block_size)
             )
             for entry in os.scandir(vdir):
-                if not entry.name.endswith(".blk"):
+                if Layout.block_index_of(entry.name) is None:
                     continue
-                rel = str(Path(entry.path).relative_to(layout.root))
+                rel = layout.relative(Path(entry.path))
                 on_disk.add(rel)
                 report.blocks += 1
                 report.bytes += entry.stat().st_size
-                problem = _verify(Path(entry.path), meta if current else None, vdir)
+                problem = _verify(Path(entry.path), meta if current else None, block_size)
                 if problem is None:
                     report.stale += not current
                     continue
@@ -78,13 +82,6 @@ def check_cache(cache_dir: Path, *, repair: bool) -> CheckReport:
     return report
 
 
-def _block_size(vdir: Path) -> int:
-    try:
-        return int(vdir.name.rsplit(".", 1)[1])
-    except (IndexError, ValueError):
-        return -1
-
-
 def _dirs(root: Path, depth: int) -> list[Path]:
     level = [root]
     for _ in range(depth):
@@ -92,7 +89,7 @@ def _dirs(root: Path, depth: int) -> list[Path]:
     return level
 
 
-def _verify(path: Path, meta: ObjectMeta | None, vdir: Path) -> str | None:
+def _verify(path: Path, meta: ObjectMeta | None, block_size: int | None) -> str | None:
     """None if the block is sound; else what is wrong with it."""
     try:
         raw = path.read_bytes()
@@ -102,11 +99,15 @@ def _verify(path: Path, meta: ObjectMeta | None, vdir: Path) -> str | None:
             raise CorruptBlock(f"{len(data)} data bytes, header says {header.length}")
         if zlib.crc32(data) != header.crc32:
             raise CorruptBlock("checksum mismatch")
-        if meta is not None:
-            index = int(path.name.removesuffix(".blk"))
-            start, end = block_span(index, meta.version.size, _block_size(vdir))
+        block_index = Layout.block_index_of(path.name)
+        if meta is not None and block_size is not None and block_index is not None:
+            start, end = block_span(block_index, meta.version.size, block_size)
             blockfile.check_header(
-                header, index=index, length=end - start, digest=meta.digest, file_size=len(raw)
+                header,
+                index=block_index,
+                length=end - start,
+                digest=meta.digest,
+                file_size=len(raw),
             )
     except (CorruptBlock, ValueError) as exc:
         return str(exc)
@@ -124,9 +125,9 @@ def _check_index(layout: Layout, on_disk: set[str], report: CheckReport, repair:
     if not layout.index_path.exists():
         report.missing_from_index = len(on_disk)
         return
-    conn = sqlite3.connect(layout.index_path, timeout=30, isolation_level=None)
+    conn = index.connect(layout.index_path)
     try:
-        indexed = {row[0] for row in conn.execute("SELECT path FROM blocks")}
+        indexed = index.indexed_paths(conn)
         missing = on_disk - indexed
         gone = indexed - on_disk
         report.missing_from_index = len(missing)
@@ -134,14 +135,14 @@ def _check_index(layout: Layout, on_disk: set[str], report: CheckReport, repair:
         if repair and (missing or gone):
             with conn:
                 conn.execute("BEGIN IMMEDIATE")
-                conn.executemany(
-                    "INSERT OR IGNORE INTO blocks(path, object, bytes, atime) VALUES (?, ?, ?, ?)",
+                index.add_found(
+                    conn,
                     [
-                        (p, os.path.dirname(p), *_size_and_mtime(layout.root / p))
+                        (p, Layout.version_of_block(p), *_size_and_mtime(layout.root / p))
                         for p in missing
                         if (layout.root / p).exists()
                     ],
                 )
-                conn.executemany("DELETE FROM blocks WHERE path = ?", [(p,) for p in gone])
+                index.delete_paths(conn, sorted(gone))
     finally:
         conn.close()

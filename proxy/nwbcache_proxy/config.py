@@ -23,8 +23,13 @@ from .sizes import format_size, parse_size
 # Why 256 KiB: remfile asks for 100 KiB at least and h5py's metadata reads are
 # small and scattered, so a larger block multiplies upstream bytes on a cold
 # open; sequential reads do not suffer from small blocks because consecutive
-# missing blocks are fetched with a single upstream request (see fetch.py).
+# missing blocks are fetched with a single upstream request (see fetcher.py).
 DEFAULT_BLOCK_SIZE = 256 * 1024
+# The public DANDI Archive's API, behind the /dandi/... route.
+DEFAULT_DANDI_API_URL = "https://api.dandiarchive.org/api"
+# prometheus_client's variable for the directory where --workers N processes
+# keep their metrics; read when prometheus_client is first imported.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_CACHE_SIZE = 20 * 1024**3
 # Read-ahead for sequential readers and plain GETs. Measured (bench/suite.py
 # sweep, 30 ms / 80 MB/s per connection, cold scan of a 1 GB series): 1M
@@ -66,7 +71,7 @@ class Settings:
     fsync: bool = False
     log_level: str = "info"
     log_format: str = "text"
-    dandi_api_url: str = "https://api.dandiarchive.org/api"
+    dandi_api_url: str = DEFAULT_DANDI_API_URL
 
     @property
     def allow_list(self) -> AllowList:
@@ -236,7 +241,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "--dandi-api-url",
         str,
         "DANDI API that the /dandi/<dandiset>/<version>/<path> route asks "
-        "(default https://api.dandiarchive.org/api)",
+        f"(default {DEFAULT_DANDI_API_URL})",
         "URL",
     ),
 )

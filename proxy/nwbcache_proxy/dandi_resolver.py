@@ -24,7 +24,6 @@ from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url
 from .errors import BadRequest, NotAllowed, UpstreamStatus, UpstreamUnavailable
 from .lru import BoundedLRU
 
-DEFAULT_DANDI_API_URL = "https://api.dandiarchive.org/api"
 # Draft paths can be re-pointed at new assets; published versions never change.
 DRAFT_TTL = 300.0
 PUBLISHED_TTL = 24 * 3600.0

@@ -1,26 +1,24 @@
-"""Range requests and conditional requests (RFC 9110 §13-§15) as pure functions.
+"""Range requests (RFC 9110 §14) as pure functions: Range, If-Range, Content-Range, multipart.
 
 No I/O and no web framework: the server passes header strings in and gets a
 decision back, so every edge case can be pinned down by table-driven tests.
 
 How a GET/HEAD handler uses this module, in the order of RFC 9110 §13.2.2:
 
-1. ``evaluate_preconditions`` -> 412 / 304 / proceed (steps 1-4);
+1. ``conditional.evaluate_preconditions`` -> 412 / 304 / proceed (steps 1-4);
 2. ``decide`` -> 200 / 206 / 416 (step 5, If-Range, and then Range itself);
 3. for a MULTIPART decision, ``plan_multipart`` gives the exact body layout and
    Content-Length before any byte is read.
-
-Entity-tags are handled as they appear on the wire, quotes and ``W/`` included.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+
+from .conditional import OWS, evaluate_if_range
 
 # Most ranges a 206 multipart answer may carry after coalescing. RFC 9110 §14.2
 # lets a server ignore a Range header field with many small ranges; each part
@@ -28,8 +26,6 @@ from email.utils import parsedate_to_datetime
 # small request expensive. Above this we answer 200 with the whole object.
 MAX_RANGES: int = 64
 
-# RFC 9110 §5.6.3: optional whitespace (OWS) is spaces and horizontal tabs only.
-_OWS = " \t"
 
 # Longest decimal position we parse. 19 digits already exceed 2**63, far beyond
 # any real object, and the cap keeps int() bounded on hostile input.
@@ -106,7 +102,7 @@ def _full(size: int) -> RangeDecision:
     return RangeDecision(RangeOutcome.FULL, (ByteRange(0, size),))
 
 
-def _parse_digits(text: str) -> int | None:
+def parse_digits(text: str) -> int | None:
     """``1*DIGIT`` (ASCII only: str.isdigit alone would accept "²" or "٣")."""
     if not 0 < len(text) <= _MAX_DIGITS or not text.isascii() or not text.isdigit():
         return None
@@ -119,15 +115,15 @@ def _parse_range_spec(text: str) -> RangeSpec | None:
         return None
     if not first_text:
         # RFC 9110 §14.1.1: suffix-range = "-" suffix-length
-        suffix = _parse_digits(last_text)
+        suffix = parse_digits(last_text)
         return None if suffix is None else RangeSpec(None, suffix)
     # RFC 9110 §14.1.1: int-range = first-pos "-" [ last-pos ]
-    first = _parse_digits(first_text)
+    first = parse_digits(first_text)
     if first is None:
         return None
     if not last_text:
         return RangeSpec(first, None)
-    last = _parse_digits(last_text)
+    last = parse_digits(last_text)
     # RFC 9110 §14.1.1: "A range-spec is invalid if the last-pos value is present
     # and less than the first-pos."
     if last is None or last < first:
@@ -145,14 +141,14 @@ def parse_range_header(value: str) -> tuple[RangeSpec, ...] | None:
     # RFC 9110 §14.1.1: ranges-specifier = range-unit "=" range-set. OWS around
     # "=" is not in the grammar but is tolerated, as are outer OWS (§5.5).
     unit, equals, range_set = value.partition("=")
-    unit = unit.strip(_OWS)
+    unit = unit.strip(OWS)
     # RFC 9110 §14.1: range units are compared case-insensitively.
     if not equals or not unit.isascii() or unit.lower() != "bytes":
         return None
     specs: list[RangeSpec] = []
     # RFC 9110 §14.1.1: range-set = 1#range-spec, a comma-separated list (§5.6.1).
     for element in range_set.split(","):
-        element = element.strip(_OWS)
+        element = element.strip(OWS)
         if not element:
             # RFC 9110 §5.6.1.2: a recipient accepts and ignores empty list elements.
             continue
@@ -249,181 +245,6 @@ def decide(
     return resolve_ranges(specs, size)
 
 
-# --------------------------------------------------------------------------- validators
-
-# RFC 9110 §8.8.3: entity-tag = [ weak ] opaque-tag; weak = %s"W/" (case-sensitive);
-# opaque-tag = DQUOTE *etagc DQUOTE; etagc = %x21 / %x23-7E / obs-text.
-_ENTITY_TAG = re.compile(r'(W/)?"([\x21\x23-\x7e\x80-\xff]*)"')
-# One element of a #entity-tag list: the tag, OWS, then a comma or the end.
-_ETAG_ELEMENT = re.compile(r'((?:W/)?"[\x21\x23-\x7e\x80-\xff]*")[ \t]*(?:,|\Z)')
-
-
-def _opaque_tag(tag: str) -> tuple[bool, str] | None:
-    """(is_weak, opaque-tag) of a well-formed entity-tag, else None."""
-    match = _ENTITY_TAG.fullmatch(tag)
-    if match is None:
-        return None
-    return match[1] is not None, match[2]
-
-
-def strong_match(a: str, b: str) -> bool:
-    """RFC 9110 §8.8.3.2 strong comparison: both well-formed, neither weak,
-    opaque-tags identical character by character."""
-    parsed_a, parsed_b = _opaque_tag(a), _opaque_tag(b)
-    if parsed_a is None or parsed_b is None:
-        return False
-    return not parsed_a[0] and not parsed_b[0] and parsed_a[1] == parsed_b[1]
-
-
-def weak_match(a: str, b: str) -> bool:
-    """RFC 9110 §8.8.3.2 weak comparison: opaque-tags identical, either or
-    both may be weak."""
-    parsed_a, parsed_b = _opaque_tag(a), _opaque_tag(b)
-    if parsed_a is None or parsed_b is None:
-        return False
-    return parsed_a[1] == parsed_b[1]
-
-
-def parse_etag_list(value: str) -> tuple[str, ...]:
-    """Entity-tags of an If-Match / If-None-Match value, as written.
-
-    ``"*"`` gives ``("*",)``. Malformed elements are dropped: a tag that cannot
-    be parsed can never match, so dropping it decides the same as keeping it.
-    Commas inside quotes belong to the tag (etagc includes ","), so the list is
-    scanned rather than split.
-    """
-    # RFC 9110 §13.1.1 / §13.1.2: If-Match = "*" / #entity-tag.
-    if value.strip(_OWS) == "*":
-        return ("*",)
-    tags: list[str] = []
-    pos, end = 0, len(value)
-    while True:
-        # RFC 9110 §5.6.1.2: skip OWS and empty list elements.
-        while pos < end and value[pos] in " \t,":
-            pos += 1
-        if pos == end:
-            return tuple(tags)
-        match = _ETAG_ELEMENT.match(value, pos)
-        if match is not None:
-            tags.append(match[1])
-            pos = match.end()
-        else:
-            comma = value.find(",", pos)
-            pos = end if comma < 0 else comma + 1
-
-
-def _list_matches(field: str, etag: str | None, *, strong: bool) -> bool:
-    """Whether an If-Match / If-None-Match list matches the current etag.
-    ``"*"`` matches whenever the representation has an etag."""
-    if etag is None:
-        return False
-    tags = parse_etag_list(field)
-    if tags == ("*",):
-        return True
-    compare = strong_match if strong else weak_match
-    return any(compare(tag, etag) for tag in tags)
-
-
-def _parse_http_date(text: str) -> datetime | None:
-    try:
-        parsed = parsedate_to_datetime(text.strip(_OWS))
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    # asctime dates and "-0000" parse without a zone; RFC 9110 §5.6.7 says every
-    # HTTP-date is UTC, and naive/aware datetimes would never compare equal.
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed
-
-
-def evaluate_if_range(if_range: str | None, etag: str | None, last_modified: str | None) -> bool:
-    """True when Range should be honoured (RFC 9110 §13.1.5)."""
-    if if_range is None:
-        return True
-    value = if_range.strip(_OWS)
-    # RFC 9110 §13.1.5: an entity-tag is told from an HTTP-date by its start,
-    # and is compared strongly; a weak tag can therefore never match.
-    if value.startswith(('"', "W/")):
-        return etag is not None and strong_match(value, etag)
-    # RFC 9110 §13.1.5: a date validator must match Last-Modified exactly.
-    # Comparing the instants accepts the same date written in another format.
-    if last_modified is None:
-        return False
-    wanted, current = _parse_http_date(value), _parse_http_date(last_modified)
-    return wanted is not None and current is not None and wanted == current
-
-
-class Precondition(enum.Enum):
-    PROCEED = "proceed"
-    NOT_MODIFIED = "not_modified"  # 304
-    FAILED = "failed"  # 412
-
-
-# Fields that are lists: repeated field lines combine with ", " (RFC 9110 §5.3).
-_LIST_FIELDS = ("if-match", "if-none-match")
-# Fields holding one HTTP-date: a repeated field is not a valid HTTP-date and
-# RFC 9110 §13.1.3 / §13.1.4 say an invalid date is ignored.
-_DATE_FIELDS = ("if-modified-since", "if-unmodified-since")
-
-
-def _precondition_fields(headers: Mapping[str, str]) -> dict[str, str]:
-    """The four precondition fields, looked up case-insensitively (RFC 9110
-    §5.1). ``headers.items()`` may repeat a name (e.g. aiohttp's CIMultiDict)."""
-    values: dict[str, list[str]] = {}
-    for name, value in headers.items():
-        key = name.lower()
-        if key in _LIST_FIELDS or key in _DATE_FIELDS:
-            values.setdefault(key, []).append(value)
-    fields = {key: ", ".join(values[key]) for key in _LIST_FIELDS if key in values}
-    fields |= {key: values[key][0] for key in _DATE_FIELDS if len(values.get(key, ())) == 1}
-    return fields
-
-
-def _modified_after(last_modified: str | None, date_field: str) -> bool | None:
-    """Whether Last-Modified is later than ``date_field``; None when either is
-    missing or not a valid HTTP-date (the field is then ignored)."""
-    if last_modified is None:
-        return None
-    current, since = _parse_http_date(last_modified), _parse_http_date(date_field)
-    if current is None or since is None:
-        return None
-    return current > since
-
-
-def evaluate_preconditions(
-    method: str,
-    headers: Mapping[str, str],
-    etag: str | None,
-    last_modified: str | None,
-) -> Precondition:
-    """Steps 1-4 of RFC 9110 §13.2.2 (If-Range, step 5, is in ``decide``)."""
-    fields = _precondition_fields(headers)
-    if_match = fields.get("if-match")
-    if_unmodified_since = fields.get("if-unmodified-since")
-    if if_match is not None:
-        # Step 1 / §13.1.1: If-Match uses strong comparison.
-        if not _list_matches(if_match, etag, strong=True):
-            return Precondition.FAILED
-    elif if_unmodified_since is not None and _modified_after(last_modified, if_unmodified_since):
-        # Step 2 / §13.1.4: false if modified after the date.
-        return Precondition.FAILED
-    safe = method in _METHODS_WITH_RANGES
-    if_none_match = fields.get("if-none-match")
-    if_modified_since = fields.get("if-modified-since")
-    if if_none_match is not None:
-        # Step 3 / §13.1.2: If-None-Match uses weak comparison.
-        if _list_matches(if_none_match, etag, strong=False):
-            return Precondition.NOT_MODIFIED if safe else Precondition.FAILED
-    elif (
-        safe
-        and if_modified_since is not None
-        and _modified_after(last_modified, if_modified_since) is False
-    ):
-        # Step 4 / §13.1.3: only for GET and HEAD; false if not modified since.
-        return Precondition.NOT_MODIFIED
-    return Precondition.PROCEED
-
-
 # --------------------------------------------------------------------------- Content-Range
 
 
@@ -446,21 +267,21 @@ def parse_content_range(value: str) -> ContentRange | None:
         incl-range = first-pos "-" last-pos
         unsatisfied-range = "*/" complete-length
     """
-    unit, space, rest = value.strip(_OWS).partition(" ")
+    unit, space, rest = value.strip(OWS).partition(" ")
     # RFC 9110 §14.1: range units are case-insensitive; bytes is the only one we use.
     if not space or not unit.isascii() or unit.lower() != "bytes":
         return None
     positions, slash, length_text = rest.partition("/")
     if not slash:
         return None
-    size = None if length_text == "*" else _parse_digits(length_text)
+    size = None if length_text == "*" else parse_digits(length_text)
     if size is None and length_text != "*":
         return None
     if positions == "*":
         # unsatisfied-range needs a complete-length: "bytes */*" is invalid.
         return None if size is None else ContentRange(None, None, size)
     first_text, dash, last_text = positions.partition("-")
-    first, last = _parse_digits(first_text), _parse_digits(last_text)
+    first, last = parse_digits(first_text), parse_digits(last_text)
     if not dash or first is None or last is None or last < first:
         return None
     # RFC 9110 §14.4: a response is invalid if last-pos >= complete-length.

@@ -21,6 +21,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from . import store
@@ -29,15 +30,19 @@ from .layout import Layout
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Schema version, in SQLite's user_version. 1 (unnumbered, user_version 0)
+# called the version column "object"; migrate() renames it.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blocks (
-    path TEXT PRIMARY KEY,      -- relative to the layout root
-    object TEXT NOT NULL,       -- the version dir holding it
+    path TEXT PRIMARY KEY,      -- the block file, relative to the layout root
+    version TEXT NOT NULL,      -- its version dir, relative to the layout root
     bytes INTEGER NOT NULL,     -- file size on disk
     atime REAL NOT NULL         -- last use, seconds since the epoch
 );
 CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
-CREATE INDEX IF NOT EXISTS blocks_by_object ON blocks(object);
+CREATE INDEX IF NOT EXISTS blocks_by_version ON blocks(version);
 CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     bytes INTEGER NOT NULL,
@@ -54,10 +59,20 @@ CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
 END;
 """
 
+# Schema 1 -> 2: the column holding the version dir says so.
+MIGRATE_1_TO_2 = """
+ALTER TABLE blocks RENAME COLUMN object TO version;
+DROP INDEX IF EXISTS blocks_by_object;
+"""
+
 UPSERT = (
-    "INSERT INTO blocks(path, object, bytes, atime) VALUES (?, ?, ?, ?) "
+    "INSERT INTO blocks(path, version, bytes, atime) VALUES (?, ?, ?, ?) "
     "ON CONFLICT(path) DO UPDATE SET atime = max(atime, excluded.atime)"
 )
+# Adds rows for files found on disk, leaving rows already there as they are.
+INSERT_FOUND = "INSERT OR IGNORE INTO blocks(path, version, bytes, atime) VALUES (?, ?, ?, ?)"
+SELECT_PATHS = "SELECT path FROM blocks"
+DELETE_PATH = "DELETE FROM blocks WHERE path = ?"
 
 # How many rows one eviction transaction removes: bounded work per step, so
 # other processes' writes are never locked out for long (diskcache's cull_limit).
@@ -78,7 +93,7 @@ class Totals:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Pending:
-    object: str
+    version: str
     bytes: int
     atime: float
 
@@ -91,6 +106,7 @@ class CacheIndex:
         )
         self._conn: sqlite3.Connection | None = None
         self._pending: dict[str, _Pending] = {}
+        self._pending_bytes = 0
         self.last_totals = Totals(0, 0)
 
     # -- lifecycle -------------------------------------------------------
@@ -107,11 +123,7 @@ class CacheIndex:
 
     def _open_sync(self) -> None:
         self._layout.root.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._layout.index_path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(SCHEMA)
-        self._conn = conn
+        self._conn = connect(self._layout.index_path)
 
     def _close_sync(self) -> None:
         if self._conn is not None:
@@ -128,19 +140,27 @@ class CacheIndex:
         return self._conn
 
     # -- recording use ---------------------------------------------------
-    def record(self, path: str, object_dir: str, nbytes: int) -> None:
-        """Note a block written or read now; written to SQLite on the next flush."""
-        self._pending[path] = _Pending(object_dir, nbytes, time.time())
+    def record(self, path: str, version: str, nbytes: int) -> None:
+        """Note a block (``path``, in version dir ``version``, both relative to the
+        layout root) written or read now; written to SQLite on the next flush."""
+        old = self._pending.get(path)
+        if old is not None:
+            self._pending_bytes -= old.bytes
+        self._pending[path] = _Pending(version, nbytes, time.time())
+        self._pending_bytes += nbytes
 
     @property
     def pending_bytes(self) -> int:
-        return sum(p.bytes for p in self._pending.values())
+        """Bytes of the blocks recorded since the last flush (an upper bound of
+        what the flush will add to the totals)."""
+        return self._pending_bytes
 
     async def flush(self) -> None:
         if not self._pending:
             return
         batch, self._pending = self._pending, {}
-        rows = [(path, p.object, p.bytes, p.atime) for path, p in batch.items()]
+        self._pending_bytes = 0
+        rows = [(path, p.version, p.bytes, p.atime) for path, p in batch.items()]
 
         def write() -> Totals:
             with self.conn:
@@ -150,17 +170,14 @@ class CacheIndex:
 
         self.last_totals = await self._run(write)
 
-    async def forget_object(self, object_prefix: str) -> None:
-        """Drop the rows of a version dir (or of every version of an object)."""
-        for path in [p for p, v in self._pending.items() if v.object.startswith(object_prefix)]:
-            del self._pending[path]
+    async def forget_version(self, version: str) -> None:
+        """Drop the rows of the blocks of one version dir."""
+        for path in [p for p, v in self._pending.items() if v.version == version]:
+            self._pending_bytes -= self._pending.pop(path).bytes
 
         def delete() -> None:
             with self.conn:
-                self.conn.execute(
-                    "DELETE FROM blocks WHERE object >= ? AND object < ?",
-                    (object_prefix, object_prefix + "\U0010ffff"),
-                )
+                self.conn.execute("DELETE FROM blocks WHERE version = ?", (version,))
 
         await self._run(delete)
 
@@ -207,7 +224,7 @@ class CacheIndex:
                 # Delete rows first, files after commit: two evicting processes
                 # then never count the same block twice, and a crash in
                 # between leaves only orphan files that reconcile re-adds.
-                self.conn.executemany("DELETE FROM blocks WHERE path = ?", [(r[0],) for r in rows])
+                self.conn.executemany(DELETE_PATH, [(r[0],) for r in rows])
             for path, atime in rows:
                 store.unlink_quietly(self._layout.root / path)
                 recent += atime >= recent_after
@@ -215,13 +232,13 @@ class CacheIndex:
         self.last_totals = self._totals_sync()
         return evicted, recent
 
-    async def top_objects(self, limit: int) -> list[tuple[str, int, int]]:
-        """(version dir, bytes, blocks) of the objects taking most of the cache."""
+    async def top_versions(self, limit: int) -> list[tuple[str, int, int]]:
+        """(version dir, bytes, blocks) of the versions taking most of the cache."""
         await self.flush()
 
         def query() -> list[tuple[str, int, int]]:
             rows = self.conn.execute(
-                "SELECT object, SUM(bytes), COUNT(*) FROM blocks GROUP BY object "
+                "SELECT version, SUM(bytes), COUNT(*) FROM blocks GROUP BY version "
                 "ORDER BY 2 DESC LIMIT ?",
                 (limit,),
             ).fetchall()
@@ -237,8 +254,7 @@ class CacheIndex:
         return await self._run(self._reconcile_sync)
 
     def _reconcile_sync(self) -> tuple[int, int] | None:
-        lock_path = self._layout.root / "reconcile.lock"
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = os.open(self._layout.reconcile_lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -247,9 +263,9 @@ class CacheIndex:
             started = time.time()
             files = store.walk_blocks(self._layout)
             on_disk = {path: (size, mtime) for path, size, mtime in files}
-            in_index = {row[0] for row in self.conn.execute("SELECT path FROM blocks")}
+            in_index = indexed_paths(self.conn)
             missing = [
-                (path, os.path.dirname(path), size, mtime)
+                (path, Layout.version_of_block(path), size, mtime)
                 for path, (size, mtime) in on_disk.items()
                 if path not in in_index
             ]
@@ -267,3 +283,64 @@ class CacheIndex:
             return len(missing), len(gone)
         finally:
             os.close(fd)
+
+
+# -- the same database, for tools that run beside the daemons (nwbcache check) --
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the index at ``path``, created or migrated to SCHEMA_VERSION."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION, keeping every row."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")  # two daemons starting at once: one migrates
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version < SCHEMA_VERSION:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
+            if "object" in columns:
+                _run_script(conn, MIGRATE_1_TO_2)
+            _run_script(conn, SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        elif version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the cache index has schema {version}, newer than this nwbcache "
+                f"knows ({SCHEMA_VERSION}): upgrade nwbcache"
+            )
+
+
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Statements one by one: executescript would commit the open transaction."""
+    for statement in _statements(script):
+        conn.execute(statement)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script (sqlite3.complete_statement keeps triggers whole)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--") and not current:
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return out
+
+
+def indexed_paths(conn: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in conn.execute(SELECT_PATHS)}
+
+
+def add_found(conn: sqlite3.Connection, rows: list[tuple[str, str, int, float]]) -> None:
+    """Rows (path, version, bytes, atime) for block files that have none."""
+    conn.executemany(INSERT_FOUND, rows)
+
+
+def delete_paths(conn: sqlite3.Connection, paths: list[str]) -> None:
+    conn.executemany(DELETE_PATH, [(p,) for p in paths])

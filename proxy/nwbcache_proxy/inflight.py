@@ -12,15 +12,28 @@ from collections.abc import AsyncIterator
 
 
 class InflightBlock:
-    # __weakref__: a fetch run refers to its blocks weakly (cache._fetch_run).
-    __slots__ = ("__weakref__", "_buf", "_event", "error", "filled", "index", "length", "served")
+    # __weakref__: a fetch run refers to its blocks weakly (fetcher._fetch_run).
+    __slots__ = (
+        "__weakref__",
+        "_buf",
+        "_event",
+        "claimed",
+        "error",
+        "filled",
+        "from_upstream",
+        "index",
+        "length",
+    )
 
     def __init__(self, index: int, length: int) -> None:
         self.index = index
         self.length = length
         self.filled = 0
         self.error: BaseException | None = None
-        self.served = False  # a client read from it (accounting: served from upstream)
+        # A client is attached to it (fetcher.Fetcher.claim): it needs no fresh mark.
+        self.claimed = False
+        # Its bytes come from upstream, not from a file another fetch published.
+        self.from_upstream = False
         # Allocated when the first byte arrives: a long run registers all of
         # its blocks at once, but only the one being received holds memory.
         self._buf: bytearray | None = None
@@ -67,7 +80,6 @@ class InflightBlock:
 
     async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) of the block, yielded as soon as they arrive."""
-        self.served = True
         pos = start
         while pos < end:
             if self.filled > pos:

@@ -15,6 +15,8 @@ V = TypeVar("V")
 
 class BoundedLRU(Generic[K, V]):
     def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError(f"capacity must be >= 0, not {capacity}")
         self._capacity = capacity
         self._items: OrderedDict[K, V] = OrderedDict()
 

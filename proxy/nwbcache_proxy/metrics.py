@@ -22,8 +22,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from .config import MULTIPROC_ENV
 from .retry import RetryReason
-from .runner import MULTIPROC_ENV
 
 # From a loopback hit (~0.1 ms) to a slow WAN miss of a large range (~minutes).
 DURATION_BUCKETS = (

@@ -18,12 +18,10 @@ import socket
 import tempfile
 import time
 
-from .config import Settings
+from .config import MULTIPROC_ENV, Settings
 from .logs import configure_logging
 
 log = logging.getLogger("nwbcache")
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def run(settings: Settings) -> int:

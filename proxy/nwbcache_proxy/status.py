@@ -146,12 +146,11 @@ class StatusTracker:
         }
 
     async def top_objects(self) -> list[dict[str, Any]]:
-        rows = await self._index.top_objects(TOP_OBJECTS)
+        rows = await self._index.top_versions(TOP_OBJECTS)
         result = []
-        for object_dir, nbytes, blocks in rows:
-            key_dir = self._layout.root / object_dir
+        for version, nbytes, blocks in rows:
             meta = await asyncio.get_running_loop().run_in_executor(
-                None, store.read_meta, key_dir.parent / "meta.json"
+                None, store.read_meta, self._layout.meta_path_of_version(version)
             )
             url = meta.get("cache_key") if meta else None
             result.append({"url": url or "(metadata gone)", "bytes": nbytes, "blocks": blocks})

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from . import blockfile
 from .blockfile import HEADER_SIZE, CorruptBlock
@@ -42,6 +42,8 @@ class OpenBlock:
     # Set when the fd belongs to the table of open blocks (openblocks.py):
     # closing then releases this reader's share instead of the fd.
     owner: SharedFd | None = None
+    # Where the block's data starts in its file (after the header).
+    data_offset: ClassVar[int] = HEADER_SIZE
 
     def bytes_of(self, start: int, end: int) -> bytes | None:
         """Bytes [start, end) of the block's data if they are in memory."""

@@ -1,8 +1,10 @@
 """Checks on upstream responses before a byte of them is stored. Pure.
 
-Every rule here comes from a bug a real cache shipped (DESIGN-NOTES): a 206
-trusted without checking its Content-Range, a ``*`` total, a 200 carrying the
-whole object for a range request, an ETag that changed between two blocks.
+Every rule here comes from a bug a real cache shipped: a 206 trusted without
+checking its Content-Range (Apache Traffic Server's slice plugin, nginx's
+slice module before ETag checks), a ``*`` total, a 200 carrying the whole
+object for a range request, an ETag that changed between two blocks
+(rclone #6053: bytes stitched from two versions).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from .errors import RetryableFault, UpstreamProtocolError, UpstreamStatus, VersionChanged
-from .httprange import parse_content_range
+from .httprange import parse_content_range, parse_digits
 from .objectmeta import ObjectVersion
 from .retry import reason_for_status
 
@@ -86,6 +88,10 @@ def accept_range_response(
         cr = parse_content_range(headers.get("Content-Range", ""))
         if cr is None or cr.start is None or cr.end is None or cr.size is None:
             raise RetryableFault("206 without a usable Content-Range", reason="server_error")
+        # The version first: an object that changed size answers a range we
+        # asked for with bytes of another length, which is no server error.
+        version = version_from_headers(headers, cr.size)
+        _check_same_version(expected, version)
         want_end = min(end, cr.size) if expected is None else end
         if cr.start != start or cr.end != want_end:
             raise RetryableFault(
@@ -96,8 +102,6 @@ def accept_range_response(
             raise RetryableFault(
                 "206 whose Content-Length disagrees with Content-Range", reason="server_error"
             )
-        version = version_from_headers(headers, cr.size)
-        _check_same_version(expected, version)
         return Accepted(skip=0, length=cr.end - cr.start, version=version)
     if status == 200:
         if content_length is None:
@@ -127,6 +131,4 @@ def _check_same_version(expected: ObjectVersion | None, got: ObjectVersion) -> N
 
 
 def _parse_length(value: str | None) -> int | None:
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
+    return None if value is None else parse_digits(value)

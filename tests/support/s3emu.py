@@ -14,9 +14,9 @@ In-process use::
     with S3Emulator() as emu:                     # own loop in a daemon thread
         requests.get(emu.url_for("/bucket/key"))
 
-Command line (benchmarks, manual trials)::
+Command line (benchmarks, manual trials), from the repository root::
 
-    python tests/s3emu.py --root DIR --prefix /dandiarchive --latency 0.03 --bandwidth 80M
+    python -m tests.support.s3emu --root DIR --prefix /dandiarchive --latency 0.03 --bandwidth 80M
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from served import ServedApp
+from tests.support.served import ServedApp
 
 try:  # Linux: lets a reset wait until the client has the bytes before the cut.
     import fcntl

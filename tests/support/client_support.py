@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from conftest import SHARED_NWB
-from dandi_fake import DANDI_OFFLINE_ENV, FakeDandiAPI
 from nwbcache import routing
-from s3emu import S3Emulator
+from tests.support.dandi_fake import DANDI_OFFLINE_ENV, FakeDandiAPI
+from tests.support.helpers import SHARED_NWB
+from tests.support.s3emu import S3Emulator
 
 NWB_FILES = sorted(SHARED_NWB.glob("*.nwb"))
 # Current PyNWB reads the PyNWB-written files; the MatNWB ones (NWB 2.0b) only h5py.

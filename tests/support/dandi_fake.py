@@ -48,7 +48,7 @@ from dandischema.consts import ALLOWED_INPUT_SCHEMAS, DANDI_SCHEMA_VERSION
 from dandischema.digests.dandietag import ETagHashlike
 from yarl import URL
 
-from served import ServedApp
+from tests.support.served import ServedApp
 
 __all__ = [
     "DANDI_OFFLINE_ENV",

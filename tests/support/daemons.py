@@ -23,11 +23,10 @@ from typing import Any
 from aiohttp import web
 
 from nwbcache_proxy.app import READY_PREFIX, build_app
+from nwbcache_proxy.appkeys import CACHE_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
-from nwbcache_proxy.server import CACHE_KEY
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.helpers import REPO
 
 
 class DaemonThread:

@@ -1,0 +1,1 @@
+"""The side-by-side benchmark suite; run from the repository root as ``python -m bench.suite``."""

@@ -1,0 +1,283 @@
+"""Reading a byte range of a version: the read plan, its segments, byte accounting, and the one
+place that says HIT, MISS or PARTIAL.
+
+The first block of a range is acquired before ``read`` returns, so the
+outcome is known before response headers go out, and a version change found
+on the way surfaces while the request can still start over.
+
+Accounting: a byte sent to a client counts as served from upstream when its
+block came from upstream for this read: streamed from a fetch in flight, or
+read from a file whose fresh mark this read claimed (fetcher.py). Every
+other byte is served from the cache. A response is a HIT when none of its
+blocks had to come from upstream, a MISS when all did, else PARTIAL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from nwbcache.urls import UpstreamURL
+
+from .blocks import PRESENCE_CHECK_LIMIT, Blocks
+from .fetcher import Fetcher
+from .inflight import InflightBlock
+from .metrics import Metrics
+from .readahead import SequentialDetector, StreamWindow
+from .store import OpenBlock
+from .version import Version
+
+# A range up to this size whose blocks are all held open is answered from
+# memory in one write (Blocks.read_held): no await, no thread, no sendfile
+# set-up. Bounded so that many slow clients cannot pin much memory in
+# socket buffers.
+BODY_MAX = 256 * 1024
+
+
+class CacheOutcome(enum.StrEnum):
+    HIT = "HIT"
+    MISS = "MISS"
+    PARTIAL = "PARTIAL"
+
+
+def classify(cached_blocks: int, blocks: int) -> CacheOutcome:
+    """The outcome of a response of ``blocks`` blocks, ``cached_blocks`` of which
+    were served from the cache."""
+    if cached_blocks >= blocks:
+        return CacheOutcome.HIT
+    if cached_blocks == 0:
+        return CacheOutcome.MISS
+    return CacheOutcome.PARTIAL
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FileSegment:
+    """``length`` bytes at file offset ``offset`` of an open block file, ready for
+    sendfile, or the same bytes already in memory (``data``). The consumer
+    calls ``release`` once it has sent them."""
+
+    fd: int
+    offset: int
+    length: int
+    data: bytes | None
+    block: OpenBlock
+
+    @classmethod
+    def of(cls, block: OpenBlock, start: int, end: int) -> FileSegment:
+        """Bytes [start, end) of the block's data."""
+        return cls(
+            block.fd, block.data_offset + start, end - start, block.bytes_of(start, end), block
+        )
+
+    def release(self) -> None:
+        self.block.close()
+
+
+Segment = FileSegment | bytes
+Source = OpenBlock | InflightBlock
+
+
+class RangeReader:
+    """The bytes of one range, and whether they came from cache.
+
+    Iterate it once; ``aclose`` releases the open block files whether or not
+    it was iterated (a generator that never started cannot clean up itself).
+
+    A reader made with ``of_body`` holds the whole range in memory (a small
+    hit) and nothing open: the server answers it with one write, and neither
+    iterating nor closing it costs anything on that path.
+    """
+
+    def __init__(
+        self,
+        outcome: CacheOutcome,
+        segments: AsyncGenerator[Segment, None] | None,
+        first: Source | None,
+        body: bytes | None = None,
+    ) -> None:
+        self.outcome = outcome
+        self.body = body
+        self._segments = segments
+        self._first = first
+        self._started = False
+
+    @classmethod
+    def of_body(cls, outcome: CacheOutcome, body: bytes) -> RangeReader:
+        return cls(outcome, None, None, body)
+
+    def __aiter__(self) -> AsyncIterator[Segment]:
+        self._started = True
+        if self._segments is None:
+            assert self.body is not None
+            return _one(self.body)
+        return self._segments
+
+    async def aclose(self) -> None:
+        if not self._started and isinstance(self._first, OpenBlock):
+            self._first.close()
+        if self._segments is not None:
+            await self._segments.aclose()
+
+
+class Reader:
+    def __init__(
+        self,
+        blocks: Blocks,
+        fetcher: Fetcher,
+        *,
+        block_size: int,
+        readahead_blocks: int,
+        metrics: Metrics,
+    ) -> None:
+        self.blocks = blocks
+        self.fetcher = fetcher
+        self.readahead_blocks = readahead_blocks
+        self.sequential = SequentialDetector(block_size, readahead_blocks)
+        self._from_upstream = metrics.served_bytes.labels("upstream")
+        self._from_cache = metrics.served_bytes.labels("cache")
+        self._coalesced = metrics.coalesced
+
+    def _served(self, nbytes: int, *, upstream: bool) -> None:
+        (self._from_upstream if upstream else self._from_cache).inc(nbytes)
+
+    async def read(
+        self, v: Version, url: UpstreamURL, start: int, end: int, *, eager: bool
+    ) -> RangeReader:
+        """Plan a read of bytes [start, end): how much is cached, and the bytes.
+
+        ``eager``: the client named the bytes it wants (a Range): fetch them
+        at once, up to the read-ahead. Otherwise (a plain GET) the fetch
+        window grows as the client consumes (readahead.StreamWindow).
+        """
+        blocks = v.blocks_for(start, end)
+        ahead = self.sequential.blocks_after(v.key, start, end)
+        if end - start <= BODY_MAX:
+            pieces = self.blocks.read_held(v, blocks, start, end)
+            if pieces is not None:
+                if ahead:
+                    self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead)
+                return self._held_body(v, blocks, pieces)
+        window = StreamWindow.open(
+            blocks.start, blocks.stop, eager=eager, limit=self.readahead_blocks
+        )
+        span = _span_in_block(v, blocks.start, start, end)
+        first, first_fresh = await self._acquire(
+            v, url, blocks.start, wanted_end=window.wanted_end(blocks.start), span=span
+        )
+        if isinstance(first, InflightBlock):
+            await first.first_bytes()
+        rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
+        on_disk = await self.blocks.present(v, rest) if len(rest) else set()
+        cached = sum(1 for i in on_disk if not self.fetcher.is_fresh(v, i))
+        if isinstance(first, OpenBlock) and not first_fresh:
+            cached += 1
+        outcome = classify(cached, 1 + len(rest))
+        if eager:
+            missing = [i for i in rest if i not in on_disk]
+            self.fetcher.fetch(v, url, missing[: self.readahead_blocks])
+        if ahead:
+            self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead)
+        if len(blocks) == 1 and isinstance(first, OpenBlock):
+            body = first.bytes_of(*span)
+            if body is not None:  # a small read, already in memory: no streaming
+                first.close()
+                self._served(len(body), upstream=first_fresh)
+                return RangeReader.of_body(outcome, body)
+        segments = self._segments(v, url, start, end, first, first_fresh, window)
+        return RangeReader(outcome, segments, first)
+
+    def _held_body(self, v: Version, blocks: range, pieces: list[bytes]) -> RangeReader:
+        fresh_blocks = fresh_bytes = total = 0
+        for i, piece in zip(blocks, pieces, strict=True):
+            total += len(piece)
+            if self.fetcher.claim(v, i):
+                fresh_blocks += 1
+                fresh_bytes += len(piece)
+        if fresh_bytes:
+            self._served(fresh_bytes, upstream=True)
+        if fresh_bytes < total:
+            self._served(total - fresh_bytes, upstream=False)
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return RangeReader.of_body(classify(len(pieces) - fresh_blocks, len(pieces)), body)
+
+    async def _segments(
+        self,
+        v: Version,
+        url: UpstreamURL,
+        start: int,
+        end: int,
+        first: Source,
+        first_fresh: bool,
+        window: StreamWindow,
+    ) -> AsyncGenerator[Segment, None]:
+        source: Source | None = first
+        fresh = first_fresh
+        try:
+            for i in range(window.first, window.stop):
+                lo, hi = _span_in_block(v, i, start, end)
+                if source is None:
+                    source, fresh = await self._acquire(
+                        v, url, i, wanted_end=window.wanted_end(i), span=(lo, hi)
+                    )
+                if isinstance(source, OpenBlock):
+                    self._served(hi - lo, upstream=fresh)
+                    yield FileSegment.of(source, lo, hi)
+                else:
+                    async for chunk in source.chunks(lo, hi):
+                        self._served(len(chunk), upstream=fresh or source.from_upstream)
+                        yield chunk
+                source = None
+                todo = window.after(i)
+                if todo:
+                    self.fetcher.prefetch(v, url, todo.start, todo.stop)
+        finally:
+            if isinstance(source, OpenBlock):
+                source.close()
+
+    async def _acquire(
+        self,
+        v: Version,
+        url: UpstreamURL,
+        i: int,
+        *,
+        wanted_end: int,
+        span: tuple[int, int],
+    ) -> tuple[Source, bool]:
+        """The block from disk, or its fetch in flight (started if needed), and
+        whether this read claimed its fresh mark. ``span``: the bytes of the
+        block the caller will send (read at once if small). Fetches of the
+        following missing blocks up to ``wanted_end`` join the block's run."""
+        inflight = self.fetcher.inflight(v, i)
+        if inflight is None:
+            opened = await self.blocks.open(v, i, span=span)
+            if opened is not None:
+                return opened, self.fetcher.claim(v, i)
+            inflight = self.fetcher.inflight(v, i)
+        if inflight is not None:
+            self._coalesced.inc()
+            return inflight, self.fetcher.claim(v, i, inflight)
+        upto = min(wanted_end, i + self.readahead_blocks, v.block_count)
+        following = range(i + 1, upto)
+        on_disk = await self.blocks.present(v, following) if len(following) else set()
+        run = [i]
+        for j in following:  # extend the run while blocks are missing and not in flight
+            if j in on_disk or self.fetcher.inflight(v, j) is not None:
+                break
+            run.append(j)
+        started = self.fetcher.inflight(v, i)
+        if started is None:
+            self.fetcher.fetch(v, url, run)
+            started = self.fetcher.inflight(v, i)
+            assert started is not None
+        return started, self.fetcher.claim(v, i, started)
+
+
+def _span_in_block(v: Version, i: int, start: int, end: int) -> tuple[int, int]:
+    """The part of bytes [start, end) that lies in block ``i``, relative to the block."""
+    bs = v.block_size
+    return max(start, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
+
+
+async def _one(body: bytes) -> AsyncGenerator[Segment, None]:
+    yield body

@@ -1,0 +1,79 @@
+"""The one name of a cached version: cache key, validators, digest, block size, directory. Pure."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .layout import Layout, key_hash
+from .objectmeta import ObjectMeta, ObjectVersion, block_count, block_span, blocks_for
+
+
+@dataclasses.dataclass(frozen=True, slots=True, eq=False)
+class Version:
+    """One version of one object as this cache stores it.
+
+    Everything that names a version derives from this one value: the block
+    files' directory (``dir``), the same relative to the cache root (``name``:
+    the index's ``version`` column and the open-block table's key), and the
+    digest every block header repeats. Two values are the same version when
+    their ``name`` is equal (it holds the digest and the block size).
+    """
+
+    key: str  # the object's cache key (nwbcache.urls.cache_key)
+    remote: ObjectVersion  # size and validators, as upstream reported them
+    digest: bytes  # SHA-256 of (key, validator, size): see blockfile.version_digest
+    block_size: int
+    dir: Path
+    name: str
+
+    @classmethod
+    def of(cls, layout: Layout, meta: ObjectMeta, block_size: int) -> Version:
+        path = layout.version_dir(key_hash(meta.cache_key), meta.digest, block_size)
+        return cls(
+            key=meta.cache_key,
+            remote=meta.version,
+            digest=meta.digest,
+            block_size=block_size,
+            dir=path,
+            name=layout.relative(path),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Version) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
+
+    # -- what HTTP needs -------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.remote.size
+
+    @property
+    def etag(self) -> str | None:
+        return self.remote.etag
+
+    # -- blocks ----------------------------------------------------------------
+    @property
+    def block_count(self) -> int:
+        return block_count(self.remote.size, self.block_size)
+
+    def block_span(self, index: int) -> tuple[int, int]:
+        """Bytes [start, end) of block ``index`` in the object."""
+        return block_span(index, self.remote.size, self.block_size)
+
+    def block_length(self, index: int) -> int:
+        start, end = self.block_span(index)
+        return end - start
+
+    def blocks_for(self, start: int, end: int) -> range:
+        """Indices of the blocks covering bytes [start, end) (end > start)."""
+        return blocks_for(start, end, self.block_size)
+
+    def block_path(self, index: int) -> Path:
+        return self.dir / Layout.block_name(index)
+
+    def block_name(self, index: int) -> str:
+        """The block's path relative to the cache root (the index's ``path`` column)."""
+        return f"{self.name}/{Layout.block_name(index)}"

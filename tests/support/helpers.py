@@ -1,0 +1,130 @@
+"""Small helpers shared by the tests and the benchmark: ports, polling, ranged GETs, URLs.
+
+Imported like any module (``from tests.support.helpers import wait_until``);
+nothing here is a fixture.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import requests
+
+if TYPE_CHECKING:
+    from tests.support.s3emu import S3Emulator
+
+REPO = Path(__file__).resolve().parents[2]
+# Real NWB files (PyNWB's and MatNWB's own test files), beside the checkout.
+SHARED_NWB = REPO.parent / "shared" / "data" / "nwb"
+
+# How often the polling helpers look again.
+POLL_INTERVAL = 0.05
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], object],
+    seconds: float,
+    what: str | None = None,
+    *,
+    interval: float = POLL_INTERVAL,
+) -> bool:
+    """Call ``check`` until it answers truthy or ``seconds`` pass.
+
+    Returns whether it held. With ``what``, running out of time fails the
+    test instead, naming what was awaited; without, the caller asserts (or
+    not) itself.
+    """
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() >= deadline:
+            return _gave_up(seconds, what)
+        time.sleep(interval)
+    return True
+
+
+async def wait_until_async(
+    check: Callable[[], object],
+    seconds: float,
+    what: str | None = None,
+    *,
+    interval: float = POLL_INTERVAL,
+) -> bool:
+    """``wait_until`` for a test whose servers run on its own loop: sleeps without blocking it."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() >= deadline:
+            return _gave_up(seconds, what)
+        await asyncio.sleep(interval)
+    return True
+
+
+def _gave_up(seconds: float, what: str | None) -> bool:
+    if what is not None:
+        raise AssertionError(f"not within {seconds} s: {what}")
+    return False
+
+
+def get_range(
+    url: str,
+    first: int,
+    last: int,
+    *,
+    check: bool = True,
+    timeout: float = 60,
+) -> requests.Response:
+    """GET bytes ``first``..``last`` (inclusive, as the Range header writes them).
+
+    With ``check`` (the default) the answer must be a 206 whose Content-Range
+    names those bytes; without, it is returned as it came (fault tests look at
+    the status themselves).
+    """
+    r = requests.get(url, headers={"Range": f"bytes={first}-{last}"}, timeout=timeout)
+    if check:
+        assert r.status_code == 206, (r.status_code, r.text[:200])
+        assert r.headers["Content-Range"].startswith(f"bytes {first}-{last}/"), r.headers
+    return r
+
+
+def origin_host(emu: S3Emulator) -> str:
+    """The emulator's host:port, as the daemon's allow-list and URLs name it."""
+    return emu.url.removeprefix("http://")
+
+
+def proxied(daemon_url: str, emu: S3Emulator, key: str, query: str = "") -> str:
+    """The daemon URL for object ``key`` of the emulator."""
+    url = f"{daemon_url}/http/{origin_host(emu)}{key}"
+    return f"{url}?{query}" if query else url
+
+
+def find_tool(name: str) -> str | None:
+    """Path of a system program: PATH, then /usr/bin and /usr/sbin (nginx, when PATH lacks sbin)."""
+    path = shutil.which(name)
+    for folder in ("/usr/bin", "/usr/sbin"):
+        if path is None and os.access(f"{folder}/{name}", os.X_OK):
+            path = f"{folder}/{name}"
+    return path
+
+
+def system_tool(name: str) -> str:
+    """Path of a system tool a test drives (curl, promtool, chromium...); the
+    test fails, never skips, without it: scripts/install-test-deps.sh installs
+    them (make test runs it)."""
+    path = find_tool(name)
+    if path is None:
+        pytest.fail(f"{name} not found: run scripts/install-test-deps.sh", pytrace=False)
+    return path
