@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 test-deps:
 	./scripts/install-test-deps.sh
 
-## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~1 h); table + bench/results-full.json
+## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~45 min); table + bench/results-full.json
 bench: $(STAMP) test-deps
 	$(BIN)/python -m bench.suite --scale full $(ARGS)
 

@@ -1,7 +1,7 @@
 """nwbcache against the ways a lab reads NWB files from S3 today, side by side.
 
-    make bench          # full: >= 1 GB ecephys file, 3 repetitions (~30 min)
-    make bench-quick    # same suite on smaller files, 2 repetitions (a few minutes)
+    make bench          # full: >= 1 GB ecephys file, 3 repetitions (~45 min)
+    make bench-quick    # same suite on smaller files, 2 repetitions (~10 min)
     .venv/bin/python -m bench.suite --help      # from the repository root
 
 Everything runs on 127.0.0.1: the S3 emulator (tests/support/s3emu.py) with WAN-like

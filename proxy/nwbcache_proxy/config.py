@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from nwbcache.env import split_entries
 from nwbcache.urls import DANDI_HOSTS, AllowList
 
 from .sizes import format_size, parse_size
@@ -106,10 +107,6 @@ def _parse_bool(text: str) -> bool:
     if low in {"0", "false", "no", "off"}:
         return False
     raise ValueError(f"expected a boolean (true/false), got {text!r}")
-
-
-def _parse_list(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.replace(",", " ").split() if item.strip())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -275,7 +272,7 @@ def _env_name(field: str) -> str:
 def _coerce(opt: _Option, raw: Any, source: str) -> Any:
     try:
         if opt.repeatable:
-            items = _parse_list(raw) if isinstance(raw, str) else tuple(str(x) for x in raw)
+            items = split_entries(raw) if isinstance(raw, str) else tuple(str(x) for x in raw)
             return items
         if isinstance(raw, str):
             return opt.parse(raw)

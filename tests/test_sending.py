@@ -1,0 +1,84 @@
+"""Sending cached ranges: sendfile straight into the socket, and what happens when the
+socket cannot take a whole block at once (a slow reader) or the reader goes away."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import requests
+
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import proxied
+from tests.support.s3emu import S3Emulator
+
+BS = 1024 * 1024
+DATA = os.urandom(12 * BS + 12345)
+
+
+def _small_window_socket(host: str, port: int) -> socket.socket:
+    """A client socket with a small receive buffer (set before connecting, so the
+    window it advertises is small from the start)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    sock.connect((host, port))
+    return sock
+
+
+def _warm(url: str) -> None:
+    assert requests.get(url, timeout=60).content == DATA
+
+
+def test_a_slow_reader_gets_every_byte_of_a_large_cached_range(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """The socket's buffer is far smaller than the range: each block's sendfile
+    sends part at once and the rest as the reader drains it."""
+    origin.put("/s/slow", DATA)
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, origin, "/s/slow")
+    _warm(url)
+    host, port = daemon.url.removeprefix("http://").split(":")
+    path = url.removeprefix(daemon.url)
+    start, end = 100, 10 * BS + 99  # 10 MiB, eleven blocks
+    with _small_window_socket(host, int(port)) as sock:
+        sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes={start}-{end}\r\n\r\n".encode()
+        )
+        received = bytearray()
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        head, _, body = bytes(received).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 206")
+        assert b"X-Cache: HIT" in head
+        got = bytearray(body)
+        want = end - start + 1
+        while len(got) < want:
+            time.sleep(0.0005 if len(got) < BS else 0)  # slow at first
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed after {len(got)} of {want} bytes"
+            got += chunk
+    assert bytes(got) == DATA[start : end + 1]
+
+
+def test_a_reader_that_hangs_up_mid_range_leaves_the_daemon_serving(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    origin.put("/s/hangup", DATA)
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, origin, "/s/hangup")
+    _warm(url)
+    host, port = daemon.url.removeprefix("http://").split(":")
+    path = url.removeprefix(daemon.url)
+    for _ in range(5):
+        with _small_window_socket(host, int(port)) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
+            sock.recv(4096)
+        # closed with most of the body unsent
+    r = requests.get(url, headers={"Range": f"bytes={BS - 5}-{3 * BS + 5}"}, timeout=30)
+    assert r.status_code == 206
+    assert r.content == DATA[BS - 5 : 3 * BS + 6]
+    assert r.headers["X-Cache"] == "HIT"
