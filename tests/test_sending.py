@@ -28,8 +28,17 @@ def _small_window_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _warm(url: str) -> None:
+def _warm_daemon(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], key: str
+) -> tuple[str, int, str, str]:
+    """A daemon holding DATA at ``key``, read once through it: (host, port,
+    request target, URL)."""
+    origin.put(key, DATA)
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, origin, key)
     assert requests.get(url, timeout=60).content == DATA
+    host, port = daemon.url.removeprefix("http://").split(":")
+    return host, int(port), url.removeprefix(daemon.url), url
 
 
 def test_a_slow_reader_gets_every_byte_of_a_large_cached_range(
@@ -37,14 +46,9 @@ def test_a_slow_reader_gets_every_byte_of_a_large_cached_range(
 ) -> None:
     """The socket's buffer is far smaller than the range: each block's sendfile
     sends part at once and the rest as the reader drains it."""
-    origin.put("/s/slow", DATA)
-    daemon = make_daemon(block_size=BS)
-    url = proxied(daemon.url, origin, "/s/slow")
-    _warm(url)
-    host, port = daemon.url.removeprefix("http://").split(":")
-    path = url.removeprefix(daemon.url)
+    host, port, path, _ = _warm_daemon(origin, make_daemon, "/s/slow")
     start, end = 100, 10 * BS + 99  # 10 MiB, eleven blocks
-    with _small_window_socket(host, int(port)) as sock:
+    with _small_window_socket(host, port) as sock:
         sock.sendall(
             f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes={start}-{end}\r\n\r\n".encode()
         )
@@ -67,14 +71,9 @@ def test_a_slow_reader_gets_every_byte_of_a_large_cached_range(
 def test_a_reader_that_hangs_up_mid_range_leaves_the_daemon_serving(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
 ) -> None:
-    origin.put("/s/hangup", DATA)
-    daemon = make_daemon(block_size=BS)
-    url = proxied(daemon.url, origin, "/s/hangup")
-    _warm(url)
-    host, port = daemon.url.removeprefix("http://").split(":")
-    path = url.removeprefix(daemon.url)
+    host, port, path, url = _warm_daemon(origin, make_daemon, "/s/hangup")
     for _ in range(5):
-        with _small_window_socket(host, int(port)) as sock:
+        with _small_window_socket(host, port) as sock:
             sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-\r\n\r\n".encode())
             sock.recv(4096)
         # closed with most of the body unsent
