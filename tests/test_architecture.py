@@ -18,6 +18,7 @@ LAYERS: dict[str, set[str]] = {
         "__init__",
         "blockfile",
         "conditional",
+        "credentials",
         "errors",
         "httprange",
         "layout",
@@ -32,6 +33,7 @@ LAYERS: dict[str, set[str]] = {
     "settings": {"config", "logs"},
     "storage": {"aio", "index", "inflight", "openblocks", "store"},
     "engine": {
+        "access",
         "blocks",
         "cache",
         "dandi_resolver",

@@ -1,6 +1,7 @@
 """The block cache's front: builds the engine's parts and offers what the HTTP layer uses.
 
 - versions.py: which version of an object is current (discovery, revalidation, drop)
+- access.py: whether a request may read a private object (its credentials checked upstream)
 - blocks.py: this process's view of the block files (open fds, presence, publish)
 - fetcher.py: blocks on their way from upstream (single flight, runs, fresh marks)
 - reader.py: a byte range of a version as segments, its accounting and outcome
@@ -15,8 +16,10 @@ import logging
 from nwbcache.urls import UpstreamURL
 
 from . import store
+from .access import Access
 from .aio import Disk
 from .blocks import Blocks
+from .credentials import NONE, Credentials
 from .fetcher import Fetcher
 from .index import CacheIndex
 from .layout import Layout
@@ -61,12 +64,14 @@ class BlockCache:
         self.fetcher = Fetcher(
             self.blocks, upstream, block_size=block_size, on_version_changed=self.drop_version
         )
+        self.access = Access(upstream, metrics=metrics, on_version_changed=self.drop_version)
         self.versions = Versions(
             layout,
             index,
             self.disk,
             self.blocks,
             self.fetcher,
+            self.access,
             upstream,
             block_size=block_size,
             revalidate_after=revalidate_after,
@@ -93,15 +98,27 @@ class BlockCache:
         await self.blocks.close()
         self.disk.shutdown()
 
-    async def resolve(self, url: UpstreamURL) -> Version:
-        """The current version of the object ``url`` names."""
-        return await self.versions.resolve(url)
+    async def resolve(self, url: UpstreamURL, creds: Credentials = NONE) -> Version:
+        """The current version of the object ``url`` names (discovered with ``creds``)."""
+        return await self.versions.resolve(url, creds)
+
+    async def authorize(self, v: Version, url: UpstreamURL, creds: Credentials) -> None:
+        """Return if a request with ``creds`` may read ``v``, else raise upstream's refusal."""
+        if v.private is not False:
+            await self.access.authorize(v, url, creds)
 
     async def read(
-        self, v: Version, url: UpstreamURL, start: int, end: int, *, eager: bool
+        self,
+        v: Version,
+        url: UpstreamURL,
+        start: int,
+        end: int,
+        *,
+        eager: bool,
+        auth: str | None = None,
     ) -> RangeReader:
         """Bytes [start, end) of version ``v`` (see reader.Reader.read)."""
-        return await self.reader.read(v, url, start, end, eager=eager)
+        return await self.reader.read(v, url, start, end, eager=eager, auth=auth)
 
     async def drop_version(self, v: Version) -> None:
         """Forget version ``v``: metadata, blocks, fds, index rows."""

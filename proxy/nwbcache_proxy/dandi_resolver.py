@@ -125,6 +125,12 @@ class DandiResolver:
                 async with self._session.get(url, headers={"Accept": "application/json"}) as resp:
                     if resp.status == 404:
                         raise UpstreamStatus(f"DANDI API: not found ({path})", status=404)
+                    if resp.status in (401, 403):
+                        # An embargoed dandiset: the API's refusal, passed on as it is.
+                        raise UpstreamStatus(
+                            f"DANDI API answered {resp.status} (embargoed?) for {path}",
+                            status=resp.status,
+                        )
                     if resp.status >= 500 or resp.status == 429:
                         last_error = f"DANDI API answered {resp.status}"
                     elif resp.status != 200:

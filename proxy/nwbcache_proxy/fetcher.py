@@ -89,23 +89,28 @@ class Fetcher:
         return self._fresh.pop((v.name, index)) is not None
 
     # -- starting fetches ------------------------------------------------------
-    def fetch(self, v: Version, url: UpstreamURL, indices: list[int]) -> None:
+    def fetch(
+        self, v: Version, url: UpstreamURL, indices: list[int], auth: str | None = None
+    ) -> None:
         """Fetch these blocks unless in flight already: one upstream request
-        per run of consecutive ones."""
+        per run of consecutive ones. ``url`` and ``auth`` (an Authorization
+        header) are those of the request the fetch is made for."""
         run: list[InflightBlock] = []
         for i in indices:
             if (v.name, i) in self._inflight:
                 continue
             if run and (i != run[-1].index + 1 or len(run) >= self.max_run_blocks):
-                self._fetches.spawn(self._fetch_run(v, url, run))
+                self._fetches.spawn(self._fetch_run(v, url, run, auth))
                 run = []
             block = InflightBlock(i, v.block_length(i))
             self._inflight[(v.name, i)] = block
             run.append(block)
         if run:
-            self._fetches.spawn(self._fetch_run(v, url, run))
+            self._fetches.spawn(self._fetch_run(v, url, run, auth))
 
-    def prefetch(self, v: Version, url: UpstreamURL, lo: int, hi: int) -> None:
+    def prefetch(
+        self, v: Version, url: UpstreamURL, lo: int, hi: int, auth: str | None = None
+    ) -> None:
         """Fetch blocks [lo, hi) that are neither cached nor in flight, in the background."""
         hi = min(hi, v.block_count)
         if lo >= hi:
@@ -113,7 +118,7 @@ class Fetcher:
 
         async def plan() -> None:
             cached = await self.blocks.present(v, range(lo, hi))
-            self.fetch(v, url, [i for i in range(lo, hi) if i not in cached])
+            self.fetch(v, url, [i for i in range(lo, hi) if i not in cached], auth)
 
         self._plans.spawn(plan())
 
@@ -124,7 +129,9 @@ class Fetcher:
             await self.blocks.publish(v, 0, data)
 
     # -- fetch runs ------------------------------------------------------------
-    async def _fetch_run(self, v: Version, url: UpstreamURL, run: list[InflightBlock]) -> None:
+    async def _fetch_run(
+        self, v: Version, url: UpstreamURL, run: list[InflightBlock], auth: str | None
+    ) -> None:
         """Fill consecutive in-flight blocks: from disk where another fetch
         published them meanwhile, else with one upstream request per gap.
 
@@ -143,7 +150,7 @@ class Fetcher:
             gaps = _contiguous(await self._fill_from_disk(v, run))
             del run
             while gaps:
-                await self._stream_into(v, url, gaps.pop(0))
+                await self._stream_into(v, url, gaps.pop(0), auth)
         except asyncio.CancelledError:
             for block in pending():
                 block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
@@ -191,7 +198,9 @@ class Fetcher:
             self._done(v, block)
         return missing
 
-    async def _stream_into(self, v: Version, url: UpstreamURL, run: list[InflightBlock]) -> None:
+    async def _stream_into(
+        self, v: Version, url: UpstreamURL, run: list[InflightBlock], auth: str | None
+    ) -> None:
         """One upstream request for consecutive blocks, each published when full."""
         start = run[0].index * v.block_size
         end = start + sum(b.length for b in run)
@@ -199,7 +208,7 @@ class Fetcher:
         del run  # published blocks leave with their last reader (see _fetch_run)
         for block in pending:
             block.from_upstream = True
-        async for chunk in self.upstream.stream(url, start, end, v.remote):
+        async for chunk in self.upstream.stream(url, start, end, v.remote, authorization=auth):
             view = memoryview(chunk)
             while view:
                 block = pending[0]

@@ -110,6 +110,13 @@ class Metrics:
             "Reads that joined a fetch already in flight instead of going upstream.",
             registry=r,
         )
+        self.auth_checks = Counter(
+            "nwbcache_auth_checks_total",
+            "Checks with upstream that a request's credentials may read a private object, "
+            "by result (accepted, refused, error).",
+            ["result"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "nwbcache_inflight_requests",
             "Client requests being answered now.",
@@ -133,6 +140,8 @@ class Metrics:
             self.upstream_requests.labels(reason.value)
             self.upstream_retries.labels(reason.value)
         self.upstream_requests.labels("ok")
+        for result in ("accepted", "refused", "error"):
+            self.auth_checks.labels(result)
         for method in ("GET", "HEAD"):
             for status in ("200", "206"):
                 for cache in ("hit", "miss", "partial"):

@@ -7,7 +7,12 @@ from typing import Any
 
 from .blockfile import version_digest
 
-META_FORMAT = 1
+# meta.json format written. 2 added "private". A format 1 file is read with
+# privacy unknown, which makes the object due for discovery before anyone is
+# served from it: caches written before privacy existed may hold private
+# objects believed public.
+META_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +45,8 @@ class ObjectMeta:
     cache_key: str
     version: ObjectVersion
     validated_at: float
+    # True: upstream refuses it without credentials (access.py); None: not known.
+    private: bool | None = None
     # Derived once: every block read needs it, and it is a SHA-256.
     digest: bytes = dataclasses.field(init=False, compare=False, repr=False)
 
@@ -57,6 +64,7 @@ class ObjectMeta:
             "last_modified": v.last_modified,
             "content_type": v.content_type,
             "validated_at": self.validated_at,
+            "private": self.private,
         }
 
     @classmethod
@@ -64,7 +72,8 @@ class ObjectMeta:
         """None when the file is of another format or another object (hash collision
         or a misplaced file): such metadata is ignored, never trusted."""
         try:
-            if data.get("format") != META_FORMAT or data.get("cache_key") != cache_key:
+            fmt = data.get("format")
+            if fmt not in READABLE_FORMATS or data.get("cache_key") != cache_key:
                 return None
             size = data["size"]
             if not isinstance(size, int) or size < 0:
@@ -75,7 +84,13 @@ class ObjectMeta:
                 last_modified=_opt_str(data.get("last_modified")),
                 content_type=str(data.get("content_type") or "application/octet-stream"),
             )
-            return cls(cache_key, version, float(data["validated_at"]))
+            private = data.get("private") if fmt >= 2 else None
+            return cls(
+                cache_key,
+                version,
+                float(data["validated_at"]),
+                private if isinstance(private, bool) else None,
+            )
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -142,9 +142,19 @@ class Reader:
         (self._from_upstream if upstream else self._from_cache).inc(nbytes)
 
     async def read(
-        self, v: Version, url: UpstreamURL, start: int, end: int, *, eager: bool
+        self,
+        v: Version,
+        url: UpstreamURL,
+        start: int,
+        end: int,
+        *,
+        eager: bool,
+        auth: str | None = None,
     ) -> RangeReader:
         """Plan a read of bytes [start, end): how much is cached, and the bytes.
+
+        ``url`` and ``auth`` (the request's Authorization header) are what
+        fetches made for this read send upstream.
 
         ``eager``: the client named the bytes it wants (a Range): fetch them
         at once, up to the read-ahead. Otherwise (a plain GET) the fetch
@@ -156,14 +166,14 @@ class Reader:
             pieces = self.blocks.read_held(v, blocks, start, end)
             if pieces is not None:
                 if ahead:
-                    self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead)
+                    self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
                 return self._held_body(v, blocks, pieces)
         window = StreamWindow.open(
             blocks.start, blocks.stop, eager=eager, limit=self.readahead_blocks
         )
         span = _span_in_block(v, blocks.start, start, end)
         first, first_fresh = await self._acquire(
-            v, url, blocks.start, wanted_end=window.wanted_end(blocks.start), span=span
+            v, url, auth, blocks.start, wanted_end=window.wanted_end(blocks.start), span=span
         )
         if isinstance(first, InflightBlock):
             await first.first_bytes()
@@ -175,16 +185,16 @@ class Reader:
         outcome = classify(cached, 1 + len(rest))
         if eager:
             missing = [i for i in rest if i not in on_disk]
-            self.fetcher.fetch(v, url, missing[: self.readahead_blocks])
+            self.fetcher.fetch(v, url, missing[: self.readahead_blocks], auth)
         if ahead:
-            self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead)
+            self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
         if len(blocks) == 1 and isinstance(first, OpenBlock):
             body = first.bytes_of(*span)
             if body is not None:  # a small read, already in memory: no streaming
                 first.close()
                 self._served(len(body), upstream=first_fresh)
                 return RangeReader.of_body(outcome, body)
-        segments = self._segments(v, url, start, end, first, first_fresh, window)
+        segments = self._segments(v, url, auth, start, end, first, first_fresh, window)
         return RangeReader(outcome, segments, first)
 
     def _held_body(self, v: Version, blocks: range, pieces: list[bytes]) -> RangeReader:
@@ -205,6 +215,7 @@ class Reader:
         self,
         v: Version,
         url: UpstreamURL,
+        auth: str | None,
         start: int,
         end: int,
         first: Source,
@@ -218,7 +229,7 @@ class Reader:
                 lo, hi = _span_in_block(v, i, start, end)
                 if source is None:
                     source, fresh = await self._acquire(
-                        v, url, i, wanted_end=window.wanted_end(i), span=(lo, hi)
+                        v, url, auth, i, wanted_end=window.wanted_end(i), span=(lo, hi)
                     )
                 if isinstance(source, OpenBlock):
                     self._served(hi - lo, upstream=fresh)
@@ -230,7 +241,7 @@ class Reader:
                 source = None
                 todo = window.after(i)
                 if todo:
-                    self.fetcher.prefetch(v, url, todo.start, todo.stop)
+                    self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
         finally:
             if isinstance(source, OpenBlock):
                 source.close()
@@ -239,6 +250,7 @@ class Reader:
         self,
         v: Version,
         url: UpstreamURL,
+        auth: str | None,
         i: int,
         *,
         wanted_end: int,
@@ -267,7 +279,7 @@ class Reader:
             run.append(j)
         started = self.fetcher.inflight(v, i)
         if started is None:
-            self.fetcher.fetch(v, url, run)
+            self.fetcher.fetch(v, url, run, auth)
             started = self.fetcher.inflight(v, i)
             assert started is not None
         return started, self.fetcher.claim(v, i, started)

@@ -28,6 +28,7 @@ from .appkeys import (
 )
 from .cache import BlockCache
 from .conditional import Precondition
+from .credentials import NONE, Credentials, of_request
 from .dandi_resolver import parse_dandi_path
 from .errors import NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
@@ -90,7 +91,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         raise NotAllowed(
             f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)"
         )
-    return await _serve_object(request, url)
+    creds = of_request(url.query, request.headers.get("Authorization"))
+    return await _serve_object(request, url, creds)
 
 
 async def dandi(request: web.Request) -> web.StreamResponse:
@@ -100,15 +102,22 @@ async def dandi(request: web.Request) -> web.StreamResponse:
     url = await request.app[DANDI_KEY].resolve(target)
     if not request.app[ALLOW_KEY].permits(url):
         raise NotAllowed(f"asset lives on {url.netloc}, which is not on the allow-list")
-    return await _serve_object(request, url)
+    # The request's Authorization, if any, is meant for the DANDI API, not S3.
+    return await _serve_object(request, url, NONE)
 
 
-async def _serve_object(request: web.Request, url: UpstreamURL) -> web.StreamResponse:
+async def _serve_object(
+    request: web.Request, url: UpstreamURL, creds: Credentials
+) -> web.StreamResponse:
     cache = request.app[CACHE_KEY]
     for attempt in range(VERSION_RESTARTS + 1):
-        v = await cache.resolve(url)
+        v = await cache.resolve(url, creds)
         try:
-            return await _answer(request, cache, url, v)
+            if v.private is not False:
+                # Before any byte or header about it: a private object's
+                # bytes go only to requests upstream would serve (access.py).
+                await cache.authorize(v, url, creds)
+            return await _answer(request, cache, url, v, creds.authorization)
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
                 raise
@@ -140,7 +149,7 @@ def _version_headers(v: Version) -> tuple[tuple[str, str], ...]:
 
 
 async def _answer(
-    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version
+    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, auth: str | None
 ) -> web.StreamResponse:
     o = v.remote
     headers = _object_headers(v)
@@ -164,7 +173,7 @@ async def _answer(
         headers["Content-Range"] = f"bytes */{o.size}"
         return web.Response(status=416, headers=headers, text="nwbcache: range not satisfiable\n")
     if decision.outcome is RangeOutcome.MULTIPART:
-        return await _answer_multipart(request, cache, url, v, decision.ranges, headers)
+        return await _answer_multipart(request, cache, url, v, auth, decision.ranges, headers)
 
     rng = decision.ranges[0]
     status = 200 if decision.outcome is RangeOutcome.FULL else 206
@@ -172,7 +181,7 @@ async def _answer(
         headers["Content-Range"] = rng.content_range(o.size)
     if request.method == "HEAD" or rng.length == 0:
         return await _bodiless(request, status, headers, rng.length)
-    reader = await cache.read(v, url, rng.start, rng.end, eager=status == 206)
+    reader = await cache.read(v, url, rng.start, rng.end, eager=status == 206, auth=auth)
     headers["X-Cache"] = reader.outcome
     if reader.body is not None:  # a small read already in memory: one write
         return web.Response(status=status, headers=headers, body=reader.body)
@@ -195,6 +204,7 @@ async def _answer_multipart(
     cache: BlockCache,
     url: UpstreamURL,
     v: Version,
+    auth: str | None,
     ranges: tuple[ByteRange, ...],
     headers: dict[str, str],
 ) -> web.StreamResponse:
@@ -209,7 +219,7 @@ async def _answer_multipart(
     try:
         for part_header, rng in plan.parts:
             await response.write(part_header)
-            reader = await _reader_after_headers(request, cache, url, v, rng)
+            reader = await _reader_after_headers(request, cache, url, v, auth, rng)
             try:
                 await send(request, response, reader, rng.length)
             finally:
@@ -237,10 +247,15 @@ async def _bodiless(
 
 
 async def _reader_after_headers(
-    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, rng: ByteRange
+    request: web.Request,
+    cache: BlockCache,
+    url: UpstreamURL,
+    v: Version,
+    auth: str | None,
+    rng: ByteRange,
 ) -> RangeReader:
     try:
-        return await cache.read(v, url, rng.start, rng.end, eager=True)
+        return await cache.read(v, url, rng.start, rng.end, eager=True, auth=auth)
     except ProxyError as exc:
         abort(request)
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc

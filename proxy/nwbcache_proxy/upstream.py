@@ -29,6 +29,7 @@ from .errors import (
     ProxyError,
     RetryableFault,
     UpstreamProtocolError,
+    UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
@@ -92,7 +93,9 @@ class Upstream:
         self.metrics = metrics
 
     # -- public operations ---------------------------------------------------
-    async def discover(self, url: UpstreamURL, first_len: int) -> tuple[ObjectVersion, bytes]:
+    async def discover(
+        self, url: UpstreamURL, first_len: int, *, authorization: str | None = None
+    ) -> tuple[ObjectVersion, bytes]:
         """Learn size and validators with a ranged GET of the first bytes.
 
         Presigned URLs refuse HEAD, so a GET of block 0 both tells the version
@@ -103,7 +106,7 @@ class Upstream:
         cost = 0
         while True:
             try:
-                result = await self._discover_once(url, first_len)
+                result = await self._discover_once(url, first_len, authorization)
             except RetryableFault as fault:
                 cost += await self._before_retry(fault, retries, url)
                 retries += 1
@@ -112,7 +115,13 @@ class Upstream:
             return result
 
     async def stream(
-        self, url: UpstreamURL, start: int, end: int, expected: ObjectVersion
+        self,
+        url: UpstreamURL,
+        start: int,
+        end: int,
+        expected: ObjectVersion,
+        *,
+        authorization: str | None = None,
     ) -> AsyncIterator[bytes]:
         """Bytes [start, end) of ``expected``'s version, resumed across faults."""
         pos = start
@@ -124,7 +133,7 @@ class Upstream:
             progress_before = pos
             try:
                 headers = {"Range": f"bytes={pos}-{end - 1}", **_conditional(expected)}
-                async with self._get(url, headers) as resp:
+                async with self._get(url, headers, authorization) as resp:
                     accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
                     async for chunk in _body(resp, accepted.skip, accepted.length):
                         pos += len(chunk)
@@ -145,11 +154,52 @@ class Upstream:
                 retries += 1
         self._budget.record_success(cost)
 
+    async def check(
+        self,
+        url: UpstreamURL,
+        *,
+        authorization: str | None,
+        expected: ObjectVersion | None,
+    ) -> None:
+        """Whether upstream serves this object to this request: a GET of its first
+        byte (``If-Match`` the version we hold). Returns if it does; raises
+        UpstreamStatus (401, 403, 404...) if it refuses, VersionChanged if the
+        object changed, or the fault that outlasted the retries."""
+        headers = {"Range": "bytes=0-0"}
+        if expected is not None:
+            headers.update(_conditional(expected))
+        retries = 0
+        cost = 0
+        while True:
+            try:
+                async with self._get(url, headers, authorization):
+                    pass  # status checked by _get; the body (a byte) is not needed
+            except RetryableFault as fault:
+                cost += await self._before_retry(fault, retries, url)
+                retries += 1
+                continue
+            self.metrics.upstream_requests.labels("ok").inc()
+            self._budget.record_success(cost)
+            return
+
+    async def is_public(self, url: UpstreamURL) -> bool:
+        """Whether upstream serves the object without credentials (``url`` must
+        carry none). False for 401/403; other refusals and faults raise."""
+        try:
+            await self.check(url, authorization=None, expected=None)
+        except UpstreamStatus as exc:
+            if exc.status in (401, 403):
+                return False
+            raise
+        return True
+
     # -- one attempt -------------------------------------------------------
-    async def _discover_once(self, url: UpstreamURL, first_len: int) -> tuple[ObjectVersion, bytes]:
-        async with self._get(url, {"Range": f"bytes=0-{first_len - 1}"}) as resp:
+    async def _discover_once(
+        self, url: UpstreamURL, first_len: int, authorization: str | None
+    ) -> tuple[ObjectVersion, bytes]:
+        async with self._get(url, {"Range": f"bytes=0-{first_len - 1}"}, authorization) as resp:
             if resp.status == 416:
-                return await self._discover_empty(url, resp)
+                return await self._discover_empty(url, resp, authorization)
             accepted = accept_range_response(resp.status, resp.headers, 0, first_len, None)
             data = bytearray()
             async for chunk in _body(resp, accepted.skip, accepted.length):
@@ -161,13 +211,13 @@ class Upstream:
             return accepted.version, bytes(data)
 
     async def _discover_empty(
-        self, url: UpstreamURL, resp: aiohttp.ClientResponse
+        self, url: UpstreamURL, resp: aiohttp.ClientResponse, authorization: str | None
     ) -> tuple[ObjectVersion, bytes]:
         # S3 answers 416 to `bytes=0-N` on an empty object; a plain GET then
         # gives 200 with the validators.
         if resp.headers.get("Content-Range", "") != "bytes */0":
             raise UpstreamProtocolError("upstream refused the first block with 416")
-        async with self._get(url, {}) as plain:
+        async with self._get(url, {}, authorization) as plain:
             if plain.status != 200 or plain.headers.get("Content-Length") != "0":
                 raise RetryableFault(
                     "object changed while discovering it", reason=RetryReason.SERVER_ERROR
@@ -177,16 +227,23 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def _get(
-        self, url: UpstreamURL, headers: dict[str, str]
+        self, url: UpstreamURL, headers: dict[str, str], authorization: str | None = None
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault."""
+        """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault.
+
+        ``authorization``: the client's Authorization header, sent to ``url``'s
+        host only (a redirect elsewhere drops it, as browsers and curl do).
+        """
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
             started = time.monotonic()
+            sent = headers
+            if authorization is not None and current.netloc == url.netloc:
+                sent = {**headers, "Authorization": authorization}
             try:
                 async with asyncio.timeout(self._first_byte_timeout):
                     resp = await self._session.get(
-                        URL(current.url, encoded=True), headers=headers, allow_redirects=False
+                        URL(current.url, encoded=True), headers=sent, allow_redirects=False
                     )
             except TimeoutError:
                 raise RetryableFault(

@@ -26,6 +26,8 @@ class Version:
     block_size: int
     dir: Path
     name: str
+    # Whether upstream refuses it without credentials (None: not known yet).
+    private: bool | None = None
 
     @classmethod
     def of(cls, layout: Layout, meta: ObjectMeta, block_size: int) -> Version:
@@ -37,6 +39,7 @@ class Version:
             block_size=block_size,
             dir=path,
             name=layout.relative(path),
+            private=meta.private,
         )
 
     def __eq__(self, other: object) -> bool:

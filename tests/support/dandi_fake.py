@@ -126,6 +126,7 @@ class _Dandiset:
     name: str
     created: datetime
     versions: dict[str, _Version] = field(default_factory=dict)  # draft first
+    embargoed: bool = False  # the API answers only to a token; blobs need a signature
 
     def published(self) -> list[_Version]:
         return [v for v in self.versions.values() if v.identifier != DRAFT]
@@ -181,6 +182,10 @@ def _publish_activity(moment: datetime) -> dict[str, Any]:
     }
 
 
+# The token that ``FakeDandiAPI.tokens`` holds from the start.
+EMBARGO_TOKEN = "nwbcache-test-token"
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status)
 
@@ -193,12 +198,18 @@ class FakeDandiAPI(ServedApp):
     presign: ``/download/`` redirects to a fresh presigned-looking S3 URL
         (``X-Amz-*`` query, new signature each time), as the real archive does;
         False: to the plain ``blob_url``. May be changed while serving.
+    presigner: turns a blob URL into one the S3 emulator accepts (e.g. with
+        ``S3Emulator.presign``); used for the downloads of embargoed dandisets.
+    tokens: API tokens (``Authorization: token <t>``) that may see embargoed
+        dandisets; without one the API answers 401, with another 403.
     page_size: the default page size of paginated listings (the real one: 100).
     """
 
     def __init__(self, *, presign: bool = True, page_size: int = _PAGE_SIZE) -> None:
         super().__init__()
         self.presign = presign
+        self.presigner: Callable[[str], str] | None = None
+        self.tokens: set[str] = {EMBARGO_TOKEN}
         self.page_size = page_size
         self.log: list[ApiRequest] = []
         self._lock = threading.Lock()
@@ -220,6 +231,7 @@ class FakeDandiAPI(ServedApp):
         *,
         versions: Sequence[str] = (DRAFT,),
         name: str | None = None,
+        embargoed: bool = False,
     ) -> None:
         """Create a Dandiset; "draft" always exists, other versions are published ones.
 
@@ -236,7 +248,9 @@ class FakeDandiAPI(ServedApp):
             if identifier in self._dandisets:
                 raise ValueError(f"Dandiset {identifier} already exists")
             created = self._tick()
-            dandiset = _Dandiset(identifier, name or f"Fake Dandiset {identifier}", created)
+            dandiset = _Dandiset(
+                identifier, name or f"Fake Dandiset {identifier}", created, embargoed=embargoed
+            )
             dandiset.versions[DRAFT] = _Version(DRAFT, created, created)
             for version in published:
                 moment = self._tick()
@@ -345,7 +359,7 @@ class FakeDandiAPI(ServedApp):
             "created": _iso(d.created),
             "modified": _iso(max(v.modified for v in d.versions.values())),
             "contact_person": _CONTACT,
-            "embargo_status": "OPEN",
+            "embargo_status": "EMBARGOED" if d.embargoed else "OPEN",
             "star_count": 0,
             "is_starred": False,
         }
@@ -518,6 +532,13 @@ class FakeDandiAPI(ServedApp):
     def _h_info(self, request: web.Request, m: re.Match[str]) -> web.StreamResponse:
         return _json(self._server_info())
 
+    def _h_auth_token(self, request: web.Request, m: re.Match[str]) -> web.StreamResponse:
+        """What ``DandiAPIClient(token=...)`` asks to check its token."""
+        token = request.headers.get("Authorization", "").removeprefix("token ").strip()
+        if token in self.tokens:
+            return _json(token)
+        return _json({"detail": "Invalid token."}, status=401)
+
     def _h_dandisets(self, request: web.Request, m: re.Match[str]) -> web.StreamResponse:
         return self._paginate(request, [self._dandiset_json(d) for d in self._dandisets.values()])
 
@@ -602,7 +623,12 @@ class FakeDandiAPI(ServedApp):
         return self._redirect(self._get_asset(m["a"]))
 
     def _redirect(self, asset: FakeAsset) -> web.StreamResponse:
-        location = self.presigned_url(asset.blob_url) if self.presign else asset.blob_url
+        if self._dandisets[asset.dandiset_id].embargoed and self.presigner is not None:
+            location = self.presigner(asset.blob_url)
+        elif self.presign:
+            location = self.presigned_url(asset.blob_url)
+        else:
+            location = asset.blob_url
         return web.Response(status=302, headers={"Location": location})
 
     @staticmethod
@@ -628,6 +654,7 @@ class FakeDandiAPI(ServedApp):
     _ROUTES: tuple[tuple[re.Pattern[str], _Handler], ...] = (
         (re.compile(r"/server-info"), _h_info),
         (re.compile(r"/api/info/"), _h_info),
+        (re.compile(r"/api/auth/token/"), _h_auth_token),
         (re.compile(r"/api/dandisets/"), _h_dandisets),
         (re.compile(rf"/api/dandisets/{_ID}/"), _h_dandiset),
         (re.compile(rf"/api/dandisets/{_ID}/versions/"), _h_versions),
@@ -672,6 +699,9 @@ class FakeDandiAPI(ServedApp):
                 status=405,
             )
         handler, match = found
+        refusal = self._embargo_refusal(request, match)
+        if refusal is not None:
+            return refusal
         try:
             with self._lock:
                 return handler(self, request, match)
@@ -679,6 +709,23 @@ class FakeDandiAPI(ServedApp):
             return _json({"detail": exc.detail}, status=404)
         except _BadRequest as exc:
             return _json(exc.body, status=400)
+
+    def _embargo_refusal(self, request: web.Request, match: re.Match[str]) -> web.Response | None:
+        """401/403 for a request about an embargoed dandiset without a valid token."""
+        groups = match.groupdict()
+        with self._lock:
+            if "a" in groups and groups["a"] in self._assets:
+                dandiset = self._dandisets.get(self._assets[groups["a"]].dandiset_id)
+            else:
+                dandiset = self._dandisets.get(groups.get("d") or "")
+        if dandiset is None or not dandiset.embargoed:
+            return None
+        auth = request.headers.get("Authorization", "")
+        if not auth:
+            return _json({"detail": "Authentication credentials were not provided."}, status=401)
+        if auth.removeprefix("token ").strip() not in self.tokens:
+            return _json({"detail": "You do not have permission to perform this action."}, 403)
+        return None
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         response = self._dispatch(request)
