@@ -17,9 +17,11 @@ LAYERS: dict[str, set[str]] = {
     "pure": {
         "__init__",
         "blockfile",
+        "breaker",
         "conditional",
         "credentials",
         "errors",
+        "freshness",
         "httprange",
         "layout",
         "lru",

@@ -44,6 +44,7 @@ REQUIRED_ALERTS = {
     "NwbcacheCacheNearlyFull",
     "NwbcacheCacheThrashing",
     "NwbcacheLowHitRatio",
+    "NwbcacheUpstreamCircuitOpen",
 }
 
 BS = 64 * 1024

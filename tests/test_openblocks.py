@@ -375,7 +375,7 @@ def _in_loop(daemon: DaemonThread, fn: Callable[[], T]) -> T:
 
 
 def _resolve(daemon: DaemonThread, url: str) -> Version:
-    meta: Version = daemon.call(daemon.cache.resolve(_upstream(url)))
+    meta: Version = daemon.call(daemon.cache.resolve(_upstream(url))).version
     return meta
 
 
@@ -505,8 +505,11 @@ def test_a_version_change_found_by_revalidation_retires_the_old_fds(
 ) -> None:
     data = os.urandom(BLOCKS * BS)
     origin.put("/b/reval", data)
-    # Every request revalidates: the daemon itself finds the new version.
-    daemon = make_daemon(block_size=BS, cache_dir=tmp_path / "cache", revalidate_after=0.0)
+    # Every request revalidates before it is served (no stale serving):
+    # the daemon itself finds the new version.
+    daemon = make_daemon(
+        block_size=BS, cache_dir=tmp_path / "cache", revalidate_after=0.0, stale_if_error=0.0
+    )
     url = proxied(daemon.url, origin, "/b/reval")
     _read_twice(url, data)
     old_meta = _resolve(daemon, url)

@@ -183,7 +183,7 @@ def test_an_object_believed_public_turns_private_when_upstream_refuses_it(
 ) -> None:
     key = "/later/blob"
     origin.put(key, DATA)
-    daemon = make_daemon(block_size=BS, revalidate_after=0.3)
+    daemon = make_daemon(block_size=BS, revalidate_after=0.3, stale_if_error=0.0)
     url = proxied(daemon.url, origin, key)
     assert requests.get(url, timeout=30).content == DATA
     assert meta_on_disk(tmp_path / "cache")["private"] is False

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from nwbcache.urls import UpstreamURL, redact_url
 
 from .credentials import Credentials
-from .errors import UpstreamStatus, VersionChanged
+from .errors import NotCached, UpstreamStatus, VersionChanged
 from .lru import BoundedLRU
 from .metrics import Metrics
 from .upstream import Upstream
@@ -77,12 +77,15 @@ class Access:
             self._accepted.put(fingerprint, until)
             self._refused.pop(fingerprint)
 
-    async def authorize(self, v: Version, url: UpstreamURL, creds: Credentials) -> None:
+    async def authorize(
+        self, v: Version, url: UpstreamURL, creds: Credentials, *, offline: bool = False
+    ) -> None:
         """Return if the request may read ``v``; raise upstream's refusal otherwise.
 
         ``url`` is the request's upstream URL (its presigned query included).
         Raises UpstreamStatus (401, 403, ...), VersionChanged (after dropping
-        ``v``) or the upstream fault that made the check impossible.
+        ``v``) or the upstream fault that made the check impossible; with
+        ``offline`` (only-if-cached), NotCached where upstream would be asked.
         """
         if v.private is False:
             return
@@ -94,6 +97,8 @@ class Access:
         refused = self._refused.get(fingerprint)
         if refused is not None and refused[0] > now:
             raise UpstreamStatus(refused[2], status=refused[1])
+        if offline:
+            raise NotCached("a private object, and these credentials are not known to be good")
         task = self._checking.get(fingerprint)
         if task is None:
             task = asyncio.ensure_future(self._check(v, url, creds, fingerprint))

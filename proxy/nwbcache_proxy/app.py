@@ -18,6 +18,7 @@ from aiohttp import web
 
 from . import __version__
 from .appkeys import ALLOW_KEY, CACHE_KEY, DANDI_KEY, METRICS_KEY, STATUS_KEY, TARGETS_KEY
+from .breaker import Breakers
 from .cache import BlockCache
 from .config import Settings, describe
 from .dandi_resolver import DandiResolver
@@ -66,6 +67,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         RetryBudget(),
         first_byte_timeout=settings.first_byte_timeout,
         metrics=app[METRICS_KEY],
+        breakers=Breakers(app[METRICS_KEY].upstream_breakers_open.set),
     )
     cache = BlockCache(
         layout,
@@ -75,6 +77,9 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         capacity=settings.cache_size,
         readahead=settings.readahead,
         revalidate_after=settings.revalidate_after,
+        stale_if_error=settings.stale_if_error,
+        immutable=settings.immutable_list,
+        negative_ttl=settings.negative_ttl,
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
     )

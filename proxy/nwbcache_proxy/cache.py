@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from nwbcache.urls import UpstreamURL
+from nwbcache.urls import AllowList, UpstreamURL
 
 from . import store
 from .access import Access
@@ -21,6 +21,7 @@ from .aio import Disk
 from .blocks import Blocks
 from .credentials import NONE, Credentials
 from .fetcher import Fetcher
+from .freshness import Policy
 from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
@@ -29,7 +30,7 @@ from .reader import RangeReader, Reader
 from .upkeep import Upkeep
 from .upstream import Upstream
 from .version import Version
-from .versions import Versions
+from .versions import Resolved, Versions
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class BlockCache:
         capacity: int,
         readahead: int,
         revalidate_after: float,
+        stale_if_error: float,
+        immutable: AllowList,
+        negative_ttl: float,
         fsync: bool,
         metrics: Metrics,
     ) -> None:
@@ -74,7 +78,9 @@ class BlockCache:
             self.access,
             upstream,
             block_size=block_size,
-            revalidate_after=revalidate_after,
+            policy=Policy(revalidate_after, stale_if_error),
+            immutable=immutable,
+            negative_ttl=negative_ttl,
             metrics=metrics,
         )
         self.reader = Reader(
@@ -93,19 +99,26 @@ class BlockCache:
         self.upkeep.start()
 
     async def close(self) -> None:
+        await self.versions.close()
         await self.fetcher.close()  # fetches under way get a moment to finish
         await self.upkeep.close()
         await self.blocks.close()
         self.disk.shutdown()
 
-    async def resolve(self, url: UpstreamURL, creds: Credentials = NONE) -> Version:
-        """The current version of the object ``url`` names (discovered with ``creds``)."""
-        return await self.versions.resolve(url, creds)
+    async def resolve(
+        self, url: UpstreamURL, creds: Credentials = NONE, *, offline: bool = False
+    ) -> Resolved:
+        """The version of the object ``url`` names to serve, and whether it is stale
+        (versions.Versions.resolve)."""
+        return await self.versions.resolve(url, creds, offline=offline)
 
-    async def authorize(self, v: Version, url: UpstreamURL, creds: Credentials) -> None:
-        """Return if a request with ``creds`` may read ``v``, else raise upstream's refusal."""
+    async def authorize(
+        self, v: Version, url: UpstreamURL, creds: Credentials, *, offline: bool = False
+    ) -> None:
+        """Return if a request with ``creds`` may read ``v``, else raise upstream's
+        refusal (or NotCached when ``offline`` and upstream would have to be asked)."""
         if v.private is not False:
-            await self.access.authorize(v, url, creds)
+            await self.access.authorize(v, url, creds, offline=offline)
 
     async def read(
         self,
@@ -116,9 +129,13 @@ class BlockCache:
         *,
         eager: bool,
         auth: str | None = None,
+        stale: bool = False,
+        offline: bool = False,
     ) -> RangeReader:
         """Bytes [start, end) of version ``v`` (see reader.Reader.read)."""
-        return await self.reader.read(v, url, start, end, eager=eager, auth=auth)
+        return await self.reader.read(
+            v, url, start, end, eager=eager, auth=auth, stale=stale, offline=offline
+        )
 
     async def drop_version(self, v: Version) -> None:
         """Forget version ``v``: metadata, blocks, fds, index rows."""

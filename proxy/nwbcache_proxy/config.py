@@ -26,6 +26,14 @@ from .sizes import format_size, parse_size
 # open; sequential reads do not suffer from small blocks because consecutive
 # missing blocks are fetched with a single upstream request (see fetcher.py).
 DEFAULT_BLOCK_SIZE = 256 * 1024
+# Objects that never change: DANDI blobs are written once under a fresh key
+# (a changed asset gets a new blob), in every addressing style of the bucket.
+DANDI_IMMUTABLE: tuple[str, ...] = tuple(f"{host}/blobs" for host in DANDI_HOSTS)
+# How long cached bytes of a mutable object are served while upstream cannot
+# confirm them (RFC 5861 stale-if-error): a week of S3 or network trouble.
+DEFAULT_STALE_IF_ERROR = 7 * 24 * 3600.0
+# How long a 404 is remembered, so a script asking in a loop does not hammer S3.
+DEFAULT_NEGATIVE_TTL = 30.0
 # The public DANDI Archive's API, behind the /dandi/... route.
 DEFAULT_DANDI_API_URL = "https://api.dandiarchive.org/api"
 # prometheus_client's variable for the directory where --workers N processes
@@ -63,6 +71,9 @@ class Settings:
     workers: int = 1
     readahead: int = DEFAULT_READAHEAD
     revalidate_after: float = DEFAULT_REVALIDATE_AFTER
+    immutable: tuple[str, ...] = DANDI_IMMUTABLE
+    stale_if_error: float = DEFAULT_STALE_IF_ERROR
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL
     max_upstream_connections: int = 32
     connect_timeout: float = 10.0
     first_byte_timeout: float = 30.0
@@ -77,6 +88,10 @@ class Settings:
     @property
     def allow_list(self) -> AllowList:
         return AllowList.parse(self.allow_upstream)
+
+    @property
+    def immutable_list(self) -> AllowList:
+        return AllowList.parse(self.immutable)
 
     def validate(self) -> None:
         """Raise ValueError with a message a newcomer can act on."""
@@ -97,7 +112,10 @@ class Settings:
             raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
         if self.max_upstream_connections < 1:
             raise ValueError("--max-upstream-connections must be at least 1")
+        if self.stale_if_error < 0 or self.negative_ttl < 0 or self.revalidate_after < 0:
+            raise ValueError("--revalidate-after, --stale-if-error and --negative-ttl must be >= 0")
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
+        self.immutable_list  # noqa: B018
 
 
 def _parse_bool(text: str) -> bool:
@@ -171,6 +189,30 @@ _OPTIONS: tuple[_Option, ...] = (
         "--revalidate-after",
         float,
         "seconds before a cached object's version is checked upstream again (default 3600)",
+        "SECONDS",
+    ),
+    _Option(
+        "immutable",
+        "--immutable",
+        str,
+        "HOST[:PORT][/path-prefix] of objects that never change, never revalidated; repeat "
+        "for several (default: DANDI blobs; a URL with versionId is immutable anyway)",
+        "PREFIX",
+        repeatable=True,
+    ),
+    _Option(
+        "stale_if_error",
+        "--stale-if-error",
+        float,
+        "seconds past --revalidate-after that cached bytes are still served when upstream "
+        "cannot confirm them (default 604800, a week)",
+        "SECONDS",
+    ),
+    _Option(
+        "negative_ttl",
+        "--negative-ttl",
+        float,
+        "seconds a 404 from upstream is remembered (default 30; 401/403 never are)",
         "SECONDS",
     ),
     _Option(

@@ -12,6 +12,8 @@ class ProxyError(Exception):
     """Base of every error the daemon answers a client with."""
 
     status: int = 500
+    # Seconds the client should wait before asking again (a Retry-After header).
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -76,4 +78,20 @@ class RetryableFault(Exception):
     def __init__(self, message: str, *, reason: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.retry_after = retry_after
+
+
+class NotCached(ProxyError):
+    """``Cache-Control: only-if-cached`` and the answer is not (all) in the cache (504)."""
+
+    status = 504
+
+
+class UpstreamDown(ProxyError):
+    """Upstream's circuit breaker is open (breaker.py): failing at once (503)."""
+
+    status = 503
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
         self.retry_after = retry_after

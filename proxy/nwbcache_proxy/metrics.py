@@ -110,6 +110,19 @@ class Metrics:
             "Reads that joined a fetch already in flight instead of going upstream.",
             registry=r,
         )
+        self.upstream_breakers_open = Gauge(
+            "nwbcache_upstream_breakers_open",
+            "Upstream hosts this daemon has stopped asking for a while because they kept "
+            "failing (circuit breaker open or probing), summed over workers.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.stale_served = Counter(
+            "nwbcache_stale_served_total",
+            "Responses served from cached bytes that upstream has not confirmed since "
+            "--revalidate-after (X-Cache: STALE): revalidating, or upstream failing.",
+            registry=r,
+        )
         self.auth_checks = Counter(
             "nwbcache_auth_checks_total",
             "Checks with upstream that a request's credentials may read a private object, "
@@ -144,7 +157,7 @@ class Metrics:
             self.auth_checks.labels(result)
         for method in ("GET", "HEAD"):
             for status in ("200", "206"):
-                for cache in ("hit", "miss", "partial"):
+                for cache in ("hit", "miss", "partial", "stale"):
                     self.requests.labels(method, status, cache)
 
     def count_request(self, method: str, status: int, cache: str) -> None:

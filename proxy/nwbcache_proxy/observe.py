@@ -51,12 +51,11 @@ class RequestIds:
 _REQUEST_IDS = RequestIds()
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.Response(
-        status=status,
-        text=f"nwbcache: {message}\n",
-        headers={"Cache-Control": "no-store", "Server": SERVER_NAME, "X-Cache": "MISS"},
-    )
+def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
+    headers = {"Cache-Control": "no-store", "Server": SERVER_NAME, "X-Cache": "MISS"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.Response(status=status, text=f"nwbcache: {message}\n", headers=headers)
 
 
 @web.middleware
@@ -73,7 +72,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         try:
             response = await handler(request)
         except ProxyError as exc:
-            response = error_response(exc.status, exc.message)
+            response = error_response(exc.status, exc.message, exc.retry_after)
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -99,6 +98,8 @@ def _observe(
     cache = x_cache.lower() if status < 300 and x_cache else "bypass"
     method = request.method
     metrics.count_request(method if method in ("GET", "HEAD") else "other", status, cache)
+    if cache == "stale":
+        metrics.stale_served.inc()
     metrics.request_duration.observe(duration)
     aborted = request.get(ABORTED_KEY)
     level = logging.WARNING if aborted else logging.INFO

@@ -9,7 +9,11 @@ Accounting: a byte sent to a client counts as served from upstream when its
 block came from upstream for this read: streamed from a fetch in flight, or
 read from a file whose fresh mark this read claimed (fetcher.py). Every
 other byte is served from the cache. A response is a HIT when none of its
-blocks had to come from upstream, a MISS when all did, else PARTIAL.
+blocks had to come from upstream, a MISS when all did, else PARTIAL; a HIT of
+a version served without upstream's confirmation (versions.py) is STALE.
+
+An offline read (``Cache-Control: only-if-cached``) fetches nothing: every
+block must be on disk before the headers go out, or it is a 504 (NotCached).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from nwbcache.urls import UpstreamURL
 
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks
+from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
 from .metrics import Metrics
@@ -39,13 +44,16 @@ class CacheOutcome(enum.StrEnum):
     HIT = "HIT"
     MISS = "MISS"
     PARTIAL = "PARTIAL"
+    STALE = "STALE"
 
 
-def classify(cached_blocks: int, blocks: int) -> CacheOutcome:
+def classify(cached_blocks: int, blocks: int, *, stale: bool = False) -> CacheOutcome:
     """The outcome of a response of ``blocks`` blocks, ``cached_blocks`` of which
-    were served from the cache."""
+    were served from the cache, of a version that is ``stale`` or not. (An
+    answer made from the version's metadata alone, HEAD or 304, has no
+    blocks: a HIT, or STALE.)"""
     if cached_blocks >= blocks:
-        return CacheOutcome.HIT
+        return CacheOutcome.STALE if stale else CacheOutcome.HIT
     if cached_blocks == 0:
         return CacheOutcome.MISS
     return CacheOutcome.PARTIAL
@@ -150,30 +158,41 @@ class Reader:
         *,
         eager: bool,
         auth: str | None = None,
+        stale: bool = False,
+        offline: bool = False,
     ) -> RangeReader:
         """Plan a read of bytes [start, end): how much is cached, and the bytes.
 
         ``url`` and ``auth`` (the request's Authorization header) are what
-        fetches made for this read send upstream.
+        fetches made for this read send upstream. ``stale``: the version is
+        served unconfirmed (a HIT says STALE). ``offline``: fetch nothing.
 
         ``eager``: the client named the bytes it wants (a Range): fetch them
         at once, up to the read-ahead. Otherwise (a plain GET) the fetch
         window grows as the client consumes (readahead.StreamWindow).
         """
         blocks = v.blocks_for(start, end)
-        ahead = self.sequential.blocks_after(v.key, start, end)
+        ahead = 0 if offline else self.sequential.blocks_after(v.key, start, end)
         if end - start <= BODY_MAX:
             pieces = self.blocks.read_held(v, blocks, start, end)
             if pieces is not None:
                 if ahead:
                     self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
-                return self._held_body(v, blocks, pieces)
+                return self._held_body(v, blocks, pieces, stale)
+        if offline and len(await self.blocks.present(v, blocks)) < len(blocks):
+            raise NotCached("not all of the range is in the cache (only-if-cached)")
         window = StreamWindow.open(
             blocks.start, blocks.stop, eager=eager, limit=self.readahead_blocks
         )
         span = _span_in_block(v, blocks.start, start, end)
         first, first_fresh = await self._acquire(
-            v, url, auth, blocks.start, wanted_end=window.wanted_end(blocks.start), span=span
+            v,
+            url,
+            auth,
+            blocks.start,
+            wanted_end=window.wanted_end(blocks.start),
+            span=span,
+            offline=offline,
         )
         if isinstance(first, InflightBlock):
             await first.first_bytes()
@@ -182,8 +201,8 @@ class Reader:
         cached = sum(1 for i in on_disk if not self.fetcher.is_fresh(v, i))
         if isinstance(first, OpenBlock) and not first_fresh:
             cached += 1
-        outcome = classify(cached, 1 + len(rest))
-        if eager:
+        outcome = classify(cached, 1 + len(rest), stale=stale)
+        if eager and not offline:
             missing = [i for i in rest if i not in on_disk]
             self.fetcher.fetch(v, url, missing[: self.readahead_blocks], auth)
         if ahead:
@@ -194,10 +213,14 @@ class Reader:
                 first.close()
                 self._served(len(body), upstream=first_fresh)
                 return RangeReader.of_body(outcome, body)
-        segments = self._segments(v, url, auth, start, end, first, first_fresh, window)
+        segments = self._segments(
+            v, url, auth, start, end, first, first_fresh, window, offline=offline
+        )
         return RangeReader(outcome, segments, first)
 
-    def _held_body(self, v: Version, blocks: range, pieces: list[bytes]) -> RangeReader:
+    def _held_body(
+        self, v: Version, blocks: range, pieces: list[bytes], stale: bool
+    ) -> RangeReader:
         fresh_blocks = fresh_bytes = total = 0
         for i, piece in zip(blocks, pieces, strict=True):
             total += len(piece)
@@ -209,7 +232,8 @@ class Reader:
         if fresh_bytes < total:
             self._served(total - fresh_bytes, upstream=False)
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return RangeReader.of_body(classify(len(pieces) - fresh_blocks, len(pieces)), body)
+        outcome = classify(len(pieces) - fresh_blocks, len(pieces), stale=stale)
+        return RangeReader.of_body(outcome, body)
 
     async def _segments(
         self,
@@ -221,6 +245,8 @@ class Reader:
         first: Source,
         first_fresh: bool,
         window: StreamWindow,
+        *,
+        offline: bool,
     ) -> AsyncGenerator[Segment, None]:
         source: Source | None = first
         fresh = first_fresh
@@ -229,7 +255,13 @@ class Reader:
                 lo, hi = _span_in_block(v, i, start, end)
                 if source is None:
                     source, fresh = await self._acquire(
-                        v, url, auth, i, wanted_end=window.wanted_end(i), span=(lo, hi)
+                        v,
+                        url,
+                        auth,
+                        i,
+                        wanted_end=window.wanted_end(i),
+                        span=(lo, hi),
+                        offline=offline,
                     )
                 if isinstance(source, OpenBlock):
                     self._served(hi - lo, upstream=fresh)
@@ -240,7 +272,7 @@ class Reader:
                         yield chunk
                 source = None
                 todo = window.after(i)
-                if todo:
+                if todo and not offline:
                     self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
         finally:
             if isinstance(source, OpenBlock):
@@ -255,6 +287,7 @@ class Reader:
         *,
         wanted_end: int,
         span: tuple[int, int],
+        offline: bool = False,
     ) -> tuple[Source, bool]:
         """The block from disk, or its fetch in flight (started if needed), and
         whether this read claimed its fresh mark. ``span``: the bytes of the
@@ -266,6 +299,8 @@ class Reader:
             if opened is not None:
                 return opened, self.fetcher.claim(v, i)
             inflight = self.fetcher.inflight(v, i)
+        if offline:  # evicted since the presence check, or being fetched: not cached
+            raise NotCached("a block of the range left the cache (only-if-cached)")
         if inflight is not None:
             self._coalesced.inc()
             return inflight, self.fetcher.claim(v, i, inflight)

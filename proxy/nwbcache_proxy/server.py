@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+from typing import NamedTuple
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -33,7 +34,7 @@ from .dandi_resolver import parse_dandi_path
 from .errors import NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id, error_response
-from .reader import CacheOutcome, RangeReader
+from .reader import CacheOutcome, RangeReader, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
 
@@ -106,18 +107,31 @@ async def dandi(request: web.Request) -> web.StreamResponse:
     return await _serve_object(request, url, NONE)
 
 
+def only_if_cached(cache_control: str | None) -> bool:
+    """Whether a Cache-Control field value has the only-if-cached directive
+    (RFC 9111 §5.2.1.7; directives are case-insensitive tokens)."""
+    if not cache_control:
+        return False
+    return any(
+        d.strip().split("=", 1)[0].strip().lower() == "only-if-cached"
+        for d in cache_control.split(",")
+    )
+
+
 async def _serve_object(
     request: web.Request, url: UpstreamURL, creds: Credentials
 ) -> web.StreamResponse:
     cache = request.app[CACHE_KEY]
+    offline = only_if_cached(request.headers.get("Cache-Control"))
     for attempt in range(VERSION_RESTARTS + 1):
-        v = await cache.resolve(url, creds)
+        v, stale = await cache.resolve(url, creds, offline=offline)
         try:
             if v.private is not False:
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
-                await cache.authorize(v, url, creds)
-            return await _answer(request, cache, url, v, creds.authorization)
+                await cache.authorize(v, url, creds, offline=offline)
+            how = _How(creds.authorization, stale, offline)
+            return await _answer(request, cache, url, v, how)
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
                 raise
@@ -125,8 +139,19 @@ async def _serve_object(
     raise AssertionError("unreachable")
 
 
-def _object_headers(v: Version) -> dict[str, str]:
-    return dict(_version_headers(v))
+class _How(NamedTuple):
+    """How a request's bytes are to be read."""
+
+    auth: str | None  # its Authorization header, for fetches made for it
+    stale: bool  # the version is served without upstream's confirmation
+    offline: bool  # only-if-cached: fetch nothing
+
+
+def _object_headers(v: Version, stale: bool) -> dict[str, str]:
+    headers = dict(_version_headers(v))
+    if stale:
+        headers["X-Cache"] = classify(0, 0, stale=True)
+    return headers
 
 
 @functools.lru_cache(maxsize=4096)
@@ -149,10 +174,10 @@ def _version_headers(v: Version) -> tuple[tuple[str, str], ...]:
 
 
 async def _answer(
-    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, auth: str | None
+    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, how: _How
 ) -> web.StreamResponse:
     o = v.remote
-    headers = _object_headers(v)
+    headers = _object_headers(v, how.stale)
     if any(field in request.headers for field in PRECONDITION_FIELDS):
         pre = conditional.evaluate_preconditions(
             request.method, request.headers, o.etag, o.last_modified
@@ -173,7 +198,7 @@ async def _answer(
         headers["Content-Range"] = f"bytes */{o.size}"
         return web.Response(status=416, headers=headers, text="nwbcache: range not satisfiable\n")
     if decision.outcome is RangeOutcome.MULTIPART:
-        return await _answer_multipart(request, cache, url, v, auth, decision.ranges, headers)
+        return await _answer_multipart(request, cache, url, v, how, decision.ranges, headers)
 
     rng = decision.ranges[0]
     status = 200 if decision.outcome is RangeOutcome.FULL else 206
@@ -181,7 +206,16 @@ async def _answer(
         headers["Content-Range"] = rng.content_range(o.size)
     if request.method == "HEAD" or rng.length == 0:
         return await _bodiless(request, status, headers, rng.length)
-    reader = await cache.read(v, url, rng.start, rng.end, eager=status == 206, auth=auth)
+    reader = await cache.read(
+        v,
+        url,
+        rng.start,
+        rng.end,
+        eager=status == 206,
+        auth=how.auth,
+        stale=how.stale,
+        offline=how.offline,
+    )
     headers["X-Cache"] = reader.outcome
     if reader.body is not None:  # a small read already in memory: one write
         return web.Response(status=status, headers=headers, body=reader.body)
@@ -204,22 +238,25 @@ async def _answer_multipart(
     cache: BlockCache,
     url: UpstreamURL,
     v: Version,
-    auth: str | None,
+    how: _How,
     ranges: tuple[ByteRange, ...],
     headers: dict[str, str],
 ) -> web.StreamResponse:
     plan = httprange.plan_multipart(ranges, v.size, v.remote.content_type, secrets.token_hex(12))
     headers["Content-Type"] = plan.content_type
-    headers["X-Cache"] = CacheOutcome.PARTIAL
+    headers["X-Cache"] = CacheOutcome.STALE if how.stale else CacheOutcome.PARTIAL
     if request.method == "HEAD":
         return await _bodiless(request, 206, headers, plan.content_length)
+    if how.offline:  # every part must be cached before the headers go out
+        for rng in ranges:
+            await (await cache.read(v, url, rng.start, rng.end, eager=False, offline=True)).aclose()
     response = web.StreamResponse(status=206, headers=headers)
     response.content_length = plan.content_length
     await response.prepare(request)
     try:
         for part_header, rng in plan.parts:
             await response.write(part_header)
-            reader = await _reader_after_headers(request, cache, url, v, auth, rng)
+            reader = await _reader_after_headers(request, cache, url, v, how, rng)
             try:
                 await send(request, response, reader, rng.length)
             finally:
@@ -251,11 +288,20 @@ async def _reader_after_headers(
     cache: BlockCache,
     url: UpstreamURL,
     v: Version,
-    auth: str | None,
+    how: _How,
     rng: ByteRange,
 ) -> RangeReader:
     try:
-        return await cache.read(v, url, rng.start, rng.end, eager=True, auth=auth)
+        return await cache.read(
+            v,
+            url,
+            rng.start,
+            rng.end,
+            eager=True,
+            auth=how.auth,
+            stale=how.stale,
+            offline=how.offline,
+        )
     except ProxyError as exc:
         abort(request)
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc

@@ -62,6 +62,8 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 "nwbcache_cache_capacity_bytes",
                 "nwbcache_cache_blocks",
                 "nwbcache_inflight_requests",
+                "nwbcache_upstream_breakers_open",
+                "nwbcache_stale_served_total",
             ):
                 out[name.removeprefix("nwbcache_").removesuffix("_total")] += s.value
     return dict(out)
@@ -80,7 +82,8 @@ def window(now: Snapshot, then: Snapshot | None) -> dict[str, Any]:
     served_cache = _delta(now, then, "served_cache")
     served_upstream = _delta(now, then, "served_upstream")
     requests = _delta(now, then, "requests")
-    hits = _delta(now, then, "requests_hit")
+    # A stale answer is still one served from the cache.
+    hits = _delta(now, then, "requests_hit") + _delta(now, then, "requests_stale")
     return {
         "seconds": now.at - then.at if then else None,
         "requests": requests,
@@ -96,6 +99,7 @@ def window(now: Snapshot, then: Snapshot | None) -> dict[str, Any]:
         "evictions": _delta(now, then, "cache_evictions"),
         "evictions_recent": _delta(now, then, "cache_evictions_recent"),
         "coalesced": _delta(now, then, "coalesced_requests"),
+        "stale_served": _delta(now, then, "stale_served"),
     }
 
 
@@ -139,6 +143,8 @@ class StatusTracker:
                 "fill": _ratio(v.get("cache_size_bytes", 0.0), v.get("cache_capacity_bytes", 0.0)),
             },
             "inflight_requests": v.get("inflight_requests", 0.0),
+            # Upstream hosts not being asked now (circuit breaker open): misses fail fast.
+            "upstream_breakers_open": v.get("upstream_breakers_open", 0.0),
             "last_minute": window(now, self._at_least(60, now.at)),
             "last_hour": window(now, self._at_least(HOUR, now.at)),
             "since_start": window(now, None),
@@ -181,6 +187,7 @@ ROWS: tuple[tuple[str, str, Any], ...] = (
     ("Upstream retries", "upstream_retries", _n),
     ("Server errors (5xx)", "server_errors", _n),
     ("Joined a fetch in flight", "coalesced", _n),
+    ("Served stale (upstream unconfirmed)", "stale_served", _n),
     ("Evictions", "evictions", _n),
     ("Evictions of recently used blocks", "evictions_recent", _n),
 )
@@ -193,6 +200,7 @@ def render_text(report: dict[str, Any]) -> str:
         f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
         f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks; "
         f"{_n(report['inflight_requests'])} requests in flight",
+        f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
         "",
         f"{'':36} {'last minute':>14} {'last hour':>14}",
     ]
@@ -245,7 +253,9 @@ def render_html(report: dict[str, Any]) -> str:
 <p>Cache: <b id=cache-size>{e(_b(cache["size_bytes"]))}</b>
 of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
 {e(_n(cache["blocks"]))} blocks; {e(_n(report["inflight_requests"]))} requests in flight;
-up {report["uptime_seconds"] / 60:.0f} min.</p>
+up {report["uptime_seconds"] / 60:.0f} min.
+Upstream hosts cut off (failing, circuit open):
+<b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.</p>
 <div class=bar><div style="width:{min(fill, 1.0) * 100:.1f}%"></div></div>
 <h2>Traffic</h2>
 <table id=traffic><tr><th></th><th>last minute</th><th>last hour</th></tr>{rows}</table>

@@ -24,10 +24,12 @@ from yarl import URL
 from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url, redact_url
 
 from . import __version__
+from .breaker import Breakers
 from .errors import (
     NotAllowed,
     ProxyError,
     RetryableFault,
+    UpstreamDown,
     UpstreamProtocolError,
     UpstreamStatus,
     UpstreamTimeout,
@@ -82,9 +84,11 @@ class Upstream:
         *,
         first_byte_timeout: float,
         metrics: Metrics,
+        breakers: Breakers | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._session = session
+        self.breakers = breakers if breakers is not None else Breakers()
         self._allow = allow
         self._policy = policy
         self._budget = budget
@@ -182,6 +186,36 @@ class Upstream:
             self._budget.record_success(cost)
             return
 
+    async def revalidate(
+        self, url: UpstreamURL, held: ObjectVersion, *, authorization: str | None
+    ) -> ObjectVersion | None:
+        """Whether upstream still has version ``held``: a conditional GET of the
+        first byte (``If-None-Match``, else ``If-Modified-Since``), answered with
+        304 and no body while it is. Returns None then, else what upstream has."""
+        headers = {"Range": "bytes=0-0"}
+        if held.etag:
+            headers["If-None-Match"] = held.etag
+        elif held.last_modified:
+            headers["If-Modified-Since"] = held.last_modified
+        retries = 0
+        cost = 0
+        while True:
+            try:
+                async with self._get(url, headers, authorization, not_modified=True) as resp:
+                    if resp.status == 304:
+                        found = None
+                    elif resp.status == 416:  # empty now (S3's answer to bytes=0-0)
+                        found = None if held.size == 0 else ObjectVersion(0, None, None)
+                    else:
+                        found = accept_range_response(resp.status, resp.headers, 0, 1, None).version
+            except RetryableFault as fault:
+                cost += await self._before_retry(fault, retries, url)
+                retries += 1
+                continue
+            self.metrics.upstream_requests.labels("ok").inc()
+            self._budget.record_success(cost)
+            return None if found is None or found.same_version(held) else found
+
     async def is_public(self, url: UpstreamURL) -> bool:
         """Whether upstream serves the object without credentials (``url`` must
         carry none). False for 401/403; other refusals and faults raise."""
@@ -227,15 +261,28 @@ class Upstream:
 
     @contextlib.asynccontextmanager
     async def _get(
-        self, url: UpstreamURL, headers: dict[str, str], authorization: str | None = None
+        self,
+        url: UpstreamURL,
+        headers: dict[str, str],
+        authorization: str | None = None,
+        *,
+        not_modified: bool = False,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault.
 
         ``authorization``: the client's Authorization header, sent to ``url``'s
         host only (a redirect elsewhere drops it, as browsers and curl do).
+        ``not_modified``: a 304 is an answer (a revalidation), not an error.
         """
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
+            host = current.netloc
+            wait = self.breakers.before(host)
+            if wait is not None:
+                raise UpstreamDown(
+                    f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
+                    retry_after=wait,
+                )
             started = time.monotonic()
             sent = headers
             if authorization is not None and current.netloc == url.netloc:
@@ -246,17 +293,22 @@ class Upstream:
                         URL(current.url, encoded=True), headers=sent, allow_redirects=False
                     )
             except TimeoutError:
+                self.breakers.record(host, ok=False)
                 raise RetryableFault(
                     "no response headers in time", reason=RetryReason.TIMEOUT
                 ) from None
             except aiohttp.ClientConnectorError as exc:
+                self.breakers.record(host, ok=False)
                 raise RetryableFault(
                     f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
                 ) from None
             except aiohttp.ClientError as exc:
+                self.breakers.record(host, ok=False)
                 raise RetryableFault(
                     f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
                 ) from None
+            # 5xx and 429 count against the host; any other answer shows it is up.
+            self.breakers.record(host, ok=resp.status < 500 and resp.status != 429)
             self.metrics.upstream_first_byte.observe(time.monotonic() - started)
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 location = resp.headers["Location"]
@@ -264,7 +316,8 @@ class Upstream:
                 current = self._redirect_target(current, location)
                 continue
             try:
-                check_status(resp.status, resp.headers, _retry_after(resp))
+                if not (not_modified and resp.status == 304):
+                    check_status(resp.status, resp.headers, _retry_after(resp))
                 yield resp
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                 raise RetryableFault(

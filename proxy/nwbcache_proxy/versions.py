@@ -1,10 +1,14 @@
 """Which version of an object is current: resolve from memory, disk or upstream; revalidate; drop.
 
 Discovery is single flight per object: concurrent requests for an object
-whose version is unknown (or due for revalidation) share one upstream
-request, a ranged GET of block 0 that tells the size and validators and warms
-the first block. A version that changed upstream is dropped whole (metadata,
-block files, fds, index rows) before anyone can read the new one.
+whose version is unknown (or no longer servable unconfirmed) share one
+upstream request, a ranged GET of block 0 that tells the size and validators
+and warms the first block. A version that changed upstream is dropped whole
+(metadata, block files, fds, index rows) before anyone can read the new one.
+
+How long a version is served unconfirmed is freshness.py's call: a stale one
+is served at once while a conditional request (no body) revalidates it in
+the background. A 404 is remembered for ``--negative-ttl``.
 
 Discovery also settles whether the object is private (access.py): when the
 discovering request carries credentials, upstream is asked once without
@@ -20,16 +24,18 @@ import asyncio
 import dataclasses
 import logging
 import time
+from typing import Any, NamedTuple
 
-from nwbcache.urls import UpstreamURL, cache_key, redact_url
+from nwbcache.urls import AllowList, UpstreamURL, cache_key, redact_url
 
 from . import store
 from .access import Access
-from .aio import Disk
+from .aio import Disk, Tasks
 from .blocks import Blocks
 from .credentials import Credentials, anonymous
-from .errors import ProxyError, UpstreamStatus
+from .errors import NotCached, ProxyError, UpstreamStatus
 from .fetcher import Fetcher
+from .freshness import Freshness, Policy
 from .index import CacheIndex
 from .layout import Layout, key_hash
 from .lru import BoundedLRU
@@ -42,6 +48,21 @@ log = logging.getLogger(__name__)
 
 # Objects whose current version is kept in memory; the rest is re-read from meta.json.
 VERSIONS_MEMORY = 10_000
+# Objects upstream said are not there, remembered for --negative-ttl.
+ABSENT_MEMORY = 10_000
+
+
+@dataclasses.dataclass(slots=True)
+class _Known:
+    version: Version
+    validated_at: float  # when upstream last confirmed it
+    immutable: bool
+    last_attempt: float | None = None  # last background revalidation started
+
+
+class Resolved(NamedTuple):
+    version: Version
+    stale: bool  # served without upstream's confirmation (X-Cache: STALE)
 
 
 class Versions:
@@ -56,84 +77,107 @@ class Versions:
         upstream: Upstream,
         *,
         block_size: int,
-        revalidate_after: float,
+        policy: Policy,
+        immutable: AllowList,
+        negative_ttl: float,
         metrics: Metrics,
     ) -> None:
         self.layout = layout
         self.index = index
         self.disk = disk
         self.blocks = blocks
-        self.upstream = upstream
-        self.block_size = block_size
-        self.revalidate_after = revalidate_after
-        self.metrics = metrics
         self.fetcher = fetcher
         self.access = access
-        # By cache key: the current version and when upstream last confirmed it.
-        self._known: BoundedLRU[str, tuple[Version, float]] = BoundedLRU(VERSIONS_MEMORY)
+        self.upstream = upstream
+        self.block_size = block_size
+        self.policy = policy
+        self.immutable = immutable
+        self.negative_ttl = negative_ttl
+        self.metrics = metrics
+        self._known: BoundedLRU[str, _Known] = BoundedLRU(VERSIONS_MEMORY)
+        self._absent: BoundedLRU[str, float] = BoundedLRU(ABSENT_MEMORY)
         self._discovering: dict[str, asyncio.Task[Version]] = {}
+        self._revalidating: set[str] = set()
+        self._tasks = Tasks()
 
-    async def resolve(self, url: UpstreamURL, creds: Credentials) -> Version:
-        """The current version of the object, from memory, disk or upstream.
+    async def close(self) -> None:
+        await self._tasks.close()
+
+    async def resolve(
+        self, url: UpstreamURL, creds: Credentials, *, offline: bool = False
+    ) -> Resolved:
+        """The version of the object to serve, from memory, disk or upstream.
 
         ``creds``: what the request presents upstream (a discovery is made
-        with them). Whether the request may read a private object is not
-        decided here (access.Access.authorize)."""
+        with them); whether it may read a private object is access.py's call.
+        ``offline``: never ask upstream (only-if-cached); NotCached if needed.
+        """
         key = cache_key(url)
-        known = self._fresh(key)
-        if known is not None:
-            return known
-        task = self._discovering.get(key)
-        if task is None:
-            stale = self._known.get(key)
-            if stale is None:
-                on_disk = await self._read_meta(key)
-                if on_disk is not None and self._usable(on_disk):
-                    v = self._remember(on_disk)
-                    return v
-                stale_version = None if on_disk is None else self._version(on_disk)
-            else:
-                stale_version = stale[0]
-            # Look again after the disk read: a discovery may have started, or
-            # finished, meanwhile (finished ones leave _discovering at once).
-            known = self._fresh(key)
-            if known is not None:
-                return known
-            task = self._discovering.get(key)
-            if task is None:
-                task = asyncio.ensure_future(self._discover(url, key, stale_version, creds))
-                self._discovering[key] = task
-                task.add_done_callback(lambda _t: self._discovering.pop(key, None))
-                return await asyncio.shield(task)
-        self.metrics.coalesced.inc()  # joined a discovery already under way
-        # shield: a client hanging up must not cancel a discovery others wait on.
-        return await asyncio.shield(task)
-
-    def _is_fresh(self, validated_at: float) -> bool:
-        return time.time() - validated_at < self.revalidate_after
-
-    def _usable(self, meta: ObjectMeta) -> bool:
-        """Servable without asking upstream first."""
-        return meta.private is not None and self._is_fresh(meta.validated_at)
-
-    def _fresh(self, key: str) -> Version | None:
+        absent_until = self._absent.get(key)
+        if absent_until is not None and absent_until > time.time():
+            raise UpstreamStatus("upstream answered 404 (remembered)", status=404)
         known = self._known.get(key)
-        if known is None or known[0].private is None or not self._is_fresh(known[1]):
-            return None
-        return known[0]
+        if known is None and key not in self._discovering:
+            meta = await self._read_meta(key)
+            # Look again after the disk read: a discovery may have finished meanwhile.
+            known = self._known.get(key)
+            if known is None and meta is not None:
+                known = self._remember(meta, url)
+        if known is not None:
+            verdict = self.policy.judge(
+                age=time.time() - known.validated_at,
+                immutable=known.immutable,
+                privacy_known=known.version.private is not None,
+                offline=offline,
+            )
+            if verdict is not Freshness.EXPIRED:
+                stale = verdict is Freshness.STALE
+                if stale and not offline:
+                    self._revalidate_soon(url, key, known, creds)
+                return Resolved(known.version, stale)
+        if offline:
+            raise NotCached("not in the cache (Cache-Control: only-if-cached)")
+        return Resolved(await self._discovery(url, key, known, creds), False)
 
-    def _version(self, meta: ObjectMeta) -> Version:
-        return Version.of(self.layout, meta, self.block_size)
-
-    def _remember(self, meta: ObjectMeta) -> Version:
-        v = self._version(meta)
-        self._known.put(meta.cache_key, (v, meta.validated_at))
-        return v
+    def _remember(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
+        v = Version.of(self.layout, meta, self.block_size)
+        immutable = self.immutable.permits(url) or "versionId=" in meta.cache_key
+        known = _Known(v, meta.validated_at, immutable)
+        self._known.put(meta.cache_key, known)
+        return known
 
     async def _read_meta(self, key: str) -> ObjectMeta | None:
         path = self.layout.meta_path(key_hash(key))
         raw = await self.disk.run(lambda: store.read_meta(path))
         return ObjectMeta.from_json(raw, key) if raw is not None else None
+
+    async def _update_meta(self, v: Version, **changes: Any) -> None:
+        """Rewrite meta.json with ``changes`` if it still holds version ``v``."""
+        path = self.layout.meta_path(key_hash(v.key))
+        staging = self.blocks.staging
+
+        def update() -> None:
+            raw = store.read_meta(path)
+            on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
+            if on_disk is not None and on_disk.version.same_version(v.remote):
+                store.write_meta(staging, path, dataclasses.replace(on_disk, **changes).to_json())
+
+        await self.disk.run(update)
+
+    # -- discovery -------------------------------------------------------------
+    async def _discovery(
+        self, url: UpstreamURL, key: str, known: _Known | None, creds: Credentials
+    ) -> Version:
+        task = self._discovering.get(key)
+        if task is None:
+            stale = known.version if known is not None else None
+            task = asyncio.ensure_future(self._discover(url, key, stale, creds))
+            self._discovering[key] = task
+            task.add_done_callback(lambda _t: self._discovering.pop(key, None))
+        else:
+            self.metrics.coalesced.inc()  # joined a discovery already under way
+        # shield: a client hanging up must not cancel a discovery others wait on.
+        return await asyncio.shield(task)
 
     async def _discover(
         self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
@@ -143,12 +187,11 @@ class Versions:
                 url, self.block_size, authorization=creds.authorization
             )
         except UpstreamStatus as exc:
-            if exc.status in (401, 403) and stale is not None and stale.private is not True:
-                await self._mark_private(stale)
+            await self._refused(exc, key, stale)
             raise
         private = creds.present and not await self._public(url)
         meta = ObjectMeta(key, found, time.time(), private)
-        v = self._version(meta)
+        v = Version.of(self.layout, meta, self.block_size)
         if private:
             self.access.remember_accepted(v, creds)  # upstream just served them
         if stale is not None and not stale.remote.same_version(found):
@@ -162,8 +205,18 @@ class Versions:
         path = self.layout.meta_path(key_hash(key))
         staging = self.blocks.staging
         await self.disk.run(lambda: store.write_meta(staging, path, meta.to_json()))
-        self._known.put(key, (v, meta.validated_at))
+        self._remember(meta, url)
         return v
+
+    async def _refused(self, exc: UpstreamStatus, key: str, held: Version | None) -> None:
+        """Upstream answered a discovery or revalidation with a final refusal."""
+        if exc.status in (401, 403) and held is not None and held.private is not True:
+            await self._mark_private(held)
+        elif exc.status in (404, 410):
+            if held is not None:
+                await self.drop(held)  # deleted upstream: no longer served
+            if self.negative_ttl > 0:
+                self._absent.put(key, time.time() + self.negative_ttl)
 
     async def _public(self, url: UpstreamURL) -> bool:
         """Whether upstream serves the object without credentials. A probe that
@@ -177,26 +230,50 @@ class Versions:
     async def _mark_private(self, v: Version) -> None:
         """Upstream now refuses an object believed public: make it private here and on disk."""
         log.info("upstream refuses %s without credentials now: private", v.key)
-        private = dataclasses.replace(v, private=True)
         known = self._known.get(v.key)
-        if known is not None and known[0] == v:
-            self._known.put(v.key, (private, known[1]))
-        meta_path = self.layout.meta_path(key_hash(v.key))
-        staging = self.blocks.staging
+        if known is not None and known.version == v:
+            known.version = dataclasses.replace(v, private=True)
+        await self._update_meta(v, private=True)
 
-        def mark() -> None:
-            raw = store.read_meta(meta_path)
-            on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
-            if on_disk is not None and on_disk.version.same_version(v.remote):
-                marked = dataclasses.replace(on_disk, private=True)
-                store.write_meta(staging, meta_path, marked.to_json())
+    # -- revalidation ----------------------------------------------------------
+    def _revalidate_soon(
+        self, url: UpstreamURL, key: str, known: _Known, creds: Credentials
+    ) -> None:
+        if known.version.private and not creds.present:
+            return  # upstream would refuse it: leave it to a request that can ask
+        now = time.time()
+        running = key in self._revalidating or key in self._discovering
+        if not Policy.should_revalidate(now=now, last_attempt=known.last_attempt, running=running):
+            return
+        known.last_attempt = now
+        self._revalidating.add(key)
+        self._tasks.spawn(self._revalidate(url, key, known, creds))
 
-        await self.disk.run(mark)
+    async def _revalidate(
+        self, url: UpstreamURL, key: str, known: _Known, creds: Credentials
+    ) -> None:
+        """Ask upstream whether the stale version is still current, with a
+        conditional request that carries no body when it is."""
+        v = known.version
+        try:
+            now = await self.upstream.revalidate(url, v.remote, authorization=creds.authorization)
+            if now is None:
+                known.validated_at = time.time()
+                known.last_attempt = None
+                await self._update_meta(v, validated_at=known.validated_at)
+            else:
+                await self._discovery(url, key, known, creds)  # drops the old version
+        except UpstreamStatus as exc:
+            await self._refused(exc, key, v)
+        except ProxyError as exc:  # upstream down: served stale until --stale-if-error
+            log.info("revalidation of %s failed: %s", redact_url(url.url), exc)
+        finally:
+            self._revalidating.discard(key)
 
     async def drop(self, v: Version) -> None:
         """Forget one version: metadata, blocks, open fds and index rows."""
         known = self._known.get(v.key)
-        if known is not None and known[0] == v:
+        if known is not None and known.version == v:
             self._known.pop(v.key)
         meta_path = self.layout.meta_path(key_hash(v.key))
 
