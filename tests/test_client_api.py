@@ -13,6 +13,7 @@ from typing import Literal
 
 import h5py
 import pytest
+import requests
 
 import nwbcache
 from nwbcache import cli
@@ -59,6 +60,32 @@ def test_open_reads_through_daemon(
         with h5py.File(f, "r") as h5:
             assert h5_digest(h5) == local_digest(path), path.name
     assert _agents(archive.origin) == {"nwbcache"}
+
+
+@pytest.mark.parametrize("backend", ["remfile", "fsspec"])
+def test_open_offline_reads_only_what_the_daemon_holds(
+    backend: Backend,
+    archive: Archive,
+    make_daemon: Callable[..., DaemonThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon = make_daemon()
+    path = NWB_FILES[0]
+    url = archive.blob_url(path)
+    with pytest.raises(nwbcache.NotCached):
+        nwbcache.open(url, backend=backend, proxy=daemon.url, offline=True)
+    archive.origin.wait_idle()
+    assert archive.origin.log == []  # cold, offline: upstream was not asked at all
+    warm = requests.get(nwbcache.proxied_url(url, daemon.url), timeout=60)
+    assert warm.content == path.read_bytes()
+    archive.origin.wait_idle()
+    archive.origin.clear_log()
+    monkeypatch.setenv("NWBCACHE_OFFLINE", "1")
+    f = nwbcache.open(url, backend=backend, proxy=daemon.url)
+    with h5py.File(f, "r") as h5:
+        assert h5_digest(h5) == local_digest(path)
+    archive.origin.wait_idle()
+    assert archive.origin.log == []
 
 
 def test_open_feeds_pynwb_with_proxy_from_env(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,10 +24,12 @@ import requests
 from dandi.dandiapi import DandiAPIClient
 from prometheus_client.parser import text_string_to_metric_families
 
+import nwbcache
 from nwbcache.urls import proxied_url
+from tests.support.client_support import require_hook, script_env
 from tests.support.daemons import DaemonThread
 from tests.support.dandi_fake import EMBARGO_TOKEN, FakeDandiAPI
-from tests.support.helpers import proxied, wait_until
+from tests.support.helpers import origin_host, proxied, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 16 * 1024
@@ -302,3 +306,47 @@ def test_an_embargoed_dandisets_blob_reaches_only_its_token_holders(
     plain = proxied_url(origin.url_for(EMBARGOED), daemon.url)
     r = requests.get(plain, headers={"Range": "bytes=0-999"}, timeout=30)
     assert r.status_code == 403 and DATA[:100] not in r.content
+
+
+TRANSPARENT_SCRIPT = """
+import sys
+import remfile
+
+signed, unsigned = sys.argv[1], sys.argv[2]
+with open(sys.argv[3], "wb") as out:
+    f = remfile.File(signed)
+    out.write(f.read(f.length))
+try:
+    g = remfile.File(unsigned)
+    g.read(10)
+except Exception as exc:  # remfile fails on the refusal: what a user would see
+    print("REFUSED", type(exc).__name__)
+else:
+    print("SERVED")
+"""
+
+
+@pytest.mark.slow
+def test_transparent_mode_passes_presigned_urls_through_the_cache(
+    private: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    """An unmodified remfile script with NWBCACHE_URL set: the owner's presigned
+    URL reads through the daemon; the same URL unsigned gets nothing."""
+    require_hook()
+    daemon = make_daemon(block_size=BS)
+    signed_url = f"{private.url_for(KEY)}?{private.presign(KEY)}"
+    script = tmp_path / "read.py"
+    script.write_text(TRANSPARENT_SCRIPT)
+    out = tmp_path / "bytes"
+    proc = subprocess.run(
+        [sys.executable, str(script), signed_url, private.url_for(KEY), str(out)],
+        env=script_env(NWBCACHE_URL=daemon.url, NWBCACHE_HOSTS=origin_host(private)),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == DATA
+    assert "REFUSED" in proc.stdout
+    private.wait_idle()
+    assert {e.user_agent for e in private.requests(KEY)} == {f"nwbcache/{nwbcache.__version__}"}

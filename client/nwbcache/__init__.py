@@ -22,13 +22,14 @@ __version__ = "0.1.0"
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .dandi_assets import dandi_url
-    from .reading import open
+    from .reading import NotCached, open
     from .routing import DaemonUnavailable, FallbackWarning
     from .urls import original_url, proxied_url
 
 __all__ = [
     "DaemonUnavailable",
     "FallbackWarning",
+    "NotCached",
     "__version__",
     "dandi_url",
     "open",
@@ -39,6 +40,7 @@ __all__ = [
 _HOMES = {
     "DaemonUnavailable": "routing",
     "FallbackWarning": "routing",
+    "NotCached": "reading",
     "dandi_url": "dandi_assets",
     "open": "reading",
     "original_url": "urls",

@@ -29,11 +29,13 @@ __all__ = [
     "ENV_CACHE_DIR",
     "ENV_FALLBACK",
     "ENV_HOSTS",
+    "ENV_OFFLINE",
     "ENV_URL",
     "cache_dir",
     "environ_with_proxy",
     "fallback_enabled",
     "hosts",
+    "offline",
     "proxy",
     "split_entries",
 ]
@@ -41,6 +43,7 @@ __all__ = [
 ENV_URL = "NWBCACHE_URL"  # the daemon's base URL (also spelled out in nwbcache-transparent.pth)
 ENV_HOSTS = "NWBCACHE_HOSTS"  # upstreams transparent mode sends through the daemon
 ENV_FALLBACK = "NWBCACHE_FALLBACK"  # "0": fail when the daemon is down instead of going direct
+ENV_OFFLINE = "NWBCACHE_OFFLINE"  # "1": read only what the daemon has cached (only-if-cached)
 ENV_CACHE_DIR = "NWBCACHE_CACHE_DIR"  # serve's --cache-dir, for `nwbcache check`
 
 # Where `nwbcache status` looks when neither --url nor NWBCACHE_URL says:
@@ -48,6 +51,7 @@ ENV_CACHE_DIR = "NWBCACHE_CACHE_DIR"  # serve's --cache-dir, for `nwbcache check
 DEFAULT_DAEMON_URL = "http://127.0.0.1:8080"
 
 _FALSE = frozenset({"0", "false", "no", "off"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 def split_entries(text: str) -> tuple[str, ...]:
@@ -68,6 +72,11 @@ def environ_with_proxy(base: str) -> dict[str, str]:
 def fallback_enabled() -> bool:
     """NWBCACHE_FALLBACK: unless "0" (or false/no/off), read upstream when the daemon is down."""
     return _fallback(os.environ.get(ENV_FALLBACK, ""))
+
+
+def offline() -> bool:
+    """NWBCACHE_OFFLINE: "1" (or true/yes/on) to read only what the daemon has cached."""
+    return os.environ.get(ENV_OFFLINE, "").strip().lower() in _TRUE
 
 
 def cache_dir() -> str | None:
