@@ -24,7 +24,7 @@ test: lint test-deps
 ## test-fast: the pure and in-process tests only (under a minute): no lint, no system
 ## tools, no child processes; the tests marked `slow` are left out
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m "not slow" -q -n 2
 
 # System tools the tests drive (curl, ...), from Debian's packages if missing.
 test-deps:
