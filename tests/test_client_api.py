@@ -16,7 +16,7 @@ import pytest
 import requests
 
 import nwbcache
-from nwbcache import cli
+from nwbcache import cli, routing
 from nwbcache.env import ENV_FALLBACK, ENV_HOSTS, ENV_URL
 from nwbcache.urls import InvalidURL
 from tests.support.client_support import (
@@ -136,6 +136,19 @@ def test_open_with_daemon_down_and_fallback_off_raises(
     for backend in ("remfile", "fsspec"):
         with pytest.raises(nwbcache.DaemonUnavailable, match="NWBCACHE_FALLBACK=0"):
             nwbcache.open(archive.blob_url(NWB_FILES[0]), backend=backend, proxy=dead_daemon_url)
+    assert not archive.origin.log
+
+
+def test_offline_never_falls_back_to_upstream(
+    archive: Archive, dead_daemon_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = archive.blob_url(NWB_FILES[0])
+    for backend in ("remfile", "fsspec"):
+        with pytest.raises(nwbcache.DaemonUnavailable, match="offline"):
+            nwbcache.open(url, backend=backend, proxy=dead_daemon_url, offline=True)
+    monkeypatch.setenv("NWBCACHE_OFFLINE", "1")  # transparent mode routes with this
+    with pytest.raises(nwbcache.DaemonUnavailable, match="NWBCACHE_OFFLINE=1"):
+        routing.route(url, dead_daemon_url)
     assert not archive.origin.log
 
 

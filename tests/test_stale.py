@@ -4,14 +4,18 @@ objects, only-if-cached, and remembered 404s."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import requests
 
 from nwbcache_proxy import versions
+from tests.support.client_support import require_hook, script_env
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import origin_host, proxied, wait_until
 from tests.support.s3emu import Fault, S3Emulator
@@ -209,3 +213,51 @@ def test_a_failing_host_is_left_alone_and_cached_reads_go_on(
     wait_until(lambda: read(cold).status_code == 200, 10, interval=0.5)
     assert read(cold).content == DATA
     assert breakers_open(daemon) == 0
+
+
+OFFLINE_SCRIPT = """
+import sys
+import remfile
+
+for url in sys.argv[1:]:
+    try:
+        f = remfile.File(url)
+        data = f.read(f.length)
+    except FileNotFoundError as exc:
+        print("NOT CACHED", type(exc).__name__)
+    else:
+        print("READ", len(data), data[:16].hex())
+"""
+
+
+@pytest.mark.slow
+def test_transparent_mode_offline_reads_only_what_is_cached(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    """An unmodified remfile script with NWBCACHE_OFFLINE=1: cached files read,
+    the rest refused at once, and upstream never asked."""
+    require_hook()
+    origin.put("/m/warm", DATA)
+    origin.put("/m/cold", DATA)
+    daemon = make_daemon(block_size=BS)
+    assert read(proxied(daemon.url, origin, "/m/warm")).content == DATA
+    origin.wait_idle()
+    origin.clear_log()
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), origin.url_for("/m/cold"), origin.url_for("/m/warm")],
+        env=script_env(
+            NWBCACHE_URL=daemon.url, NWBCACHE_HOSTS=origin_host(origin), NWBCACHE_OFFLINE="1"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "NOT CACHED NotCached",
+        f"READ {len(DATA)} {DATA[:16].hex()}",
+    ]
+    origin.wait_idle()
+    assert origin.log == []

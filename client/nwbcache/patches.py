@@ -134,12 +134,33 @@ def patch_remfile(module: ModuleType) -> None:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if args:
             args = (_routed(args[0]), *args[1:])
+            url = args[0]
         elif "url" in kwargs:
-            kwargs["url"] = _routed(kwargs["url"])
+            kwargs["url"] = url = _routed(kwargs["url"])
+        else:
+            url = None
+        offline = env.offline() and isinstance(url, str) and _through_daemon(url)
+        if offline and kwargs.get("_size") is None:
+            # remfile learns the size with a plain GET of its own; given it,
+            # every request goes through the session, which says only-if-cached.
+            from .reading import cached_size
+
+            assert isinstance(url, str)
+            kwargs["_size"] = cached_size(url)
         original(self, *args, **kwargs)
+        if offline and getattr(self, "session", None) is not None:
+            from .reading import OFFLINE_HEADERS
+
+            self.session.headers.update(OFFLINE_HEADERS)
 
     setattr(__init__, _PATCHED, True)
     cls.__init__ = __init__
+
+
+def _through_daemon(url: str) -> bool:
+    """Whether ``url`` (as routed) points at the daemon of NWBCACHE_URL."""
+    proxy = env.proxy()
+    return proxy is not None and url.startswith(proxy.rstrip("/") + "/")
 
 
 # -- fsspec --------------------------------------------------------------------

@@ -84,14 +84,7 @@ def _open_offline(url: str, backend: str, proxy: str | None, kwargs: dict[str, A
             f"offline reading needs the daemon: pass proxy= or set {env.ENV_URL}"
         )
     target = proxied_url(url, daemon)
-    request = urllib.request.Request(target, method="HEAD", headers=OFFLINE_HEADERS)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as resp:
-            size = int(resp.headers["Content-Length"])
-    except urllib.error.HTTPError as exc:
-        if exc.code == 504:
-            raise NotCached(f"{redact_url(url)} is not in the daemon's cache") from None
-        raise
+    size = cached_size(target)
     if backend == "remfile":
         import remfile
 
@@ -104,3 +97,20 @@ def _open_offline(url: str, backend: str, proxy: str | None, kwargs: dict[str, A
 
     fs = fsspec.filesystem("http", headers=OFFLINE_HEADERS, skip_instance_cache=True)
     return cast(RemoteFile, fs.open(target, "rb", size=size, **kwargs))
+
+
+def cached_size(target: str) -> int:
+    """The size of the object behind a daemon URL, if the daemon has it cached
+    (a HEAD with only-if-cached); NotCached if it has not."""
+    request = urllib.request.Request(target, method="HEAD", headers=OFFLINE_HEADERS)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return int(resp.headers["Content-Length"])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 504:
+            raise NotCached(f"{redact_url(target)} is not in the daemon's cache") from None
+        raise
+    except urllib.error.URLError as exc:  # nothing listening: offline means no fallback
+        raise DaemonUnavailable(
+            f"offline, and the daemon cannot be reached ({exc.reason})"
+        ) from None

@@ -122,11 +122,15 @@ def choose(through_daemon: str, upstream: str, proxy: str) -> str:
     reachable, reason = _status(base)
     if reachable:
         return through_daemon
-    if not env.fallback_enabled():
+    if env.offline() or not env.fallback_enabled():
+        why = (
+            f"{env.ENV_OFFLINE}=1 reads only what the daemon holds"
+            if env.offline()
+            else f"{env.ENV_FALLBACK}=0 forbids reading upstream directly"
+        )
         raise DaemonUnavailable(
-            f"nwbcache: the daemon at {base} cannot be reached ({reason}) and "
-            f"{env.ENV_FALLBACK}=0 forbids reading upstream directly; start it "
-            f"(nwbcache serve) or unset {env.ENV_URL}"
+            f"nwbcache: the daemon at {base} cannot be reached ({reason}) and {why}; "
+            f"start it (nwbcache serve) or unset {env.ENV_URL}"
         )
     key = (os.getpid(), base)
     with _lock:
