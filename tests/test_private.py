@@ -350,3 +350,59 @@ def test_transparent_mode_passes_presigned_urls_through_the_cache(
     assert "REFUSED" in proc.stdout
     private.wait_idle()
     assert {e.user_agent for e in private.requests(KEY)} == {f"nwbcache/{nwbcache.__version__}"}
+
+
+def test_a_bad_signature_does_not_make_a_public_object_private_or_fail_others(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    """S3 refuses a wrong signature even on a public object: that refusal is the
+    request's, and must not make the object private for everyone."""
+    origin.reject_bad_signatures = True
+    origin.put("/open2/blob", DATA)
+    daemon = make_daemon(block_size=BS, revalidate_after=0.2, stale_if_error=0.0)
+    plain = proxied(daemon.url, origin, "/open2/blob")
+    assert read_all(plain) == DATA
+    time.sleep(0.3)  # due: the next request rediscovers it, with its credentials
+    bogus = proxied(daemon.url, origin, "/open2/blob", "X-Amz-Signature=00&X-Amz-Expires=60")
+    r = requests.get(bogus, headers={"Range": "bytes=0-99"}, timeout=30)
+    assert r.status_code == 403 and DATA[:50] not in r.content  # upstream refused *it*
+    assert meta_on_disk(tmp_path / "cache")["private"] is False
+    r = requests.get(plain, headers={"Range": "bytes=0-99"}, timeout=30)
+    assert (r.status_code, r.content) == (206, DATA[:100])
+    assert checks(daemon) == {"accepted": 0, "refused": 0, "error": 0}
+
+
+def read_all(url: str) -> bytes:
+    r = requests.get(url, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.content
+
+
+def test_an_embargo_after_release_is_noticed_while_only_owners_read(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    """Background revalidation of a public object asks without credentials,
+    so the owners' signed reads cannot hide that anonymous ones are refused now."""
+    key = "/later2/blob"
+    origin.put(key, DATA)
+    daemon = make_daemon(block_size=BS, revalidate_after=0.3)
+    assert read_all(proxied(daemon.url, origin, key)) == DATA
+    origin.require_signature("/later2/")
+    owner = proxied(daemon.url, origin, key, origin.presign(key))
+    time.sleep(0.4)
+    assert requests.get(owner, headers={"Range": "bytes=0-9"}, timeout=30).content == DATA[:10]
+    wait_until(lambda: meta_on_disk(tmp_path / "cache")["private"] is True, 5)
+    r = requests.get(proxied(daemon.url, origin, key), headers={"Range": "bytes=0-9"}, timeout=30)
+    assert r.status_code == 403 and DATA[:10] not in r.content
+    assert requests.get(owner, headers={"Range": "bytes=0-9"}, timeout=30).content == DATA[:10]
+
+
+def test_the_status_page_does_not_name_private_objects(
+    private: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    daemon = make_daemon(block_size=BS)
+    owner_reads_everything(daemon, private)
+    status = requests.get(f"{daemon.url}/status.json", timeout=30).json()
+    assert [o["url"] for o in status["top_objects"]] == ["(a private object)"]
+    page = requests.get(f"{daemon.url}/", timeout=30).text
+    assert "blobs/abc/def" not in page

@@ -123,10 +123,13 @@ class Fetcher:
         self._plans.spawn(plan())
 
     async def publish_first(self, v: Version, data: bytes) -> None:
-        """Block 0 as a discovery received it, unless a fetch of it is under way."""
-        if (v.name, 0) not in self._inflight:
-            self._fresh.put((v.name, 0), True)
-            await self.blocks.publish(v, 0, data)
+        """Block 0 as a discovery received it, unless a fetch of it is under way or
+        it is cached already (a rediscovery of an unchanged version: nobody
+        waits for these bytes, so they are not fresh)."""
+        if (v.name, 0) in self._inflight or await self.blocks.present(v, range(1)):
+            return
+        self._fresh.put((v.name, 0), True)
+        await self.blocks.publish(v, 0, data)
 
     # -- fetch runs ------------------------------------------------------------
     async def _fetch_run(

@@ -29,7 +29,7 @@ from .appkeys import (
 )
 from .cache import BlockCache
 from .conditional import Precondition
-from .credentials import NONE, Credentials, of_request
+from .credentials import NONE, Credentials, anonymous, of_request
 from .dandi_resolver import parse_dandi_path
 from .errors import NotAllowed, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
@@ -130,8 +130,12 @@ async def _serve_object(
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
                 await cache.authorize(v, url, creds, offline=offline)
-            how = _How(creds.authorization, stale, offline)
-            return await _answer(request, cache, url, v, how)
+                how = _How(creds.authorization, stale, offline)
+                return await _answer(request, cache, url, v, how)
+            # A public object's blocks are fetched without the request's
+            # credentials: a bad signature then fails nobody's read.
+            fetch_url = anonymous(url) if creds.present else url
+            return await _answer(request, cache, fetch_url, v, _How(None, stale, offline))
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
                 raise

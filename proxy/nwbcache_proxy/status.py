@@ -159,6 +159,9 @@ class StatusTracker:
                 None, store.read_meta, self._layout.meta_path_of_version(version)
             )
             url = meta.get("cache_key") if meta else None
+            if meta and meta.get("private") is not False:
+                # Anyone who reaches the status page may not read it, nor learn its name.
+                url = "(a private object)" if meta.get("private") else "(privacy unknown)"
             result.append({"url": url or "(metadata gone)", "bytes": nbytes, "blocks": blocks})
         return result
 

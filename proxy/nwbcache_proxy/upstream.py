@@ -14,8 +14,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
+from typing import TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -41,6 +42,7 @@ from .retry import RetryBudget, RetryPolicy, RetryReason, parse_retry_after
 from .validate import accept_range_response, check_status, version_from_headers
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 USER_AGENT = f"nwbcache/{__version__}"
 MAX_REDIRECTS = 5
@@ -106,17 +108,7 @@ class Upstream:
         and warms the first block. Returns the version and up to ``first_len``
         leading bytes.
         """
-        retries = 0
-        cost = 0
-        while True:
-            try:
-                result = await self._discover_once(url, first_len, authorization)
-            except RetryableFault as fault:
-                cost += await self._before_retry(fault, retries, url)
-                retries += 1
-                continue
-            self._budget.record_success(cost)
-            return result
+        return await self._retrying(url, lambda: self._discover_once(url, first_len, authorization))
 
     async def stream(
         self,
@@ -172,19 +164,13 @@ class Upstream:
         headers = {"Range": "bytes=0-0"}
         if expected is not None:
             headers.update(_conditional(expected))
-        retries = 0
-        cost = 0
-        while True:
-            try:
-                async with self._get(url, headers, authorization):
-                    pass  # status checked by _get; the body (a byte) is not needed
-            except RetryableFault as fault:
-                cost += await self._before_retry(fault, retries, url)
-                retries += 1
-                continue
+
+        async def attempt() -> None:
+            async with self._get(url, headers, authorization):
+                pass  # status checked by _get; the body (a byte) is not needed
             self.metrics.upstream_requests.labels("ok").inc()
-            self._budget.record_success(cost)
-            return
+
+        await self._retrying(url, attempt)
 
     async def revalidate(
         self, url: UpstreamURL, held: ObjectVersion, *, authorization: str | None
@@ -197,24 +183,20 @@ class Upstream:
             headers["If-None-Match"] = held.etag
         elif held.last_modified:
             headers["If-Modified-Since"] = held.last_modified
-        retries = 0
-        cost = 0
-        while True:
-            try:
-                async with self._get(url, headers, authorization, not_modified=True) as resp:
-                    if resp.status == 304:
-                        found = None
-                    elif resp.status == 416:  # empty now (S3's answer to bytes=0-0)
-                        found = None if held.size == 0 else ObjectVersion(0, None, None)
-                    else:
-                        found = accept_range_response(resp.status, resp.headers, 0, 1, None).version
-            except RetryableFault as fault:
-                cost += await self._before_retry(fault, retries, url)
-                retries += 1
-                continue
+
+        async def attempt() -> ObjectVersion | None:
+            async with self._get(url, headers, authorization, not_modified=True) as resp:
+                if resp.status == 304:
+                    found = None
+                elif resp.status == 416:  # empty now (S3's answer to bytes=0-0)
+                    found = None if held.size == 0 else ObjectVersion(0, None, None)
+                else:
+                    found = accept_range_response(resp.status, resp.headers, 0, 1, None).version
             self.metrics.upstream_requests.labels("ok").inc()
-            self._budget.record_success(cost)
-            return None if found is None or found.same_version(held) else found
+            return found
+
+        found = await self._retrying(url, attempt)
+        return None if found is None or found.same_version(held) else found
 
     async def is_public(self, url: UpstreamURL) -> bool:
         """Whether upstream serves the object without credentials (``url`` must
@@ -285,7 +267,11 @@ class Upstream:
                 )
             started = time.monotonic()
             sent = headers
-            if authorization is not None and current.netloc == url.netloc:
+            if (
+                authorization is not None
+                and current.netloc == url.netloc
+                and current.scheme == url.scheme  # never in the clear after https
+            ):
                 sent = {**headers, "Authorization": authorization}
             try:
                 async with asyncio.timeout(self._first_byte_timeout):
@@ -340,6 +326,21 @@ class Upstream:
         return target
 
     # -- retry bookkeeping ---------------------------------------------------
+    async def _retrying(self, url: UpstreamURL, attempt: Callable[[], Awaitable[T]]) -> T:
+        """``attempt()`` until it succeeds, retrying RetryableFaults as the policy
+        and the budget allow (a body that streams is resumed by ``stream``)."""
+        retries = 0
+        cost = 0
+        while True:
+            try:
+                result = await attempt()
+            except RetryableFault as fault:
+                cost += await self._before_retry(fault, retries, url)
+                retries += 1
+                continue
+            self._budget.record_success(cost)
+            return result
+
     async def _before_retry(self, fault: RetryableFault, retries: int, url: UpstreamURL) -> int:
         """Sleep before the next attempt, or raise when attempts or budget are spent.
         Returns the budget cost taken."""

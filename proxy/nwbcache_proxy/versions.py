@@ -32,7 +32,7 @@ from . import store
 from .access import Access
 from .aio import Disk, Tasks
 from .blocks import Blocks
-from .credentials import Credentials, anonymous
+from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached, ProxyError, UpstreamStatus
 from .fetcher import Fetcher
 from .freshness import Freshness, Policy
@@ -97,6 +97,8 @@ class Versions:
         self._known: BoundedLRU[str, _Known] = BoundedLRU(VERSIONS_MEMORY)
         self._absent: BoundedLRU[str, float] = BoundedLRU(ABSENT_MEMORY)
         self._discovering: dict[str, asyncio.Task[Version]] = {}
+        # key -> fingerprint of the credentials its discovery under way was started with
+        self._discoverers: BoundedLRU[str, str] = BoundedLRU(VERSIONS_MEMORY)
         self._revalidating: set[str] = set()
         self._tasks = Tasks()
 
@@ -141,7 +143,7 @@ class Versions:
 
     def _remember(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
         v = Version.of(self.layout, meta, self.block_size)
-        immutable = self.immutable.permits(url) or "versionId=" in meta.cache_key
+        immutable = self.immutable.permits(url) or _names_a_version(meta.cache_key)
         known = _Known(v, meta.validated_at, immutable)
         self._known.put(meta.cache_key, known)
         return known
@@ -168,16 +170,24 @@ class Versions:
     async def _discovery(
         self, url: UpstreamURL, key: str, known: _Known | None, creds: Credentials
     ) -> Version:
+        stale = known.version if known is not None else None
         task = self._discovering.get(key)
         if task is None:
-            stale = known.version if known is not None else None
             task = asyncio.ensure_future(self._discover(url, key, stale, creds))
             self._discovering[key] = task
+            self._discoverers.put(key, creds.fingerprint(key))
             task.add_done_callback(lambda _t: self._discovering.pop(key, None))
-        else:
-            self.metrics.coalesced.inc()  # joined a discovery already under way
-        # shield: a client hanging up must not cancel a discovery others wait on.
-        return await asyncio.shield(task)
+            # shield: a client hanging up must not cancel a discovery others wait on.
+            return await asyncio.shield(task)
+        self.metrics.coalesced.inc()  # joined a discovery already under way
+        started_by = self._discoverers.get(key)
+        try:
+            return await asyncio.shield(task)
+        except UpstreamStatus as exc:
+            if exc.status not in (401, 403) or started_by == creds.fingerprint(key):
+                raise
+        # Upstream refused the credentials of whoever started it, not ours: ask with ours.
+        return await self._discover(url, key, stale, creds)
 
     async def _discover(
         self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
@@ -187,7 +197,7 @@ class Versions:
                 url, self.block_size, authorization=creds.authorization
             )
         except UpstreamStatus as exc:
-            await self._refused(exc, key, stale)
+            await self._refused(exc, key, stale, url, creds)
             raise
         private = creds.present and not await self._public(url)
         meta = ObjectMeta(key, found, time.time(), private)
@@ -208,10 +218,20 @@ class Versions:
         self._remember(meta, url)
         return v
 
-    async def _refused(self, exc: UpstreamStatus, key: str, held: Version | None) -> None:
+    async def _refused(
+        self,
+        exc: UpstreamStatus,
+        key: str,
+        held: Version | None,
+        url: UpstreamURL,
+        creds: Credentials,
+    ) -> None:
         """Upstream answered a discovery or revalidation with a final refusal."""
         if exc.status in (401, 403) and held is not None and held.private is not True:
-            await self._mark_private(held)
+            # Refused with credentials: maybe only they were bad (a wrong or
+            # expired signature must not make a public object private).
+            if not creds.present or not await self._public(url):
+                await self._mark_private(held)
         elif exc.status in (404, 410):
             if held is not None:
                 await self.drop(held)  # deleted upstream: no longer served
@@ -255,16 +275,26 @@ class Versions:
         """Ask upstream whether the stale version is still current, with a
         conditional request that carries no body when it is."""
         v = known.version
+        if v.private is False:
+            # Asked without credentials: what anyone may read is what is
+            # checked, so an embargo after release is noticed even while
+            # only requests with credentials come by.
+            url, creds = anonymous(url), NONE
         try:
             now = await self.upstream.revalidate(url, v.remote, authorization=creds.authorization)
             if now is None:
+                # Kept in memory only: meta.json's validated_at stays the
+                # discovery's, so no read-modify-write races a process marking
+                # the object private (another process revalidates for itself).
                 known.validated_at = time.time()
                 known.last_attempt = None
-                await self._update_meta(v, validated_at=known.validated_at)
+                on_disk = await self._read_meta(key)
+                if on_disk is not None and on_disk.private and known.version == v:
+                    known.version = dataclasses.replace(v, private=True)  # another process saw it
             else:
                 await self._discovery(url, key, known, creds)  # drops the old version
         except UpstreamStatus as exc:
-            await self._refused(exc, key, v)
+            await self._refused(exc, key, v, url, creds)
         except ProxyError as exc:  # upstream down: served stale until --stale-if-error
             log.info("revalidation of %s failed: %s", redact_url(url.url), exc)
         finally:
@@ -287,3 +317,9 @@ class Versions:
         self.blocks.forget_version(v)
         await self.disk.run(drop)
         await self.index.forget_version(v.name)
+
+
+def _names_a_version(key: str) -> bool:
+    """Whether a cache key's query has a versionId (S3's name for one version, forever)."""
+    query = key.partition("?")[2]
+    return any(param.partition("=")[0] == "versionId" for param in query.split("&"))

@@ -282,6 +282,9 @@ def _error(
     return _Reply(status, {"Content-Type": _XML, **(headers or {})}, body=body)
 
 
+DEFAULT_SECRET = b"s3emu-secret"
+
+
 def _sign(secret: bytes, key: str, date: str, lifetime: str) -> str:
     return hmac.new(secret, f"{key}\n{date}\n{lifetime}".encode(), hashlib.sha256).hexdigest()
 
@@ -530,6 +533,8 @@ class S3Emulator(ServedApp):
         self._objects: dict[str, _Object] = {}
         self._rules: list[_FaultRule] = []
         self._signed: dict[str, bytes] = {}  # key prefix -> secret (require_signature)
+        # As S3: a signature that is there must be right, even for a public object.
+        self.reject_bad_signatures = False
 
     # ----------------------------------------------------------------- objects
 
@@ -592,7 +597,7 @@ class S3Emulator(ServedApp):
 
     # -------------------------------------------------------------- signatures
 
-    def require_signature(self, prefix: str, secret: bytes = b"s3emu-secret") -> None:
+    def require_signature(self, prefix: str, secret: bytes = DEFAULT_SECRET) -> None:
         """Objects whose key starts with ``prefix`` answer every request 403
         AccessDenied unless it is presigned (:meth:`presign`, not expired) or
         carries :meth:`authorization`: a private bucket, an embargoed DANDI
@@ -636,9 +641,12 @@ class S3Emulator(ServedApp):
         """403 when ``key`` needs a signature the request does not carry."""
         with self._lock:
             matching = [p for p in self._signed if key.startswith(p)]
-            if not matching:
+            if matching:
+                secret = self._signed[max(matching, key=len)]
+            elif self.reject_bad_signatures and "X-Amz-Signature" in request.query:
+                secret = DEFAULT_SECRET
+            else:
                 return None
-            secret = self._signed[max(matching, key=len)]
         auth = request.headers.get("Authorization")
         if auth is not None and hmac.compare_digest(
             auth, f"S3EMU-HMAC {_sign(secret, key, 'header', '')}"
