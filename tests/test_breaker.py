@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nwbcache_proxy.breaker import Breaker, Breakers, State
+from nwbcache_proxy.breaker import PROBE_TIMEOUT, Breaker, Breakers, State
 
 
 class Clock:
@@ -92,3 +92,18 @@ def test_breakers_are_per_host_and_report_how_many_are_open() -> None:
     breakers.record("a:1", ok=True)
     assert seen == [1, 1, 0]  # opened, half-open (still not closed), closed
     assert breakers.not_closed() == 0
+
+
+def test_a_probe_that_never_reports_lets_another_go_after_a_while() -> None:
+    clock = Clock()
+    b = make(clock)
+    for _ in range(3):
+        b.failure()
+    clock.now = b.open_until
+    assert b.before() is None  # the probe; it is cancelled and says nothing
+    clock.now += PROBE_TIMEOUT - 1
+    assert b.before() == 1.0
+    clock.now += 1
+    assert b.before() is None  # another probe
+    b.success()
+    assert state(b) is State.CLOSED

@@ -406,3 +406,21 @@ def test_the_status_page_does_not_name_private_objects(
     assert [o["url"] for o in status["top_objects"]] == ["(a private object)"]
     page = requests.get(f"{daemon.url}/", timeout=30).text
     assert "blobs/abc/def" not in page
+
+
+def test_refusals_at_rediscovery_are_remembered_too(
+    private: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """A private object due for discovery (--stale-if-error 0): requests without
+    credentials are refused by upstream once, then from memory for a few seconds."""
+    daemon = make_daemon(block_size=BS, revalidate_after=0.2, stale_if_error=0.0)
+    owner_reads_everything(daemon, private)
+    time.sleep(0.3)
+    private.clear_log()
+    anonymous = proxied(daemon.url, private, KEY)
+    for _ in range(5):
+        assert (
+            requests.get(anonymous, headers={"Range": "bytes=0-9"}, timeout=30).status_code == 403
+        )
+    private.wait_idle()
+    assert len(private.requests(KEY)) == 1

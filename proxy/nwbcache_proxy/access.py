@@ -67,6 +67,19 @@ class Access:
         until = self._accepted.get(creds.fingerprint(v.key))
         return until is not None and until > time.time()
 
+    def refusal(self, v: Version, creds: Credentials) -> UpstreamStatus | None:
+        """Upstream's refusal of these credentials for this object, if it is
+        remembered (a few seconds)."""
+        refused = self._refused.get(creds.fingerprint(v.key))
+        if refused is not None and refused[0] > time.time():
+            return UpstreamStatus(refused[2], status=refused[1])
+        return None
+
+    def remember_refused(self, v: Version, creds: Credentials, exc: UpstreamStatus) -> None:
+        """Upstream refused these credentials for this object (a discovery)."""
+        until = time.time() + REFUSAL_MEMORY
+        self._refused.put(creds.fingerprint(v.key), (until, exc.status, exc.message))
+
     def remember_accepted(self, v: Version, creds: Credentials) -> None:
         """Upstream just served this object to these credentials (a discovery)."""
         now = time.time()
@@ -94,9 +107,9 @@ class Access:
         until = self._accepted.get(fingerprint)
         if until is not None and until > now:
             return
-        refused = self._refused.get(fingerprint)
-        if refused is not None and refused[0] > now:
-            raise UpstreamStatus(refused[2], status=refused[1])
+        refusal = self.refusal(v, creds)
+        if refusal is not None:
+            raise refusal
         if offline:
             raise NotCached("a private object, and these credentials are not known to be good")
         task = self._checking.get(fingerprint)
@@ -115,9 +128,7 @@ class Access:
         except UpstreamStatus as exc:
             if exc.status in (401, 403):
                 self._results["refused"].inc()
-                self._refused.put(
-                    fingerprint, (time.time() + REFUSAL_MEMORY, exc.status, exc.message)
-                )
+                self.remember_refused(v, creds, exc)
                 log.info("upstream refused a request for private %s", redact_url(url.url))
             else:
                 self._results["error"].inc()

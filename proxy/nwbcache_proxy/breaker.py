@@ -18,6 +18,9 @@ from collections.abc import Callable
 THRESHOLD = 5
 BASE_COOLDOWN = 2.0
 MAX_COOLDOWN = 300.0
+# A probe that never reports (its request cancelled at shutdown, say) must
+# not leave the breaker half open for good: after this long another may go.
+PROBE_TIMEOUT = 60.0
 
 
 class State(enum.Enum):
@@ -43,14 +46,17 @@ class Breaker:
         self.failures = 0
         self.cooldown = base_cooldown
         self.open_until = 0.0
+        self.probe_started = 0.0
 
     def before(self) -> float | None:
         """None if a request may go now; else seconds until one may (Retry-After)."""
         if self.state is State.CLOSED:
             return None
         now = self._clock()
-        if self.state is State.OPEN and now >= self.open_until:
+        probe_lost = self.state is State.HALF_OPEN and now - self.probe_started >= PROBE_TIMEOUT
+        if (self.state is State.OPEN and now >= self.open_until) or probe_lost:
             self.state = State.HALF_OPEN  # this request is the probe
+            self.probe_started = now
             return None
         return max(self.open_until - now, 1.0) if self.state is State.OPEN else 1.0
 

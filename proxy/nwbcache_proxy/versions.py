@@ -139,6 +139,10 @@ class Versions:
                 return Resolved(known.version, stale)
         if offline:
             raise NotCached("not in the cache (Cache-Control: only-if-cached)")
+        if known is not None and known.version.private:
+            refusal = self.access.refusal(known.version, creds)
+            if refusal is not None:  # refused a moment ago: not asked again
+                raise refusal
         return Resolved(await self._discovery(url, key, known, creds), False)
 
     def _remember(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
@@ -227,6 +231,8 @@ class Versions:
         creds: Credentials,
     ) -> None:
         """Upstream answered a discovery or revalidation with a final refusal."""
+        if exc.status in (401, 403) and held is not None:
+            self.access.remember_refused(held, creds, exc)
         if exc.status in (401, 403) and held is not None and held.private is not True:
             # Refused with credentials: maybe only they were bad (a wrong or
             # expired signature must not make a public object private).
