@@ -33,7 +33,7 @@ LAYERS: dict[str, set[str]] = {
         "version",
     },
     "settings": {"config", "logs"},
-    "storage": {"aio", "index", "inflight", "openblocks", "store"},
+    "storage": {"aio", "index", "inflight", "openblocks", "store", "trace"},
     "engine": {
         "access",
         "blocks",

@@ -80,6 +80,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         stale_if_error=settings.stale_if_error,
         immutable=settings.immutable_list,
         negative_ttl=settings.negative_ttl,
+        trace=settings.trace,
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
     )

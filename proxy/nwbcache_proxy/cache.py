@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from nwbcache.urls import AllowList, UpstreamURL
 
@@ -27,6 +28,7 @@ from .layout import Layout
 from .metrics import Metrics
 from .openblocks import OpenBlocks, raise_fd_limit, table_capacity
 from .reader import RangeReader, Reader
+from .trace import TraceWriter
 from .upkeep import Upkeep
 from .upstream import Upstream
 from .version import Version
@@ -51,11 +53,15 @@ class BlockCache:
         negative_ttl: float,
         fsync: bool,
         metrics: Metrics,
+        trace: Path | None = None,
     ) -> None:
         self.layout = layout
         self.disk = Disk()
+        self.trace = TraceWriter(trace, self.disk) if trace is not None else None
         self.open_blocks = OpenBlocks(table_capacity(raise_fd_limit()))
-        self.upkeep = Upkeep(index, self.open_blocks, capacity=capacity, metrics=metrics)
+        self.upkeep = Upkeep(
+            index, self.open_blocks, capacity=capacity, metrics=metrics, trace=self.trace
+        )
         self.blocks = Blocks(
             layout,
             index,
@@ -89,6 +95,7 @@ class BlockCache:
             block_size=block_size,
             readahead_blocks=max(1, readahead // block_size),
             metrics=metrics,
+            trace=self.trace,
         )
 
     async def start(self) -> None:
@@ -102,6 +109,8 @@ class BlockCache:
         await self.versions.close()
         await self.fetcher.close()  # fetches under way get a moment to finish
         await self.upkeep.close()
+        if self.trace is not None:
+            await self.trace.flush()
         await self.blocks.close()
         self.disk.shutdown()
 

@@ -74,6 +74,7 @@ class Settings:
     immutable: tuple[str, ...] = DANDI_IMMUTABLE
     stale_if_error: float = DEFAULT_STALE_IF_ERROR
     negative_ttl: float = DEFAULT_NEGATIVE_TTL
+    trace: Path | None = None
     max_upstream_connections: int = 32
     connect_timeout: float = 10.0
     first_byte_timeout: float = 30.0
@@ -214,6 +215,14 @@ _OPTIONS: tuple[_Option, ...] = (
         float,
         "seconds a 404 from upstream is remembered (default 30; 401/403 never are)",
         "SECONDS",
+    ),
+    _Option(
+        "trace",
+        "--trace",
+        lambda text: Path(text) if text else None,
+        "append one JSON line per range read to FILE, for bench/policysim (default off; "
+        "'' for off)",
+        "FILE",
     ),
     _Option(
         "max_upstream_connections",

@@ -31,6 +31,7 @@ from .inflight import InflightBlock
 from .metrics import Metrics
 from .readahead import SequentialDetector, StreamWindow
 from .store import OpenBlock
+from .trace import TraceWriter
 from .version import Version
 
 # A range up to this size whose blocks are all held open is answered from
@@ -137,8 +138,10 @@ class Reader:
         block_size: int,
         readahead_blocks: int,
         metrics: Metrics,
+        trace: TraceWriter | None = None,
     ) -> None:
         self.blocks = blocks
+        self.trace = trace
         self.fetcher = fetcher
         self.readahead_blocks = readahead_blocks
         self.sequential = SequentialDetector(block_size, readahead_blocks)
@@ -171,6 +174,8 @@ class Reader:
         at once, up to the read-ahead. Otherwise (a plain GET) the fetch
         window grows as the client consumes (readahead.StreamWindow).
         """
+        if self.trace is not None:
+            self.trace.record(v, start, end)
         blocks = v.blocks_for(start, end)
         ahead = 0 if offline else self.sequential.blocks_after(v.key, start, end)
         if end - start <= BODY_MAX:

@@ -1,4 +1,5 @@
-"""Keeping the cache in shape in the background: index flushes, eviction, idle fds, gauges."""
+"""Keeping the cache in shape in the background: index and trace flushes, eviction, idle fds,
+gauges."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from .aio import Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
 from .metrics import Metrics
 from .openblocks import OpenBlocks
+from .trace import TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +21,16 @@ LOW_WATER = 0.95
 
 class Upkeep:
     def __init__(
-        self, index: CacheIndex, table: OpenBlocks, *, capacity: int, metrics: Metrics
+        self,
+        index: CacheIndex,
+        table: OpenBlocks,
+        *,
+        capacity: int,
+        metrics: Metrics,
+        trace: TraceWriter | None = None,
     ) -> None:
         self.index = index
+        self.trace = trace
         self.table = table
         self.capacity = capacity
         self.metrics = metrics
@@ -66,6 +75,8 @@ class Upkeep:
         if over capacity, and update the gauges."""
         self.table.close_idle()
         await self.index.flush()
+        if self.trace is not None:
+            await self.trace.flush()
         if self.index.last_totals.bytes > self.capacity:
             evicted, recent = await self.index.evict_to(int(self.capacity * LOW_WATER))
             self.metrics.evictions.inc(evicted)
