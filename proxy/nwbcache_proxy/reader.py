@@ -149,6 +149,11 @@ class Reader:
         self._from_cache = metrics.served_bytes.labels("cache")
         self._coalesced = metrics.coalesced
 
+    def _traced(self, v: Version, blocks: range) -> None:
+        if self.trace is not None:
+            for i in blocks:
+                self.trace.record(v, i)
+
     def _served(self, nbytes: int, *, upstream: bool) -> None:
         (self._from_upstream if upstream else self._from_cache).inc(nbytes)
 
@@ -174,8 +179,6 @@ class Reader:
         at once, up to the read-ahead. Otherwise (a plain GET) the fetch
         window grows as the client consumes (readahead.StreamWindow).
         """
-        if self.trace is not None:
-            self.trace.record(v, start, end)
         blocks = v.blocks_for(start, end)
         ahead = 0 if offline else self.sequential.blocks_after(v.key, start, end)
         if end - start <= BODY_MAX:
@@ -216,6 +219,7 @@ class Reader:
             body = first.bytes_of(*span)
             if body is not None:  # a small read, already in memory: no streaming
                 first.close()
+                self._traced(v, blocks)
                 self._served(len(body), upstream=first_fresh)
                 return RangeReader.of_body(outcome, body)
         segments = self._segments(
@@ -236,6 +240,7 @@ class Reader:
             self._served(fresh_bytes, upstream=True)
         if fresh_bytes < total:
             self._served(total - fresh_bytes, upstream=False)
+        self._traced(v, blocks)
         body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         outcome = classify(len(pieces) - fresh_blocks, len(pieces), stale=stale)
         return RangeReader.of_body(outcome, body)
@@ -268,6 +273,8 @@ class Reader:
                         span=(lo, hi),
                         offline=offline,
                     )
+                if self.trace is not None:
+                    self.trace.record(v, i)
                 if isinstance(source, OpenBlock):
                     self._served(hi - lo, upstream=fresh)
                     yield FileSegment.of(source, lo, hi)

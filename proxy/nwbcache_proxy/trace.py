@@ -1,12 +1,15 @@
-"""``--trace FILE``: one JSON line per byte range a client reads, for replaying eviction policies.
+"""``--trace FILE``: one JSON line per block handed to a client, for replaying eviction policies.
 
 bench/policysim replays such files (``python -m bench.policysim.simulate
 --trace FILE``) to compare eviction policies on a lab's real workload. A line
 names the object by its version directory (hashes: no URL, no credential),
-the range, the object's size and the time::
+the block, its size and the time::
 
-    {"object": "objects/ab/ab12.../0f3e....262144", "offset": 0, "length": 102400,
-     "size": 1047300000, "time": 1796210100.123}
+    {"object": "objects/ab/ab12.../0f3e....262144", "block": 0, "bytes": 262144,
+     "time": 1796210100.123}
+
+Blocks are recorded as they are served, not as ranges asked for: remfile's
+size probe asks for a whole object and reads none of it.
 
 Lines are buffered and appended once a second (upkeep), each with one
 ``write`` to a file opened ``O_APPEND``, so the workers of one daemon, or
@@ -35,23 +38,18 @@ class TraceWriter:
         self._lines: list[str] = []
         self.dropped = 0
 
-    def record(self, v: Version, start: int, end: int) -> None:
-        """A client read bytes [start, end) of version ``v``."""
+    def record(self, v: Version, index: int) -> None:
+        """Block ``index`` of version ``v`` goes to a client."""
         if len(self._lines) >= MAX_BUFFERED:
             self.dropped += 1
             return
-        self._lines.append(
-            json.dumps(
-                {
-                    "object": v.name,
-                    "offset": start,
-                    "length": end - start,
-                    "size": v.size,
-                    "time": round(time.time(), 6),
-                }
-            )
-            + "\n"
-        )
+        record = {
+            "object": v.name,
+            "block": index,
+            "bytes": v.block_length(index),
+            "time": round(time.time(), 6),
+        }
+        self._lines.append(json.dumps(record) + "\n")
 
     async def flush(self) -> None:
         if not self._lines:
