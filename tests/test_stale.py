@@ -217,16 +217,21 @@ def test_a_failing_host_is_left_alone_and_cached_reads_go_on(
 
 OFFLINE_SCRIPT = """
 import sys
+import fsspec
 import remfile
 
 for url in sys.argv[1:]:
-    try:
-        f = remfile.File(url)
-        data = f.read(f.length)
-    except FileNotFoundError as exc:
-        print("NOT CACHED", type(exc).__name__)
-    else:
-        print("READ", len(data), data[:16].hex())
+    for library in ("remfile", "fsspec"):
+        try:
+            if library == "remfile":
+                f = remfile.File(url)
+                data = f.read(f.length)
+            else:
+                data = fsspec.filesystem("http").open(url, "rb").read()
+        except FileNotFoundError as exc:
+            print(library, "NOT CACHED", type(exc).__name__)
+        else:
+            print(library, "READ", len(data), data[:16].hex())
 """
 
 
@@ -256,8 +261,10 @@ def test_transparent_mode_offline_reads_only_what_is_cached(
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == [
-        "NOT CACHED NotCached",
-        f"READ {len(DATA)} {DATA[:16].hex()}",
+        "remfile NOT CACHED NotCached",
+        "fsspec NOT CACHED FileNotFoundError",
+        f"remfile READ {len(DATA)} {DATA[:16].hex()}",
+        f"fsspec READ {len(DATA)} {DATA[:16].hex()}",
     ]
     origin.wait_idle()
     assert origin.log == []

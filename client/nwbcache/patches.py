@@ -211,6 +211,17 @@ def patch_fsspec_http(module: ModuleType) -> None:
         return encode_url(self, rewrite(url) if isinstance(url, str) else url)
 
     setattr(routed_encode_url, _PATCHED, True)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if env.offline():  # every request of this filesystem: only-if-cached
+            from .reading import OFFLINE_HEADERS
+
+            self.kwargs["headers"] = {**(self.kwargs.get("headers") or {}), **OFFLINE_HEADERS}
+
+    cls.__init__ = __init__
     for name in ("_info", "_exists"):
         setattr(cls, name, _checked_first(getattr(cls, name)))
     for name in ("_put_file", "_pipe_file"):
