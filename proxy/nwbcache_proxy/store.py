@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -258,6 +259,20 @@ def read_meta(path: Path) -> dict[str, Any] | None:
         log.warning("ignoring unreadable object metadata %s: %s", path, exc)
         return None
     return value if isinstance(value, dict) else None
+
+
+@contextlib.contextmanager
+def object_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on the directory holding ``path`` (an object's meta.json):
+    read-modify-writes of meta.json by several processes take turns, so a
+    refreshed ``validated_at`` never undoes another process's ``private``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def write_meta(staging: Staging, path: Path, value: dict[str, Any]) -> None:

@@ -157,18 +157,30 @@ class Versions:
         raw = await self.disk.run(lambda: store.read_meta(path))
         return ObjectMeta.from_json(raw, key) if raw is not None else None
 
-    async def _update_meta(self, v: Version, **changes: Any) -> None:
-        """Rewrite meta.json with ``changes`` if it still holds version ``v``."""
+    async def _update_meta(self, v: Version, **changes: Any) -> ObjectMeta | None:
+        """Rewrite meta.json with ``changes`` if it still holds version ``v``, under
+        the object's lock; returns what it holds now. ``validated_at`` only moves
+        forward and ``private`` only becomes True here (discovery alone, which
+        asks upstream afresh, may write it False)."""
         path = self.layout.meta_path(key_hash(v.key))
         staging = self.blocks.staging
 
-        def update() -> None:
-            raw = store.read_meta(path)
-            on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
-            if on_disk is not None and on_disk.version.same_version(v.remote):
-                store.write_meta(staging, path, dataclasses.replace(on_disk, **changes).to_json())
+        def update() -> ObjectMeta | None:
+            with store.object_lock(path):
+                raw = store.read_meta(path)
+                on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
+                if on_disk is None or not on_disk.version.same_version(v.remote):
+                    return None
+                merged = dataclasses.replace(on_disk, **changes)
+                merged = dataclasses.replace(
+                    merged,
+                    validated_at=max(merged.validated_at, on_disk.validated_at),
+                    private=True if on_disk.private else merged.private,
+                )
+                store.write_meta(staging, path, merged.to_json())
+                return merged
 
-        await self.disk.run(update)
+        return await self.disk.run(update)
 
     # -- discovery -------------------------------------------------------------
     async def _discovery(
@@ -218,7 +230,12 @@ class Versions:
             await self.fetcher.publish_first(v, first)
         path = self.layout.meta_path(key_hash(key))
         staging = self.blocks.staging
-        await self.disk.run(lambda: store.write_meta(staging, path, meta.to_json()))
+
+        def write() -> None:
+            with store.object_lock(path):
+                store.write_meta(staging, path, meta.to_json())
+
+        await self.disk.run(write)
         self._remember(meta, url)
         return v
 
@@ -289,12 +306,9 @@ class Versions:
         try:
             now = await self.upstream.revalidate(url, v.remote, authorization=creds.authorization)
             if now is None:
-                # Kept in memory only: meta.json's validated_at stays the
-                # discovery's, so no read-modify-write races a process marking
-                # the object private (another process revalidates for itself).
                 known.validated_at = time.time()
                 known.last_attempt = None
-                on_disk = await self._read_meta(key)
+                on_disk = await self._update_meta(v, validated_at=known.validated_at)
                 if on_disk is not None and on_disk.private and known.version == v:
                     known.version = dataclasses.replace(v, private=True)  # another process saw it
             else:
