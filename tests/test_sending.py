@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import pytest
 import requests
 
 from tests.support.daemons import DaemonThread
@@ -81,3 +82,26 @@ def test_a_reader_that_hangs_up_mid_range_leaves_the_daemon_serving(
     assert r.status_code == 206
     assert r.content == DATA[BS - 5 : 3 * BS + 6]
     assert r.headers["X-Cache"] == "HIT"
+
+
+@pytest.mark.parametrize("block_size", [64 * 1024, BS])
+def test_a_plain_get_abandoned_after_its_headers_fetches_nothing_more(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], block_size: int
+) -> None:
+    """remfile's size probe on a partly cached object: GET, read the headers,
+    hang up. Cached blocks go into the socket at once; the first block that
+    would have to come from upstream must not be asked for."""
+    origin.put("/s/probe", DATA)
+    daemon = make_daemon(block_size=block_size, readahead=2 * block_size)
+    url = proxied(daemon.url, origin, "/s/probe")
+    r = requests.get(url, headers={"Range": f"bytes=0-{2 * block_size - 1}"}, timeout=30)
+    assert r.content == DATA[: 2 * block_size]  # blocks 0 and 1 cached, the rest not
+    origin.wait_idle()
+    origin.clear_log()
+    for _ in range(5):
+        with requests.get(url, stream=True, timeout=30) as probe:
+            assert probe.headers["Content-Length"] == str(len(DATA))
+    origin.wait_idle()
+    assert origin.log == []
+    r = requests.get(url, timeout=60)  # a real download still gets every byte
+    assert r.content == DATA

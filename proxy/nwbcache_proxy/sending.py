@@ -5,13 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
+import struct
+import termios
+import time
 
 from aiohttp import web
 
 from .appkeys import SENT_KEY
 from .errors import ProxyError
 from .reader import FileSegment, RangeReader
+
+# A plain GET's client may want only the headers (remfile learns the size
+# that way and hangs up). For its first PACED_SEGMENTS segments and first
+# PACED_BYTES, the next block is not asked for (nor fetched upstream) before
+# the client has taken what was sent: sendfile puts blocks into the socket
+# buffer far faster than a client that is about to hang up can say so.
+PACED_SEGMENTS = 2
+PACED_BYTES = 1024 * 1024
+# How long a paced response waits for its client before going on anyway.
+PACE_TIMEOUT = 5.0
 
 
 class ResponseAborted(Exception):
@@ -20,15 +34,24 @@ class ResponseAborted(Exception):
 
 
 async def send(
-    request: web.Request, response: web.StreamResponse, reader: RangeReader, length: int
+    request: web.Request,
+    response: web.StreamResponse,
+    reader: RangeReader,
+    length: int,
+    *,
+    pace: bool = False,
 ) -> None:
     """Stream a reader's ``length`` bytes; sendfile for large cached spans.
+
+    ``pace``: a plain GET; its first PACED_BYTES go no faster than the client
+    takes them (see PACED_BYTES).
 
     Raises ResponseAborted when the body cannot be completed, after cutting
     the connection: with Content-Length already sent, a short body on a
     closed connection is how HTTP/1.1 says "this response failed".
     """
     remaining = length
+    segments = 0
     try:
         async for segment in reader:
             if isinstance(segment, FileSegment):
@@ -39,6 +62,13 @@ async def send(
                 n = len(segment)
             request[SENT_KEY] = request.get(SENT_KEY, 0) + n
             remaining -= n
+            segments += 1
+            if (
+                pace
+                and remaining > 0
+                and (segments <= PACED_SEGMENTS or length - remaining < PACED_BYTES)
+            ):
+                await _client_caught_up(request)
             if remaining > 0:
                 # A write into the socket buffer succeeds after the peer closed;
                 # give the loop one turn to notice a close, and stop before
@@ -105,6 +135,31 @@ def sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int)
         if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
             raise ConnectionResetError(str(exc)) from exc
         raise
+
+
+async def _client_caught_up(request: web.Request) -> None:
+    """Wait until the client has acknowledged every byte sent, or has gone."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    deadline = time.monotonic() + PACE_TIMEOUT
+    while time.monotonic() < deadline:
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client went away")
+        if transport.get_write_buffer_size() == 0 and _unacknowledged(sock.fileno()) == 0:
+            return
+        await asyncio.sleep(0.001)
+
+
+def _unacknowledged(fd: int) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (Linux
+    SIOCOUTQ); 0 where that cannot be told."""
+    try:
+        raw = fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 def abort(request: web.Request) -> None:

@@ -227,7 +227,7 @@ async def _answer(
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = rng.length
         await response.prepare(request)
-        await send(request, response, reader, rng.length)
+        await send(request, response, reader, rng.length, pace=status == 200)
     except ResponseAborted as exc:
         request[ABORTED_KEY] = str(exc)
         return response
