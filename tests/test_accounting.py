@@ -23,11 +23,10 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client.parser import text_string_to_metric_families
 
 from nwbcache_proxy import store
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import proxied
+from tests.support.helpers import proxied, scrape, value
 from tests.support.s3emu import Fault, S3Emulator
 
 MiB = 1024 * 1024
@@ -35,13 +34,10 @@ MiB = 1024 * 1024
 
 def served(daemon_url: str) -> dict[str, float]:
     """nwbcache_served_bytes_total by source, from /metrics."""
-    text = requests.get(f"{daemon_url}/metrics", timeout=30).text
-    out = {"cache": 0.0, "upstream": 0.0}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "nwbcache_served_bytes_total":
-                out[s.labels["source"]] = s.value
-    return out
+    samples = scrape(daemon_url)
+    return {
+        s: value(samples, "nwbcache_served_bytes_total", source=s) for s in ("cache", "upstream")
+    }
 
 
 def read(url: str, start: int, end: int) -> tuple[bytes, str]:

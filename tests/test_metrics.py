@@ -15,27 +15,12 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemons import DaemonProcess, DaemonThread
-from tests.support.helpers import origin_host, proxied, wait_until
+from tests.support.helpers import origin_host, proxied, scrape, value, wait_until
 from tests.support.s3emu import Fault, S3Emulator
 
 BS = 64 * 1024
 DATA = os.urandom(10 * BS)
 KEY = "/dandiarchive/blobs/me/tr/ics"
-
-
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = requests.get(f"{url}/metrics", timeout=30).text
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return samples
-
-
-def value(
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
-) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_counters_match_a_known_workload(

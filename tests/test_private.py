@@ -22,14 +22,13 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 from dandi.dandiapi import DandiAPIClient
-from prometheus_client.parser import text_string_to_metric_families
 
 import nwbcache
 from nwbcache.urls import proxied_url
 from tests.support.client_support import require_hook, script_env
 from tests.support.daemons import DaemonThread
 from tests.support.dandi_fake import EMBARGO_TOKEN, FakeDandiAPI
-from tests.support.helpers import origin_host, proxied, wait_until
+from tests.support.helpers import origin_host, proxied, scrape, value, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 16 * 1024
@@ -50,13 +49,9 @@ def signed(daemon: DaemonThread, emu: S3Emulator, key: str = KEY, **presign: flo
 
 def checks(daemon: DaemonThread) -> dict[str, float]:
     """nwbcache_auth_checks_total by result."""
-    text = requests.get(f"{daemon.url}/metrics", timeout=30).text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == "nwbcache_auth_checks_total":
-                out[s.labels["result"]] = s.value
-    return out
+    samples = scrape(daemon.url)
+    results = ("accepted", "refused", "error")
+    return {r: value(samples, "nwbcache_auth_checks_total", result=r) for r in results}
 
 
 def owner_reads_everything(daemon: DaemonThread, emu: S3Emulator) -> None:

@@ -17,7 +17,7 @@ import requests
 from nwbcache_proxy import versions
 from tests.support.client_support import require_hook, script_env
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import origin_host, proxied, wait_until
+from tests.support.helpers import origin_host, proxied, scrape, value, wait_until
 from tests.support.s3emu import Fault, S3Emulator
 
 BS = 16 * 1024
@@ -30,9 +30,7 @@ def read(url: str, headers: dict[str, str] | None = None) -> requests.Response:
 
 
 def stale_served(daemon: DaemonThread) -> float:
-    text = requests.get(f"{daemon.url}/metrics", timeout=30).text
-    line = next(x for x in text.splitlines() if x.startswith("nwbcache_stale_served_total "))
-    return float(line.split()[1])
+    return value(scrape(daemon.url), "nwbcache_stale_served_total")
 
 
 def test_cached_bytes_are_served_stale_while_upstream_fails_or_is_gone(
@@ -175,9 +173,7 @@ def test_a_404_is_remembered_briefly_and_401_403_never(
 
 
 def breakers_open(daemon: DaemonThread) -> float:
-    text = requests.get(f"{daemon.url}/metrics", timeout=30).text
-    line = next(x for x in text.splitlines() if x.startswith("nwbcache_upstream_breakers_open "))
-    return float(line.split()[1])
+    return value(scrape(daemon.url), "nwbcache_upstream_breakers_open")
 
 
 def test_a_failing_host_is_left_alone_and_cached_reads_go_on(

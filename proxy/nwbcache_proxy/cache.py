@@ -27,7 +27,7 @@ from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
 from .openblocks import OpenBlocks, raise_fd_limit, table_capacity
-from .reader import RangeReader, Reader
+from .reader import PLAIN, RangeReader, Reader, ReadFor
 from .trace import TraceWriter
 from .upkeep import Upkeep
 from .upstream import Upstream
@@ -137,14 +137,14 @@ class BlockCache:
         end: int,
         *,
         eager: bool,
-        auth: str | None = None,
-        stale: bool = False,
-        offline: bool = False,
+        how: ReadFor = PLAIN,
     ) -> RangeReader:
         """Bytes [start, end) of version ``v`` (see reader.Reader.read)."""
-        return await self.reader.read(
-            v, url, start, end, eager=eager, auth=auth, stale=stale, offline=offline
-        )
+        return await self.reader.read(v, url, start, end, eager=eager, how=how)
+
+    async def cached(self, v: Version, start: int, end: int) -> bool:
+        """Whether every block of bytes [start, end) of ``v`` is on disk."""
+        return await self.reader.cached(v, start, end)
 
     async def drop_version(self, v: Version) -> None:
         """Forget version ``v``: metadata, blocks, fds, index rows."""

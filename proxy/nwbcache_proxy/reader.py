@@ -25,6 +25,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from nwbcache.urls import UpstreamURL
 
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks
+from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
@@ -82,6 +83,26 @@ class FileSegment:
     def release(self) -> None:
         self.block.close()
 
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadFor:
+    """Who a read is for, and how it may be served."""
+
+    creds: Credentials = NONE  # what the request presents upstream
+    stale: bool = False  # the version is served without upstream's confirmation
+    offline: bool = False  # only-if-cached: fetch nothing
+
+    def upstream(self, v: Version, url: UpstreamURL) -> tuple[UpstreamURL, str | None]:
+        """The URL and Authorization that fetches for this read send upstream: the
+        request's own for a private object; none for a public one, so a wrong
+        signature fails nobody's read."""
+        if v.private is not False:
+            return url, self.creds.authorization
+        return (anonymous(url) if self.creds.present else url), None
+
+
+# A read for a request without credentials, fresh and online (the default).
+PLAIN = ReadFor()
 
 Segment = FileSegment | bytes
 Source = OpenBlock | InflightBlock
@@ -165,20 +186,18 @@ class Reader:
         end: int,
         *,
         eager: bool,
-        auth: str | None = None,
-        stale: bool = False,
-        offline: bool = False,
+        how: ReadFor = PLAIN,
     ) -> RangeReader:
-        """Plan a read of bytes [start, end): how much is cached, and the bytes.
-
-        ``url`` and ``auth`` (the request's Authorization header) are what
-        fetches made for this read send upstream. ``stale``: the version is
-        served unconfirmed (a HIT says STALE). ``offline``: fetch nothing.
+        """Plan a read of bytes [start, end) of ``url``'s version ``v``: how much
+        is cached, and the bytes (``how``: see ReadFor; a HIT of a stale
+        version says STALE, an offline read fetches nothing).
 
         ``eager``: the client named the bytes it wants (a Range): fetch them
         at once, up to the read-ahead. Otherwise (a plain GET) the fetch
         window grows as the client consumes (readahead.StreamWindow).
         """
+        url, auth = how.upstream(v, url)
+        stale, offline = how.stale, how.offline
         blocks = v.blocks_for(start, end)
         ahead = 0 if offline else self.sequential.blocks_after(v.key, start, end)
         if end - start <= BODY_MAX:
@@ -187,7 +206,7 @@ class Reader:
                 if ahead:
                     self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
                 return self._held_body(v, blocks, pieces, stale)
-        if offline and len(await self.blocks.present(v, blocks)) < len(blocks):
+        if offline and not await self.cached(v, start, end):
             raise NotCached("not all of the range is in the cache (only-if-cached)")
         window = StreamWindow.open(
             blocks.start, blocks.stop, eager=eager, limit=self.readahead_blocks
@@ -226,6 +245,11 @@ class Reader:
             v, url, auth, start, end, first, first_fresh, window, offline=offline
         )
         return RangeReader(outcome, segments, first)
+
+    async def cached(self, v: Version, start: int, end: int) -> bool:
+        """Whether every block of bytes [start, end) is on disk."""
+        blocks = v.blocks_for(start, end)
+        return len(await self.blocks.present(v, blocks)) == len(blocks)
 
     def _held_body(
         self, v: Version, blocks: range, pieces: list[bytes], stale: bool

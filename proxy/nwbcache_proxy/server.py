@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-from typing import NamedTuple
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,12 +28,12 @@ from .appkeys import (
 )
 from .cache import BlockCache
 from .conditional import Precondition
-from .credentials import NONE, Credentials, anonymous, of_request
+from .credentials import NONE, Credentials, of_request
 from .dandi_resolver import parse_dandi_path
-from .errors import NotAllowed, ProxyError, VersionChanged
+from .errors import NotAllowed, NotCached, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id, error_response
-from .reader import CacheOutcome, RangeReader, classify
+from .reader import CacheOutcome, RangeReader, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
 
@@ -130,25 +129,12 @@ async def _serve_object(
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
                 await cache.authorize(v, url, creds, offline=offline)
-                how = _How(creds.authorization, stale, offline)
-                return await _answer(request, cache, url, v, how)
-            # A public object's blocks are fetched without the request's
-            # credentials: a bad signature then fails nobody's read.
-            fetch_url = anonymous(url) if creds.present else url
-            return await _answer(request, cache, fetch_url, v, _How(None, stale, offline))
+            return await _answer(request, cache, url, v, ReadFor(creds, stale, offline))
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
                 raise
             log.info("object changed upstream before headers were sent; starting over")
     raise AssertionError("unreachable")
-
-
-class _How(NamedTuple):
-    """How a request's bytes are to be read."""
-
-    auth: str | None  # its Authorization header, for fetches made for it
-    stale: bool  # the version is served without upstream's confirmation
-    offline: bool  # only-if-cached: fetch nothing
 
 
 def _object_headers(v: Version, stale: bool) -> dict[str, str]:
@@ -178,7 +164,7 @@ def _version_headers(v: Version) -> tuple[tuple[str, str], ...]:
 
 
 async def _answer(
-    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, how: _How
+    request: web.Request, cache: BlockCache, url: UpstreamURL, v: Version, how: ReadFor
 ) -> web.StreamResponse:
     o = v.remote
     headers = _object_headers(v, how.stale)
@@ -210,16 +196,7 @@ async def _answer(
         headers["Content-Range"] = rng.content_range(o.size)
     if request.method == "HEAD" or rng.length == 0:
         return await _bodiless(request, status, headers, rng.length)
-    reader = await cache.read(
-        v,
-        url,
-        rng.start,
-        rng.end,
-        eager=status == 206,
-        auth=how.auth,
-        stale=how.stale,
-        offline=how.offline,
-    )
+    reader = await cache.read(v, url, rng.start, rng.end, eager=status == 206, how=how)
     headers["X-Cache"] = reader.outcome
     if reader.body is not None:  # a small read already in memory: one write
         return web.Response(status=status, headers=headers, body=reader.body)
@@ -242,7 +219,7 @@ async def _answer_multipart(
     cache: BlockCache,
     url: UpstreamURL,
     v: Version,
-    how: _How,
+    how: ReadFor,
     ranges: tuple[ByteRange, ...],
     headers: dict[str, str],
 ) -> web.StreamResponse:
@@ -253,7 +230,8 @@ async def _answer_multipart(
         return await _bodiless(request, 206, headers, plan.content_length)
     if how.offline:  # every part must be cached before the headers go out
         for rng in ranges:
-            await (await cache.read(v, url, rng.start, rng.end, eager=False, offline=True)).aclose()
+            if not await cache.cached(v, rng.start, rng.end):
+                raise NotCached("not all of the ranges are in the cache (only-if-cached)")
     response = web.StreamResponse(status=206, headers=headers)
     response.content_length = plan.content_length
     await response.prepare(request)
@@ -292,20 +270,11 @@ async def _reader_after_headers(
     cache: BlockCache,
     url: UpstreamURL,
     v: Version,
-    how: _How,
+    how: ReadFor,
     rng: ByteRange,
 ) -> RangeReader:
     try:
-        return await cache.read(
-            v,
-            url,
-            rng.start,
-            rng.end,
-            eager=True,
-            auth=how.auth,
-            stale=how.stale,
-            offline=how.offline,
-        )
+        return await cache.read(v, url, rng.start, rng.end, eager=True, how=how)
     except ProxyError as exc:
         abort(request)
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc

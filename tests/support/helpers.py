@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from tests.support.s3emu import S3Emulator
@@ -128,3 +129,23 @@ def system_tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} not found: run scripts/install-test-deps.sh", pytrace=False)
     return path
+
+
+# -- the daemon's /metrics -------------------------------------------------
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a daemon's /metrics, by (name, sorted labels)."""
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample of ``scrape``'s result; 0 when absent."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
