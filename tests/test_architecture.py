@@ -33,7 +33,16 @@ LAYERS: dict[str, set[str]] = {
         "version",
     },
     "settings": {"config", "logs"},
-    "storage": {"aio", "index", "inflight", "openblocks", "store", "trace"},
+    "storage": {
+        "aio",
+        "index",
+        "inflight",
+        "openblocks",
+        "reconcile",
+        "schema",
+        "store",
+        "trace",
+    },
     "engine": {
         "access",
         "blocks",

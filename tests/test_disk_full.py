@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from nwbcache_proxy.layout import Layout
 from tests.support.daemons import DaemonProcess
 from tests.support.helpers import origin_host, proxied, wait_until
 from tests.support.s3emu import S3Emulator
@@ -45,7 +46,7 @@ def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
         ranged = requests.get(url, headers={"Range": "bytes=300000-700000"}, timeout=60)
         assert ranged.content == data[300000:700001]
         assert requests.get(f"{daemon.url}/healthz", timeout=10).status_code == 200
-        blocks = list((cache_dir / "v1" / "objects").rglob("*.blk"))
+        blocks = list((Layout(cache_dir).root / "objects").rglob("*.blk"))
         # the last block (17 bytes) fits under the limit; no full-size block could be written
         assert all(p.stat().st_size < 100 * 1024 for p in blocks)
         assert [p.name for p in blocks] == ["4.blk"]  # writes were attempted; small ones land
@@ -54,7 +55,7 @@ def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
         # A leaked one would stay; wait for the origin to go quiet, then for
         # the staging dir to empty.
         origin.wait_idle()
-        staging = cache_dir / "v1" / "staging"
+        staging = Layout(cache_dir).root / "staging"
         wait_until(lambda: not list(staging.rglob("*.tmp")), 10)
         assert list(staging.rglob("*.tmp")) == []
     finally:

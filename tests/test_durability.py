@@ -36,7 +36,7 @@ import pytest
 import requests
 
 from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, decode_header
-from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
 from nwbcache_proxy.store import Staging, open_block
 from tests.support.daemons import DaemonProcess
@@ -120,7 +120,7 @@ def random_ranges(rng: random.Random, size: int, count: int, block: int) -> list
 
 
 def blk_files(cache_dir: Path) -> list[Path]:
-    return sorted((cache_dir / "v1" / "objects").rglob("*.blk"))
+    return sorted((Layout(cache_dir).root / "objects").rglob("*.blk"))
 
 
 def blk_bytes(cache_dir: Path) -> int:
@@ -133,7 +133,7 @@ def blk_bytes(cache_dir: Path) -> int:
 
 
 def staging_dirs(cache_dir: Path, pid: int) -> list[str]:
-    staging = cache_dir / "v1" / "staging"
+    staging = Layout(cache_dir).root / "staging"
     if not staging.is_dir():
         return []
     return [p.name for p in staging.iterdir() if p.name.startswith(f"{pid}-")]
@@ -142,7 +142,7 @@ def staging_dirs(cache_dir: Path, pid: int) -> list[str]:
 def object_dir(cache_dir: Path, origin: S3Emulator, key: str) -> Path:
     """Where an object's meta.json and version dirs live (by the hash of its cache key)."""
     kh = hashlib.sha256((origin.url + key).encode()).hexdigest()
-    return cache_dir / "v1" / "objects" / kh[:2] / kh
+    return Layout(cache_dir).root / "objects" / kh[:2] / kh
 
 
 def current_blocks(cache_dir: Path, origin: S3Emulator, key: str) -> set[int]:
@@ -152,7 +152,7 @@ def current_blocks(cache_dir: Path, origin: S3Emulator, key: str) -> set[int]:
     if meta is None:
         return set()
     found = set()
-    for path in obj_dir.glob(f"{meta.digest.hex()[:32]}.*/*.blk"):
+    for path in obj_dir.glob(f"{meta.digest.hex()[:32]}.*/*/*.blk"):
         m = _BLOCK_NAME.fullmatch(path.name)
         assert m is not None, path
         found.add(int(m[1]))
@@ -174,10 +174,12 @@ def verify_blocks(cache_dir: Path, originals: dict[str, bytes]) -> BlockCheck:
     result = BlockCheck()
     for path in blk_files(cache_dir):
         name = _BLOCK_NAME.fullmatch(path.name)
-        vdir = _VERSION_DIR.fullmatch(path.parent.name)
+        # <object dir>/<vd>.<bs>/<shard>/<n>.blk
+        vdir = _VERSION_DIR.fullmatch(path.parent.parent.name)
         assert name is not None and vdir is not None, f"unexpected block path {path}"
         index, vd, bs = int(name[1]), vdir[1], int(vdir[2])
-        obj_dir = path.parent.parent
+        assert path.parent.name == str(index // BLOCKS_PER_DIR), f"wrong shard: {path}"
+        obj_dir = path.parent.parent.parent
         raw_file = path.read_bytes()  # kept for the failure message: open_block deletes
         meta = _meta_of(obj_dir)
         if meta is not None and meta.digest.hex()[:32] == vd:
@@ -510,7 +512,7 @@ def test_start_with_many_blocks_and_lost_index(
     wait_until(lambda: len(blk_files(cache_dir)) == expected, 20, f"{expected} blocks on disk")
     assert first.terminate() == 0
 
-    index = cache_dir / "v1" / "index.sqlite3"
+    index = Layout(cache_dir).root / "index.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         Path(f"{index}{suffix}").unlink(missing_ok=True)
     on_disk = blk_files(cache_dir)
@@ -601,7 +603,7 @@ def test_eviction_stops_at_the_low_water_mark(
 def test_sigterm_while_a_worker_is_being_restarted_stops_the_daemon(tmp_path: Path) -> None:
     """The first workers die at start-up (staging is a file); SIGTERM lands in the restart pause."""
     cache_dir = tmp_path / "cache"
-    staging = cache_dir / "v1" / "staging"
+    staging = Layout(cache_dir).root / "staging"
     staging.parent.mkdir(parents=True)
     staging.write_text("")  # not a directory: Staging() fails, so the worker exits
     cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0"]

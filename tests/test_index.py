@@ -1,4 +1,5 @@
-"""index: LRU accounting in SQLite, its migrations, and the helpers `nwbcache check` shares."""
+"""index and schema: accounting in SQLite (per version and in all), eviction in slices,
+the migrations from every older schema, and the helpers `nwbcache check` shares."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import index as index_module
-from nwbcache_proxy.index import EVICT_BATCH, SCHEMA_VERSION, CacheIndex, Totals
+from nwbcache_proxy import schema
+from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
 from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.reconcile import is_needed
 
 V1 = "objects/aa/aaaa/0123.16"
 V2 = "objects/bb/bbbb/4567.16"
@@ -27,14 +29,24 @@ async def index(tmp_path: Path) -> AsyncIterator[CacheIndex]:
         await idx.close()
 
 
-def _block(version: str, n: int) -> str:
-    return f"{version}/{n}.blk"
-
-
-def _rows(layout: Layout) -> dict[str, tuple[str, int]]:
+def _rows(layout: Layout) -> dict[tuple[str, int], int]:
+    """(version dir, block index) -> bytes, as stored."""
     conn = sqlite3.connect(layout.index_path)
     try:
-        return {p: (v, b) for p, v, b in conn.execute("SELECT path, version, bytes FROM blocks")}
+        return {
+            (v, i): b
+            for v, i, b in conn.execute(
+                "SELECT v.name, b.idx, b.bytes FROM blocks b JOIN versions v ON v.id = b.version"
+            )
+        }
+    finally:
+        conn.close()
+
+
+def _versions(layout: Layout) -> dict[str, tuple[int, int]]:
+    conn = sqlite3.connect(layout.index_path)
+    try:
+        return {n: (b, c) for n, b, c in conn.execute("SELECT name, bytes, blocks FROM versions")}
     finally:
         conn.close()
 
@@ -43,110 +55,127 @@ def _rows(layout: Layout) -> dict[str, tuple[str, int]]:
     ("records", "pending"),
     [
         ([], 0),
-        ([(_block(V1, 0), V1, 80)], 80),
-        ([(_block(V1, 0), V1, 80), (_block(V1, 1), V1, 50)], 130),
+        ([(V1, 0, 80)], 80),
+        ([(V1, 0, 80), (V1, 1, 50)], 130),
         # the same block again (a touch) replaces its entry, not adds to it
-        ([(_block(V1, 0), V1, 80), (_block(V1, 0), V1, 80)], 80),
-        ([(_block(V1, 0), V1, 80), (_block(V1, 0), V1, 90)], 90),
+        ([(V1, 0, 80), (V1, 0, 80)], 80),
+        ([(V1, 0, 80), (V1, 0, 90)], 90),
+        ([(V1, 0, 80), (V2, 0, 90)], 170),
     ],
 )
 async def test_pending_bytes(
-    index: CacheIndex, records: list[tuple[str, str, int]], pending: int
+    index: CacheIndex, records: list[tuple[str, int, int]], pending: int
 ) -> None:
-    for path, version, nbytes in records:
-        index.record(path, version, nbytes)
+    for version, n, nbytes in records:
+        index.record(version, n, nbytes)
     assert index.pending_bytes == pending
     await index.flush()
     assert index.pending_bytes == 0
-    assert index.last_totals == Totals(pending, len({r[0] for r in records}))
+    assert index.last_totals == Totals(pending, len({r[:2] for r in records}))
 
 
-async def test_flush_upserts_rows_and_keeps_the_latest_use(
+async def test_flush_upserts_rows_and_keeps_per_version_totals(
     index: CacheIndex, tmp_path: Path
 ) -> None:
-    index.record(_block(V1, 0), V1, 80)
+    layout = Layout(tmp_path)
+    index.record(V1, 0, 80)
     await index.flush()
-    index.record(_block(V1, 0), V1, 80)
-    index.record(_block(V2, 3), V2, 20)
+    index.record(V1, 0, 80)
+    index.record(V1, 7, 30)
+    index.record(V2, 3, 20)
     await index.flush()
-    assert _rows(Layout(tmp_path)) == {_block(V1, 0): (V1, 80), _block(V2, 3): (V2, 20)}
-    assert await index.totals() == Totals(100, 2)
+    assert _rows(layout) == {(V1, 0): 80, (V1, 7): 30, (V2, 3): 20}
+    assert _versions(layout) == {V1: (110, 2), V2: (20, 1)}
+    assert await index.totals() == Totals(130, 3)
 
 
 async def test_forget_version_drops_its_rows_flushed_or_not(
     index: CacheIndex, tmp_path: Path
 ) -> None:
-    index.record(_block(V1, 0), V1, 80)
-    index.record(_block(V2, 0), V2, 20)
+    index.record(V1, 0, 80)
+    index.record(V2, 0, 20)
     await index.flush()
-    index.record(_block(V1, 1), V1, 70)  # pending only
+    index.record(V1, 1, 70)  # pending only
     await index.forget_version(V1)
     assert index.pending_bytes == 0
     await index.flush()
-    assert _rows(Layout(tmp_path)) == {_block(V2, 0): (V2, 20)}
+    assert _rows(Layout(tmp_path)) == {(V2, 0): 20}
+    assert _versions(Layout(tmp_path)) == {V2: (20, 1)}  # V1's row went with its blocks
     assert await index.totals() == Totals(20, 1)
 
 
-async def test_evict_to_removes_least_recent_first_and_only_what_it_must(
+async def _fill(index: CacheIndex, layout: Layout, version: str, count: int, size: int) -> None:
+    """``count`` block files of ``size`` bytes with rows, each used after the last."""
+    for n in range(count):
+        path = layout.block_path(version, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+        index.record(version, n, size)
+        await index.flush()  # one flush per block: distinct, increasing access times
+        await asyncio.sleep(0.002)
+
+
+async def test_evict_removes_least_recent_first_and_only_what_it_must(
     index: CacheIndex, tmp_path: Path
 ) -> None:
     layout = Layout(tmp_path)
-    for n in range(10):
-        path = layout.root / _block(V1, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x" * 10)
-        index.record(_block(V1, n), V1, 10)
-        await index.flush()  # one flush per block: distinct, increasing access times
-        await asyncio.sleep(0.002)
-    evicted, recent = await index.evict_to(65)
-    assert (evicted, recent) == (4, 4)  # 100 -> 60: blocks 0-3, all used just now
-    assert sorted(_rows(layout)) == sorted(_block(V1, n) for n in range(4, 10))
-    assert [n for n in range(10) if (layout.root / _block(V1, n)).exists()] == list(range(4, 10))
-    assert await index.evict_to(1000) == (0, 0)
+    await _fill(index, layout, V1, 10, 10)
+    done = await index.evict_to(65)
+    assert (done.blocks, done.bytes, done.recent) == (4, 40, 4)  # 100 -> 60: blocks 0-3
+    assert sorted(_rows(layout)) == [(V1, n) for n in range(4, 10)]
+    assert [n for n in range(10) if layout.block_path(V1, n).exists()] == list(range(4, 10))
+    assert _versions(layout) == {V1: (60, 6)}
+    assert await index.evict_to(1000) == Evicted()
 
 
-async def test_eviction_works_in_bounded_batches(index: CacheIndex) -> None:
+async def test_a_slice_is_bounded_and_says_whether_more_is_needed(
+    index: CacheIndex, tmp_path: Path
+) -> None:
     count = EVICT_BATCH * 2 + 10
     for n in range(count):
-        index.record(_block(V1, n), V1, 1)
+        index.record(V1, n, 1)
     await index.flush()
-    evicted, _ = await index.evict_to(0)
-    assert evicted == count
+    first = await index.evict_slice(0)
+    assert (first.blocks, first.more) == (EVICT_BATCH, True)
+    assert len(first.victims) == EVICT_BATCH and first.victims[0] == (V1, 0)
+    small = await index.evict_slice(0, batch=10)
+    assert (small.blocks, small.more) == (10, True)
+    rest = await index.evict_to(0)
+    assert rest.blocks == count - EVICT_BATCH - 10
     assert await index.totals() == Totals(0, 0)
+    assert _versions(Layout(tmp_path)) == {}
+
+
+async def test_eviction_takes_whole_versions_out_of_the_versions_table(
+    index: CacheIndex, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path)
+    await _fill(index, layout, V1, 3, 10)
+    await _fill(index, layout, V2, 3, 10)
+    await index.evict_to(30)
+    assert _versions(layout) == {V2: (30, 3)}
 
 
 async def test_top_versions(index: CacheIndex) -> None:
     for n in range(3):
-        index.record(_block(V1, n), V1, 10)
-    index.record(_block(V2, 0), V2, 100)
+        index.record(V1, n, 10)
+    index.record(V2, 0, 100)
+    await index.flush()
     assert await index.top_versions(10) == [(V2, 100, 1), (V1, 30, 3)]
     assert await index.top_versions(1) == [(V2, 100, 1)]
 
 
-async def test_reconcile_adds_files_and_drops_rows_without_files(
-    index: CacheIndex, tmp_path: Path
-) -> None:
-    layout = Layout(tmp_path)
-    on_disk = layout.root / _block(V1, 0)
-    on_disk.parent.mkdir(parents=True)
-    on_disk.write_bytes(b"y" * 33)
-    index.record(_block(V2, 5), V2, 50)  # a row whose file is gone
-    await index.flush()
-    await asyncio.sleep(0.01)  # rows older than the walk are the ones dropped
-    assert await index.reconcile() == (1, 1)
-    assert _rows(layout) == {_block(V1, 0): (V1, 33)}
-    assert await index.reconcile() == (0, 0)
-
-
-def _schema_1_index(path: Path) -> None:
-    """An index as format 1 daemons wrote it (no user_version, an `object` column)."""
+def _old_index(path: Path, *, schema_1: bool) -> None:
+    """An index as schema 1 (no user_version, an `object` column) or schema 2
+    (user_version 2, a `version` column) daemons wrote it."""
+    column = "object" if schema_1 else "version"
     conn = sqlite3.connect(path)
     conn.executescript(
-        """
-        CREATE TABLE blocks (path TEXT PRIMARY KEY, object TEXT NOT NULL,
+        f"""
+        CREATE TABLE blocks (path TEXT PRIMARY KEY, {column} TEXT NOT NULL,
                              bytes INTEGER NOT NULL, atime REAL NOT NULL);
         CREATE INDEX blocks_by_atime ON blocks(atime);
-        CREATE INDEX blocks_by_object ON blocks(object);
+        CREATE INDEX blocks_by_{column} ON blocks({column});
         CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL,
                              blocks INTEGER NOT NULL);
         INSERT INTO totals VALUES (0, 0, 0);
@@ -158,31 +187,45 @@ def _schema_1_index(path: Path) -> None:
         END;
         """
     )
-    conn.execute("INSERT INTO blocks VALUES (?, ?, ?, ?)", (_block(V1, 0), V1, 64, 1.0))
-    conn.execute("INSERT INTO blocks VALUES (?, ?, ?, ?)", (_block(V2, 1), V2, 36, 2.0))
+    rows = [
+        (f"{V1}/0.blk", V1, 64, 3.0),
+        (f"{V1}/12345.blk", V1, 16, 1.0),
+        (f"{V2}/1.blk", V2, 36, 2.0),
+    ]
+    conn.executemany("INSERT INTO blocks VALUES (?, ?, ?, ?)", rows)
+    if not schema_1:
+        conn.execute("PRAGMA user_version = 2")
     conn.commit()
     conn.close()
 
 
-async def test_a_schema_1_index_is_migrated_with_every_row(tmp_path: Path) -> None:
+@pytest.mark.parametrize("schema_1", [True, False], ids=["schema-1", "schema-2"])
+async def test_an_old_index_is_migrated_with_every_row_and_its_last_use(
+    tmp_path: Path, schema_1: bool
+) -> None:
     layout = Layout(tmp_path)
     layout.root.mkdir(parents=True)
-    _schema_1_index(layout.index_path)
+    _old_index(layout.index_path, schema_1=schema_1)
     idx = CacheIndex(layout)
     await idx.open()
     try:
-        assert idx.last_totals == Totals(100, 2)
-        assert _rows(layout) == {_block(V1, 0): (V1, 64), _block(V2, 1): (V2, 36)}
-        await idx.forget_version(V1)  # queries by the renamed column work
+        assert idx.last_totals == Totals(116, 3)
+        assert _rows(layout) == {(V1, 0): 64, (V1, 12345): 16, (V2, 1): 36}
+        assert _versions(layout) == {V1: (80, 2), V2: (36, 1)}
+        # The access times came along: the least recently used block goes first.
+        done = await idx.evict_slice(100, batch=1)
+        assert done.victims == ((V1, 12345),)
+        await idx.forget_version(V1)
         assert await idx.totals() == Totals(36, 1)
     finally:
         await idx.close()
     conn = sqlite3.connect(layout.index_path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
-        assert "blocks_by_object" not in names
-        assert "blocks_by_version" in names
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "blocks_2" not in tables and "blocks_by_version" not in tables
+        # A migrated index is reconciled: format 1's blocks must move into shards.
+        assert is_needed(conn)
     finally:
         conn.close()
 
@@ -190,22 +233,30 @@ async def test_a_schema_1_index_is_migrated_with_every_row(tmp_path: Path) -> No
 def test_an_index_newer_than_this_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.execute(f"PRAGMA user_version = {schema.SCHEMA_VERSION + 1}")
     conn.close()
     with pytest.raises(RuntimeError, match="upgrade nwbcache"):
-        index_module.connect(path)
+        schema.connect(path)
 
 
-def test_connect_is_idempotent(tmp_path: Path) -> None:
+def test_connect_is_idempotent_and_a_new_index_asks_for_a_reconcile(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
-    for _ in range(2):
-        conn = index_module.connect(path)
-        index_module.add_found(conn, [(_block(V1, 0), V1, 5, 1.0)])
-        conn.close()
-    conn = index_module.connect(path)
+    conn = schema.connect(path)
+    assert is_needed(conn)  # it knows nothing of the files yet
+    conn.execute(schema.CLEAR_STATE, (schema.RECONCILE,))
+    vid = schema.version_id(conn, V1, create=True)
+    assert vid is not None
+    schema.add_found(conn, vid, [(0, 5, 1.0)])
+    conn.close()
+    conn = schema.connect(path)
     try:
-        assert index_module.indexed_paths(conn) == {_block(V1, 0)}
-        index_module.delete_paths(conn, [_block(V1, 0)])
-        assert index_module.indexed_paths(conn) == set()
+        assert not is_needed(conn)
+        assert schema.version_id(conn, V1, create=False) == vid
+        assert schema.rows_in(conn, vid, range(0, 10)) == {0: 1.0}
+        schema.delete_older(conn, vid, [0], than=0.5)  # the row is newer: kept
+        assert schema.totals(conn) == (5, 1)
+        schema.delete_older(conn, vid, [0], than=2.0)
+        assert schema.totals(conn) == (0, 0)
+        assert schema.version_id(conn, V1, create=False) is None
     finally:
         conn.close()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from nwbcache.urls import AllowList, UpstreamURL
 
-from . import store
 from .access import Access
 from .aio import Disk
 from .blocks import Blocks
@@ -59,8 +58,15 @@ class BlockCache:
         self.disk = Disk()
         self.trace = TraceWriter(trace, self.disk) if trace is not None else None
         self.open_blocks = OpenBlocks(table_capacity(raise_fd_limit()))
+        self.index = index
         self.upkeep = Upkeep(
-            index, self.open_blocks, capacity=capacity, metrics=metrics, trace=self.trace
+            layout,
+            index,
+            self.open_blocks,
+            self.disk,
+            capacity=capacity,
+            metrics=metrics,
+            trace=self.trace,
         )
         self.blocks = Blocks(
             layout,
@@ -100,10 +106,7 @@ class BlockCache:
 
     async def start(self) -> None:
         await self.blocks.start()
-        swept = await self.disk.run(lambda: store.sweep_leftovers(self.layout))
-        if swept:
-            log.info("swept %d leftovers of earlier runs", swept)
-        self.upkeep.start()
+        self.upkeep.start()  # sweeps and reconciles in the background: serving starts now
 
     async def close(self) -> None:
         await self.versions.close()
@@ -111,6 +114,9 @@ class BlockCache:
         await self.upkeep.close()
         if self.trace is not None:
             await self.trace.flush()
+        # Flushed before the staging dir goes: a process without one stopped
+        # cleanly, and its use is in the index (store.sweep_leftovers).
+        await self.index.flush()
         await self.blocks.close()
         self.disk.shutdown()
 

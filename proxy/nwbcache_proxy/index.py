@@ -1,19 +1,23 @@
-"""LRU accounting of the cache in SQLite, shared by every daemon process.
+"""The cache's accounting in SQLite, shared by every daemon process: sizes, last use, eviction.
 
-The index answers "how big is the cache" and "which blocks were used least
-recently"; it never answers "is this block cached" (the file does). It may
-lag the files by a flush interval, and after a crash it may miss blocks or
-list gone ones: ``reconcile`` repairs both, and a row without a file or a
-file without a row never causes a wrong byte, only an imprecise size.
+The index answers "how big is the cache (and each version)" and "which
+blocks were used least recently"; it never answers "is this block cached"
+(the file does). It may lag the files by a flush interval, and after a
+crash it may miss blocks or list gone ones: the reconciler (reconcile.py)
+repairs both, and a row without a file or a file without a row never causes
+a wrong byte, only an imprecise size.
 
 All SQLite work runs on one dedicated thread with its own connection, so the
 event loop never blocks on the database and no connection crosses threads.
+Every job on that thread is bounded (an eviction slice, a reconcile step, a
+flush), so none waits long behind another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -21,62 +25,19 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
-from . import store
+from . import reconcile, schema, store
 from .layout import Layout
+from .reconcile import Progress, Reconciler
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Schema version, in SQLite's user_version. 1 (unnumbered, user_version 0)
-# called the version column "object"; migrate() renames it.
-SCHEMA_VERSION = 2
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS blocks (
-    path TEXT PRIMARY KEY,      -- the block file, relative to the layout root
-    version TEXT NOT NULL,      -- its version dir, relative to the layout root
-    bytes INTEGER NOT NULL,     -- file size on disk
-    atime REAL NOT NULL         -- last use, seconds since the epoch
-);
-CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
-CREATE INDEX IF NOT EXISTS blocks_by_version ON blocks(version);
-CREATE TABLE IF NOT EXISTS totals (
-    id INTEGER PRIMARY KEY CHECK (id = 0),
-    bytes INTEGER NOT NULL,
-    blocks INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
--- Totals kept by triggers: reading the cache size is O(1), not a SUM over
--- every row, which matters when each of several processes polls it.
-CREATE TRIGGER IF NOT EXISTS blocks_ins AFTER INSERT ON blocks BEGIN
-    UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = 0;
-END;
-CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
-    UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = 0;
-END;
-"""
-
-# Schema 1 -> 2: the column holding the version dir says so.
-MIGRATE_1_TO_2 = """
-ALTER TABLE blocks RENAME COLUMN object TO version;
-DROP INDEX IF EXISTS blocks_by_object;
-"""
-
-UPSERT = (
-    "INSERT INTO blocks(path, version, bytes, atime) VALUES (?, ?, ?, ?) "
-    "ON CONFLICT(path) DO UPDATE SET atime = max(atime, excluded.atime)"
-)
-# Adds rows for files found on disk, leaving rows already there as they are.
-INSERT_FOUND = "INSERT OR IGNORE INTO blocks(path, version, bytes, atime) VALUES (?, ?, ?, ?)"
-SELECT_PATHS = "SELECT path FROM blocks"
-DELETE_PATH = "DELETE FROM blocks WHERE path = ?"
-
-# How many rows one eviction transaction removes: bounded work per step, so
-# other processes' writes are never locked out for long (diskcache's cull_limit).
-EVICT_BATCH = 256
+# Rows one eviction slice removes (rows in one transaction, then their files):
+# bounded work per step, so flushes, reconcile steps and other processes'
+# writes never wait long (diskcache's cull_limit, nginx's manager_files).
+EVICT_BATCH = 1024
 # An evicted block used more recently than this means the cache is too small
 # for the working set (the "thrashing" alert counts these).
 RECENT_USE = 600.0
@@ -92,10 +53,14 @@ class Totals:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Pending:
-    version: str
-    bytes: int
-    atime: float
+class Evicted:
+    """What one eviction slice did."""
+
+    blocks: int = 0
+    bytes: int = 0
+    recent: int = 0  # of them, used within RECENT_USE seconds
+    more: bool = False  # still above the target: run another slice
+    victims: tuple[tuple[str, int], ...] = ()  # (version dir, block index) of each
 
 
 class CacheIndex:
@@ -105,8 +70,11 @@ class CacheIndex:
             1, thread_name_prefix="nwbcache-index"
         )
         self._conn: sqlite3.Connection | None = None
-        self._pending: dict[str, _Pending] = {}
+        # (version dir, block index) -> (bytes, last use), until the next flush.
+        self._pending: dict[tuple[str, int], tuple[int, float]] = {}
         self._pending_bytes = 0
+        self._reconciler: Reconciler | None = None
+        self._reconcile_fd = -1
         self.last_totals = Totals(0, 0)
 
     # -- lifecycle -------------------------------------------------------
@@ -122,10 +90,18 @@ class CacheIndex:
             self._executor.shutdown(wait=True)
 
     def _open_sync(self) -> None:
+        if store.adopt_legacy_root(self._layout):
+            log.warning(
+                "cache format 1 found at %s: renamed to %s; its blocks are moved into "
+                "shard directories in the background",
+                self._layout.legacy_root,
+                self._layout.root,
+            )
         self._layout.root.mkdir(parents=True, exist_ok=True)
-        self._conn = connect(self._layout.index_path)
+        self._conn = schema.connect(self._layout.index_path)
 
     def _close_sync(self) -> None:
+        self._release_reconcile()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -140,13 +116,13 @@ class CacheIndex:
         return self._conn
 
     # -- recording use ---------------------------------------------------
-    def record(self, path: str, version: str, nbytes: int) -> None:
-        """Note a block (``path``, in version dir ``version``, both relative to the
-        layout root) written or read now; written to SQLite on the next flush."""
-        old = self._pending.get(path)
+    def record(self, version: str, index: int, nbytes: int) -> None:
+        """Note block ``index`` of version dir ``version`` (relative to the layout
+        root), ``nbytes`` on disk, written or read now; stored on the next flush."""
+        old = self._pending.get((version, index))
         if old is not None:
-            self._pending_bytes -= old.bytes
-        self._pending[path] = _Pending(version, nbytes, time.time())
+            self._pending_bytes -= old[0]
+        self._pending[(version, index)] = (nbytes, time.time())
         self._pending_bytes += nbytes
 
     @property
@@ -160,187 +136,139 @@ class CacheIndex:
             return
         batch, self._pending = self._pending, {}
         self._pending_bytes = 0
-        rows = [(path, p.version, p.bytes, p.atime) for path, p in batch.items()]
+        self.last_totals = await self._run(lambda: self._flush_sync(batch))
 
-        def write() -> Totals:
-            with self.conn:
-                self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.executemany(UPSERT, rows)
-            return self._totals_sync()
-
-        self.last_totals = await self._run(write)
+    def _flush_sync(self, batch: dict[tuple[str, int], tuple[int, float]]) -> Totals:
+        by_version: dict[str, list[tuple[int, int, float]]] = {}
+        for (version, index), (nbytes, atime) in batch.items():
+            by_version.setdefault(version, []).append((index, nbytes, atime))
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for version, rows in by_version.items():
+                vid = schema.version_id(self.conn, version, create=True)
+                self.conn.executemany(schema.UPSERT, [(vid, i, b, a) for i, b, a in rows])
+        return self._totals_sync()
 
     async def forget_version(self, version: str) -> None:
         """Drop the rows of the blocks of one version dir."""
-        for path in [p for p, v in self._pending.items() if v.version == version]:
-            self._pending_bytes -= self._pending.pop(path).bytes
+        for key in [k for k in self._pending if k[0] == version]:
+            self._pending_bytes -= self._pending.pop(key)[0]
 
         def delete() -> None:
             with self.conn:
-                self.conn.execute("DELETE FROM blocks WHERE version = ?", (version,))
+                self.conn.execute(schema.DELETE_VERSION, (version,))
 
         await self._run(delete)
 
     # -- size and eviction -------------------------------------------------
     def _totals_sync(self) -> Totals:
-        row = self.conn.execute("SELECT bytes, blocks FROM totals WHERE id = 0").fetchone()
-        return Totals(int(row[0]), int(row[1]))
+        return Totals(*schema.totals(self.conn))
 
     async def totals(self) -> Totals:
         self.last_totals = await self._run(self._totals_sync)
         return self.last_totals
 
-    async def evict_to(self, target_bytes: int) -> tuple[int, int]:
-        """Remove least-recently-used blocks until the index totals at most
-        ``target_bytes``. Returns how many blocks were evicted, and how many of
-        them had been used within RECENT_USE seconds (a sign of thrashing)."""
-        await self.flush()
-        return await self._run(lambda: self._evict_sync(target_bytes))
+    async def evict_slice(self, target_bytes: int, batch: int = EVICT_BATCH) -> Evicted:
+        """Remove up to ``batch`` least-recently-used blocks, as many as it takes
+        for the index to total at most ``target_bytes``."""
+        return await self._run(lambda: self._evict_sync(target_bytes, batch))
 
-    def _evict_sync(self, target_bytes: int) -> tuple[int, int]:
-        evicted = 0
-        recent = 0
+    def _evict_sync(self, target_bytes: int, batch: int) -> Evicted:
+        conn = self.conn
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            total = schema.totals(conn)[0]
+            if total <= target_bytes:
+                self.last_totals = self._totals_sync()
+                return Evicted()
+            chosen = []
+            freed = 0
+            for vid, name, idx, nbytes, atime in conn.execute(schema.OLDEST, (batch,)):
+                chosen.append((vid, name, idx, atime))
+                freed += nbytes
+                if total - freed <= target_bytes:
+                    break  # a batch is a bound on work, not an amount to evict
+            # Rows first, files after commit: two evicting processes never count
+            # one block twice, and a crash in between leaves orphan files that
+            # the reconciler re-adds.
+            conn.executemany(schema.DELETE_BLOCK, [(vid, idx) for vid, _, idx, _ in chosen])
         recent_after = time.time() - RECENT_USE
-        while True:
-            with self.conn:
-                self.conn.execute("BEGIN IMMEDIATE")
-                total = self._totals_sync().bytes
-                if total <= target_bytes:
-                    break
-                candidates = self.conn.execute(
-                    "SELECT path, bytes, atime FROM blocks ORDER BY atime LIMIT ?",
-                    (EVICT_BATCH,),
-                ).fetchall()
-                if not candidates:
-                    break
-                # Only as many as it takes to reach the target: a batch is a
-                # bound on work, not an amount to evict.
-                rows = []
-                for path, nbytes, atime in candidates:
-                    rows.append((path, atime))
-                    total -= nbytes
-                    if total <= target_bytes:
-                        break
-                # Delete rows first, files after commit: two evicting processes
-                # then never count the same block twice, and a crash in
-                # between leaves only orphan files that reconcile re-adds.
-                self.conn.executemany(DELETE_PATH, [(r[0],) for r in rows])
-            for path, atime in rows:
-                store.unlink_quietly(self._layout.root / path)
-                recent += atime >= recent_after
-            evicted += len(rows)
+        recent = 0
+        for _, name, idx, atime in chosen:
+            store.unlink_quietly(self._layout.block_path(name, idx))
+            recent += atime >= recent_after
         self.last_totals = self._totals_sync()
-        return evicted, recent
+        more = bool(chosen) and self.last_totals.bytes > target_bytes
+        victims = tuple((name, idx) for _, name, idx, _ in chosen)
+        return Evicted(len(chosen), freed, recent, more, victims)
+
+    async def evict_to(self, target_bytes: int) -> Evicted:
+        """Evict slice after slice down to ``target_bytes`` (tests and tools; the
+        daemon's upkeep runs slices itself, between other work)."""
+        await self.flush()
+        blocks = freed = recent = 0
+        while True:
+            done = await self.evict_slice(target_bytes)
+            blocks, freed, recent = blocks + done.blocks, freed + done.bytes, recent + done.recent
+            if not done.more:
+                return Evicted(blocks, freed, recent)
 
     async def top_versions(self, limit: int) -> list[tuple[str, int, int]]:
         """(version dir, bytes, blocks) of the versions taking most of the cache."""
         await self.flush()
 
         def query() -> list[tuple[str, int, int]]:
-            rows = self.conn.execute(
-                "SELECT version, SUM(bytes), COUNT(*) FROM blocks GROUP BY version "
-                "ORDER BY 2 DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
+            rows = self.conn.execute(schema.TOP_VERSIONS, (limit,)).fetchall()
             return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
 
         return await self._run(query)
 
     # -- repair ----------------------------------------------------------
-    async def reconcile(self) -> tuple[int, int] | None:
-        """Make the index agree with the files. Returns (added, removed), or
-        None when another process is already reconciling."""
-        await self.flush()
-        return await self._run(self._reconcile_sync)
+    async def mark_reconcile(self) -> None:
+        """Ask for a reconcile (an unclean stop was found), from the beginning."""
 
-    def _reconcile_sync(self) -> tuple[int, int] | None:
-        fd = os.open(self._layout.reconcile_lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return None
-            started = time.time()
-            files = store.walk_blocks(self._layout)
-            on_disk = {path: (size, mtime) for path, size, mtime in files}
-            in_index = indexed_paths(self.conn)
-            missing = [
-                (path, Layout.version_of_block(path), size, mtime)
-                for path, (size, mtime) in on_disk.items()
-                if path not in in_index
-            ]
-            # Rows for files that vanished. A file published after the walk
-            # started is kept: its row may legitimately be newer than the walk.
-            gone = [(path,) for path in in_index - on_disk.keys()]
+        def mark() -> None:
             with self.conn:
                 self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.executemany(UPSERT, missing)
-                self.conn.executemany(
-                    "DELETE FROM blocks WHERE path = ? AND atime < ?",
-                    [(p, started) for (p,) in gone],
-                )
-            self.last_totals = self._totals_sync()
-            return len(missing), len(gone)
-        finally:
+                reconcile.mark_needed(self.conn)
+
+        await self._run(mark)
+
+    async def reconcile_step(self, max_files: int) -> Progress | None:
+        """A bounded step of a reconcile that is due. None when none is due or
+        another process is doing it; else the progress, ``done`` at the end."""
+        await self.flush()  # rows for what this process published are no orphans
+        return await self._run(lambda: self._reconcile_sync(max_files))
+
+    def _reconcile_sync(self, max_files: int) -> Progress | None:
+        if self._reconciler is None:
+            if not reconcile.is_needed(self.conn) or not self._take_reconcile():
+                return None
+            self._reconciler = Reconciler(self._layout, self.conn)
+        try:
+            progress = self._reconciler.step(max_files)
+        except BaseException:
+            self._reconciler = None
+            self._release_reconcile()
+            raise
+        if progress.done:
+            self._reconciler = None
+            self._release_reconcile()
+        self.last_totals = self._totals_sync()
+        return progress
+
+    def _take_reconcile(self) -> bool:
+        fd = os.open(self._layout.reconcile_lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
+            return False
+        self._reconcile_fd = fd
+        return True
 
-
-# -- the same database, for tools that run beside the daemons (nwbcache check) --
-def connect(path: Path) -> sqlite3.Connection:
-    """A connection to the index at ``path``, created or migrated to SCHEMA_VERSION."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    migrate(conn)
-    return conn
-
-
-def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema to SCHEMA_VERSION, keeping every row."""
-    with conn:
-        conn.execute("BEGIN IMMEDIATE")  # two daemons starting at once: one migrates
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version < SCHEMA_VERSION:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
-            if "object" in columns:
-                _run_script(conn, MIGRATE_1_TO_2)
-            _run_script(conn, SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        elif version > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"the cache index has schema {version}, newer than this nwbcache "
-                f"knows ({SCHEMA_VERSION}): upgrade nwbcache"
-            )
-
-
-def _run_script(conn: sqlite3.Connection, script: str) -> None:
-    """Statements one by one: executescript would commit the open transaction."""
-    for statement in _statements(script):
-        conn.execute(statement)
-
-
-def _statements(script: str) -> list[str]:
-    """The statements of a script (sqlite3.complete_statement keeps triggers whole)."""
-    out: list[str] = []
-    current = ""
-    for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--") and not current:
-            continue
-        current += line
-        if sqlite3.complete_statement(current):
-            out.append(current.strip())
-            current = ""
-    return out
-
-
-def indexed_paths(conn: sqlite3.Connection) -> set[str]:
-    return {row[0] for row in conn.execute(SELECT_PATHS)}
-
-
-def add_found(conn: sqlite3.Connection, rows: list[tuple[str, str, int, float]]) -> None:
-    """Rows (path, version, bytes, atime) for block files that have none."""
-    conn.executemany(INSERT_FOUND, rows)
-
-
-def delete_paths(conn: sqlite3.Connection, paths: list[str]) -> None:
-    conn.executemany(DELETE_PATH, [(p,) for p in paths])
+    def _release_reconcile(self) -> None:
+        if self._reconcile_fd >= 0:
+            fd, self._reconcile_fd = self._reconcile_fd, -1
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -102,13 +102,21 @@ NASCENT_PREFIX = "."
 NASCENT_GRACE = 3600.0
 
 
-def sweep_leftovers(layout: Layout) -> int:
+@dataclasses.dataclass(frozen=True, slots=True)
+class Swept:
+    dead: int  # staging dirs of processes that died without closing: an unclean stop
+    trash: int  # dirs left in trash by an interrupted drop
+
+
+def sweep_leftovers(layout: Layout) -> Swept:
     """Remove staging dirs of dead processes and anything left in trash.
 
-    Returns how many entries were removed. Safe to run while other daemons
-    use the cache: a live process holds the flock on its staging dir.
+    Safe to run while other daemons use the cache: a live process holds the
+    flock on its staging dir. A dead process's staging dir is the sign of an
+    unclean stop (a clean one removes its own), after which the index may
+    disagree with the files.
     """
-    removed = 0
+    dead = 0
     for entry in _scandir(layout.staging):
         if entry.name.startswith(NASCENT_PREFIX) and not _older_than(entry, NASCENT_GRACE):
             continue
@@ -124,14 +132,32 @@ def sweep_leftovers(layout: Layout) -> int:
                 except BlockingIOError:
                     continue  # alive
             shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
+            dead += 1
         finally:
             if fd >= 0:
                 os.close(fd)
+    trash = 0
     for entry in _scandir(layout.trash):
         shutil.rmtree(entry.path, ignore_errors=True)
-        removed += 1
-    return removed
+        trash += 1
+    return Swept(dead, trash)
+
+
+def adopt_legacy_root(layout: Layout) -> bool:
+    """Rename a format-1 root to this format's, if there is one and no new root
+    yet; True if it was. The reconciler then moves its blocks into shard dirs
+    (format 1 differs only in where a version's blocks sit)."""
+    if layout.root.exists() or not layout.legacy_root.is_dir():
+        return False
+    try:
+        os.rename(layout.legacy_root, layout.root)
+    except FileNotFoundError:
+        return False  # another daemon starting at the same moment did it
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
 
 
 def _older_than(entry: os.DirEntry[str], seconds: float) -> bool:
@@ -173,8 +199,11 @@ def publish_block(
                 os.fsync(fd)
         finally:
             os.close(fd)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except FileNotFoundError:  # the version's first block in this shard
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
         if fsync:
             _fsync_dir(target.parent)
     except BaseException:
@@ -305,21 +334,3 @@ def drop_dir(layout: Layout, path: Path) -> None:
 def unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def walk_blocks(layout: Layout) -> list[tuple[str, int, float]]:
-    """Every block file as (path relative to the layout root, size, mtime)."""
-    found: list[tuple[str, int, float]] = []
-    root = str(layout.root) + os.sep
-    stack = [str(layout.objects)]
-    while stack:
-        for entry in _scandir(Path(stack.pop())):
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-            elif entry.name.endswith(".blk"):
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                found.append((entry.path.removeprefix(root), st.st_size, st.st_mtime))
-    return found

@@ -1,13 +1,15 @@
-"""Keeping the cache in shape in the background: index and trace flushes, eviction, idle fds,
-gauges."""
+"""Keeping the cache in shape in the background: sweeps, reconciling, flushes, eviction,
+idle fds, gauges."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from .aio import Tasks
+from . import store
+from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
+from .layout import Layout
 from .metrics import Metrics
 from .openblocks import OpenBlocks
 from .trace import TraceWriter
@@ -17,21 +19,33 @@ log = logging.getLogger(__name__)
 # Eviction goes down to this fraction of the capacity, so it runs in bursts
 # rather than one block per publish.
 LOW_WATER = 0.95
+# The reconciler's pace (nginx's loader_files and loader_sleep): files per
+# step, and the pause between steps, in which requests, flushes and
+# eviction run. A step of 4,096 files takes ~20-40 ms.
+LOADER_FILES = 4096
+LOADER_SLEEP = 0.02
+# How often a process looks for a reconcile due but not running (its
+# runner died, or it is another process's turn).
+RECONCILE_POLL = 30.0
 
 
 class Upkeep:
     def __init__(
         self,
+        layout: Layout,
         index: CacheIndex,
         table: OpenBlocks,
+        disk: Disk,
         *,
         capacity: int,
         metrics: Metrics,
         trace: TraceWriter | None = None,
     ) -> None:
+        self.layout = layout
         self.index = index
         self.trace = trace
         self.table = table
+        self.disk = disk
         self.capacity = capacity
         self.metrics = metrics
         metrics.cache_capacity.set(capacity)
@@ -39,7 +53,7 @@ class Upkeep:
         self._tasks = Tasks()
 
     def start(self) -> None:
-        self._tasks.spawn(self._reconcile_then_evict())
+        self._tasks.spawn(self._sweep_and_reconcile())
         self._tasks.spawn(self._loop())
 
     async def close(self) -> None:
@@ -50,11 +64,39 @@ class Upkeep:
         over capacity, or the disk refused a write)."""
         self._wakeup.set()
 
-    async def _reconcile_then_evict(self) -> None:
-        result = await self.index.reconcile()
-        if result is not None and any(result):
-            log.info("index reconciled with disk: %d blocks added, %d removed", *result)
-        self.wake()
+    async def _sweep_and_reconcile(self) -> None:
+        swept = await self.disk.run(lambda: store.sweep_leftovers(self.layout))
+        if swept.dead or swept.trash:
+            log.info(
+                "swept the leftovers of earlier runs: %d dead processes' temp dirs, %d in trash",
+                swept.dead,
+                swept.trash,
+            )
+        if swept.dead:
+            # A process died without closing: rows it had not flushed, or files
+            # an eviction had not yet unlinked, may be missing from the index.
+            await self.index.mark_reconcile()
+        while True:
+            try:
+                progress = await self.index.reconcile_step(LOADER_FILES)
+            except Exception:
+                log.exception("reconciling the index failed; retrying")
+                progress = None
+            if progress is None:
+                await asyncio.sleep(RECONCILE_POLL)
+            elif progress.done:
+                log.info(
+                    "index reconciled with disk: %d files, %d rows added, %d removed, "
+                    "%d blocks moved from format 1",
+                    progress.files,
+                    progress.added,
+                    progress.removed,
+                    progress.moved,
+                )
+                self.wake()
+                await asyncio.sleep(RECONCILE_POLL)
+            else:
+                await asyncio.sleep(LOADER_SLEEP)
 
     async def _loop(self) -> None:
         while True:
@@ -78,9 +120,22 @@ class Upkeep:
         if self.trace is not None:
             await self.trace.flush()
         if self.index.last_totals.bytes > self.capacity:
-            evicted, recent = await self.index.evict_to(int(self.capacity * LOW_WATER))
-            self.metrics.evictions.inc(evicted)
-            self.metrics.evicted_recent.inc(recent)
+            await self._evict(int(self.capacity * LOW_WATER))
         totals = self.index.last_totals
         self.metrics.cache_size.set(totals.bytes)
         self.metrics.cache_blocks.set(totals.blocks)
+
+    async def _evict(self, target: int) -> None:
+        """Slice after slice down to ``target``: each a bounded job on the index's
+        thread, so this process's flushes and reconcile steps run between them."""
+        while True:
+            done = await self.index.evict_slice(target)
+            self.metrics.evictions.inc(done.blocks)
+            self.metrics.evicted_recent.inc(done.recent)
+            for version, index in done.victims:
+                # This process's fd would keep the file's space until idle-closed.
+                self.table.forget(version, index)
+            if not done.more:
+                return
+            if self.index.pending_bytes:
+                await self.index.flush()  # blocks published meanwhile count too

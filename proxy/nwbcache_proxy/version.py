@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .layout import Layout, key_hash
+from .layout import Layout, block_relpath, key_hash
 from .objectmeta import ObjectMeta, ObjectVersion, block_count, block_span, blocks_for
 
 
@@ -75,8 +75,4 @@ class Version:
         return blocks_for(start, end, self.block_size)
 
     def block_path(self, index: int) -> Path:
-        return self.dir / Layout.block_name(index)
-
-    def block_name(self, index: int) -> str:
-        """The block's path relative to the cache root (the index's ``path`` column)."""
-        return f"{self.name}/{Layout.block_name(index)}"
+        return self.dir / block_relpath(index)

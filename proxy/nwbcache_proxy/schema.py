@@ -1,0 +1,202 @@
+"""The index database: its schema, migrations, and every SQL statement.
+
+One owner for the SQL: the daemon's index (index.py), the reconciler
+(reconcile.py) and ``nwbcache check`` all go through here.
+docs/on-disk-format.md describes the schema and its history.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+# Schema version, in SQLite's user_version. 1 (user_version 0) called the
+# version column "object"; 2 keyed rows by the block's path (578 B a row at a
+# million rows); 3 keys them by (version id, block index) and keeps totals per
+# version, so reports never scan the table.
+SCHEMA_VERSION = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a stale id names nothing
+    name TEXT NOT NULL UNIQUE,             -- the version dir, relative to the layout root
+    bytes INTEGER NOT NULL DEFAULT 0,      -- kept by the triggers below
+    blocks INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS versions_by_bytes ON versions(bytes);
+CREATE TABLE IF NOT EXISTS blocks (
+    version INTEGER NOT NULL,              -- versions.id
+    idx INTEGER NOT NULL,                  -- block index within the object
+    bytes INTEGER NOT NULL,                -- file size on disk
+    atime REAL NOT NULL,                   -- last use, seconds since the epoch
+    PRIMARY KEY (version, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
+CREATE TABLE IF NOT EXISTS totals (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    bytes INTEGER NOT NULL,
+    blocks INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+-- Work in progress that must survive a crash: the reconciler's cursor.
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Totals kept by triggers: the cache's size and a version's are O(1) reads.
+-- A version's row goes with its last block, so the table lists what is cached.
+CREATE TRIGGER IF NOT EXISTS blocks_ins AFTER INSERT ON blocks BEGIN
+    UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = 0;
+    UPDATE versions SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = NEW.version;
+END;
+CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
+    UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = 0;
+    UPDATE versions SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = OLD.version;
+    DELETE FROM versions WHERE id = OLD.version AND blocks <= 0;
+END;
+"""
+
+# Schema 1 -> 2: the column holding the version dir says so.
+MIGRATE_1_TO_2 = """
+ALTER TABLE blocks RENAME COLUMN object TO version;
+DROP INDEX IF EXISTS blocks_by_object;
+"""
+
+# Schema 2 -> 3: rows keyed by (version id, index); every row and its access
+# time kept. The old table's indexes and triggers move with the rename, so
+# they are dropped first to free their names.
+MIGRATE_2_TO_3_BEFORE = """
+DROP TRIGGER IF EXISTS blocks_ins;
+DROP TRIGGER IF EXISTS blocks_del;
+DROP INDEX IF EXISTS blocks_by_atime;
+DROP INDEX IF EXISTS blocks_by_version;
+ALTER TABLE blocks RENAME TO blocks_2;
+"""
+MIGRATE_2_TO_3_AFTER = """
+UPDATE totals SET bytes = 0, blocks = 0 WHERE id = 0;
+INSERT OR IGNORE INTO versions(name) SELECT DISTINCT version FROM blocks_2;
+INSERT OR IGNORE INTO blocks(version, idx, bytes, atime)
+    SELECT v.id, CAST(substr(b.path, length(b.version) + 2) AS INTEGER), b.bytes, b.atime
+    FROM blocks_2 AS b JOIN versions AS v ON v.name = b.version;
+DROP TABLE blocks_2;
+"""
+
+ENSURE_VERSION = "INSERT INTO versions(name) VALUES (?) ON CONFLICT(name) DO NOTHING"
+VERSION_ID = "SELECT id FROM versions WHERE name = ?"
+VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
+UPSERT = (
+    "INSERT INTO blocks(version, idx, bytes, atime) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(version, idx) DO UPDATE SET atime = max(atime, excluded.atime)"
+)
+# Rows for files found on disk; rows already there are left as they are.
+INSERT_FOUND = "INSERT OR IGNORE INTO blocks(version, idx, bytes, atime) VALUES (?, ?, ?, ?)"
+DELETE_BLOCK = "DELETE FROM blocks WHERE version = ? AND idx = ?"
+# Only rows older than a listing: a newer row may be of a file published since.
+DELETE_BLOCK_OLDER = "DELETE FROM blocks WHERE version = ? AND idx = ? AND atime < ?"
+DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WHERE name = ?)"
+DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
+ROWS_IN = "SELECT idx, atime FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
+TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
+# The least recently used blocks, with their version dir (eviction candidates).
+OLDEST = (
+    "SELECT b.version, v.name, b.idx, b.bytes, b.atime FROM blocks AS b "
+    "JOIN versions AS v ON v.id = b.version ORDER BY b.atime LIMIT ?"
+)
+TOP_VERSIONS = "SELECT name, bytes, blocks FROM versions ORDER BY bytes DESC LIMIT ?"
+GET_STATE = "SELECT value FROM state WHERE key = ?"
+SET_STATE = "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)"
+CLEAR_STATE = "DELETE FROM state WHERE key = ?"
+
+# The reconciler's cursor (reconcile.py): present while a reconcile is due.
+RECONCILE = "reconcile"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the index at ``path``, created or migrated to SCHEMA_VERSION.
+
+    A new index, or one migrated from a schema without a reconciler, is
+    marked for reconciling: the files on disk are the truth it must learn.
+    """
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema to SCHEMA_VERSION, keeping every row."""
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")  # two daemons starting at once: one migrates
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the cache index has schema {version}, newer than this nwbcache "
+                f"knows ({SCHEMA_VERSION}): upgrade nwbcache"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
+        if "object" in columns:
+            run_script(conn, MIGRATE_1_TO_2)
+            columns = (columns - {"object"}) | {"version"}
+        old = "path" in columns
+        if old:
+            run_script(conn, MIGRATE_2_TO_3_BEFORE)
+        run_script(conn, SCHEMA)
+        if old:
+            run_script(conn, MIGRATE_2_TO_3_AFTER)
+        conn.execute(SET_STATE, (RECONCILE, ""))
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Statements one by one: executescript would commit the open transaction."""
+    for statement in _statements(script):
+        conn.execute(statement)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script (sqlite3.complete_statement keeps triggers whole)."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--") and not current:
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return out
+
+
+def version_id(conn: sqlite3.Connection, name: str, *, create: bool) -> int | None:
+    """The id of version dir ``name``; created if asked (inside a transaction)."""
+    if create:
+        conn.execute(ENSURE_VERSION, (name,))
+    row = conn.execute(VERSION_ID, (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def totals(conn: sqlite3.Connection) -> tuple[int, int]:
+    row = conn.execute(TOTALS).fetchone()
+    return int(row[0]), int(row[1])
+
+
+def rows_in(conn: sqlite3.Connection, vid: int, indices: range) -> dict[int, float]:
+    """Block index -> atime of the rows of version ``vid`` within ``indices``."""
+    return {
+        int(i): float(a) for i, a in conn.execute(ROWS_IN, (vid, indices.start, indices.stop))
+    }
+
+
+def add_found(conn: sqlite3.Connection, vid: int, found: Iterable[tuple[int, int, float]]) -> None:
+    """Rows (index, bytes, atime) of version ``vid`` for files that have none."""
+    conn.executemany(INSERT_FOUND, [(vid, i, b, a) for i, b, a in found])
+
+
+def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:
+    conn.executemany(DELETE_BLOCK_OLDER, [(vid, i, than) for i in indices])
+
+
+def get_state(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute(GET_STATE, (key,)).fetchone()
+    return None if row is None else str(row[0])
