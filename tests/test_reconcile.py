@@ -38,7 +38,8 @@ def _rows(conn: sqlite3.Connection) -> dict[tuple[str, int], tuple[int, float]]:
     return {
         (v, i): (b, a)
         for v, i, b, a in conn.execute(
-            "SELECT v.name, b.idx, b.bytes, b.atime FROM blocks b JOIN versions v ON v.id = b.version"
+            "SELECT v.name, b.idx, b.bytes, b.atime "
+            "FROM blocks b JOIN versions v ON v.id = b.version"
         )
     }
 
