@@ -40,7 +40,15 @@ from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
 from nwbcache_proxy.store import Staging, open_block
 from tests.support.daemons import DaemonProcess
-from tests.support.helpers import REPO, get_range, origin_host, proxied, wait_until
+from tests.support.helpers import (
+    REPO,
+    get_range,
+    origin_host,
+    proxied,
+    scrape,
+    value,
+    wait_until,
+)
 from tests.support.s3emu import LoggedRequest, S3Emulator
 
 # Slow (not in make test-fast): daemon processes (restarts, kill -9, workers, two
@@ -188,6 +196,8 @@ def test_only_an_unclean_stop_makes_the_next_start_reconcile(
         assert not _reconcile_due(cache_dir)
     r = requests.get(proxied(second.url, origin, key), timeout=TIMEOUT)
     assert r.content == data and r.headers["X-Cache"] == "HIT"
+    walked = value(scrape(second.url), "nwbcache_reconciled_files_total")
+    assert walked == (blocks if stop == "kill9" else 0)
     assert second.terminate() == 0
 
 

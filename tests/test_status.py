@@ -72,6 +72,15 @@ def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
     assert "/bucket/a" in text
 
 
+def test_text_and_html_say_when_sizes_are_approximate(busy_daemon: DaemonThread) -> None:
+    report = requests.get(f"{busy_daemon.url}/status.json", timeout=30).json()
+    assert report["cache"]["reconciling"] is False
+    assert "reconcil" not in status.render_text(report).lower()
+    report["cache"]["reconciling"] = True  # as after an unclean stop
+    assert "after an unclean stop: sizes approximate" in status.render_text(report)
+    assert "id=reconciling" in status.render_html(report)
+
+
 def test_summarize_reads_metrics_text() -> None:
     text = b"""# TYPE nwbcache_requests_total counter
 nwbcache_requests_total{method="GET",status="200",cache="hit"} 3.0

@@ -105,6 +105,17 @@ class Metrics:
             "Evicted blocks that had been used in the last 10 minutes (thrashing).",
             registry=r,
         )
+        self.reconciled_files = Counter(
+            "nwbcache_reconciled_files_total",
+            "Block files the reconciler compared with the index (after an unclean stop).",
+            registry=r,
+        )
+        self.reconciling = Gauge(
+            "nwbcache_reconciling",
+            "1 while this process reconciles the index with the files, else 0.",
+            multiprocess_mode="max",
+            registry=r,
+        )
         self.coalesced = Counter(
             "nwbcache_coalesced_requests_total",
             "Reads that joined a fetch already in flight instead of going upstream.",

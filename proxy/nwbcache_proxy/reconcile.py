@@ -42,7 +42,13 @@ class Progress:
     added: int = 0  # rows added for files that had none
     removed: int = 0  # rows dropped for files that were gone
     moved: int = 0  # format-1 blocks moved into shard dirs
+    versions: int = 0  # version rows checked for a directory
     done: bool = False
+
+    @property
+    def work(self) -> int:
+        """What a step's budget counts: files and version rows looked at."""
+        return self.files + self.versions
 
 
 def mark_needed(conn: sqlite3.Connection) -> None:
@@ -69,8 +75,8 @@ class Reconciler:
         """Reconcile at least one unit and about ``max_files`` files; returns the totals so far."""
         if self.progress.done:
             return self.progress
-        goal = self.progress.files + max_files
-        while self.progress.files < goal:
+        goal = self.progress.work + max_files
+        while self.progress.work < goal:
             if next(self._work, _END) is _END:
                 with self._conn:
                     self._conn.execute("BEGIN IMMEDIATE")
@@ -162,7 +168,7 @@ class Reconciler:
                 self._conn.execute(
                     schema.SET_STATE, (schema.RECONCILE, f"{_VERSIONS_PHASE}/{after}")
                 )
-            self.progress.files += len(batch)
+            self.progress.versions += len(batch)
             yield
 
 

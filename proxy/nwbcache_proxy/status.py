@@ -64,6 +64,7 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 "nwbcache_inflight_requests",
                 "nwbcache_upstream_breakers_open",
                 "nwbcache_stale_served_total",
+                "nwbcache_reconciling",
             ):
                 out[name.removeprefix("nwbcache_").removesuffix("_total")] += s.value
     return dict(out)
@@ -141,6 +142,8 @@ class StatusTracker:
                 "capacity_bytes": v.get("cache_capacity_bytes", 0.0),
                 "blocks": v.get("cache_blocks", 0.0),
                 "fill": _ratio(v.get("cache_size_bytes", 0.0), v.get("cache_capacity_bytes", 0.0)),
+                # After an unclean stop, sizes are approximate until this is done.
+                "reconciling": v.get("reconciling", 0.0) > 0,
             },
             "inflight_requests": v.get("inflight_requests", 0.0),
             # Upstream hosts not being asked now (circuit breaker open): misses fail fast.
@@ -204,6 +207,11 @@ def render_text(report: dict[str, Any]) -> str:
         f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks; "
         f"{_n(report['inflight_requests'])} requests in flight",
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
+        *(
+            ["reconciling the index with the files after an unclean stop: sizes approximate"]
+            if cache.get("reconciling")
+            else []
+        ),
         "",
         f"{'':36} {'last minute':>14} {'last hour':>14}",
     ]
@@ -246,6 +254,12 @@ def render_html(report: dict[str, Any]) -> str:
         )
         or "<tr><td colspan=3>(cache empty)</td></tr>"
     )
+    reconciling = (
+        " <b id=reconciling>Reconciling the index with the files after an unclean stop:"
+        " sizes are approximate.</b>"
+        if cache.get("reconciling")
+        else ""
+    )
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8>
 <meta name=viewport content="width=device-width, initial-scale=1">
@@ -258,7 +272,7 @@ of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))
 {e(_n(cache["blocks"]))} blocks; {e(_n(report["inflight_requests"]))} requests in flight;
 up {report["uptime_seconds"] / 60:.0f} min.
 Upstream hosts cut off (failing, circuit open):
-<b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.</p>
+<b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.{reconciling}</p>
 <div class=bar><div style="width:{min(fill, 1.0) * 100:.1f}%"></div></div>
 <h2>Traffic</h2>
 <table id=traffic><tr><th></th><th>last minute</th><th>last hour</th></tr>{rows}</table>

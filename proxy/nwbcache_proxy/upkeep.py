@@ -76,12 +76,17 @@ class Upkeep:
             # A process died without closing: rows it had not flushed, or files
             # an eviction had not yet unlinked, may be missing from the index.
             await self.index.mark_reconcile()
+        files = 0
         while True:
             try:
                 progress = await self.index.reconcile_step(LOADER_FILES)
             except Exception:
                 log.exception("reconciling the index failed; retrying")
                 progress = None
+            self.metrics.reconciling.set(progress is not None and not progress.done)
+            if progress is not None:
+                self.metrics.reconciled_files.inc(progress.files - files)
+                files = 0 if progress.done else progress.files
             if progress is None:
                 await asyncio.sleep(RECONCILE_POLL)
             elif progress.done:
