@@ -26,6 +26,7 @@ LAYERS: dict[str, set[str]] = {
         "layout",
         "lru",
         "objectmeta",
+        "policy",
         "readahead",
         "retry",
         "sizes",
@@ -34,6 +35,7 @@ LAYERS: dict[str, set[str]] = {
     },
     "settings": {"config", "logs"},
     "storage": {
+        "accounting",
         "aio",
         "index",
         "inflight",

@@ -12,6 +12,7 @@ import pytest
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
 from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings, load_settings
+from nwbcache_proxy.policy import Eviction
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -79,6 +80,8 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         ([], {"NWBCACHE_FSYNC": "maybe"}, "NWBCACHE_FSYNC"),
         (["--workers", "0"], {}, "workers"),
         (["--allow-upstream", "bad host!"], {}, "allow-list entry"),
+        ([], {"NWBCACHE_EVICTION": "arc"}, "must be one of s3fifo, lru, got .arc."),
+        ([], {"NWBCACHE_EVICTION": "random"}, "^NWBCACHE_EVICTION"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(
@@ -86,6 +89,19 @@ def test_bad_settings_fail_with_a_clear_message(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         load_settings(_args(*argv), environ=env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "eviction"),
+    [
+        ([], {}, Eviction.S3FIFO),
+        (["--eviction", "LRU"], {}, Eviction.LRU),
+        ([], {"NWBCACHE_EVICTION": "lru"}, Eviction.LRU),
+        (["--eviction", "s3fifo"], {"NWBCACHE_EVICTION": "lru"}, Eviction.S3FIFO),
+    ],
+)
+def test_eviction_policy(argv: list[str], env: dict[str, str], eviction: Eviction) -> None:
+    assert load_settings(_args(*argv), environ=env).eviction is eviction
 
 
 def test_unknown_config_key_is_named(tmp_path: Path) -> None:

@@ -73,9 +73,16 @@ def test_retries_and_evictions_are_counted(
     m = scrape(daemon.url)
     assert value(m, "nwbcache_upstream_retries_total", reason="throttled") == 2
     assert value(m, "nwbcache_upstream_requests_total", outcome="throttled") == 2
-    assert value(m, "nwbcache_cache_evictions_total") >= 6
+    evicted = {q: value(m, "nwbcache_cache_evictions_total", queue=q) for q in ("small", "main")}
+    assert sum(evicted.values()) >= 6 and evicted["small"] >= 5  # a scan leaves by the small queue
     assert value(m, "nwbcache_cache_evictions_recent_total") >= 6  # all were just read
     assert value(m, "nwbcache_cache_size_bytes") <= 4 * (BS + 64)
+    # S3-FIFO: block 0 enters main, the other nine the small queue.
+    assert value(m, "nwbcache_cache_admissions_total", queue="main") == 1
+    assert value(m, "nwbcache_cache_admissions_total", queue="small") == 9
+    queued = sum(value(m, "nwbcache_cache_queue_bytes", queue=q) for q in ("small", "main"))
+    assert queued == value(m, "nwbcache_cache_size_bytes")
+    assert value(m, "nwbcache_cache_queue_bytes", queue="main") == BS + 64  # block 0 kept
 
 
 def test_labels_never_carry_urls_or_secrets(

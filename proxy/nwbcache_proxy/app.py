@@ -53,7 +53,7 @@ def build_app(settings: Settings) -> web.Application:
 async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
     layout = Layout(settings.cache_dir)
-    index = CacheIndex(layout)
+    index = CacheIndex(layout, settings.eviction)
     await index.open()
     session = make_session(
         max_connections=settings.max_upstream_connections,

@@ -182,6 +182,11 @@ class Blocks:
         on_disk = await self.disk.run(lambda: {i for i, p in paths if os.path.exists(p)})
         return held | on_disk
 
+    def hit(self, v: Version, index: int) -> None:
+        """The block was served from the cache to a client whose read did not
+        fetch it (the eviction policy counts these)."""
+        self.index.hit(v.name, index)
+
     def touch(self, v: Version, index: int, file_size: int) -> None:
         """Tell the index the block was used now."""
         self.index.record(v.name, index, file_size)

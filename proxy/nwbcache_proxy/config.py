@@ -19,6 +19,7 @@ from typing import Any
 from nwbcache.env import split_entries
 from nwbcache.urls import DANDI_HOSTS, AllowList
 
+from .policy import Eviction, parse_eviction
 from .sizes import format_size, parse_size
 
 # Why 256 KiB: remfile asks for 100 KiB at least and h5py's metadata reads are
@@ -42,15 +43,12 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_CACHE_SIZE = 20 * 1024**3
 # Read-ahead for sequential readers and plain GETs. Measured (bench/suite.py
 # sweep, 30 ms / 80 MB/s per connection, cold scan of a 1 GB series): 1M
-# 46.7 s, 4M 20.2 s, 16M 14.3 s (remfile direct: 17.1 s). It is fetched as
-# several parallel requests (cache.MAX_RUN_BYTES), which is what beats a
-# per-connection bandwidth cap; the window only grows for a reader that
-# keeps reading sequentially, so scattered metadata reads never get it.
+# 46.7 s, 4M 20.2 s, 16M 14.3 s (remfile direct: 17.1 s). Fetched as parallel
+# requests (fetcher.MAX_RUN_BYTES) to beat per-connection caps, and only for
+# readers that keep reading sequentially, never scattered metadata reads.
 DEFAULT_READAHEAD = 16 * 1024 * 1024
-# S3 objects on DANDI are immutable blobs, so revalidation is rare; objects on
-# other stores may be overwritten, and a changed ETag is also caught on every
-# upstream fetch (If-Match), so this only bounds how long pure hits may serve
-# an object that changed upstream.
+# How long pure hits may serve an object that changed upstream (a changed ETag
+# is caught on every upstream fetch anyway, by If-Match).
 DEFAULT_REVALIDATE_AFTER = 3600.0
 
 
@@ -67,6 +65,7 @@ class Settings:
     cache_dir: Path = dataclasses.field(default_factory=default_cache_dir)
     cache_size: int = DEFAULT_CACHE_SIZE
     block_size: int = DEFAULT_BLOCK_SIZE
+    eviction: Eviction = Eviction.S3FIFO
     allow_upstream: tuple[str, ...] = DANDI_HOSTS
     workers: int = 1
     readahead: int = DEFAULT_READAHEAD
@@ -161,6 +160,14 @@ _OPTIONS: tuple[_Option, ...] = (
         parse_size,
         "unit of caching and of upstream reads, e.g. 256K, 4M (default 256K)",
         "SIZE",
+    ),
+    _Option(
+        "eviction",
+        "--eviction",
+        parse_eviction,
+        "which blocks go when the cache is full: s3fifo (default; scan-resistant, "
+        "keeps what is reused and every file's first block) or lru",
+        "POLICY",
     ),
     _Option(
         "allow_upstream",
@@ -387,6 +394,6 @@ def describe(settings: Settings) -> str:
     """One line for the start-up log."""
     return (
         f"cache {settings.cache_dir} ({format_size(settings.cache_size)}, "
-        f"blocks of {format_size(settings.block_size)}), "
+        f"blocks of {format_size(settings.block_size)}, eviction {settings.eviction.value}), "
         f"upstreams {', '.join(settings.allow_upstream)}"
     )

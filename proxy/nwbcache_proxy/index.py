@@ -28,8 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from . import reconcile, schema, store
+from . import accounting, reconcile, schema, store
+from .accounting import Hits, Pending, Stats
 from .layout import Layout
+from .policy import Eviction
 from .reconcile import Progress, Reconciler
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ FLUSH_MAX_PENDING = 2000
 class Totals:
     bytes: int
     blocks: int
+    small_bytes: int = 0  # in S3-FIFO's small queue; the rest is in main
+    ghosts: int = 0  # blocks S3-FIFO's ghost list remembers
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -69,8 +73,11 @@ class Evicted:
 
 
 class CacheIndex:
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, eviction: Eviction = Eviction.S3FIFO) -> None:
         self._layout = layout
+        self.eviction = eviction
+        # What the policy did in this process (admissions, evictions by queue).
+        self.stats = Stats()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="nwbcache-index"
         )
@@ -78,8 +85,10 @@ class CacheIndex:
             UNLINK_THREADS, thread_name_prefix="nwbcache-evict"
         )
         self._conn: sqlite3.Connection | None = None
-        # (version dir, block index) -> (bytes, last use), until the next flush.
-        self._pending: dict[tuple[str, int], tuple[int, float]] = {}
+        # (version dir, block index) -> (bytes, last use), and -> hits, until
+        # the next flush.
+        self._pending: Pending = {}
+        self._hits: Hits = {}
         self._pending_bytes = 0
         self._reconciler: Reconciler | None = None
         self._reconcile_fd = -1
@@ -134,6 +143,12 @@ class CacheIndex:
         self._pending[(version, index)] = (nbytes, time.time())
         self._pending_bytes += nbytes
 
+    def hit(self, version: str, index: int) -> None:
+        """Note a hit on a block: served from the cache to a client that did not
+        cause its fetch (S3-FIFO's counter; read-ahead and first reads are not hits)."""
+        key = (version, index)
+        self._hits[key] = self._hits.get(key, 0) + 1
+
     @property
     def pending_bytes(self) -> int:
         """Bytes of the blocks recorded since the last flush (an upper bound of
@@ -141,27 +156,24 @@ class CacheIndex:
         return self._pending_bytes
 
     async def flush(self) -> None:
-        if not self._pending:
+        if not self._pending and not self._hits:
             return
         batch, self._pending = self._pending, {}
+        hits, self._hits = self._hits, {}
         self._pending_bytes = 0
-        self.last_totals = await self._run(lambda: self._flush_sync(batch))
 
-    def _flush_sync(self, batch: dict[tuple[str, int], tuple[int, float]]) -> Totals:
-        by_version: dict[str, list[tuple[int, int, float]]] = {}
-        for (version, index), (nbytes, atime) in batch.items():
-            by_version.setdefault(version, []).append((index, nbytes, atime))
-        with self.conn:
-            self.conn.execute("BEGIN IMMEDIATE")
-            for version, rows in by_version.items():
-                vid = schema.version_id(self.conn, version, create=True)
-                self.conn.executemany(schema.UPSERT, [(vid, i, b, a) for i, b, a in rows])
-        return self._totals_sync()
+        def write() -> Totals:
+            accounting.record(self.conn, batch, hits, self.stats)
+            return self._totals_sync()
+
+        self.last_totals = await self._run(write)
 
     async def forget_version(self, version: str) -> None:
         """Drop the rows of the blocks of one version dir."""
         for key in [k for k in self._pending if k[0] == version]:
             self._pending_bytes -= self._pending.pop(key)[0]
+        for key in [k for k in self._hits if k[0] == version]:
+            del self._hits[key]
 
         def delete() -> None:
             with self.conn:
@@ -171,19 +183,37 @@ class CacheIndex:
 
     # -- size and eviction -------------------------------------------------
     def _totals_sync(self) -> Totals:
-        return Totals(*schema.totals(self.conn))
+        total, small, blocks, _, ghosts = self.conn.execute(schema.QUEUE_TOTALS).fetchone()
+        return Totals(int(total), int(blocks), int(small), int(ghosts))
 
     async def totals(self) -> Totals:
         self.last_totals = await self._run(self._totals_sync)
         return self.last_totals
 
-    async def evict_slice(self, target_bytes: int, batch: int = EVICT_BATCH) -> Evicted:
-        """Remove up to ``batch`` least-recently-used blocks, as many as it takes
-        for the index to total at most ``target_bytes``: their rows in one
-        transaction on the index's thread, then their files, in parallel."""
-        chosen, freed = await self._run(lambda: self._evict_rows(target_bytes, batch))
+    async def evict_slice(
+        self, target_bytes: int, capacity: int, batch: int = EVICT_BATCH
+    ) -> Evicted:
+        """Evict by the policy, looking at up to ``batch`` blocks, as many as it
+        takes for the index to total at most ``target_bytes`` (``capacity``: the
+        --cache-size the small queue's share is of). Rows in one transaction on
+        the index's thread, then the files, in parallel."""
+
+        def rows() -> accounting.Slice:
+            if self.eviction is Eviction.LRU:
+                found = accounting.evict_lru(self.conn, target_bytes, batch, self.stats)
+            else:
+                found = accounting.evict_s3fifo(
+                    self.conn, target_bytes, capacity, batch, self.stats
+                )
+            self.last_totals = self._totals_sync()
+            return found
+
+        done = await self._run(rows)
+        chosen = done.chosen
+        # More to do only if this slice got anywhere: an empty index never shrinks.
+        more = self.last_totals.bytes > target_bytes and done.looked > 0
         if not chosen:
-            return Evicted()
+            return Evicted(more=more)
         paths = [self._layout.block_path(name, idx) for name, idx, _ in chosen]
         loop = asyncio.get_running_loop()
         await asyncio.gather(
@@ -194,46 +224,16 @@ class CacheIndex:
         )
         recent_after = time.time() - RECENT_USE
         recent = sum(atime >= recent_after for _, _, atime in chosen)
-        more = self.last_totals.bytes > target_bytes
         victims = tuple((name, idx) for name, idx, _ in chosen)
-        return Evicted(len(chosen), freed, recent, more, victims)
+        return Evicted(len(chosen), done.freed, recent, more, victims)
 
-    def _evict_rows(
-        self, target_bytes: int, batch: int
-    ) -> tuple[list[tuple[str, int, float]], int]:
-        """Delete the rows of the blocks to evict; returns them (version dir,
-        index, last use) and the bytes they held."""
-        conn = self.conn
-        chosen: list[tuple[str, int, float]] = []
-        keys: list[tuple[int, int]] = []
-        freed = 0
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            total = schema.totals(conn)[0]
-            if total > target_bytes:
-                for vid, name, idx, nbytes, atime in conn.execute(schema.OLDEST, (batch,)):
-                    chosen.append((name, idx, atime))
-                    keys.append((vid, idx))
-                    freed += nbytes
-                    if total - freed <= target_bytes:
-                        break  # a batch is a bound on work, not an amount to evict
-                # Rows first, files after commit: two evicting processes never
-                # count one block twice, and a crash in between leaves orphan
-                # files that the reconciler re-adds. (A reconcile step listing
-                # a file between the two re-adds its row: a phantom row, which
-                # only overstates the size until eviction picks it, soon, by
-                # its old access time, and finds no file.)
-                conn.executemany(schema.DELETE_BLOCK, keys)
-        self.last_totals = self._totals_sync()
-        return chosen, freed
-
-    async def evict_to(self, target_bytes: int) -> Evicted:
+    async def evict_to(self, target_bytes: int, capacity: int | None = None) -> Evicted:
         """Evict slice after slice down to ``target_bytes`` (tests and tools; the
         daemon's upkeep runs slices itself, between other work)."""
         await self.flush()
         blocks = freed = recent = 0
         while True:
-            done = await self.evict_slice(target_bytes)
+            done = await self.evict_slice(target_bytes, capacity or target_bytes)
             blocks, freed, recent = blocks + done.blocks, freed + done.bytes, recent + done.recent
             if not done.more:
                 return Evicted(blocks, freed, recent)

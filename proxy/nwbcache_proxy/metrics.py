@@ -98,7 +98,30 @@ class Metrics:
             registry=r,
         )
         self.evictions = Counter(
-            "nwbcache_cache_evictions_total", "Blocks evicted to stay under capacity.", registry=r
+            "nwbcache_cache_evictions_total",
+            "Blocks evicted to stay under capacity, by the queue they left (S3-FIFO's small "
+            "or main; lru under --eviction lru).",
+            ["queue"],
+            registry=r,
+        )
+        self.admissions = Counter(
+            "nwbcache_cache_admissions_total",
+            "Blocks cached, by the queue they entered: small (new), main (an object's block "
+            "0), ghost (into main, remembered from a recent eviction).",
+            ["queue"],
+            registry=r,
+        )
+        self.promotions = Counter(
+            "nwbcache_cache_promotions_total",
+            "Blocks moved from the small queue to main because they were hit there.",
+            registry=r,
+        )
+        self.queue_bytes = Gauge(
+            "nwbcache_cache_queue_bytes",
+            "Cached bytes by S3-FIFO queue (main is the protected part).",
+            ["queue"],
+            multiprocess_mode="mostrecent",
+            registry=r,
         )
         self.evicted_recent = Counter(
             "nwbcache_cache_evictions_recent_total",

@@ -238,6 +238,8 @@ class Reader:
             body = first.bytes_of(*span)
             if body is not None:  # a small read, already in memory: no streaming
                 first.close()
+                if not first_fresh:
+                    self.blocks.hit(v, blocks.start)
                 self._traced(v, blocks)
                 self._served(len(body), upstream=first_fresh)
                 return RangeReader.of_body(outcome, body)
@@ -260,6 +262,8 @@ class Reader:
             if self.fetcher.claim(v, i):
                 fresh_blocks += 1
                 fresh_bytes += len(piece)
+            else:
+                self.blocks.hit(v, i)
         if fresh_bytes:
             self._served(fresh_bytes, upstream=True)
         if fresh_bytes < total:
@@ -301,6 +305,8 @@ class Reader:
                     self.trace.record(v, i)
                 if isinstance(source, OpenBlock):
                     self._served(hi - lo, upstream=fresh)
+                    if not fresh:
+                        self.blocks.hit(v, i)
                     yield FileSegment.of(source, lo, hi)
                 else:
                     async for chunk in source.chunks(lo, hi):

@@ -29,28 +29,56 @@ CREATE TABLE IF NOT EXISTS blocks (
     version INTEGER NOT NULL,              -- versions.id
     idx INTEGER NOT NULL,                  -- block index within the object
     bytes INTEGER NOT NULL,                -- file size on disk
-    atime REAL NOT NULL,                   -- last use, seconds since the epoch
+    atime REAL NOT NULL,                   -- last use, seconds since the epoch (LRU)
+    queue INTEGER NOT NULL DEFAULT 0,      -- S3-FIFO: 0 small, 1 main (policy.Queue)
+    freq INTEGER NOT NULL DEFAULT 0,       -- S3-FIFO: hits, 0 to 3
+    seq INTEGER NOT NULL DEFAULT 0,        -- S3-FIFO: order of entry into its queue
     PRIMARY KEY (version, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
+CREATE INDEX IF NOT EXISTS blocks_by_queue ON blocks(queue, seq);
+-- S3-FIFO's ghost list: blocks evicted from the small queue, by policy.ghost_key.
+CREATE TABLE IF NOT EXISTS ghosts (key INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS ghosts_by_seq ON ghosts(seq);
 CREATE TABLE IF NOT EXISTS totals (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     bytes INTEGER NOT NULL,
-    blocks INTEGER NOT NULL
+    blocks INTEGER NOT NULL,
+    small_bytes INTEGER NOT NULL DEFAULT 0,  -- in the small queue
+    small_blocks INTEGER NOT NULL DEFAULT 0,
+    ghosts INTEGER NOT NULL DEFAULT 0,
+    seq INTEGER NOT NULL DEFAULT 0           -- the last queue position handed out
 );
-INSERT OR IGNORE INTO totals VALUES (0, 0, 0);
+INSERT OR IGNORE INTO totals(id, bytes, blocks) VALUES (0, 0, 0);
 -- Work in progress that must survive a crash: the reconciler's cursor.
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
--- Totals kept by triggers: the cache's size and a version's are O(1) reads.
--- A version's row goes with its last block, so the table lists what is cached.
+-- Totals kept by triggers: the cache's size, a version's and a queue's are
+-- O(1) reads. A version's row goes with its last block, so the table lists
+-- what is cached.
 CREATE TRIGGER IF NOT EXISTS blocks_ins AFTER INSERT ON blocks BEGIN
-    UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = 0;
+    UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1,
+        small_bytes = small_bytes + NEW.bytes * (NEW.queue = 0),
+        small_blocks = small_blocks + (NEW.queue = 0) WHERE id = 0;
     UPDATE versions SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = NEW.version;
 END;
 CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
-    UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = 0;
+    UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1,
+        small_bytes = small_bytes - OLD.bytes * (OLD.queue = 0),
+        small_blocks = small_blocks - (OLD.queue = 0) WHERE id = 0;
     UPDATE versions SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = OLD.version;
     DELETE FROM versions WHERE id = OLD.version AND blocks <= 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blocks_queue AFTER UPDATE OF queue ON blocks
+WHEN OLD.queue != NEW.queue BEGIN
+    UPDATE totals SET
+        small_bytes = small_bytes + NEW.bytes * (NEW.queue = 0) - OLD.bytes * (OLD.queue = 0),
+        small_blocks = small_blocks + (NEW.queue = 0) - (OLD.queue = 0) WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS ghosts_ins AFTER INSERT ON ghosts BEGIN
+    UPDATE totals SET ghosts = ghosts + 1 WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS ghosts_del AFTER DELETE ON ghosts BEGIN
+    UPDATE totals SET ghosts = ghosts - 1 WHERE id = 0;
 END;
 """
 
@@ -61,9 +89,11 @@ DROP INDEX IF EXISTS blocks_by_object;
 """
 
 # Schema 2 -> 3: rows keyed by (version id, index); every row and its access
-# time kept. The old table's indexes and triggers move with the rename, so
-# they are dropped first to free their names.
+# time kept, in S3-FIFO's main queue in LRU order (a warm cache is the
+# established working set). The old tables' indexes and triggers move with
+# the renames, so they are dropped first to free their names.
 MIGRATE_2_TO_3_BEFORE = """
+ALTER TABLE totals RENAME TO totals_2;
 DROP TRIGGER IF EXISTS blocks_ins;
 DROP TRIGGER IF EXISTS blocks_del;
 DROP INDEX IF EXISTS blocks_by_atime;
@@ -71,23 +101,44 @@ DROP INDEX IF EXISTS blocks_by_version;
 ALTER TABLE blocks RENAME TO blocks_2;
 """
 MIGRATE_2_TO_3_AFTER = """
-UPDATE totals SET bytes = 0, blocks = 0 WHERE id = 0;
+DROP TABLE totals_2;
 INSERT OR IGNORE INTO versions(name) SELECT DISTINCT version FROM blocks_2;
-INSERT OR IGNORE INTO blocks(version, idx, bytes, atime)
-    SELECT v.id, CAST(substr(b.path, length(b.version) + 2) AS INTEGER), b.bytes, b.atime
+INSERT OR IGNORE INTO blocks(version, idx, bytes, atime, queue, freq, seq)
+    SELECT v.id, CAST(substr(b.path, length(b.version) + 2) AS INTEGER), b.bytes, b.atime,
+        1, 0, row_number() OVER (ORDER BY b.atime)
     FROM blocks_2 AS b JOIN versions AS v ON v.name = b.version;
+UPDATE totals SET seq = (SELECT count(*) FROM blocks) WHERE id = 0;
 DROP TABLE blocks_2;
 """
 
 ENSURE_VERSION = "INSERT INTO versions(name) VALUES (?) ON CONFLICT(name) DO NOTHING"
 VERSION_ID = "SELECT id FROM versions WHERE name = ?"
 VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
+# A block written or read: a new row enters its queue at the given place; an
+# existing one only records the use.
 UPSERT = (
-    "INSERT INTO blocks(version, idx, bytes, atime) VALUES (?, ?, ?, ?) "
+    "INSERT INTO blocks(version, idx, bytes, atime, queue, seq) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT(version, idx) DO UPDATE SET atime = max(atime, excluded.atime)"
 )
+HITS = "UPDATE blocks SET freq = min(?, freq + ?) WHERE version = ? AND idx = ?"
 # Rows for files found on disk; rows already there are left as they are.
-INSERT_FOUND = "INSERT OR IGNORE INTO blocks(version, idx, bytes, atime) VALUES (?, ?, ?, ?)"
+INSERT_FOUND = (
+    "INSERT OR IGNORE INTO blocks(version, idx, bytes, atime, queue, seq) VALUES (?, ?, ?, ?, 0, ?)"
+)
+# Hands out ``?`` queue positions: the last one is returned.
+TAKE_SEQ = "UPDATE totals SET seq = seq + ? WHERE id = 0 RETURNING seq"
+QUEUE_TOTALS = "SELECT bytes, small_bytes, blocks, small_blocks, ghosts FROM totals WHERE id = 0"
+# S3-FIFO: the oldest blocks of one queue, with their version dir.
+QUEUE_TAIL = (
+    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, b.freq FROM blocks AS b "
+    "JOIN versions AS v ON v.id = b.version WHERE b.queue = ? ORDER BY b.seq LIMIT ?"
+)
+MOVE = "UPDATE blocks SET queue = ?, freq = ?, seq = ? WHERE version = ? AND idx = ?"
+EXISTING_IN = "SELECT idx FROM blocks WHERE version = ? AND idx IN ({})"
+GHOSTS_IN = "SELECT key FROM ghosts WHERE key IN ({})"
+ADD_GHOST = "INSERT OR REPLACE INTO ghosts(key, seq) VALUES (?, ?)"
+DELETE_GHOST = "DELETE FROM ghosts WHERE key = ?"
+TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
 DELETE_BLOCK = "DELETE FROM blocks WHERE version = ? AND idx = ?"
 # Only rows older than a listing: a newer row may be of a file published since.
 DELETE_BLOCK_OLDER = "DELETE FROM blocks WHERE version = ? AND idx = ? AND atime < ?"
@@ -183,14 +234,23 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 def rows_in(conn: sqlite3.Connection, vid: int, indices: range) -> dict[int, float]:
     """Block index -> atime of the rows of version ``vid`` within ``indices``."""
-    return {
-        int(i): float(a) for i, a in conn.execute(ROWS_IN, (vid, indices.start, indices.stop))
-    }
+    return {int(i): float(a) for i, a in conn.execute(ROWS_IN, (vid, indices.start, indices.stop))}
+
+
+def take_seq(conn: sqlite3.Connection, count: int) -> int:
+    """The first of ``count`` new queue positions (inside a transaction)."""
+    last = int(conn.execute(TAKE_SEQ, (count,)).fetchone()[0])
+    return last - count + 1
 
 
 def add_found(conn: sqlite3.Connection, vid: int, found: Iterable[tuple[int, int, float]]) -> None:
-    """Rows (index, bytes, atime) of version ``vid`` for files that have none."""
-    conn.executemany(INSERT_FOUND, [(vid, i, b, a) for i, b, a in found])
+    """Rows (index, bytes, atime) of version ``vid`` for files that have none:
+    into the small queue, as any block nobody has hit yet."""
+    rows = list(found)
+    if not rows:
+        return
+    first = take_seq(conn, len(rows))
+    conn.executemany(INSERT_FOUND, [(vid, i, b, a, first + n) for n, (i, b, a) in enumerate(rows)])
 
 
 def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:

@@ -1,0 +1,179 @@
+"""The index's writes on its thread: recording use, choosing blocks to evict (LRU, S3-FIFO).
+
+Each function is one bounded transaction on a connection from schema.connect;
+policy.py says what the S3-FIFO steps do, schema.py owns the statements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections import Counter
+
+from . import policy, schema
+from .policy import Fate, Queue
+
+# Rows per `IN (...)` list: well under SQLite's limit on bound parameters.
+_IN_CHUNK = 500
+# Rows of a queue's tail read at a time during an S3-FIFO slice.
+_TAIL_READ = 256
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """What the policy did, cumulated in this process (for the metrics)."""
+
+    admitted: Counter[str] = dataclasses.field(default_factory=Counter)  # small, main, ghost
+    evicted: Counter[str] = dataclasses.field(default_factory=Counter)  # small, main, lru
+    promoted: int = 0  # small -> main, hit while in small
+    reinserted: int = 0  # main -> main, counter decremented
+
+
+Pending = dict[tuple[str, int], tuple[int, float]]  # (version, index) -> (bytes, last use)
+Hits = dict[tuple[str, int], int]  # (version, index) -> hits since the last flush
+Victim = tuple[str, int, float]  # (version dir, index, last use)
+
+
+@dataclasses.dataclass(slots=True)
+class Slice:
+    """One eviction transaction: the blocks whose rows it deleted (their files
+    are the caller's to unlink), their bytes, and how many blocks it looked at
+    (S3-FIFO moves some instead of evicting them)."""
+
+    chosen: list[Victim] = dataclasses.field(default_factory=list)
+    freed: int = 0
+    looked: int = 0
+
+
+def record(conn: sqlite3.Connection, pending: Pending, hits: Hits, stats: Stats) -> None:
+    """Store the use of blocks: new rows enter their queue (policy.admit), existing
+    ones get their access time, hit blocks their counter. One transaction."""
+    by_version: dict[str, list[tuple[int, int, float]]] = {}
+    for (version, index), (nbytes, atime) in pending.items():
+        by_version.setdefault(version, []).append((index, nbytes, atime))
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        ghosts = int(conn.execute(schema.QUEUE_TOTALS).fetchone()[4])
+        for version, rows in by_version.items():
+            vid = schema.version_id(conn, version, create=True)
+            assert vid is not None
+            known = _existing(conn, vid, [i for i, _, _ in rows])
+            new = [r for r in rows if r[0] not in known]
+            remembered = _ghosts(conn, version, [i for i, _, _ in new]) if ghosts else set()
+            params = [(vid, i, b, a, 0, 0) for i, b, a in rows if i in known]
+            if new:
+                first = schema.take_seq(conn, len(new))
+                for n, (i, b, a) in enumerate(new):
+                    queue = policy.admit(i, ghost=i in remembered)
+                    stats.admitted["ghost" if i in remembered else queue.name.lower()] += 1
+                    params.append((vid, i, b, a, int(queue), first + n))
+            conn.executemany(schema.UPSERT, params)
+            conn.executemany(
+                schema.DELETE_GHOST, [(policy.ghost_key(version, i),) for i in remembered]
+            )
+        by_hit: dict[str, list[tuple[int, int]]] = {}
+        for (version, index), count in hits.items():
+            by_hit.setdefault(version, []).append((index, count))
+        for version, counts in by_hit.items():
+            vid = schema.version_id(conn, version, create=False)
+            if vid is not None:
+                conn.executemany(schema.HITS, [(policy.MAX_FREQ, c, vid, i) for i, c in counts])
+
+
+def _existing(conn: sqlite3.Connection, vid: int, indices: list[int]) -> set[int]:
+    found: set[int] = set()
+    for lo in range(0, len(indices), _IN_CHUNK):
+        chunk = indices[lo : lo + _IN_CHUNK]
+        query = schema.EXISTING_IN.format(",".join("?" * len(chunk)))
+        found.update(int(r[0]) for r in conn.execute(query, (vid, *chunk)))
+    return found
+
+
+def _ghosts(conn: sqlite3.Connection, version: str, indices: list[int]) -> set[int]:
+    """Which of these blocks of ``version`` the ghost list remembers."""
+    keys = {policy.ghost_key(version, i): i for i in indices}
+    found: set[int] = set()
+    items = list(keys)
+    for lo in range(0, len(items), _IN_CHUNK):
+        chunk = items[lo : lo + _IN_CHUNK]
+        query = schema.GHOSTS_IN.format(",".join("?" * len(chunk)))
+        found.update(keys[int(r[0])] for r in conn.execute(query, chunk))
+    return found
+
+
+def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -> Slice:
+    """Delete the rows of up to ``batch`` least recently used blocks, as many as
+    it takes to total at most ``target`` bytes. Returns them and their bytes."""
+    chosen: list[Victim] = []
+    keys: list[tuple[int, int]] = []
+    freed = 0
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        total = schema.totals(conn)[0]
+        if total > target:
+            for vid, name, idx, nbytes, atime in conn.execute(schema.OLDEST, (batch,)):
+                chosen.append((name, idx, atime))
+                keys.append((vid, idx))
+                freed += nbytes
+                if total - freed <= target:
+                    break  # a batch is a bound on work, not an amount to evict
+            conn.executemany(schema.DELETE_BLOCK, keys)
+    stats.evicted["lru"] += len(chosen)
+    return Slice(chosen, freed, len(chosen))
+
+
+def evict_s3fifo(
+    conn: sqlite3.Connection, target: int, capacity: int, batch: int, stats: Stats
+) -> Slice:
+    """S3-FIFO: walk the tails of the small and main queues (policy.evict_from
+    says which), looking at most ``batch`` blocks: each is moved, reinserted or
+    evicted (policy.fate) until the cache totals at most ``target`` bytes."""
+    chosen: list[Victim] = []
+    freed = 0
+    looked = 0
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        total, small, blocks, small_blocks, ghosts = conn.execute(schema.QUEUE_TOTALS).fetchone()
+        main = total - small
+        seq = schema.take_seq(conn, batch)
+        while looked < batch and total - freed > target:
+            queue = policy.evict_from(small, main, capacity)
+            tail = conn.execute(
+                schema.QUEUE_TAIL, (int(queue), min(_TAIL_READ, batch - looked))
+            ).fetchall()
+            if not tail:
+                break
+            for vid, name, idx, nbytes, atime, freq in tail:
+                looked += 1
+                fate = policy.fate(queue, freq)
+                if fate is Fate.TO_MAIN or fate is Fate.REINSERT:
+                    new_freq = 0 if fate is Fate.TO_MAIN else freq - 1
+                    conn.execute(schema.MOVE, (int(Queue.MAIN), new_freq, seq, vid, idx))
+                    seq += 1
+                    if fate is Fate.TO_MAIN:
+                        small, main = small - nbytes, main + nbytes
+                        small_blocks -= 1
+                        stats.promoted += 1
+                    else:
+                        stats.reinserted += 1
+                else:
+                    conn.execute(schema.DELETE_BLOCK, (vid, idx))
+                    chosen.append((name, idx, atime))
+                    freed += nbytes
+                    blocks -= 1
+                    if fate is Fate.GHOST:
+                        conn.execute(schema.ADD_GHOST, (policy.ghost_key(name, idx), seq))
+                        seq += 1
+                        ghosts += 1
+                        small -= nbytes
+                        small_blocks -= 1
+                        stats.evicted["small"] += 1
+                    else:
+                        main -= nbytes
+                        stats.evicted["main"] += 1
+                if total - freed <= target or policy.evict_from(small, main, capacity) != queue:
+                    break
+        excess = ghosts - policy.ghost_limit(capacity, total - freed, blocks)
+        if excess > 0:
+            conn.execute(schema.TRIM_GHOSTS, (excess,))
+    return Slice(chosen, freed, looked)
