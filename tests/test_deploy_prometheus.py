@@ -380,8 +380,11 @@ def test_real_prometheus_scrapes_the_daemon_and_answers_every_dashboard_and_aler
     assert prom.value("nwbcache_request_duration_seconds_count") == n_warm + 2
     assert prom.value("nwbcache_cache_capacity_bytes") == CACHE_BLOCKS * BS
     assert 0 < prom.value("nwbcache_cache_size_bytes") <= CACHE_BLOCKS * BS
-    assert prom.value("nwbcache_cache_evictions_total") > 0
+    assert prom.value("sum(nwbcache_cache_evictions_total)") > 0
     assert prom.value("nwbcache_cache_evictions_recent_total") > 0
+    # S3-FIFO's view: blocks entered a queue, and main and small add up to the size.
+    assert prom.value("sum(nwbcache_cache_admissions_total)") > 0
+    assert prom.value("sum(nwbcache_cache_queue_bytes)") == prom.value("nwbcache_cache_size_bytes")
     assert prom.value("nwbcache_inflight_requests") == 0
 
     # -- every query of every dashboard panel returns numbers, once rate() has

@@ -36,6 +36,7 @@ def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
             "0.01",
         ],
         file_size_limit=100 * 1024,  # every 256 KiB block write fails with EFBIG
+        stderr_path=tmp_path / "daemon.log",
     ).start()
     try:
         url = proxied(daemon.url, origin, "/b/obj")
@@ -59,4 +60,5 @@ def test_write_failures_serve_exact_bytes_and_leave_no_partial_block(
         wait_until(lambda: not list(staging.rglob("*.tmp")), 10)
         assert list(staging.rglob("*.tmp")) == []
     finally:
-        assert daemon.terminate() == 0
+        status = daemon.terminate()
+        assert status == 0, (tmp_path / "daemon.log").read_text()[-3000:]

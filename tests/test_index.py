@@ -266,3 +266,22 @@ def test_connect_is_idempotent_and_a_new_index_asks_for_a_reconcile(tmp_path: Pa
         assert schema.version_id(conn, V1, create=False) is None
     finally:
         conn.close()
+
+
+async def test_a_failed_flush_keeps_its_records_for_the_next(
+    index: CacheIndex, tmp_path: Path
+) -> None:
+    index.record(V1, 0, 80)
+    index.hit(V1, 0)
+    conn = index.conn
+    broken = sqlite3.connect(":memory:")
+    broken.close()
+    index._conn = broken  # SQLite refuses (as on a full disk: "disk I/O error")
+    try:
+        assert await index.flush() is False
+        index.record(V1, 1, 20)
+        assert index.pending_bytes == 100  # kept, and added to
+    finally:
+        index._conn = conn
+    assert await index.flush() is True
+    assert _rows(Layout(tmp_path)) == {(V1, 0): 80, (V1, 1): 20}

@@ -51,6 +51,11 @@ def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None
     assert top[0]["url"].endswith("/bucket/a") and top[1]["url"].endswith("/bucket/b")
     # the last-hour window covers the whole workload too
     assert report["last_hour"]["requests"] == 5
+    # S3-FIFO: 11 blocks cached; two blocks 0 went to main, and the 7 other
+    # blocks of A, hit three times while in the small queue, wait there for a
+    # promotion that comes only when the small queue must give (no eviction yet).
+    assert since["admissions"] == 11 and since["promotions"] == 0
+    assert report["cache"]["protected"] == pytest.approx(2 / 11)
 
 
 def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None:

@@ -99,18 +99,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check = sub.add_parser(
         "check",
-        help="verify every cached block (header, checksum, version) and the index",
+        help="verify the cached blocks (header, checksum, version) and the index",
         description=(
-            "Verify every block of the cache against its object's version and its "
-            "checksum, and compare the index with the files. With --repair, delete "
+            "Verify the cache's blocks against their object's version and checksum, and "
+            "compare the index with the files, one directory at a time (memory does not "
+            "grow with the cache; a progress bar on a terminal). With --repair, delete "
             "corrupt blocks and reconcile the index. Safe while daemons are running. "
-            "Exit status 1 when problems were found and not repaired."
+            "Ctrl-C saves where it was, and --resume goes on from there. Exit status: 0 "
+            "clean or repaired, 1 problems found and not repaired, 2 usage errors, 130 "
+            "interrupted."
+        ),
+        epilog=(
+            "Examples: nwbcache check --sample 0.01; nwbcache check --repair --prefix "
+            "s3://dandiarchive/blobs/; nwbcache check --object s3://dandiarchive/blobs/abc/def/<uuid>"
         ),
     )
     check.add_argument(
         "--cache-dir", help=f"the cache (default ${env.ENV_CACHE_DIR}, else serve's default)"
     )
     check.add_argument("--repair", action="store_true", help="delete corrupt blocks, fix the index")
+    check.add_argument(
+        "--sample",
+        type=float,
+        default=1.0,
+        metavar="FRACTION",
+        help="read and verify only this random fraction of the blocks, 0 < FRACTION <= 1 "
+        "(every block is still listed and compared with the index)",
+    )
+    check.add_argument(
+        "--seed", type=int, help="the seed of --sample's choice (default random, printed)"
+    )
+    which = check.add_mutually_exclusive_group()
+    which.add_argument(
+        "--prefix",
+        metavar="URL_PREFIX",
+        help="only objects whose URL starts with URL_PREFIX, compared as cache keys are: "
+        "scheme and host lowercased, default port dropped, s3://bucket/ as "
+        "https://bucket.s3.amazonaws.com/, signature parameters dropped (a prefix that "
+        "ends with the host means that whole host). Reads every meta.json",
+    )
+    which.add_argument(
+        "--object", metavar="URL", help="only this object (straight to its directory, no walk)"
+    )
+    check.add_argument(
+        "--resume", action="store_true", help="go on with an interrupted check (same options)"
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
 
     status.add_argument("--url", help="the daemon's base URL")
     status.add_argument("--json", action="store_true", help="print the raw JSON report")
@@ -195,15 +229,39 @@ def _status(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import json
     from pathlib import Path
 
-    from nwbcache_proxy.check import check_cache
+    from nwbcache_proxy.check import CheckError, CheckOptions, check_cache, url_key
     from nwbcache_proxy.config import default_cache_dir
 
     cache_dir = Path(args.cache_dir or env.cache_dir() or default_cache_dir())
-    report = check_cache(cache_dir, repair=args.repair)
-    print(f"nwbcache check {cache_dir}")
-    print(report.summary())
+    try:
+        options = CheckOptions(
+            repair=args.repair,
+            sample=args.sample,
+            seed=args.seed,
+            prefix=None if args.prefix is None else url_key(args.prefix, prefix=True),
+            key=None if args.object is None else url_key(args.object),
+        )
+        report = check_cache(cache_dir, options, resume=args.resume, progress=sys.stderr.isatty())
+    except CheckError as exc:
+        print(f"nwbcache check: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the walk began: nothing to resume
+        return 130
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"nwbcache check {cache_dir}")
+        print(report.summary())
+    if report.interrupted:
+        print(
+            "nwbcache check: interrupted; to go on from where it stopped, run the same "
+            "command with --resume",
+            file=sys.stderr,
+        )
+        return 130
     return 0 if report.ok or args.repair else 1
 
 

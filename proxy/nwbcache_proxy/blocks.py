@@ -59,9 +59,12 @@ class Blocks:
     async def start(self) -> None:
         self._staging = await self.disk.run(lambda: Staging(self.layout))
 
-    async def close(self) -> None:
+    async def close(self, *, keep_staging: bool = False) -> None:
+        """``keep_staging``: leave the staging dir as a crash would, so the next
+        start reconciles the index (store.sweep_leftovers)."""
         if self._staging is not None:
-            await self.disk.run(self._staging.close)
+            staging = self._staging
+            await self.disk.run(staging.release if keep_staging else staging.close)
         self.table.close_all()
 
     @property
@@ -198,7 +201,7 @@ class Blocks:
         path = v.block_path(index)
         staging = self.staging
         try:
-            size = await self.disk.run(
+            size, fd = await self.disk.run(
                 lambda: store.publish_block(staging, path, index, data, v.digest, fsync=self.fsync)
             )
         except OSError as exc:
@@ -206,6 +209,8 @@ class Blocks:
             self._on_pressure()
             return False
         self._verified.put(str(path), 1)
+        # Held open from now: its first reader needs no open (eviction forgets it).
+        self.table.adopt(v.name, index, fd, size).release()
         self.touch(v, index, size)
         if self.index.last_totals.bytes + self.index.pending_bytes > self.capacity:
             self._on_pressure()

@@ -115,9 +115,13 @@ class BlockCache:
         if self.trace is not None:
             await self.trace.flush()
         # Flushed before the staging dir goes: a process without one stopped
-        # cleanly, and its use is in the index (store.sweep_leftovers).
-        await self.index.flush()
-        await self.blocks.close()
+        # cleanly, and its use is in the index (store.sweep_leftovers). If the
+        # index cannot be written, the staging dir stays: the next start then
+        # reconciles, as after a crash.
+        clean = await self.index.flush()
+        if not clean:
+            log.warning("the index misses this run's last use: the next start reconciles")
+        await self.blocks.close(keep_staging=not clean)
         self.disk.shutdown()
 
     async def resolve(

@@ -155,9 +155,11 @@ class CacheIndex:
         what the flush will add to the totals)."""
         return self._pending_bytes
 
-    async def flush(self) -> None:
+    async def flush(self) -> bool:
+        """Store what was recorded; False when SQLite could not (a full disk): the
+        records are kept for the next flush, and nothing is lost but accounting."""
         if not self._pending and not self._hits:
-            return
+            return True
         batch, self._pending = self._pending, {}
         hits, self._hits = self._hits, {}
         self._pending_bytes = 0
@@ -166,7 +168,18 @@ class CacheIndex:
             accounting.record(self.conn, batch, hits, self.stats)
             return self._totals_sync()
 
-        self.last_totals = await self._run(write)
+        try:
+            self.last_totals = await self._run(write)
+        except sqlite3.Error as exc:
+            log.warning("could not write the cache index (retrying later): %s", exc)
+            for key, value in batch.items():  # newer records win
+                if key not in self._pending:
+                    self._pending[key] = value
+                    self._pending_bytes += value[0]
+            for key, count in hits.items():
+                self._hits[key] = self._hits.get(key, 0) + count
+            return False
+        return True
 
     async def forget_version(self, version: str) -> None:
         """Drop the rows of the blocks of one version dir."""

@@ -78,16 +78,17 @@ class InflightBlock:
                 raise self.error
             await self._event.wait()
 
-    async def chunks(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def chunks(self, start: int, end: int) -> AsyncIterator[memoryview]:
         """Bytes [start, end) of the block, yielded as soon as they arrive."""
         pos = start
         while pos < end:
             if self.filled > pos:
                 assert self._buf is not None
                 upto = min(self.filled, end)
-                # A copy: the buffer outlives nothing, but bytes handed to a
-                # transport must not alias memory that is still being filled.
-                yield bytes(self._buf[pos:upto])
+                # No copy: bytes below ``filled`` are never written again (the
+                # buffer is allocated once, at full length, and only fills its
+                # tail), so a transport may keep a view of them.
+                yield memoryview(self._buf)[pos:upto]
                 pos = upto
                 continue
             if self.error is not None:

@@ -89,12 +89,20 @@ class Layout:
     def block_index_of(block_file_name: str) -> int | None:
         """``n`` of ``<n>.blk``, or None for any other name."""
         stem = block_file_name.removesuffix(".blk")
-        return int(stem) if stem != block_file_name and stem.isdigit() else None
+        return _number(stem) if stem != block_file_name else None
 
     @staticmethod
     def shard_of_dir(shard_dir_name: str) -> int | None:
         """``s`` of a shard dir's name, or None for any other name."""
-        return int(shard_dir_name) if shard_dir_name.isdigit() else None
+        return _number(shard_dir_name)
+
+
+def _number(text: str) -> int | None:
+    """The number ``text`` spells as this layout writes numbers (ASCII digits, no
+    leading zero), else None: ``007`` is not where block 7 lives."""
+    if not (text.isascii() and text.isdigit()) or (len(text) > 1 and text[0] == "0"):
+        return None
+    return int(text)
 
 
 def shard_of(index: int) -> int:

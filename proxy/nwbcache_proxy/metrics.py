@@ -116,6 +116,12 @@ class Metrics:
             "Blocks moved from the small queue to main because they were hit there.",
             registry=r,
         )
+        # Every label value exported from the start (at 0): a rate over a
+        # series that appears later misses its first increase.
+        for queue in ("small", "main", "lru"):
+            self.evictions.labels(queue)
+        for queue in ("small", "main", "ghost"):
+            self.admissions.labels(queue)
         self.queue_bytes = Gauge(
             "nwbcache_cache_queue_bytes",
             "Cached bytes by S3-FIFO queue (main is the protected part).",

@@ -104,7 +104,7 @@ class ReadFor:
 # A read for a request without credentials, fresh and online (the default).
 PLAIN = ReadFor()
 
-Segment = FileSegment | bytes
+Segment = FileSegment | bytes | memoryview
 Source = OpenBlock | InflightBlock
 
 

@@ -52,7 +52,11 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 out["upstream_requests"] += s.value
                 if labels.get("outcome") != "ok":
                     out["upstream_errors"] += s.value
+            elif name == "nwbcache_cache_queue_bytes":
+                out[f"cache_queue_bytes_{labels.get('queue', '')}"] += s.value
             elif name in (
+                "nwbcache_cache_admissions_total",
+                "nwbcache_cache_promotions_total",
                 "nwbcache_upstream_bytes_total",
                 "nwbcache_upstream_retries_total",
                 "nwbcache_cache_evictions_total",
@@ -99,6 +103,8 @@ def window(now: Snapshot, then: Snapshot | None) -> dict[str, Any]:
         "server_errors": _delta(now, then, "requests_5xx"),
         "evictions": _delta(now, then, "cache_evictions"),
         "evictions_recent": _delta(now, then, "cache_evictions_recent"),
+        "admissions": _delta(now, then, "cache_admissions"),
+        "promotions": _delta(now, then, "cache_promotions"),
         "coalesced": _delta(now, then, "coalesced_requests"),
         "stale_served": _delta(now, then, "stale_served"),
     }
@@ -142,6 +148,10 @@ class StatusTracker:
                 "capacity_bytes": v.get("cache_capacity_bytes", 0.0),
                 "blocks": v.get("cache_blocks", 0.0),
                 "fill": _ratio(v.get("cache_size_bytes", 0.0), v.get("cache_capacity_bytes", 0.0)),
+                # S3-FIFO's main queue: what a scan cannot push out.
+                "protected": _ratio(
+                    v.get("cache_queue_bytes_main", 0.0), v.get("cache_size_bytes", 0.0)
+                ),
                 # After an unclean stop, sizes are approximate until this is done.
                 "reconciling": v.get("reconciling", 0.0) > 0,
             },
@@ -196,6 +206,8 @@ ROWS: tuple[tuple[str, str, Any], ...] = (
     ("Served stale (upstream unconfirmed)", "stale_served", _n),
     ("Evictions", "evictions", _n),
     ("Evictions of recently used blocks", "evictions_recent", _n),
+    ("Blocks cached (admitted)", "admissions", _n),
+    ("Promoted to the protected queue (reused)", "promotions", _n),
 )
 
 
@@ -204,7 +216,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [
         f"nwbcache {report['version']}  up {report['uptime_seconds'] / 60:.0f} min",
         f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
-        f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks; "
+        f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks, "
+        f"{_pct(cache.get('protected'))} protected; "
         f"{_n(report['inflight_requests'])} requests in flight",
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
         *(
@@ -269,7 +282,8 @@ def render_html(report: dict[str, Any]) -> str:
 <h1>nwbcache {e(report["version"])}</h1>
 <p>Cache: <b id=cache-size>{e(_b(cache["size_bytes"]))}</b>
 of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
-{e(_n(cache["blocks"]))} blocks; {e(_n(report["inflight_requests"]))} requests in flight;
+{e(_n(cache["blocks"]))} blocks, <span id=protected>{e(_pct(cache.get("protected")))}</span>
+protected (reused, kept through scans); {e(_n(report["inflight_requests"]))} requests in flight;
 up {report["uptime_seconds"] / 60:.0f} min.
 Upstream hosts cut off (failing, circuit open):
 <b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.{reconciling}</p>

@@ -72,6 +72,7 @@ def make_session(
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
         raise_for_status=False,
+        read_bufsize=1024 * 1024,  # reading pauses at 2x: 64 KiB paused it at every recv
         trust_env=False,  # an HTTP(S)_PROXY in the daemon's env must not reroute upstream reads
     )
 
@@ -384,15 +385,14 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
 async def _body(resp: aiohttp.ClientResponse, skip: int, length: int) -> AsyncIterator[bytes]:
     """The ``length`` bytes after the first ``skip`` of a response body."""
     remaining = length
-    async for chunk in resp.content.iter_any():
+    async for chunk, _ in resp.content.iter_chunks():  # iter_any joins buffers: a copy
         if skip:
             if len(chunk) <= skip:
                 skip -= len(chunk)
                 continue
             chunk = chunk[skip:]
             skip = 0
-        if len(chunk) > remaining:
-            chunk = chunk[:remaining]
+        chunk = chunk[:remaining]  # the same object when all of it is wanted
         if chunk:
             remaining -= len(chunk)
             yield chunk
