@@ -285,3 +285,25 @@ async def test_a_failed_flush_keeps_its_records_for_the_next(
         index._conn = conn
     assert await index.flush() is True
     assert _rows(Layout(tmp_path)) == {(V1, 0): 80, (V1, 1): 20}
+
+
+async def test_an_object_with_nothing_cached_leaves_nothing_on_disk(
+    index: CacheIndex, tmp_path: Path
+) -> None:
+    """Evicting a version's last block removes its dirs; its object's meta.json and
+    dir go too once no other version of it is left."""
+    layout = Layout(tmp_path)
+    other_version = "objects/aa/aaaa/9999.16"  # the same object, another version
+    for version in (V1, other_version, V2):
+        layout.meta_path_of_version(version).parent.mkdir(parents=True, exist_ok=True)
+        layout.meta_path_of_version(version).write_text("{}")
+    await _fill(index, layout, V1, 3, 10)
+    await _fill(index, layout, other_version, 1, 10)
+    await _fill(index, layout, V2, 1, 10)
+    await index.evict_to(20)  # LRU: V1's three blocks
+    assert not layout.version_path(V1).exists()
+    assert layout.meta_path_of_version(V1).exists()  # other_version is still cached
+    await index.evict_to(10)
+    assert not layout.version_path(other_version).exists()
+    assert not layout.meta_path_of_version(V1).parent.exists()  # the object is gone
+    assert layout.block_path(V2, 0).exists() and layout.meta_path_of_version(V2).exists()

@@ -267,6 +267,29 @@ def test_close_idle_closes_only_fds_unused_for_longer_than_the_threshold(
     assert not _closed(c) and _fd_is_open_on(fd_c, pc) and len(table) == 1
 
 
+def test_close_unlinked_closes_fds_of_evicted_files_a_slice_at_a_time(
+    files: Callable[[bytes], tuple[int, Path]],
+) -> None:
+    """Another process evicted (unlinked) some blocks this one holds open: their
+    space comes back as soon as a sweep reaches them, not after 60 s idle."""
+    table = OpenBlocks()
+    made = [files(bytes([n])) for n in range(10)]
+    shared = [_adopt(table, "v", n, fd) for n, (fd, _) in enumerate(made)]
+    for n in (1, 4, 8):
+        made[n][1].unlink()  # evicted elsewhere
+    reader = table.get("v", 4)  # being sent right now (and now the most recent)
+    assert reader is not None
+    assert table.close_unlinked(limit=5) == 1  # the least recent five: 0 1 2 3 5
+    assert table.close_unlinked(limit=5) == 2  # the next five: 6 7 8 9 4
+    assert table.close_unlinked(limit=5) == 0  # round again: nothing left
+    assert not table.holds("v", 1) and not table.holds("v", 4) and not table.holds("v", 8)
+    assert len(table) == 7 and _closed(shared[1]) and _closed(shared[8])
+    assert not _closed(reader) and os.pread(reader.fd, 1, 0) == b"\x04"  # until released
+    reader.release()
+    assert _closed(shared[4])
+    assert all(not _closed(shared[n]) for n in (0, 2, 3, 5, 6, 7, 9))
+
+
 def test_close_idle_leaves_a_held_fd_open_until_its_reader_is_done(
     files: Callable[[bytes], tuple[int, Path]], clock: FakeClock
 ) -> None:

@@ -43,6 +43,7 @@ class Slice:
     chosen: list[Victim] = dataclasses.field(default_factory=list)
     freed: int = 0
     looked: int = 0
+    emptied: list[str] = dataclasses.field(default_factory=list)  # versions left with no block
 
 
 def record(conn: sqlite3.Connection, pending: Pending, hits: Hits, stats: Stats) -> None:
@@ -106,6 +107,7 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
     it takes to total at most ``target`` bytes. Returns them and their bytes."""
     chosen: list[Victim] = []
     keys: list[tuple[int, int]] = []
+    emptied: list[str] = []
     freed = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
@@ -118,8 +120,10 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
                 if total - freed <= target:
                     break  # a batch is a bound on work, not an amount to evict
             conn.executemany(schema.DELETE_BLOCK, keys)
+            touched = {vid: name for (vid, _), (name, _, _) in zip(keys, chosen, strict=True)}
+            emptied = _emptied(conn, touched)
     stats.evicted["lru"] += len(chosen)
-    return Slice(chosen, freed, len(chosen))
+    return Slice(chosen, freed, len(chosen), emptied)
 
 
 def evict_s3fifo(
@@ -129,6 +133,7 @@ def evict_s3fifo(
     says which), looking at most ``batch`` blocks: each is moved, reinserted or
     evicted (policy.fate) until the cache totals at most ``target`` bytes."""
     chosen: list[Victim] = []
+    touched: dict[int, str] = {}
     freed = 0
     looked = 0
     with conn:
@@ -159,6 +164,7 @@ def evict_s3fifo(
                 else:
                     conn.execute(schema.DELETE_BLOCK, (vid, idx))
                     chosen.append((name, idx, atime))
+                    touched[vid] = name
                     freed += nbytes
                     blocks -= 1
                     if fate is Fate.GHOST:
@@ -176,4 +182,17 @@ def evict_s3fifo(
         excess = ghosts - policy.ghost_limit(capacity, total - freed, blocks)
         if excess > 0:
             conn.execute(schema.TRIM_GHOSTS, (excess,))
-    return Slice(chosen, freed, looked)
+        emptied = _emptied(conn, touched)
+    return Slice(chosen, freed, looked, emptied)
+
+
+def _emptied(conn: sqlite3.Connection, touched: dict[int, str]) -> list[str]:
+    """Which of these versions (id -> name) lost their last block: their rows in
+    ``versions`` went with it (the blocks_del trigger)."""
+    ids = list(touched)
+    left: set[int] = set()
+    for lo in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[lo : lo + _IN_CHUNK]
+        query = schema.VERSIONS_IN.format(",".join("?" * len(chunk)))
+        left.update(int(r[0]) for r in conn.execute(query, chunk))
+    return [name for vid, name in touched.items() if vid not in left]

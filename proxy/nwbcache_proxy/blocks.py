@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from . import store
 from .aio import Disk
-from .index import CacheIndex
+from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .lru import BoundedLRU
 from .openblocks import OpenBlocks, SharedFd, pread_nowait
@@ -212,7 +212,10 @@ class Blocks:
         # Held open from now: its first reader needs no open (eviction forgets it).
         self.table.adopt(v.name, index, fd, size).release()
         self.touch(v, index, size)
-        if self.index.last_totals.bytes + self.index.pending_bytes > self.capacity:
+        pending = self.index.pending_bytes
+        if pending > FLUSH_SHARE * self.capacity or (
+            self.index.last_totals.bytes + pending > self.capacity
+        ):
             self._on_pressure()
         return True
 

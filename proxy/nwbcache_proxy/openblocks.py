@@ -17,6 +17,7 @@ eviction unlinks it, so idle fds are closed by the maintenance loop
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import resource
 import time
@@ -31,6 +32,9 @@ OPEN_BLOCKS = 4096
 WANTED_NOFILE = 65536
 # An fd unused this long is closed, so space of evicted blocks comes back.
 IDLE_SECONDS = 60.0
+# Fds checked for an unlinked file per maintenance pass (an fstat each, ~1 µs,
+# on the loop): the whole table of 4,096 every 8 s, at ~0.5 ms a pass.
+UNLINKED_CHECKS = 512
 
 
 def raise_fd_limit() -> int:
@@ -96,6 +100,7 @@ class OpenBlocks:
     def __init__(self, capacity: int = OPEN_BLOCKS) -> None:
         self.capacity = capacity
         self._fds: OrderedDict[tuple[str, int], SharedFd] = OrderedDict()
+        self._sweep_from = 0  # where close_unlinked goes on
 
     def __len__(self) -> int:
         return len(self._fds)
@@ -139,6 +144,27 @@ class OpenBlocks:
         for key in stale:
             self._fds.pop(key).retire()
         return len(stale)
+
+    def close_unlinked(self, limit: int = UNLINKED_CHECKS) -> int:
+        """Close fds whose file was unlinked (evicted, by any process), looking at
+        up to ``limit`` of the least recently used per call, round-robin: such an
+        fd keeps its file's space allocated, so the cache's bound would not hold
+        on the disk. Returns how many were closed."""
+        closed = 0
+        keys = list(itertools.islice(self._fds, self._sweep_from, self._sweep_from + limit))
+        self._sweep_from = 0 if len(keys) < limit else self._sweep_from + limit
+        for key in keys:
+            shared = self._fds.get(key)
+            if shared is None or shared.closed:
+                continue
+            try:
+                gone = os.fstat(shared.fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self._fds.pop(key).retire()
+                closed += 1
+        return closed
 
     def close_all(self) -> None:
         while self._fds:

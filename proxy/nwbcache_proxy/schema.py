@@ -134,6 +134,7 @@ QUEUE_TAIL = (
     "JOIN versions AS v ON v.id = b.version WHERE b.queue = ? ORDER BY b.seq LIMIT ?"
 )
 MOVE = "UPDATE blocks SET queue = ?, freq = ?, seq = ? WHERE version = ? AND idx = ?"
+VERSIONS_IN = "SELECT id FROM versions WHERE id IN ({})"
 EXISTING_IN = "SELECT idx FROM blocks WHERE version = ? AND idx IN ({})"
 GHOSTS_IN = "SELECT key FROM ghosts WHERE key IN ({})"
 ADD_GHOST = "INSERT OR REPLACE INTO ghosts(key, seq) VALUES (?, ?)"
@@ -156,6 +157,7 @@ GET_STATE = "SELECT value FROM state WHERE key = ?"
 SET_STATE = "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)"
 CLEAR_STATE = "DELETE FROM state WHERE key = ?"
 
+WAL_LIMIT = 4 * 1024 * 1024
 # The reconciler's cursor (reconcile.py): present while a reconcile is due.
 RECONCILE = "reconcile"
 
@@ -169,6 +171,9 @@ def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    # The WAL is truncated back to this after a checkpoint: it sits in the cache
+    # dir beside the blocks and would otherwise keep its largest size.
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
     migrate(conn)
     return conn
 

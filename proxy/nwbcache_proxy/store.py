@@ -343,6 +343,32 @@ def drop_dir(layout: Layout, path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def prune_version(layout: Layout, version: str) -> bool:
+    """Remove the empty dirs of a version whose last block was evicted, and its
+    object's dir and meta.json when no other version is left: an object with
+    nothing cached keeps nothing on disk. A block published meanwhile keeps
+    its dirs (rmdir of a non-empty dir fails, and publish re-creates a dir it
+    finds gone). True when the object went entirely."""
+    vdir = layout.version_path(version)
+    for entry in _scandir(vdir):
+        _rmdir_quietly(Path(entry.path))
+    _rmdir_quietly(vdir)
+    obj = vdir.parent
+    if [e.name for e in _scandir(obj)] != ["meta.json"]:
+        return False
+    with object_lock(obj / "meta.json"):
+        if [e.name for e in _scandir(obj)] != ["meta.json"]:
+            return False
+        unlink_quietly(obj / "meta.json")
+    _rmdir_quietly(obj)
+    return True
+
+
+def _rmdir_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, OSError):
+        os.rmdir(path)
+
+
 def unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

@@ -25,6 +25,9 @@ LOW_WATER = 0.95
 # eviction run. A step of 4,096 files takes ~20-40 ms.
 LOADER_FILES = 4096
 LOADER_SLEEP = 0.02
+# How often a process looks for fds of files other processes evicted (a slice
+# of its table each time: openblocks.UNLINKED_CHECKS).
+UNLINKED_TICK = 0.25
 # How often a process looks for a reconcile due but not running (its
 # runner died, or it is another process's turn).
 RECONCILE_POLL = 30.0
@@ -107,11 +110,18 @@ class Upkeep:
 
     async def _loop(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(FLUSH_INTERVAL):
-                    await self._wakeup.wait()
-            except TimeoutError:
-                pass
+            deadline = asyncio.get_running_loop().time() + FLUSH_INTERVAL
+            while not self._wakeup.is_set():
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(min(left, UNLINKED_TICK)):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    # Blocks other processes evicted: this process's fds would
+                    # keep their space until closed.
+                    self.table.close_unlinked()
             self._wakeup.clear()
             try:
                 await self.run_pass()
@@ -123,6 +133,7 @@ class Upkeep:
         """Close idle fds, flush use to the index, evict down to the low-water mark
         if over capacity, and update the gauges."""
         self.table.close_idle()
+        self.table.close_unlinked()
         await self.index.flush()
         if self.trace is not None:
             await self.trace.flush()
