@@ -172,3 +172,16 @@ def test_memory_does_not_grow_with_the_number_of_files(tmp_path: Path, count: in
     assert p.added == count
     # Holding every path (as the old reconcile did) takes ~200 B a file, 4 MB here.
     assert peak < 1_500_000, f"peak {peak} B"
+
+
+def test_rows_of_a_shard_whose_dir_is_gone_are_dropped(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    conn = _conn(layout)
+    _file(layout, V1, 0)
+    _file(layout, V1, 2 * BLOCKS_PER_DIR)  # shards 0 and 2 exist
+    for n in (5, BLOCKS_PER_DIR + 1, 3 * BLOCKS_PER_DIR, 10**9):  # rows in shards 1, 3 and far
+        _add_row(conn, V1, n, 10, atime=1.0)
+    _add_row(conn, V1, BLOCKS_PER_DIR + 7, 10, atime=time.time() + 60)  # published after the walk
+    p = _run(layout, conn)
+    assert set(_rows(conn)) == {(V1, 0), (V1, 2 * BLOCKS_PER_DIR), (V1, BLOCKS_PER_DIR + 7)}
+    assert (p.added, p.removed) == (2, 4)

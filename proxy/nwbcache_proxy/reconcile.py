@@ -33,6 +33,10 @@ from .layout import Layout, block_relpath, shard_range
 # The phase-2 cursor sorts after every object path (hex digits < "~").
 _VERSIONS_PHASE = "~"
 _END = object()
+# The unit after a version's shards (sorts after their zero-padded numbers).
+_GAPS = "~gaps"
+# Past any block index (SQLite's INTEGER is 64-bit).
+_NO_INDEX = 2**62
 VERSION_BATCH = 256
 
 
@@ -106,6 +110,7 @@ class Reconciler:
 
     def _version(self, path: Path, key: list[str]) -> Iterator[None]:
         yield from self._move_flat(path)
+        listed_at = time.time()
         shards = sorted(
             s for s in (Layout.shard_of_dir(d) for d in _names(path, dirs=True)) if s is not None
         )
@@ -116,6 +121,22 @@ class Reconciler:
                 continue
             self._shard(name, shard, path / str(shard), "/".join(unit))
             yield
+        unit = [*key, _GAPS]
+        if unit > self._cursor:
+            self._gaps(name, shards, listed_at, "/".join(unit))
+            yield
+
+    def _gaps(self, name: str, shards: list[int], listed_at: float, cursor: str) -> None:
+        """Drop the rows of blocks in shards with no dir (rows no shard visit sees)."""
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            vid = schema.version_id(self._conn, name, create=False)
+            if vid is not None:
+                for gap in _between(shards):
+                    rows = schema.rows_in(self._conn, vid, gap)
+                    schema.delete_older(self._conn, vid, list(rows), listed_at)
+                    self.progress.removed += sum(1 for a in rows.values() if a < listed_at)
+            self._conn.execute(schema.SET_STATE, (schema.RECONCILE, cursor))
 
     def _move_flat(self, path: Path) -> Iterator[None]:
         """Format 1 kept a version's blocks in its dir: move them into shard dirs."""
@@ -211,6 +232,19 @@ def sync_shard(
         schema.add_found(conn, vid, missing)
         schema.delete_older(conn, vid, gone, listed_at)
     return len(missing), len(gone)
+
+
+def _between(shards: list[int]) -> list[range]:
+    """The block indices of no shard in ``shards`` (sorted), as ranges."""
+    gaps: list[range] = []
+    start = 0
+    for shard in shards:
+        lo = shard_range(shard)
+        if lo.start > start:
+            gaps.append(range(start, lo.start))
+        start = lo.stop
+    gaps.append(range(start, _NO_INDEX))
+    return gaps
 
 
 def _scan(path: Path) -> Iterator[os.DirEntry[str]]:
