@@ -148,12 +148,18 @@ def evict_s3fifo(
             ).fetchall()
             if not tail:
                 break
+            # Decide the whole tail read, then write it with executemany: the
+            # loop over rows runs in C, not here, holding the GIL less (the
+            # event loop shares it).
+            moves: list[tuple[int, int, int, int, int]] = []
+            deletes: list[tuple[int, int]] = []
+            new_ghosts: list[tuple[int, int]] = []
             for vid, name, idx, nbytes, atime, freq in tail:
                 looked += 1
                 fate = policy.fate(queue, freq)
                 if fate is Fate.TO_MAIN or fate is Fate.REINSERT:
                     new_freq = 0 if fate is Fate.TO_MAIN else freq - 1
-                    conn.execute(schema.MOVE, (int(Queue.MAIN), new_freq, seq, vid, idx))
+                    moves.append((int(Queue.MAIN), new_freq, seq, vid, idx))
                     seq += 1
                     if fate is Fate.TO_MAIN:
                         small, main = small - nbytes, main + nbytes
@@ -162,13 +168,13 @@ def evict_s3fifo(
                     else:
                         stats.reinserted += 1
                 else:
-                    conn.execute(schema.DELETE_BLOCK, (vid, idx))
+                    deletes.append((vid, idx))
                     chosen.append((name, idx, atime))
                     touched[vid] = name
                     freed += nbytes
                     blocks -= 1
                     if fate is Fate.GHOST:
-                        conn.execute(schema.ADD_GHOST, (policy.ghost_key(name, idx), seq))
+                        new_ghosts.append((policy.ghost_key(name, idx), seq))
                         seq += 1
                         ghosts += 1
                         small -= nbytes
@@ -179,6 +185,9 @@ def evict_s3fifo(
                         stats.evicted["main"] += 1
                 if total - freed <= target or policy.evict_from(small, main, capacity) != queue:
                     break
+            conn.executemany(schema.MOVE, moves)
+            conn.executemany(schema.DELETE_BLOCK, deletes)
+            conn.executemany(schema.ADD_GHOST, new_ghosts)
         excess = ghosts - policy.ghost_limit(capacity, total - freed, blocks)
         if excess > 0:
             conn.execute(schema.TRIM_GHOSTS, (excess,))

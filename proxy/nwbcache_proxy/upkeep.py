@@ -60,6 +60,7 @@ class Upkeep:
     def start(self) -> None:
         self._tasks.spawn(self._sweep_and_reconcile())
         self._tasks.spawn(self._loop())
+        self.wake()  # a first pass at once: a cut --cache-size is acted on now
 
     async def close(self) -> None:
         await self._tasks.close()
