@@ -79,10 +79,18 @@ def test_retries_and_evictions_are_counted(
     assert value(m, "nwbcache_cache_size_bytes") <= 4 * (BS + 64)
     # S3-FIFO: block 0 enters main, the other nine the small queue.
     assert value(m, "nwbcache_cache_admissions_total", queue="main") == 1
-    assert value(m, "nwbcache_cache_admissions_total", queue="small") == 9
+    # (At least: read-ahead can outrun a 4-block cache, and a block evicted
+    # before its reader got to it is fetched and admitted again.)
+    assert value(m, "nwbcache_cache_admissions_total", queue="small") >= 9
     queued = sum(value(m, "nwbcache_cache_queue_bytes", queue=q) for q in ("small", "main"))
     assert queued == value(m, "nwbcache_cache_size_bytes")
-    assert value(m, "nwbcache_cache_queue_bytes", queue="main") == BS + 64  # block 0 kept
+    # Block 0 is kept in main; a block read-ahead fetched and the tiny cache
+    # evicted before the reader got to it comes back from the ghost list into
+    # main too.
+    ghosts = value(m, "nwbcache_cache_admissions_total", queue="ghost")
+    assert (
+        BS + 64 <= value(m, "nwbcache_cache_queue_bytes", queue="main") <= (1 + ghosts) * (BS + 64)
+    )
 
 
 def test_labels_never_carry_urls_or_secrets(
