@@ -30,6 +30,7 @@ from . import blockfile, reconcile, schema, store
 from .blockfile import HEADER_SIZE, CorruptBlock
 from .layout import BLOCKS_PER_DIR, Layout, key_hash
 from .objectmeta import ObjectMeta, block_span
+from .reconcile import scan_dir
 
 MAX_CORRUPT = 1000  # corrupt paths kept in the report (all are counted)
 SHOWN_CORRUPT = 20  # of them, listed by the text summary
@@ -267,7 +268,7 @@ class _Run:
         name, listed_at = self.layout.relative(vdir), time.time()
         shards: list[tuple[int, str]] = []
         flat = 0
-        for entry in _scan(vdir):
+        for entry in scan_dir(vdir):
             if entry.is_dir(follow_symlinks=False):
                 shard = Layout.shard_of_dir(entry.name)
                 shards += [(shard, entry.name)] if shard is not None else []
@@ -387,13 +388,5 @@ def _verify(path: Path, file: str, index: int, meta: ObjectMeta | None, bs: int)
     return None
 
 
-def _scan(path: Path) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as it:
-            yield from it
-    except (FileNotFoundError, NotADirectoryError):
-        return
-
-
 def _subdirs(path: Path) -> list[str]:
-    return sorted(e.name for e in _scan(path) if e.is_dir(follow_symlinks=False))
+    return sorted(e.name for e in scan_dir(path) if e.is_dir(follow_symlinks=False))

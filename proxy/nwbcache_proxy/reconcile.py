@@ -142,7 +142,7 @@ class Reconciler:
         """Format 1 kept a version's blocks in its dir: move them into shard dirs."""
         batch = 0
         made: set[str] = set()
-        for entry in _scan(path):
+        for entry in scan_dir(path):
             index = Layout.block_index_of(entry.name)
             if index is None or not entry.is_file(follow_symlinks=False):
                 continue
@@ -196,7 +196,7 @@ class Reconciler:
 def list_shard(path: Path, shard: int) -> dict[int, tuple[int, float]]:
     """Block index -> (size, mtime) of the block files in shard dir ``path``."""
     found: dict[int, tuple[int, float]] = {}
-    for entry in _scan(path):
+    for entry in scan_dir(path):
         index = Layout.block_index_of(entry.name)
         if index is None or index not in shard_range(shard):
             continue
@@ -247,7 +247,8 @@ def _between(shards: list[int]) -> list[range]:
     return gaps
 
 
-def _scan(path: Path) -> Iterator[os.DirEntry[str]]:
+def scan_dir(path: Path) -> Iterator[os.DirEntry[str]]:
+    """The entries of ``path``; none when it is gone (evicted or dropped meanwhile)."""
     try:
         with os.scandir(path) as it:
             yield from it
@@ -256,4 +257,4 @@ def _scan(path: Path) -> Iterator[os.DirEntry[str]]:
 
 
 def _names(path: Path, *, dirs: bool) -> list[str]:
-    return [e.name for e in _scan(path) if e.is_dir(follow_symlinks=False) == dirs]
+    return [e.name for e in scan_dir(path) if e.is_dir(follow_symlinks=False) == dirs]
