@@ -1,0 +1,146 @@
+"""The cold-fill benchmark (bench/coldfill.py): its reader, its report, and a tiny run.
+
+No timing is asserted: what a broken harness would get wrong is checked
+(every figure measured, every byte read the origin's, both caches filled).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import coldfill
+from tests.support.helpers import REPO, system_tool
+from tests.support.s3emu import S3Emulator
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("streams", [1, 3])
+def test_read_ranges_reads_the_object_byte_exact(origin: S3Emulator, streams: int) -> None:
+    data = os.urandom(5 * MIB + 123)  # the last range is a short one
+    origin.put("/bucket/obj", data)
+    buf = memoryview(bytearray(len(data)))
+    coldfill.read_ranges(origin.url_for("/bucket/obj"), buf, 1 * MIB, streams)
+    assert buf == data
+    coldfill.zero(buf)
+    assert buf == bytes(len(data))
+
+
+def test_read_ranges_refuses_a_wrong_answer(origin: S3Emulator) -> None:
+    origin.put("/bucket/obj", b"x" * 1000)
+    buf = memoryview(bytearray(2000))  # larger than the object: Content-Range differs
+    with pytest.raises(RuntimeError, match="bytes 0-999/2000"):
+        coldfill.read_ranges(origin.url_for("/bucket/obj"), buf, 1000, 1)
+    with pytest.raises(RuntimeError, match="404"):
+        coldfill.read_ranges(origin.url_for("/bucket/missing"), buf, 1000, 1)
+
+
+def _run(system: str, run: int, mb_per_s: float, cpu: float | None) -> coldfill.Run:
+    return coldfill.Run(
+        system=system,
+        streams=4,
+        run=run,
+        order=0,
+        seconds=1.0,
+        mb_per_s=mb_per_s,
+        server_cpu_s=cpu,
+        server_user_s=None if cpu is None else cpu / 2,
+        server_sys_s=None if cpu is None else cpu / 2,
+        server_cpu_s_per_gib=None if cpu is None else cpu * 4,
+        origin_cpu_s_per_gib=1.0,
+        client_cpu_s_per_gib=0.5,
+        upstream_bytes=256 * MIB,
+        upstream_requests=16,
+        cached_bytes=None if system == "origin" else 257 * MIB,
+        sha256="ab",
+        sha_ok=True,
+    )
+
+
+def test_summary_medians_ratios_and_targets() -> None:
+    runs = [
+        _run("origin", 0, 1000, None),
+        _run("nginx", 0, 400, 0.25),
+        _run("nwbcache", 0, 500, 0.5),
+        _run("origin", 1, 1200, None),
+        _run("nginx", 1, 600, 0.25),
+        _run("nwbcache", 1, 500, 1.0),
+        _run("origin", 2, 1100, None),
+        _run("nginx", 2, 500, 0.25),
+        _run("nwbcache", 2, 450, 1.0),
+    ]
+    summary = coldfill.summarize(runs, [4])
+    row = summary["4"]
+    assert row["nginx"]["mb_per_s"] == 500 and row["nwbcache"]["mb_per_s"] == 500
+    assert row["ratio_mb_per_s"] == 1.0
+    assert row["nwbcache"]["server_cpu_s_per_gib"] == 4.0
+    assert row["ratio_cpu_per_gib"] == 4.0
+    assert row["nwbcache_faster_runs"] == 1 and row["paired_runs"] == 3
+    assert row["origin"]["server_cpu_s_per_gib"] is None
+    found = coldfill.targets(summary)
+    assert [(t["met"], t["value"]) for t in found] == [(True, 1.0), (False, 4.0)]
+    report = {
+        "command": "python -m bench.coldfill",
+        "machine": {"cpu": "x", "cores": 2, "memory_gib": 1.0},
+        "versions": {"nginx": "1.22.1", "python": "3.11", "nwbcache_commit": None},
+        "settings": {
+            "size": 256 * MIB,
+            "range": 16 * MIB,
+            "block_size": "256K",
+            "workers": 1,
+            "runs": 3,
+        },
+        "summary": summary,
+        "targets": found,
+        "problems": [],
+    }
+    md = coldfill.markdown(report)
+    assert "| 4 | nwbcache | 500 | 1.00 | 4.00 (0.50 + 0.50) | 4.00 |" in md
+    assert "| 4 stream(s): nwbcache daemon CPU s/GiB | 4.00 | ≤ 3 | MISSED |" in md
+    assert "in 1 of 3 paired runs" in md
+
+
+@pytest.mark.slow  # the emulator, nginx and the daemon as processes
+def test_coldfill_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    system_tool("nginx")
+    out = tmp_path / "results.json"
+    args = ["--quick", "--size", "16M", "--runs", "1", "--streams", "1", "--settle", "0.1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.coldfill", *args, "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    size = 16 * MIB
+    assert report["settings"]["size"] == size
+    runs = report["runs"]
+    assert sorted(r["system"] for r in runs) == ["nginx", "nwbcache", "origin"]
+    for r in runs:
+        assert r["sha_ok"] and r["sha256"] == report["origin_sha256"], r
+        assert r["mb_per_s"] > 0 and r["origin_cpu_s_per_gib"] >= 0
+        assert r["upstream_bytes"] >= size, r  # cold: everything came from the origin
+        if r["system"] != "origin":
+            assert r["server_cpu_s"] is not None and r["server_cpu_s"] > 0, r
+            assert r["cached_bytes"] >= size, r  # and the cache holds it
+    row = report["summary"]["1"]
+    for system in coldfill.SYSTEMS:
+        assert row[system]["runs"] == 1 and row[system]["sha_ok"] == 1
+        assert row[system]["mb_per_s"] > 0
+    for key in ("ratio_mb_per_s", "ratio_cpu_per_gib"):
+        assert row[key] is not None and row[key] > 0
+    assert [t["met"] is not None for t in report["targets"]] == [True, True]
+    md = out.with_suffix(".md").read_text()
+    assert "| 1 | nwbcache |" in md and "| 1 | nginx slice cache |" in md
+    assert hashlib.sha256(b"").hexdigest() != report["origin_sha256"]
+    assert not list(tmp_path.glob("coldfill-*"))  # the scratch dir is gone
