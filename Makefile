@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,16 @@ bench: $(STAMP) test-deps
 ## bench-quick: the same suite on smaller files (~10 min); bench/results-quick.json
 bench-quick: $(STAMP) test-deps
 	$(BIN)/python -m bench.suite --scale quick $(ARGS)
+
+## bench-scale: the daemon at 100k..2M cached blocks of 4 KiB (fill, start-up, reconcile,
+## eviction, status, check; ~20 GB of disk, ~1 h); bench/results-scale.json
+bench-scale: $(STAMP)
+	$(BIN)/python -m bench.scale $(ARGS)
+
+## bench-coldfill: a cold fill through nwbcache against nginx's slice cache, same origin,
+## same reads (256 MiB in 16 MiB ranges, 4 streams, 5 runs; ~2 min); bench/results-coldfill.json
+bench-coldfill: $(STAMP) test-deps
+	$(BIN)/python -m bench.coldfill $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench
