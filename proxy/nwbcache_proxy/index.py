@@ -212,9 +212,13 @@ class CacheIndex:
         """Evict by the policy, looking at up to ``batch`` blocks, as many as it
         takes for the index to total at most ``target_bytes`` (``capacity``: the
         --cache-size the small queue's share is of). Rows in one transaction on
-        the index's thread, then the files, in parallel."""
+        the index's thread, then the files, in parallel.
 
-        def rows() -> accounting.Slice:
+        The whole slice is one job off the event loop: under a stream of hits
+        each hop back to the loop waits its turn, and with a hop per step the
+        eviction of a 1M-block cache ran at a third of its idle rate."""
+
+        def evict() -> accounting.Slice:
             if self.eviction is Eviction.LRU:
                 found = accounting.evict_lru(self.conn, target_bytes, batch, self.stats)
             else:
@@ -222,27 +226,22 @@ class CacheIndex:
                     self.conn, target_bytes, capacity, batch, self.stats
                 )
             self.last_totals = self._totals_sync()
+            chosen = found.chosen
+            # Paths are made in the unlinking threads, not on the event loop.
+            jobs = [
+                self._unlinker.submit(_unlink_all, self._layout, chosen[i::UNLINK_THREADS])
+                for i in range(min(UNLINK_THREADS, len(chosen)))
+            ]
+            for job in jobs:
+                job.result()
+            for version in found.emptied:  # its dirs and meta.json take space too
+                store.prune_version(self._layout, version)
             return found
 
-        done = await self._run(rows)
+        done = await self._run(evict)
         chosen = done.chosen
         # More to do only if this slice got anywhere: an empty index never shrinks.
         more = self.last_totals.bytes > target_bytes and done.looked > 0
-        if not chosen:
-            return Evicted(more=more)
-        # Paths are made in the unlinking threads: 1,024 of them took ~3 ms,
-        # which on the event loop would delay every request by as much.
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self._unlinker, _unlink_all, self._layout, chosen[i::UNLINK_THREADS]
-                )
-                for i in range(min(UNLINK_THREADS, len(chosen)))
-            )
-        )
-        for version in done.emptied:  # its dirs and meta.json take space too
-            await loop.run_in_executor(self._unlinker, store.prune_version, self._layout, version)
         recent_after = time.time() - RECENT_USE
         recent = sum(atime >= recent_after for _, _, atime in chosen)
         victims = tuple((name, idx) for name, idx, _ in chosen)
