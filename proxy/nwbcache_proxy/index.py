@@ -1,7 +1,8 @@
 """The cache's accounting in SQLite, shared by every daemon process: sizes, last use, eviction.
 
 The index answers "how big is the cache (and each version)" and "which
-blocks were used least recently"; it never answers "is this block cached"
+blocks go next" (by the eviction policy: accounting.py, policy.py); it
+never answers "is this block cached"
 (the file does). It may lag the files by a flush interval, and after a
 crash it may miss blocks or list gone ones: the reconciler (reconcile.py)
 repairs both, and a row without a file or a file without a row never causes
@@ -36,7 +37,7 @@ from .reconcile import Progress, Reconciler
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Rows one eviction slice removes (rows in one transaction, then their files):
+# Rows one eviction slice looks at (rows in one transaction, then the files):
 # bounded work per step, so flushes, reconcile steps and other processes'
 # writes never wait long (diskcache's cull_limit, nginx's manager_files).
 EVICT_BATCH = 1024
