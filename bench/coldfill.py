@@ -67,15 +67,15 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from bench.harness import (
-    NGINX_CONF,
     Emulator,
     Nginx,
     Nwbcache,
+    git_commit,
+    machine,
     process_tree,
-    wait_for_port,
 )
 from nwbcache_proxy.sizes import format_size, parse_size
-from tests.support.helpers import REPO, free_port
+from tests.support.helpers import REPO
 
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("origin", "nginx", "nwbcache")
@@ -93,47 +93,6 @@ TARGET_SPEED_RATIO = 1.0  # nwbcache MB/s / nginx MB/s, same run, at least
 TARGET_CPU_PER_GIB = 3.0  # daemon CPU s per GiB filled, at most
 # The emulator counts as idle (the fill done) after this many quiet seconds.
 QUIET = 0.2
-
-# harness.NGINX_CONF, with the slice size a parameter (it has 1m).
-_SLICE_LINE = "slice 1m;"
-assert _SLICE_LINE in NGINX_CONF, "bench/harness.py's nginx config changed"
-SLICE_CONF = NGINX_CONF.replace(_SLICE_LINE, "slice {slice};")
-
-
-class SliceNginx(Nginx):
-    """bench/harness.py's nginx slice cache, with another slice size."""
-
-    def __init__(
-        self, prefix: Path, cache_dir: Path, upstream_host: str, *, slice_size: str, workers: int
-    ) -> None:
-        super().__init__(prefix, cache_dir, upstream_host, workers=workers)
-        self.slice_size = slice_size
-
-    def start(self) -> SliceNginx:
-        (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        conf = self.prefix / "nginx.conf"
-        conf.write_text(
-            SLICE_CONF.format(
-                user="user root;\n" if os.geteuid() == 0 else "",
-                workers=self.workers,
-                prefix=self.prefix,
-                cache=self.cache_dir,
-                upstream=self.upstream_host,
-                port=port,
-                slice=self.slice_size,
-            )
-        )
-        self.proc = subprocess.Popen(
-            [self.binary(), "-p", str(self.prefix), "-c", str(conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        wait_for_port(port, self.proc)
-        self.url = f"http://127.0.0.1:{port}"
-        return self
 
 
 class Server(Protocol):
@@ -291,7 +250,7 @@ class ColdFill:
         if system == "nginx":
             prefix = self.logs / name
             prefix.mkdir()
-            srv = SliceNginx(
+            srv = Nginx(
                 prefix,
                 cache,
                 self.emulator.host,
@@ -591,40 +550,12 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict[str, Any]:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem / 2**30, 1),
-    }
-
-
 def _versions() -> dict[str, str | None]:
     nginx = None
     with contextlib.suppress(OSError, RuntimeError, subprocess.SubprocessError):
         done = subprocess.run([Nginx.binary(), "-v"], capture_output=True, text=True, timeout=10)
         nginx = (done.stdout + done.stderr).strip().split("/", 1)[-1].split()[0]
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "proxy", "client"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        ).stdout.strip()
-        commit = (head + ("+" if dirty else "")) or None
-    return {"nginx": nginx, "python": platform.python_version(), "nwbcache_commit": commit}
+    return {"nginx": nginx, "python": platform.python_version(), "nwbcache_commit": git_commit()}
 
 
 # --------------------------------------------------------------------------- main
@@ -721,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(
             ["python", "-m", "bench.coldfill", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": _machine(),
+        "machine": machine(),
         "versions": _versions(),
         "settings": {
             "size": bench.size,

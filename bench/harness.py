@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -205,7 +206,7 @@ http {{
         location / {{
             # The recipe users copy for caching range requests: fetch and
             # cache 1 MiB slices, one upstream fetch per slice at a time.
-            slice 1m;
+            slice {slice};
             proxy_cache nwb;
             proxy_cache_key $uri$is_args$args$slice_range;
             proxy_set_header Range $slice_range;
@@ -223,12 +224,19 @@ http {{
 
 class Nginx:
     def __init__(
-        self, prefix: Path, cache_dir: Path, upstream_host: str, *, workers: int = 1
+        self,
+        prefix: Path,
+        cache_dir: Path,
+        upstream_host: str,
+        *,
+        workers: int = 1,
+        slice_size: str = "1m",
     ) -> None:
         self.prefix = prefix
         self.cache_dir = cache_dir
         self.upstream_host = upstream_host
         self.workers = workers
+        self.slice_size = slice_size  # nginx's unit of caching (the suite's: 1m)
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 
@@ -254,6 +262,7 @@ class Nginx:
                 cache=self.cache_dir,
                 upstream=self.upstream_host,
                 port=port,
+                slice=self.slice_size,
             )
         )
         self.proc = subprocess.Popen(
@@ -276,3 +285,37 @@ class Nginx:
     def stop(self) -> None:
         # SIGQUIT is nginx's graceful stop; SIGTERM its fast one. Either is fine.
         stop_process(self.proc)
+
+
+def machine() -> dict[str, Any]:
+    """What a result ran on: platform, CPU model, cores, memory."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem / 2**30, 1),
+    }
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout the daemons run from (``+`` if proxy/ has changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "proxy", "client"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        ).stdout.strip()
+    except OSError:
+        return None
+    return (head + ("+" if dirty else "")) or None

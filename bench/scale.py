@@ -54,7 +54,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Emulator
+from bench.harness import Emulator, git_commit, machine
 from bench.scalefill import BULK_PREFIX, block_data, bulk_url, fill
 from nwbcache_proxy import schema
 from nwbcache_proxy.blockfile import HEADER_SIZE
@@ -141,23 +141,6 @@ def http_get(url: str, timeout: float = 10) -> tuple[int, bytes]:
 def proxied(daemon_url: str, upstream_url: str) -> str:
     scheme, _, rest = upstream_url.partition("://")
     return f"{daemon_url}/{scheme}/{rest}"
-
-
-def git_commit() -> str | None:
-    """HEAD of the checkout the daemons run from (``+`` if proxy/ has changes)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "proxy", "client"],
-            capture_output=True,
-            text=True,
-            cwd=REPO,
-        ).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+" if dirty else "")) or None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -855,17 +838,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict[str, Any]:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**30, 1)}
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -969,7 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "command": " ".join(
             ["python", "-m", "bench.scale", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": _machine(),
+        "machine": machine(),
         "block_size": block_size,
         "serve_args": args.serve_args,
         "elapsed_seconds": time.time() - started,

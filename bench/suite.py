@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clientrun import METHODS as ALL_METHODS
-from bench.harness import Emulator, Nginx, Nwbcache, rss_bytes
+from bench.harness import Emulator, Nginx, Nwbcache, machine, rss_bytes
 from bench.nwbfiles import BenchFile, ensure_files
 from bench.wrkrun import run_wrk
 from tests.support.helpers import REPO, SHARED_NWB, get_range
@@ -488,22 +488,6 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def _machine() -> dict[str, Any]:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem / 2**30, 1),
-    }
-
-
 def _fmt_s(x: float | None) -> str:
     return "-" if x is None else (f"{x:.3f}" if x < 10 else f"{x:.1f}")
 
@@ -824,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scale": args.scale,
         "repeat": scale.repeat,
         "upstream": {"latency_s": args.latency, "bandwidth_bytes_per_s": args.bandwidth},
-        "machine": _machine(),
+        "machine": machine(),
         "versions": _versions(),
         "files": [{"name": f.path.name, "kind": f.kind, "bytes": f.size} for f in files + real],
         "elapsed_seconds": time.time() - started,

@@ -21,12 +21,11 @@ _TAIL_READ = 256
 
 @dataclasses.dataclass(slots=True)
 class Stats:
-    """What the policy did, cumulated in this process (for the metrics)."""
+    """What the policy did in this process since the metrics last took it."""
 
     admitted: Counter[str] = dataclasses.field(default_factory=Counter)  # small, main, ghost
     evicted: Counter[str] = dataclasses.field(default_factory=Counter)  # small, main, lru
     promoted: int = 0  # small -> main, hit while in small
-    reinserted: int = 0  # main -> main, counter decremented
 
 
 Pending = dict[tuple[str, int], tuple[int, float]]  # (version, index) -> (bytes, last use)
@@ -138,7 +137,7 @@ def evict_s3fifo(
     looked = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        total, small, blocks, small_blocks, ghosts = conn.execute(schema.QUEUE_TOTALS).fetchone()
+        total, small, blocks, _, ghosts = conn.execute(schema.QUEUE_TOTALS).fetchone()
         main = total - small
         seq = schema.take_seq(conn, batch)
         while looked < batch and total - freed > target:
@@ -163,10 +162,7 @@ def evict_s3fifo(
                     seq += 1
                     if fate is Fate.TO_MAIN:
                         small, main = small - nbytes, main + nbytes
-                        small_blocks -= 1
                         stats.promoted += 1
-                    else:
-                        stats.reinserted += 1
                 else:
                     deletes.append((vid, idx))
                     chosen.append((name, idx, atime))
@@ -178,7 +174,6 @@ def evict_s3fifo(
                         seq += 1
                         ghosts += 1
                         small -= nbytes
-                        small_blocks -= 1
                         stats.evicted["small"] += 1
                     else:
                         main -= nbytes

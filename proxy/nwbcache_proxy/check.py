@@ -28,7 +28,7 @@ from nwbcache.urls import InvalidURL, cache_key, parse_upstream_url
 
 from . import blockfile, reconcile, schema, store
 from .blockfile import HEADER_SIZE, CorruptBlock
-from .layout import BLOCKS_PER_DIR, Layout, key_hash
+from .layout import Layout, key_hash
 from .objectmeta import ObjectMeta, block_span
 from .reconcile import scan_dir
 
@@ -281,16 +281,11 @@ class _Run:
         if flat or self.conn is None:  # rows of flat blocks would seem orphans
             return
         # Rows of blocks in shards without a dir, which sync_shard never sees.
-        edges = [0, *(i * BLOCKS_PER_DIR for s, _ in shards for i in (s, s + 1)), 2**63 - 1]
         with self.conn:
             self.conn.execute(self.begin)
-            vid = schema.version_id(self.conn, name, create=False)
-            for a, b in zip(edges[::2], edges[1::2], strict=True):
-                rows = schema.rows_in(self.conn, vid, range(a, b)) if vid and a < b else {}
-                gone = [i for i, atime in rows.items() if atime < listed_at]
-                self.report.index_without_file += len(gone)
-                if gone and vid and self.opts.repair:
-                    schema.delete_older(self.conn, vid, gone, listed_at)
+            self.report.index_without_file += reconcile.sync_outside(
+                self.conn, name, [s for s, _ in shards], listed_at, write=self.opts.repair
+            )
 
     def _shard(
         self, name: str, shard: int, path: Path, meta: ObjectMeta | None, block_size: int,

@@ -80,7 +80,8 @@ class CacheIndex:
     def __init__(self, layout: Layout, eviction: Eviction = Eviction.S3FIFO) -> None:
         self._layout = layout
         self.eviction = eviction
-        # What the policy did in this process (admissions, evictions by queue).
+        # What the policy did in this process since take_stats (admissions,
+        # evictions by queue, promotions).
         self.stats = Stats()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="nwbcache-index"
@@ -146,6 +147,16 @@ class CacheIndex:
             self._pending_bytes -= old[0]
         self._pending[(version, index)] = (nbytes, time.time())
         self._pending_bytes += nbytes
+
+    async def take_stats(self) -> Stats:
+        """What the policy did since the last call (the metrics add it up). On
+        the index's thread, where every job that counts runs: none is lost."""
+
+        def take() -> Stats:
+            stats, self.stats = self.stats, Stats()
+            return stats
+
+        return await self._run(take)
 
     def hit(self, version: str, index: int) -> None:
         """Note a hit on a block: served from the cache to a client that did not

@@ -130,12 +130,7 @@ class Reconciler:
         """Drop the rows of blocks in shards with no dir (rows no shard visit sees)."""
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            vid = schema.version_id(self._conn, name, create=False)
-            if vid is not None:
-                for gap in _between(shards):
-                    rows = schema.rows_in(self._conn, vid, gap)
-                    schema.delete_older(self._conn, vid, list(rows), listed_at)
-                    self.progress.removed += sum(1 for a in rows.values() if a < listed_at)
+            self.progress.removed += sync_outside(self._conn, name, shards, listed_at, write=True)
             self._conn.execute(schema.SET_STATE, (schema.RECONCILE, cursor))
 
     def _move_flat(self, path: Path) -> Iterator[None]:
@@ -232,6 +227,23 @@ def sync_shard(
         schema.add_found(conn, vid, missing)
         schema.delete_older(conn, vid, gone, listed_at)
     return len(missing), len(gone)
+
+
+def sync_outside(
+    conn: sqlite3.Connection, name: str, shards: list[int], listed_at: float, *, write: bool
+) -> int:
+    """Rows of version dir ``name`` in no shard of ``shards`` (the sorted shard
+    dirs that exist), older than ``listed_at``: rows no shard visit sees. Their
+    count; with ``write``, they are dropped (inside the caller's transaction)."""
+    vid = schema.version_id(conn, name, create=False)
+    if vid is None:
+        return 0
+    gone: list[int] = []
+    for gap in _between(shards):
+        gone += [i for i, atime in schema.rows_in(conn, vid, gap).items() if atime < listed_at]
+    if write:
+        schema.delete_older(conn, vid, gone, listed_at)
+    return len(gone)
 
 
 def _between(shards: list[int]) -> list[range]:

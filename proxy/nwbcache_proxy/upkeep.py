@@ -7,7 +7,6 @@ import asyncio
 import logging
 
 from . import store
-from .accounting import Stats
 from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
 from .layout import Layout
@@ -53,7 +52,6 @@ class Upkeep:
         self.capacity = capacity
         self.metrics = metrics
         metrics.cache_capacity.set(capacity)
-        self._reported = Stats()  # the index's policy stats already in the metrics
         self._wakeup = asyncio.Event()
         self._tasks = Tasks()
 
@@ -145,19 +143,16 @@ class Upkeep:
         self.metrics.cache_blocks.set(totals.blocks)
         self.metrics.queue_bytes.labels("small").set(totals.small_bytes)
         self.metrics.queue_bytes.labels("main").set(totals.bytes - totals.small_bytes)
-        self._report_policy()
+        await self._report_policy()
 
-    def _report_policy(self) -> None:
+    async def _report_policy(self) -> None:
         """Add what the policy did since the last pass to the counters."""
-        now, seen = self.index.stats, self._reported
-        for queue, count in now.admitted.items():
-            self.metrics.admissions.labels(queue).inc(count - seen.admitted[queue])
-            seen.admitted[queue] = count
-        for queue, count in now.evicted.items():
-            self.metrics.evictions.labels(queue).inc(count - seen.evicted[queue])
-            seen.evicted[queue] = count
-        self.metrics.promotions.inc(now.promoted - seen.promoted)
-        seen.promoted = now.promoted
+        done = await self.index.take_stats()
+        for queue, count in done.admitted.items():
+            self.metrics.admissions.labels(queue).inc(count)
+        for queue, count in done.evicted.items():
+            self.metrics.evictions.labels(queue).inc(count)
+        self.metrics.promotions.inc(done.promoted)
 
     async def _evict(self, target: int) -> None:
         """Slice after slice down to ``target``: each a bounded job on the index's
