@@ -77,6 +77,11 @@ class Layout:
         """Block ``index`` of the version dir named ``version_name`` (relative)."""
         return self.root / version_name / block_relpath(index)
 
+    def shard_dir(self, version_name: str, shard: int) -> str:
+        """Shard dir ``shard`` of a version dir named relative to the root, as a
+        str: eviction opens one per group of victims, not a Path per block."""
+        return f"{self.root}/{version_name}/{shard}"
+
     @staticmethod
     def block_size_of(version_dir_name: str) -> int | None:
         """The block size a version dir's name (``<vd>.<bs>``) records, or None."""
@@ -116,4 +121,9 @@ def shard_range(shard: int) -> range:
 
 def block_relpath(index: int) -> str:
     """Block ``index``'s path inside its version dir."""
-    return f"{index // BLOCKS_PER_DIR}/{index}.blk"
+    return f"{index // BLOCKS_PER_DIR}/{block_file_name(index)}"
+
+
+def block_file_name(index: int) -> str:
+    """Block ``index``'s file name inside its shard dir."""
+    return f"{index}.blk"
