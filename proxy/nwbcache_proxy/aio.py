@@ -24,7 +24,12 @@ class Disk:
         )
 
     async def run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        return await self.start(fn)
+
+    def start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Start ``fn`` in a disk thread: it runs to its end whatever becomes of
+        the future's awaiters (a cancelled await does not stop a thread)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)

@@ -8,9 +8,11 @@ to the index, which keeps the LRU accounting.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 from . import store
 from .aio import Disk
@@ -176,8 +178,9 @@ class Blocks:
             self.touch(v, i, shared.file_size)
         return pieces
 
-    async def present(self, v: Version, indices: range) -> set[int]:
+    async def present(self, v: Version, indices: Iterable[int]) -> set[int]:
         """Which of these blocks are on disk (held open, or a file exists)."""
+        indices = list(indices)
         held = {i for i in indices if self.table.holds(v.name, i)}
         paths = [(i, v.block_path(i)) for i in indices if i not in held]
         if not paths:
@@ -198,16 +201,50 @@ class Blocks:
     async def publish(self, v: Version, index: int, data: bytes | memoryview) -> bool:
         """Write a fetched block to disk; False when it could not be (disk full):
         the caller still has the bytes to serve, so nothing is lost but the caching."""
-        path = v.block_path(index)
+        (written,) = await asyncio.shield(self.publish_group(v, [(index, data)]))
+        return written
+
+    def publish_group(
+        self, v: Version, group: Sequence[tuple[int, bytes | memoryview]]
+    ) -> asyncio.Future[list[bool]]:
+        """Start writing fetched blocks (index, data) to disk, all in one disk
+        thread job: a fill pays one thread hand-off per group, not per block.
+        The future says which were written. The bookkeeping (fds kept, the
+        index told) is done when the job ends, whoever awaits the future or
+        not, so a fetch cancelled meanwhile loses no record of its blocks."""
         staging = self.staging
-        try:
-            size, fd = await self.disk.run(
-                lambda: store.publish_block(staging, path, index, data, v.digest, fsync=self.fsync)
-            )
-        except OSError as exc:
-            log.warning("could not cache block %d of %s: %s", index, v.key, exc)
+        items = [(v.block_path(i), i, data) for i, data in group]
+        job = self.disk.start(
+            lambda: store.publish_blocks(staging, items, v.digest, fsync=self.fsync)
+        )
+        done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+
+        def finish(job: asyncio.Future[list[tuple[int, int] | OSError]]) -> None:
+            failure = None if job.cancelled() else job.exception()
+            if job.cancelled() or failure is not None:
+                if failure is not None and not done.cancelled():
+                    done.set_exception(failure)
+                done.cancel()  # a no-op once an exception is set
+                return
+            results = job.result()
+            written = [
+                self._published(v, path, i, result)
+                for (path, i, _), result in zip(items, results, strict=True)
+            ]
+            if not done.cancelled():
+                done.set_result(written)
+
+        job.add_done_callback(finish)
+        return done
+
+    def _published(
+        self, v: Version, path: Path, index: int, result: tuple[int, int] | OSError
+    ) -> bool:
+        if isinstance(result, OSError):
+            log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
+        size, fd = result
         self._verified.put(str(path), 1)
         # Held open from now: its first reader needs no open (eviction forgets it).
         self.table.adopt(v.name, index, fd, size).release()

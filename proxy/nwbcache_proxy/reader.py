@@ -224,7 +224,9 @@ class Reader:
         if isinstance(first, InflightBlock):
             await first.first_bytes()
         rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
-        on_disk = await self.blocks.present(v, rest) if len(rest) else set()
+        # Blocks in flight count as missing, and are not looked for on disk.
+        look = [i for i in rest if self.fetcher.inflight(v, i) is None]
+        on_disk = await self.blocks.present(v, look) if look else set()
         cached = sum(1 for i in on_disk if not self.fetcher.is_fresh(v, i))
         if isinstance(first, OpenBlock) and not first_fresh:
             cached += 1
@@ -347,11 +349,17 @@ class Reader:
             self._coalesced.inc()
             return inflight, self.fetcher.claim(v, i, inflight)
         upto = min(wanted_end, i + self.readahead_blocks, v.block_count)
+        # The run extends while blocks are missing: up to the first in flight,
+        # then up to the first on disk.
         following = range(i + 1, upto)
+        for j in following:
+            if self.fetcher.inflight(v, j) is not None:
+                following = range(i + 1, j)
+                break
         on_disk = await self.blocks.present(v, following) if len(following) else set()
         run = [i]
-        for j in following:  # extend the run while blocks are missing and not in flight
-            if j in on_disk or self.fetcher.inflight(v, j) is not None:
+        for j in following:
+            if j in on_disk:
                 break
             run.append(j)
         started = self.fetcher.inflight(v, i)

@@ -11,13 +11,14 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import itertools
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -87,9 +88,12 @@ class Staging:
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.path = layout.staging / name
         os.rename(nascent, self.path)
+        # The dir is this process's alone, so a counter names temp files
+        # uniquely (no getrandom per block; next() on a count is atomic).
+        self._names = itertools.count()
 
     def temp_path(self) -> Path:
-        return self.path / f"{secrets.token_hex(8)}.tmp"
+        return self.path / f"{next(self._names)}.tmp"
 
     def close(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -178,6 +182,25 @@ def _scandir(path: Path) -> list[os.DirEntry[str]]:
             return list(it)
     except FileNotFoundError:
         return []
+
+
+def publish_blocks(
+    staging: Staging,
+    blocks: Sequence[tuple[Path, int, bytes | bytearray | memoryview]],
+    digest: bytes,
+    *,
+    fsync: bool,
+) -> list[tuple[int, int] | OSError]:
+    """publish_block for each (target, index, data), in one call: a fill hands a
+    group of blocks to one disk thread. One block failing (ENOSPC) does not
+    stop the others; its entry is the error."""
+    done: list[tuple[int, int] | OSError] = []
+    for target, index, data in blocks:
+        try:
+            done.append(publish_block(staging, target, index, data, digest, fsync=fsync))
+        except OSError as exc:
+            done.append(exc)
+    return done
 
 
 def publish_block(
