@@ -11,8 +11,15 @@ from pathlib import Path
 import pytest
 
 from nwbcache_proxy import schema
-from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
-from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.index import (
+    EVICT_BATCH,
+    UNLINK_GROUP,
+    CacheIndex,
+    Evicted,
+    Totals,
+    _unlink_groups,
+)
+from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
 from nwbcache_proxy.policy import Eviction
 from nwbcache_proxy.reconcile import is_needed
 
@@ -307,3 +314,47 @@ async def test_an_object_with_nothing_cached_leaves_nothing_on_disk(
     assert not layout.version_path(other_version).exists()
     assert not layout.meta_path_of_version(V1).parent.exists()  # the object is gone
     assert layout.block_path(V2, 0).exists() and layout.meta_path_of_version(V2).exists()
+
+
+def test_unlink_groups_cover_every_victim_once_a_dir_per_group() -> None:
+    a, b = V1, V2
+    shard = BLOCKS_PER_DIR
+    victims = [(a, i, 0.0) for i in range(300)]  # one dir, three groups
+    victims += [(a, shard + i, 0.0) for i in range(5)]  # a second shard dir of V1
+    victims += [(b, i, 0.0) for i in range(0, 40, 2)]  # another version
+    dealt = _unlink_groups(victims, threads=4)
+    assert len(dealt) == 4
+    groups = [g for per_thread in dealt for g in per_thread]
+    for _name, s, indices in groups:
+        assert 0 < len(indices) <= UNLINK_GROUP
+        assert {i // shard for i in indices} == {s}  # every index in the group's dir
+    flat = sorted((name, i) for name, _, indices in groups for i in indices)
+    assert flat == sorted((name, i) for name, i, _ in victims)
+    # the three groups of the big dir go to three different threads
+    big = [
+        n for n, per_thread in enumerate(dealt) for name, s, _ in per_thread if (name, s) == (a, 0)
+    ]
+    assert len(big) == len(set(big)) == 3
+    assert _unlink_groups([], threads=4) == []
+    assert len(_unlink_groups(victims[:1], threads=8)) == 1
+
+
+async def test_eviction_unlinks_exactly_its_victims_across_shard_dirs(
+    index: CacheIndex, tmp_path: Path
+) -> None:
+    layout = Layout(tmp_path)
+    spread = [0, 1, BLOCKS_PER_DIR - 1, BLOCKS_PER_DIR, BLOCKS_PER_DIR + 1, 2 * BLOCKS_PER_DIR]
+    for version in (V1, V2):
+        for n in spread:
+            path = layout.block_path(version, n)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x" * 10)
+            index.record(version, n, 10)
+        await index.flush()
+        await asyncio.sleep(0.002)  # V1's blocks were used before V2's
+    done = await index.evict_to(60)  # 120 -> 60 bytes: all of V1, none of V2
+    assert (done.blocks, done.bytes) == (len(spread), 10 * len(spread))
+    assert [n for n in spread if layout.block_path(V1, n).exists()] == []
+    assert [n for n in spread if layout.block_path(V2, n).exists()] == spread
+    assert not layout.version_path(V1).exists()  # its emptied dirs pruned too
+    assert sorted(_rows(layout)) == [(V2, n) for n in spread]

@@ -3,6 +3,7 @@ never a wrong byte. Every body is compared with the origin's bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -80,6 +81,40 @@ def test_cut_body_resumes_from_last_byte(
     assert any(e.range is not None and e.range.startswith(resumed) for e in log), [
         e.range for e in log
     ]
+
+
+def get_range_or_none(url: str, first: int, last: int) -> requests.Response | None:
+    """The response, or None when the connection broke mid-body."""
+    with contextlib.suppress(requests.RequestException):
+        return get_range(url, first, last, check=False)
+    return None
+
+
+def test_blocks_whole_before_a_failed_run_stay_cached(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """A run whose upstream fails for good mid-body still keeps the blocks it
+    received whole (they are written in groups, the last one on the way out)."""
+    origin.put(KEY, DATA)
+    daemon = make_daemon(block_size=BS, readahead=8 * BS, retry_attempts=2)
+    url = proxied(daemon.url, origin, KEY)
+    get_range(url, 0, 0)  # discover first, so the next fetch is one multi-block run
+    origin.inject(Fault.RESET_MID_BODY, count=1, method="GET", after_bytes=2 * BS + 100)
+    origin.inject(Fault.INTERNAL_ERROR, count=100, method="GET")
+    failed = get_range_or_none(url, BS, 6 * BS - 1)  # blocks 1-5: 1 and 2 arrive whole
+    assert failed is None or failed.content != DATA[BS : 6 * BS]  # the run did fail
+    origin.wait_idle()
+    assert Fault.RESET_MID_BODY in [e.fault for e in origin.requests(KEY)]
+    origin.clear_faults()
+    origin.clear_log()
+    r = get_range(url, BS, 3 * BS - 1, check=False)
+    assert r.status_code == 206 and r.content == DATA[BS : 3 * BS]
+    assert r.headers["X-Cache"] == "HIT"
+    origin.wait_idle()
+    fetched = [e.range for e in origin.requests(KEY)]
+    assert not any(
+        rng is not None and rng.startswith((f"bytes={BS}-", f"bytes={2 * BS}-")) for rng in fetched
+    ), fetched
 
 
 def test_full_answer_to_range_request_yields_exact_bytes(
