@@ -44,6 +44,7 @@ LAYERS: dict[str, set[str]] = {
         "schema",
         "store",
         "trace",
+        "unlinker",
     },
     "engine": {
         "access",

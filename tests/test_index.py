@@ -141,6 +141,7 @@ async def test_evict_removes_least_recent_first_and_only_what_it_must(
     assert await index.evict_to(1000) == Evicted()
 
 
+@pytest.mark.slow  # slices this big go to the eviction helper (a process)
 async def test_a_slice_is_bounded_and_says_whether_more_is_needed(
     index: CacheIndex, tmp_path: Path
 ) -> None:
@@ -316,27 +317,29 @@ async def test_an_object_with_nothing_cached_leaves_nothing_on_disk(
     assert layout.block_path(V2, 0).exists() and layout.meta_path_of_version(V2).exists()
 
 
-def test_unlink_groups_cover_every_victim_once_a_dir_per_group() -> None:
-    a, b = V1, V2
+def test_unlink_groups_cover_every_victim_once_a_dir_per_group(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
     shard = BLOCKS_PER_DIR
-    victims = [(a, i, 0.0) for i in range(300)]  # one dir, three groups
-    victims += [(a, shard + i, 0.0) for i in range(5)]  # a second shard dir of V1
-    victims += [(b, i, 0.0) for i in range(0, 40, 2)]  # another version
-    dealt = _unlink_groups(victims, threads=4)
-    assert len(dealt) == 4
-    groups = [g for per_thread in dealt for g in per_thread]
-    for _name, s, indices in groups:
+    victims = [(V1, i, 0.0) for i in range(300)]  # one dir, three groups
+    victims += [(V1, shard + i, 0.0) for i in range(5)]  # a second shard dir of V1
+    victims += [(V2, i, 0.0) for i in range(0, 40, 2)]  # another version
+    groups = _unlink_groups(layout, victims)
+    dirs = {
+        layout.shard_dir(V1, 0): (V1, 0),
+        layout.shard_dir(V1, 1): (V1, 1),
+        layout.shard_dir(V2, 0): (V2, 0),
+    }
+    flat = []
+    for shard_dir, indices in groups:
+        name, s = dirs[shard_dir]
         assert 0 < len(indices) <= UNLINK_GROUP
         assert {i // shard for i in indices} == {s}  # every index in the group's dir
-    flat = sorted((name, i) for name, _, indices in groups for i in indices)
-    assert flat == sorted((name, i) for name, i, _ in victims)
-    # the three groups of the big dir go to three different threads
-    big = [
-        n for n, per_thread in enumerate(dealt) for name, s, _ in per_thread if (name, s) == (a, 0)
-    ]
-    assert len(big) == len(set(big)) == 3
-    assert _unlink_groups([], threads=4) == []
-    assert len(_unlink_groups(victims[:1], threads=8)) == 1
+        flat += [(name, i) for i in indices]
+    assert sorted(flat) == sorted((name, i) for name, i, _ in victims)
+    assert sorted(flat) == sorted(set(flat))
+    # the dirs take turns: every dir's first group before the big dir's second
+    assert [dirs[d] for d, _ in groups] == [(V1, 0), (V1, 1), (V2, 0), (V1, 0), (V1, 0)]
+    assert _unlink_groups(layout, []) == []
 
 
 async def test_eviction_unlinks_exactly_its_victims_across_shard_dirs(
@@ -358,3 +361,35 @@ async def test_eviction_unlinks_exactly_its_victims_across_shard_dirs(
     assert [n for n in spread if layout.block_path(V2, n).exists()] == spread
     assert not layout.version_path(V1).exists()  # its emptied dirs pruned too
     assert sorted(_rows(layout)) == [(V2, n) for n in spread]
+
+
+@pytest.mark.slow  # slices this big go to the eviction helper (a process)
+async def test_pipelined_slices_leave_no_file_when_done_or_closed(tmp_path: Path) -> None:
+    """A slice's files are unlinked while the next slice's rows are chosen; a
+    slice saying "no more", and closing the index, leave none behind."""
+    layout = Layout(tmp_path)
+    idx = CacheIndex(layout, Eviction.LRU)
+    await idx.open()
+    count = 3 * EVICT_BATCH
+    for n in range(count):
+        path = layout.block_path(V1, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        idx.record(V1, n, 1)
+    await idx.flush()
+    try:
+        first = await idx.evict_slice(EVICT_BATCH, count)  # 3 -> 2 slices' worth: more
+        assert (first.blocks, first.more) == (EVICT_BATCH, True)
+        last = await idx.evict_slice(EVICT_BATCH, count)  # -> 1 slice's worth: done
+        assert (last.blocks, last.more) == (EVICT_BATCH, False)
+        assert [n for n in range(count) if layout.block_path(V1, n).exists()] == list(
+            range(2 * EVICT_BATCH, count)
+        )
+        # Half of the rest, in a slice that wants more: its files still in the
+        # helper's hands when the index closes.
+        cut = await idx.evict_slice(0, count, batch=EVICT_BATCH // 2)
+        assert (cut.blocks, cut.more) == (EVICT_BATCH // 2, True)
+    finally:
+        await idx.close()
+    left = [n for n in range(count) if layout.block_path(V1, n).exists()]
+    assert left == list(range(2 * EVICT_BATCH + EVICT_BATCH // 2, count))

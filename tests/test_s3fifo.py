@@ -165,6 +165,7 @@ async def test_a_scan_passes_through_and_the_working_set_stays(
     assert kept == {Eviction.S3FIFO: 48, Eviction.LRU: 0}
 
 
+@pytest.mark.slow  # slices this big go to the eviction helper (a process)
 async def test_the_ghost_list_is_bounded_by_main(index: CacheIndex, tmp_path: Path) -> None:
     await _publish(index, _v(1), 0, *range(1, 400))  # 1 block in main, 399 in small
     await index.evict_to(10 * B, 10 * B)

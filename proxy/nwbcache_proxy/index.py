@@ -30,9 +30,10 @@ from typing import TypeVar
 
 from . import accounting, reconcile, schema, store
 from .accounting import Hits, Pending, Stats
-from .layout import Layout, block_file_name, shard_of
+from .layout import Layout, shard_of
 from .policy import Eviction
 from .reconcile import Progress, Reconciler
+from .unlinker import Group, Unlinker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,11 +42,7 @@ T = TypeVar("T")
 # bounded work per step, so flushes, reconcile steps and other processes'
 # writes never wait long (diskcache's cull_limit, nginx's manager_files).
 EVICT_BATCH = 1024
-# Threads that unlink an eviction slice's files. An unlink that must read its
-# inode from disk waits on I/O; in parallel they overlap (1,024 files took
-# 80 µs each on one thread, 26 µs on eight, on this project's test VM).
-UNLINK_THREADS = 8
-# Victims a thread unlinks in one shard dir before the next group.
+# Victims unlinked in one shard dir in one go (a group; unlinker.py).
 UNLINK_GROUP = 128
 # An evicted block used more recently than this means the cache is too small
 # for the working set (the "thrashing" alert counts these).
@@ -88,9 +85,9 @@ class CacheIndex:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="nwbcache-index"
         )
-        self._unlinker = concurrent.futures.ThreadPoolExecutor(
-            UNLINK_THREADS, thread_name_prefix="nwbcache-evict"
-        )
+        self._unlinker = Unlinker()
+        # Versions the slice being unlinked emptied: their dirs go after its files.
+        self._emptied: list[str] = []
         self._conn: sqlite3.Connection | None = None
         # (version dir, block index) -> (bytes, last use), and -> hits, until
         # the next flush.
@@ -112,7 +109,7 @@ class CacheIndex:
             await self._run(self._close_sync)
         finally:
             self._executor.shutdown(wait=True)
-            self._unlinker.shutdown(wait=True)
+            self._unlinker.close()
 
     def _open_sync(self) -> None:
         if store.adopt_legacy_root(self._layout):
@@ -126,6 +123,8 @@ class CacheIndex:
         self._conn = schema.connect(self._layout.index_path)
 
     def _close_sync(self) -> None:
+        self._unlinker.settle()
+        self._prune_emptied()
         self._release_reconcile()
         if self._conn is not None:
             self._conn.close()
@@ -226,7 +225,8 @@ class CacheIndex:
         """Evict by the policy, looking at up to ``batch`` blocks, as many as it
         takes for the index to total at most ``target_bytes`` (``capacity``: the
         --cache-size the small queue's share is of). Rows in one transaction on
-        the index's thread, then the files, in parallel.
+        the index's thread, then the files, unlinked by the eviction helper
+        (unlinker.py) while the next slice's rows are chosen.
 
         The whole slice is one job off the event loop: under a stream of hits
         each hop back to the loop waits its turn, and with a hop per step the
@@ -240,16 +240,16 @@ class CacheIndex:
                     self.conn, target_bytes, capacity, batch, self.stats
                 )
             self.last_totals = self._totals_sync()
-            chosen = found.chosen
-            # Paths are made in the unlinking threads, not on the event loop.
-            jobs = [
-                self._unlinker.submit(_unlink_all, self._layout, groups)
-                for groups in _unlink_groups(chosen, UNLINK_THREADS)
-            ]
-            for job in jobs:
-                job.result()
-            for version in found.emptied:  # its dirs and meta.json take space too
-                store.prune_version(self._layout, version)
+            # This slice's files go while the next slice's rows are chosen:
+            # the slice before is settled first (its files gone, then its
+            # emptied versions' dirs), and the last slice before a pause is
+            # settled at once, so a slice saying "no more" leaves no file.
+            self._unlinker.start(_unlink_groups(self._layout, found.chosen))
+            self._prune_emptied()
+            self._emptied = found.emptied
+            if self.last_totals.bytes <= target_bytes or found.looked == 0:
+                self._unlinker.settle()
+                self._prune_emptied()
             return found
 
         done = await self._run(evict)
@@ -260,6 +260,13 @@ class CacheIndex:
         recent = sum(atime >= recent_after for _, _, atime in chosen)
         victims = tuple((name, idx) for name, idx, _ in chosen)
         return Evicted(len(chosen), done.freed, recent, more, victims)
+
+    def _prune_emptied(self) -> None:
+        """The dirs (and meta.json) of versions the last settled slice emptied:
+        they take space too. On the index's thread."""
+        emptied, self._emptied = self._emptied, []
+        for version in emptied:
+            store.prune_version(self._layout, version)
 
     async def evict_to(self, target_bytes: int, capacity: int | None = None) -> Evicted:
         """Evict slice after slice down to ``target_bytes`` (tests and tools; the
@@ -333,35 +340,17 @@ class CacheIndex:
                 os.close(fd)
 
 
-def _unlink_groups(
-    victims: list[accounting.Victim], threads: int
-) -> list[list[tuple[str, int, list[int]]]]:
-    """The victims as (version, shard, indices) groups of at most UNLINK_GROUP,
-    dealt out to ``threads`` lists: a thread unlinks by name in one shard dir
-    at a time, and threads mostly work in different dirs (unlinks in one dir
-    take turns on its lock)."""
+def _unlink_groups(layout: Layout, victims: list[accounting.Victim]) -> list[Group]:
+    """The victims as (shard dir, indices) groups of at most UNLINK_GROUP, in an
+    order that cycles through the dirs: parallel unlinkers then mostly work in
+    different dirs (unlinks in one dir take turns on its lock)."""
     by_dir: dict[tuple[str, int], list[int]] = {}
     for name, idx, _ in victims:
         by_dir.setdefault((name, shard_of(idx)), []).append(idx)
-    groups = [
-        (name, shard, indices[i : i + UNLINK_GROUP])
+    numbered = [
+        (i, layout.shard_dir(name, shard), indices[i : i + UNLINK_GROUP])
         for (name, shard), indices in by_dir.items()
         for i in range(0, len(indices), UNLINK_GROUP)
     ]
-    return [groups[i::threads] for i in range(min(threads, len(groups)))]
-
-
-def _unlink_all(layout: Layout, groups: list[tuple[str, int, list[int]]]) -> None:
-    """Unlink each group's blocks relative to their shard dir, opened once:
-    no Path and no full path walk per block (eviction's hot loop)."""
-    for name, shard, indices in groups:
-        try:
-            dir_fd = os.open(layout.shard_dir(name, shard), os.O_RDONLY | os.O_DIRECTORY)
-        except FileNotFoundError:
-            continue  # gone with its version
-        try:
-            for idx in indices:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(block_file_name(idx), dir_fd=dir_fd)
-        finally:
-            os.close(dir_fd)
+    numbered.sort(key=lambda g: g[0])  # stable: the dirs' first groups, then their second...
+    return [(shard_dir, indices) for _, shard_dir, indices in numbered]

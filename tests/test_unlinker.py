@@ -1,0 +1,117 @@
+"""unlinker: eviction's unlinks in a helper process, and the fallback when it is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nwbcache_proxy import unlinker
+from nwbcache_proxy.unlinker import HELPER_MIN_BLOCKS, Group, Unlinker
+
+pytestmark = pytest.mark.slow  # starts the helper
+
+
+def _blocks(root: Path, dirs: int, per_dir: int) -> list[Group]:
+    """Files <n>.blk in ``dirs`` dirs, as groups naming every one of them."""
+    groups: list[Group] = []
+    for d in range(dirs):
+        shard = root / str(d)
+        shard.mkdir(parents=True)
+        for n in range(per_dir):
+            (shard / f"{n}.blk").write_bytes(b"x")
+        groups.append((str(shard), list(range(per_dir))))
+    return groups
+
+
+def _pid(u: Unlinker) -> int | None:
+    return u.helper_pid  # a call: mypy keeps no narrowing of it across u.run()
+
+
+def _left(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.blk"))
+
+
+def test_the_helper_unlinks_exactly_its_groups(tmp_path: Path) -> None:
+    groups = _blocks(tmp_path, 3, HELPER_MIN_BLOCKS)
+    keep = tmp_path / "0" / "keep.blk"
+    keep.write_bytes(b"k")
+    victims = [(d, [i for i in idx if i % 2 == 0]) for d, idx in groups]
+    victims.append((str(tmp_path / "gone"), [1, 2]))  # a dir dropped meanwhile: fine
+    victims.append((victims[0][0], [HELPER_MIN_BLOCKS + 5]))  # a file already gone: fine
+    u = Unlinker()
+    try:
+        u.run(victims)
+        helper = _pid(u)
+        assert helper is not None  # it did the work, and stays
+        assert _left(tmp_path) == sorted(
+            [f"{d}/{n}.blk" for d in range(3) for n in range(1, HELPER_MIN_BLOCKS, 2)]
+            + ["0/keep.blk"]
+        )
+        u.run([(d, [i for i in idx if i % 2]) for d, idx in groups])  # the same helper again
+        assert _pid(u) == helper
+        assert _left(tmp_path) == ["0/keep.blk"]
+    finally:
+        u.close()
+    assert not Path(f"/proc/{helper}").exists()  # closing its input ended it (and it was reaped)
+
+
+def test_a_dead_helper_means_unlinking_here_then_a_new_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(unlinker, "RESTART_AFTER", 0.5)
+    u = Unlinker()
+    try:
+        u.run(_blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))
+        first = _pid(u)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid(u) is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        u.run(_blocks(tmp_path / "b", 1, HELPER_MIN_BLOCKS))  # no helper: done in-process
+        assert _left(tmp_path) == []
+        assert _pid(u) is None
+        time.sleep(0.6)
+        u.run(_blocks(tmp_path / "c", 1, HELPER_MIN_BLOCKS))
+        assert _pid(u) not in (None, first)
+        assert _left(tmp_path) == []
+    finally:
+        u.close()
+
+
+def test_small_slices_start_no_helper(tmp_path: Path) -> None:
+    u = Unlinker()
+    try:
+        u.run(_blocks(tmp_path, 1, HELPER_MIN_BLOCKS - 1))
+        assert _pid(u) is None
+        assert _left(tmp_path) == []
+    finally:
+        u.close()
+
+
+def test_the_helper_ignores_ctrl_c_and_ends_with_its_input(tmp_path: Path) -> None:
+    groups = _blocks(tmp_path, 1, 3)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nwbcache_proxy.unlinker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        time.sleep(0.5)  # past its start-up: SIGINT is ignored from then on
+        os.kill(proc.pid, signal.SIGINT)
+        proc.stdin.write(b'["%s",[0,2]]\n\n' % groups[0][0].encode())
+        proc.stdin.flush()
+        assert proc.stdout.readline() == b"\n"
+        assert _left(tmp_path) == ["0/1.blk"]
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
