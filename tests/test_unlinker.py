@@ -115,3 +115,39 @@ def test_the_helper_ignores_ctrl_c_and_ends_with_its_input(tmp_path: Path) -> No
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_file_that_cannot_go_stops_neither_its_group_nor_the_helper(tmp_path: Path) -> None:
+    groups = _blocks(tmp_path, 1, HELPER_MIN_BLOCKS)
+    stuck = tmp_path / "0" / "7.blk"
+    stuck.unlink()
+    stuck.mkdir()  # unlink(2) of a dir fails (EISDIR), whoever runs the tests
+    u = Unlinker()
+    try:
+        u.run(groups)
+        helper = _pid(u)
+        assert helper is not None  # it logged the failure and lives on
+        assert _left(tmp_path) == ["0/7.blk"]  # every other block of the group went
+        assert stuck.is_dir()
+        more = _blocks(tmp_path / "more", 1, HELPER_MIN_BLOCKS)
+        u.run(more)
+        assert _pid(u) == helper and _left(tmp_path) == ["0/7.blk"]
+    finally:
+        u.close()
+
+
+def test_a_helper_dying_mid_slice_leaves_the_slice_to_this_process(tmp_path: Path) -> None:
+    u = Unlinker()
+    try:
+        u.run(_blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))  # the helper is up
+        helper = _pid(u)
+        assert helper is not None
+        os.kill(helper, signal.SIGSTOP)  # it takes the next slice, and never answers
+        u.start(_blocks(tmp_path / "b", 2, HELPER_MIN_BLOCKS))
+        assert len(_left(tmp_path)) == 2 * HELPER_MIN_BLOCKS  # nothing unlinked yet
+        os.kill(helper, signal.SIGKILL)
+        u.settle()  # the answer never comes: the slice is unlinked here
+        assert _left(tmp_path) == []
+        assert _pid(u) is None
+    finally:
+        u.close()

@@ -27,8 +27,10 @@ class Disk:
         return await self.start(fn)
 
     def start(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Start ``fn`` in a disk thread: it runs to its end whatever becomes of
-        the future's awaiters (a cancelled await does not stop a thread)."""
+        """Start ``fn`` in a disk thread. Once it runs, it runs to its end;
+        cancelling the future (which awaiting it directly does when the
+        awaiter is cancelled) only stops a job still queued. Callers that
+        must see its end add a done-callback and await a shield, or nothing."""
         return asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     def shutdown(self) -> None:

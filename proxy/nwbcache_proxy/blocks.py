@@ -227,10 +227,17 @@ class Blocks:
                 done.cancel()  # a no-op once an exception is set
                 return
             results = job.result()
-            written = [
-                self._published(v, path, i, result)
-                for (path, i, _), result in zip(items, results, strict=True)
-            ]
+            written: list[bool] = []
+            try:
+                for (path, i, _), result in zip(items, results, strict=True):
+                    written.append(self._published(v, path, i, result))
+            except Exception as exc:  # the fill must hear of it, not wait forever
+                for result in results[len(written) + 1 :]:  # fds nobody took
+                    if not isinstance(result, OSError):
+                        os.close(result[1])
+                if not done.cancelled():
+                    done.set_exception(exc)
+                return
             if not done.cancelled():
                 done.set_result(written)
 

@@ -215,10 +215,10 @@ class Fetcher:
 
         Blocks complete into a group; a group goes to disk as one thread job
         (blocks.Blocks.publish_group) while the stream goes on. At most one
-        job per run is under way: the next group waits for it, which bounds
-        the memory held to two groups and lets groups grow while the disk is
-        slow. Readers do not wait for any of it: they stream from the
-        in-flight buffers, which stay registered until their file exists.
+        job per run is under way: a full group waits for the one before (the
+        stream pauses meanwhile), which bounds the memory held to two groups.
+        Readers do not wait for any of it: they stream from the in-flight
+        buffers, which stay registered until their file exists.
         """
         start = run[0].index * v.block_size
         end = start + sum(b.length for b in run)

@@ -307,6 +307,10 @@ class CacheIndex:
         return await self._run(lambda: self._reconcile_sync(max_files))
 
     def _reconcile_sync(self, max_files: int) -> Progress | None:
+        # A slice still being unlinked: its files have no rows any more, and
+        # a reconcile step must not take them for orphans to index.
+        self._unlinker.settle()
+        self._prune_emptied()
         if self._reconciler is None:
             if not reconcile.is_needed(self.conn) or not self._take_reconcile():
                 return None

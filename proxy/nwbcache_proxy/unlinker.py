@@ -54,18 +54,30 @@ RESTART_AFTER = 30.0
 
 def unlink_group(group: Group) -> None:
     """Unlink a group's blocks by name in their shard dir, opened once: no path
-    walk per block. Files and dirs already gone are fine."""
+    walk per block. Files and dirs already gone are fine; a file that cannot
+    be unlinked (EACCES, EIO...) is logged and left for a reconcile, and the
+    others still go."""
     shard_dir, indices = group
     try:
         dir_fd = os.open(shard_dir, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
         return  # gone with its version
+    except OSError as exc:
+        log.warning("could not open %s to evict %d blocks: %s", shard_dir, len(indices), exc)
+        return
+    failed: OSError | None = None
     try:
         for idx in indices:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 os.unlink(block_file_name(idx), dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failed = exc
     finally:
         os.close(dir_fd)
+    if failed is not None:
+        log.warning("could not unlink evicted blocks in %s: %s", shard_dir, failed)
 
 
 def unlink_all(groups: list[Group], pool: Executor) -> None:
