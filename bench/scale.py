@@ -575,17 +575,21 @@ class SizeBench:
                 start_new_session=True,
             )
         status = None
+        # VmHWM of the running check, polled: wait4's ru_maxrss would do, but
+        # Linux carries it across exec, so it starts at this (large) process's
+        # RSS at the fork and the figure grew with the bench's own memory.
         maxrss = 0
         deadline = time.monotonic() + self.run.check_timeout
         while status is None:
-            pid, st, usage = os.wait4(proc.pid, os.WNOHANG)
+            maxrss = max(maxrss, proc_status(proc.pid, "VmHWM") or 0)
+            pid, st, _usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
-                status, maxrss = os.waitstatus_to_exitcode(st), usage.ru_maxrss * 1024
+                status = os.waitstatus_to_exitcode(st)
                 proc.returncode = status
                 break
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                _, st, usage = os.wait4(proc.pid, 0)
+                _, st, _usage = os.wait4(proc.pid, 0)
                 proc.returncode = os.waitstatus_to_exitcode(st)
                 self.notes.append(f"nwbcache check: killed after {self.run.check_timeout} s")
                 break
