@@ -180,7 +180,8 @@ class Fetcher:
             log.info("fetch of %s failed: %s", redact_url(url.url), exc)
         finally:
             for block in pending():
-                self._done(v, block)
+                if not block.writing:  # a disk job unregisters its own, when done
+                    self._done(v, block)
 
     def _done(self, v: Version, block: InflightBlock) -> None:
         """Unregister a block: new readers open its file (or fetch it again)."""
@@ -260,6 +261,8 @@ class Fetcher:
         """Write a group of complete blocks; each is unregistered once its file
         exists (or could not be written), even if the run is cancelled meanwhile."""
         job = self.blocks.publish_group(v, [(b.index, b.data) for b in group])
+        for block in group:
+            block.writing = True
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def finish(job: asyncio.Future[list[bool]]) -> None:

@@ -23,6 +23,7 @@ class InflightBlock:
         "from_upstream",
         "index",
         "length",
+        "writing",
     )
 
     def __init__(self, index: int, length: int) -> None:
@@ -34,6 +35,8 @@ class InflightBlock:
         self.claimed = False
         # Its bytes come from upstream, not from a file another fetch published.
         self.from_upstream = False
+        # Handed to a disk job, which unregisters it once the file exists.
+        self.writing = False
         # Allocated when the first byte arrives: a long run registers all of
         # its blocks at once, but only the one being received holds memory.
         self._buf: bytearray | None = None
