@@ -29,8 +29,14 @@ def _blocks(root: Path, dirs: int, per_dir: int) -> list[Group]:
     return groups
 
 
+def _run(u: Unlinker, groups: list[Group]) -> None:
+    """A slice unlinked, start to end."""
+    u.start(groups)
+    u.settle()
+
+
 def _pid(u: Unlinker) -> int | None:
-    return u.helper_pid  # a call: mypy keeps no narrowing of it across u.run()
+    return u.helper_pid  # a call: mypy keeps no narrowing of it across _run(u, )
 
 
 def _left(root: Path) -> list[str]:
@@ -46,14 +52,14 @@ def test_the_helper_unlinks_exactly_its_groups(tmp_path: Path) -> None:
     victims.append((victims[0][0], [HELPER_MIN_BLOCKS + 5]))  # a file already gone: fine
     u = Unlinker()
     try:
-        u.run(victims)
+        _run(u, victims)
         helper = _pid(u)
         assert helper is not None  # it did the work, and stays
         assert _left(tmp_path) == sorted(
             [f"{d}/{n}.blk" for d in range(3) for n in range(1, HELPER_MIN_BLOCKS, 2)]
             + ["0/keep.blk"]
         )
-        u.run([(d, [i for i in idx if i % 2]) for d, idx in groups])  # the same helper again
+        _run(u, [(d, [i for i in idx if i % 2]) for d, idx in groups])  # the same helper again
         assert _pid(u) == helper
         assert _left(tmp_path) == ["0/keep.blk"]
     finally:
@@ -67,18 +73,18 @@ def test_a_dead_helper_means_unlinking_here_then_a_new_helper(
     monkeypatch.setattr(unlinker, "RESTART_AFTER", 0.5)
     u = Unlinker()
     try:
-        u.run(_blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))
+        _run(u, _blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))
         first = _pid(u)
         assert first is not None
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _pid(u) is not None and time.monotonic() < deadline:
             time.sleep(0.01)
-        u.run(_blocks(tmp_path / "b", 1, HELPER_MIN_BLOCKS))  # no helper: done in-process
+        _run(u, _blocks(tmp_path / "b", 1, HELPER_MIN_BLOCKS))  # no helper: done in-process
         assert _left(tmp_path) == []
         assert _pid(u) is None
         time.sleep(0.6)
-        u.run(_blocks(tmp_path / "c", 1, HELPER_MIN_BLOCKS))
+        _run(u, _blocks(tmp_path / "c", 1, HELPER_MIN_BLOCKS))
         assert _pid(u) not in (None, first)
         assert _left(tmp_path) == []
     finally:
@@ -88,7 +94,7 @@ def test_a_dead_helper_means_unlinking_here_then_a_new_helper(
 def test_small_slices_start_no_helper(tmp_path: Path) -> None:
     u = Unlinker()
     try:
-        u.run(_blocks(tmp_path, 1, HELPER_MIN_BLOCKS - 1))
+        _run(u, _blocks(tmp_path, 1, HELPER_MIN_BLOCKS - 1))
         assert _pid(u) is None
         assert _left(tmp_path) == []
     finally:
@@ -124,13 +130,13 @@ def test_a_file_that_cannot_go_stops_neither_its_group_nor_the_helper(tmp_path: 
     stuck.mkdir()  # unlink(2) of a dir fails (EISDIR), whoever runs the tests
     u = Unlinker()
     try:
-        u.run(groups)
+        _run(u, groups)
         helper = _pid(u)
         assert helper is not None  # it logged the failure and lives on
         assert _left(tmp_path) == ["0/7.blk"]  # every other block of the group went
         assert stuck.is_dir()
         more = _blocks(tmp_path / "more", 1, HELPER_MIN_BLOCKS)
-        u.run(more)
+        _run(u, more)
         assert _pid(u) == helper and _left(tmp_path) == ["0/7.blk"]
     finally:
         u.close()
@@ -139,7 +145,7 @@ def test_a_file_that_cannot_go_stops_neither_its_group_nor_the_helper(tmp_path: 
 def test_a_helper_dying_mid_slice_leaves_the_slice_to_this_process(tmp_path: Path) -> None:
     u = Unlinker()
     try:
-        u.run(_blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))  # the helper is up
+        _run(u, _blocks(tmp_path / "a", 1, HELPER_MIN_BLOCKS))  # the helper is up
         helper = _pid(u)
         assert helper is not None
         os.kill(helper, signal.SIGSTOP)  # it takes the next slice, and never answers

@@ -209,9 +209,10 @@ class Blocks:
     ) -> asyncio.Future[list[bool]]:
         """Start writing fetched blocks (index, data) to disk, all in one disk
         thread job: a fill pays one thread hand-off per group, not per block.
-        The future says which were written. The bookkeeping (fds kept, the
-        index told) is done when the job ends, whoever awaits the future or
-        not, so a fetch cancelled meanwhile loses no record of its blocks."""
+        The future says which were written; await it through asyncio.shield.
+        The bookkeeping (fds kept, the index told) is done when the job ends,
+        whoever awaits the future or not, so a fetch cancelled meanwhile loses
+        no record of its blocks."""
         staging = self.staging
         items = [(v.block_path(i), i, data) for i, data in group]
         job = self.disk.start(
@@ -220,11 +221,11 @@ class Blocks:
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
 
         def finish(job: asyncio.Future[list[tuple[int, int] | OSError]]) -> None:
-            failure = None if job.cancelled() else job.exception()
-            if job.cancelled() or failure is not None:
-                if failure is not None and not done.cancelled():
-                    done.set_exception(failure)
-                done.cancel()  # a no-op once an exception is set
+            if job.cancelled():  # still queued at shutdown: nothing was written
+                done.cancel()
+                return
+            if (failure := job.exception()) is not None:
+                done.set_exception(failure)
                 return
             results = job.result()
             written: list[bool] = []
@@ -235,11 +236,9 @@ class Blocks:
                 for result in results[len(written) + 1 :]:  # fds nobody took
                     if not isinstance(result, OSError):
                         os.close(result[1])
-                if not done.cancelled():
-                    done.set_exception(exc)
+                done.set_exception(exc)
                 return
-            if not done.cancelled():
-                done.set_result(written)
+            done.set_result(written)
 
         job.add_done_callback(finish)
         return done

@@ -228,7 +228,7 @@ class Fetcher:
         for block in pending:
             block.from_upstream = True
         group: list[InflightBlock] = []
-        writing: asyncio.Future[None] | None = None
+        writing: asyncio.Future[list[bool]] | None = None
         try:
             async for chunk in self.upstream.stream(url, start, end, v.remote, authorization=auth):
                 view = memoryview(chunk)
@@ -257,27 +257,20 @@ class Fetcher:
             if writing is not None:
                 await asyncio.shield(writing)
 
-    def _publish(self, v: Version, group: list[InflightBlock]) -> asyncio.Future[None]:
+    def _publish(self, v: Version, group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
         """Write a group of complete blocks; each is unregistered once its file
-        exists (or could not be written), even if the run is cancelled meanwhile."""
+        exists (or could not be written), even if the run is cancelled meanwhile
+        (the callback runs after publish_group's own bookkeeping)."""
         job = self.blocks.publish_group(v, [(b.index, b.data) for b in group])
         for block in group:
             block.writing = True
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def finish(job: asyncio.Future[list[bool]]) -> None:
+        def unregister(_: asyncio.Future[list[bool]]) -> None:
             for block in group:
                 self._done(v, block)
-            failure = None if job.cancelled() else job.exception()
-            if done.cancelled():
-                return
-            if failure is None:
-                done.set_result(None)
-            else:
-                done.set_exception(failure)
 
-        job.add_done_callback(finish)
-        return done
+        job.add_done_callback(unregister)
+        return job
 
 
 def _contiguous(blocks: list[InflightBlock]) -> list[list[InflightBlock]]:

@@ -104,11 +104,6 @@ class Unlinker:
         proc = self._proc
         return proc.pid if proc is not None and proc.poll() is None else None
 
-    def run(self, groups: list[Group]) -> None:
-        """Unlink every group's blocks; returns when they are gone. Blocking."""
-        self.start(groups)
-        self.settle()
-
     def start(self, groups: list[Group]) -> None:
         """Start unlinking a slice's groups in the helper (settling the slice
         before first); a small slice, or one with no helper to take it, is
