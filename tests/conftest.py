@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from nwbcache_proxy.config import Settings
-from tests.support.daemons import DaemonThread
+from tests.support.daemons import DaemonProcess, DaemonThread, Spawn
 from tests.support.helpers import origin_host
 from tests.support.s3emu import S3Emulator
 
@@ -89,3 +89,32 @@ def make_daemon(origin: S3Emulator, tmp_path: Path) -> Iterator[Callable[..., Da
     yield make
     for daemon in started:
         daemon.stop()
+
+
+@pytest.fixture
+def spawn(origin: S3Emulator) -> Iterator[Spawn]:
+    """Start daemon processes in front of ``origin`` (slow tests only); any still
+    alive at teardown (a test failed before stopping it) is killed: the tests
+    assert clean exits."""
+    started: list[DaemonProcess] = []
+
+    def start(cache_dir: Path, *extra: str) -> DaemonProcess:
+        args = [
+            "--cache-dir",
+            str(cache_dir),
+            "--allow-upstream",
+            origin_host(origin),
+            "--retry-base-delay",
+            "0.01",
+            "--log-level",
+            "warning",
+            *extra,
+        ]
+        daemon = DaemonProcess(args)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.kill9()

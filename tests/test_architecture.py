@@ -37,6 +37,7 @@ LAYERS: dict[str, set[str]] = {
     "storage": {
         "accounting",
         "aio",
+        "claims",
         "index",
         "inflight",
         "openblocks",

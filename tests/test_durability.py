@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +39,7 @@ from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, deco
 from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
 from nwbcache_proxy.store import Staging, open_block
-from tests.support.daemons import DaemonProcess
+from tests.support.daemons import Spawn
 from tests.support.helpers import (
     REPO,
     get_range,
@@ -64,37 +64,6 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-Spawn = Callable[..., DaemonProcess]
-
-
-@pytest.fixture
-def spawn(origin: S3Emulator) -> Iterator[Spawn]:
-    """Start daemon processes in front of ``origin``; any still alive at teardown
-    (a test failed before stopping it) is killed: the tests assert clean exits."""
-    started: list[DaemonProcess] = []
-
-    def start(cache_dir: Path, *extra: str) -> DaemonProcess:
-        args = [
-            "--cache-dir",
-            str(cache_dir),
-            "--allow-upstream",
-            origin_host(origin),
-            "--retry-base-delay",
-            "0.01",
-            "--log-level",
-            "warning",
-            *extra,
-        ]
-        daemon = DaemonProcess(args)
-        started.append(daemon)
-        return daemon.start()
-
-    yield start
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.kill9()
 
 
 def put_objects(origin: S3Emulator, prefix: str, sizes: Sequence[int]) -> dict[str, bytes]:

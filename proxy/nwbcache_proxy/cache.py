@@ -4,6 +4,7 @@
 - access.py: whether a request may read a private object (its credentials checked upstream)
 - blocks.py: this process's view of the block files (open fds, presence, publish)
 - fetcher.py: blocks on their way from upstream (single flight, runs, fresh marks)
+- claims.py: single flight across processes (locks on one shared file)
 - reader.py: a byte range of a version as segments, its accounting and outcome
 - readahead.py: how far ahead to fetch (pure)
 - upkeep.py: index flushes, eviction, idle fds, gauges
@@ -19,6 +20,7 @@ from nwbcache.urls import AllowList, UpstreamURL
 from .access import Access
 from .aio import Disk
 from .blocks import Blocks
+from .claims import Claims
 from .credentials import NONE, Credentials
 from .fetcher import Fetcher
 from .freshness import Policy
@@ -77,8 +79,15 @@ class BlockCache:
             fsync=fsync,
             on_pressure=self.upkeep.wake,
         )
+        # Upstream work this process has started, for every process on the cache dir to see.
+        self.claims = Claims(layout.claims_path)
         self.fetcher = Fetcher(
-            self.blocks, upstream, block_size=block_size, on_version_changed=self.drop_version
+            self.blocks,
+            upstream,
+            self.claims,
+            block_size=block_size,
+            metrics=metrics,
+            on_version_changed=self.drop_version,
         )
         self.access = Access(upstream, metrics=metrics, on_version_changed=self.drop_version)
         self.versions = Versions(
@@ -89,6 +98,7 @@ class BlockCache:
             self.fetcher,
             self.access,
             upstream,
+            self.claims,
             block_size=block_size,
             policy=Policy(revalidate_after, stale_if_error),
             immutable=immutable,
@@ -122,6 +132,7 @@ class BlockCache:
         if not clean:
             log.warning("the index misses this run's last use: the next start reconciles")
         await self.blocks.close(keep_staging=not clean)
+        self.claims.close()
         self.disk.shutdown()
 
     async def resolve(

@@ -8,6 +8,13 @@ published its blocks between a reader's presence check and the run's
 registration (that re-check is what makes "one upstream fetch per block"
 hold under a stampede).
 
+Across processes (workers, daemons on one cache dir), a run claims its
+blocks first (claims.py). Blocks another process has claimed are registered
+here all the same, so this process's readers still share one buffer, but
+they are not fetched: a waiter takes each claim as it frees (its holder
+published the block, or died) and reads the block from disk, or fetches it
+if the holder left it unwritten.
+
 Fresh marks: a block fetched from upstream that no client has received yet
 (fetched by read-ahead, or by a discovery) is "fresh"; the first client read
 of it claims the mark, and those bytes count as served from upstream (the
@@ -28,9 +35,11 @@ from nwbcache.urls import UpstreamURL, redact_url
 
 from .aio import Tasks
 from .blocks import Blocks
+from .claims import CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
 from .errors import UpstreamUnavailable, VersionChanged
 from .inflight import InflightBlock
 from .lru import BoundedLRU
+from .metrics import Metrics
 from .upstream import Upstream
 from .version import Version
 
@@ -60,12 +69,16 @@ class Fetcher:
         self,
         blocks: Blocks,
         upstream: Upstream,
+        claims: Claims,
         *,
         block_size: int,
+        metrics: Metrics,
         on_version_changed: Callable[[Version], Awaitable[None]],
     ) -> None:
         self.blocks = blocks
         self.upstream = upstream
+        self.claims = claims
+        self._awaited = metrics.awaited.labels("block")
         self.max_run_blocks = max(1, MAX_RUN_BYTES // block_size)
         # Drops a version found changed mid-fetch (versions.Versions.drop).
         self._on_version_changed = on_version_changed
@@ -105,13 +118,57 @@ class Fetcher:
             if (v.name, i) in self._inflight:
                 continue
             if run and (i != run[-1].index + 1 or len(run) >= self.max_run_blocks):
-                self._fetches.spawn(self._fetch_run(v, url, run, auth))
+                self._start(v, url, run, auth)
                 run = []
             block = InflightBlock(i, v.block_length(i))
             self._inflight[(v.name, i)] = block
             run.append(block)
         if run:
-            self._fetches.spawn(self._fetch_run(v, url, run, auth))
+            self._start(v, url, run, auth)
+
+    def _start(
+        self, v: Version, url: UpstreamURL, run: list[InflightBlock], auth: str | None
+    ) -> None:
+        """Fetch the blocks of a run this process can claim; wait for the rest."""
+        held = self.claims.take_blocks(v.name, run[0].index, len(run))
+        mine = [b for b, h in zip(run, held, strict=True) if h]
+        for part in _contiguous(mine):
+            self._fetches.spawn(self._fetch_run(v, url, part, auth))
+        if len(mine) < len(run):
+            theirs = [b for b, h in zip(run, held, strict=True) if not h]
+            self._awaited.inc(len(theirs))
+            self._fetches.spawn(self._await_claims(v, url, theirs, auth))
+
+    async def _await_claims(
+        self, v: Version, url: UpstreamURL, waiting: list[InflightBlock], auth: str | None
+    ) -> None:
+        """Blocks another process claimed: take each claim as it frees and hand
+        the block to a run of this process's own, which reads it from disk (or
+        fetches it, when the holder died or failed before writing it)."""
+        for block in waiting:
+            # For this process's readers these bytes come from upstream: the
+            # block was not cached when they asked (reader.py's accounting).
+            block.from_upstream = True
+        delay = CLAIM_POLL_FIRST
+        try:
+            while waiting:
+                await asyncio.sleep(delay)
+                held = [self.claims.take_block(v.name, b.index) for b in waiting]
+                taken = [b for b, h in zip(waiting, held, strict=True) if h]
+                if not taken:
+                    delay = min(delay * 2, CLAIM_POLL_MAX)
+                    continue
+                waiting = [b for b, h in zip(waiting, held, strict=True) if not h]
+                for part in _contiguous(taken):
+                    self._fetches.spawn(self._fetch_run(v, url, part, auth))
+                delay = CLAIM_POLL_FIRST
+        except asyncio.CancelledError:
+            for block in waiting:
+                block.fail(UpstreamUnavailable("fetch cancelled: the daemon is shutting down"))
+            raise
+        finally:
+            for block in waiting:
+                self._done(v, block)
 
     def prefetch(
         self, v: Version, url: UpstreamURL, lo: int, hi: int, auth: str | None = None
@@ -184,9 +241,11 @@ class Fetcher:
                     self._done(v, block)
 
     def _done(self, v: Version, block: InflightBlock) -> None:
-        """Unregister a block: new readers open its file (or fetch it again)."""
+        """Unregister a block: new readers open its file (or fetch it again), and
+        other processes waiting for it take its claim over (claims.py)."""
         if self._inflight.get((v.name, block.index)) is block:
             del self._inflight[(v.name, block.index)]
+            self.claims.release_block(v.name, block.index)
 
     async def _fill_from_disk(self, v: Version, run: list[InflightBlock]) -> list[InflightBlock]:
         """Complete the blocks that are on disk; return those still missing."""
@@ -206,6 +265,10 @@ class Fetcher:
                 block.append(opened.data)
             finally:
                 opened.close()
+            if block.from_upstream and not block.claimed:
+                # Another process fetched it for this one (_await_claims), and
+                # no client here has had it yet: see "Fresh marks" above.
+                self._fresh.put((v.name, block.index), True)
             self._done(v, block)
         return missing
 

@@ -8,6 +8,7 @@
         index.sqlite3                                    accounting (not presence)
         reconcile.lock                                   one process reconciles at a time
         check.cursor                                     where an interrupted check resumes
+        fetch.claims                                     locks: who fetches what (claims.py)
         staging/<pid>-<token>/                           a live process's temp files
         staging/<pid>-<token>/.lock                      flock held while it lives
         trash/                                           version dirs being deleted
@@ -51,6 +52,7 @@ class Layout:
         self.index_path = self.root / "index.sqlite3"
         self.reconcile_lock = self.root / "reconcile.lock"
         self.check_cursor = self.root / "check.cursor"
+        self.claims_path = self.root / "fetch.claims"
 
     def object_dir(self, kh: str) -> Path:
         return self.objects / kh[:2] / kh

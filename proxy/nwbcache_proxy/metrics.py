@@ -150,6 +150,14 @@ class Metrics:
             "Reads that joined a fetch already in flight instead of going upstream.",
             registry=r,
         )
+        self.awaited = Counter(
+            "nwbcache_awaited_fetches_total",
+            "Blocks (kind=block) and object discoveries (kind=discovery) this process "
+            "waited for instead of asking upstream, because another worker or daemon on the "
+            "cache dir was fetching them.",
+            ["kind"],
+            registry=r,
+        )
         self.upstream_breakers_open = Gauge(
             "nwbcache_upstream_breakers_open",
             "Upstream hosts this daemon has stopped asking for a while because they kept "
@@ -195,6 +203,8 @@ class Metrics:
         self.upstream_requests.labels("ok")
         for result in ("accepted", "refused", "error"):
             self.auth_checks.labels(result)
+        for kind in ("block", "discovery"):
+            self.awaited.labels(kind)
         for method in ("GET", "HEAD"):
             for status in ("200", "206"):
                 for cache in ("hit", "miss", "partial", "stale"):

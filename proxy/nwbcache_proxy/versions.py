@@ -3,7 +3,9 @@
 Discovery is single flight per object: concurrent requests for an object
 whose version is unknown (or no longer servable unconfirmed) share one
 upstream request, a ranged GET of block 0 that tells the size and validators
-and warms the first block. A version that changed upstream is dropped whole
+and warms the first block; across processes too (a discovery claim,
+claims.py: a process that finds it taken waits, then reads the meta.json the
+claimant wrote). A version that changed upstream is dropped whole
 (metadata, block files, fds, index rows) before anyone can read the new one.
 
 How long a version is served unconfirmed is freshness.py's call: a stale one
@@ -32,6 +34,7 @@ from . import store
 from .access import Access
 from .aio import Disk, Tasks
 from .blocks import Blocks
+from .claims import CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims, discovery_offset
 from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached, ProxyError, UpstreamStatus
 from .fetcher import Fetcher
@@ -75,6 +78,7 @@ class Versions:
         fetcher: Fetcher,
         access: Access,
         upstream: Upstream,
+        claims: Claims,
         *,
         block_size: int,
         policy: Policy,
@@ -89,6 +93,7 @@ class Versions:
         self.fetcher = fetcher
         self.access = access
         self.upstream = upstream
+        self.claims = claims
         self.block_size = block_size
         self.policy = policy
         self.immutable = immutable
@@ -146,11 +151,14 @@ class Versions:
         return Resolved(await self._discovery(url, key, known, creds), False)
 
     def _remember(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
-        v = Version.of(self.layout, meta, self.block_size)
-        immutable = self.immutable.permits(url) or _names_a_version(meta.cache_key)
-        known = _Known(v, meta.validated_at, immutable)
+        known = self._known_of(meta, url)
         self._known.put(meta.cache_key, known)
         return known
+
+    def _known_of(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
+        v = Version.of(self.layout, meta, self.block_size)
+        immutable = self.immutable.permits(url) or _names_a_version(meta.cache_key)
+        return _Known(v, meta.validated_at, immutable)
 
     async def _read_meta(self, key: str) -> ObjectMeta | None:
         path = self.layout.meta_path(key_hash(key))
@@ -206,6 +214,50 @@ class Versions:
         return await self._discover(url, key, stale, creds)
 
     async def _discover(
+        self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
+    ) -> Version:
+        claim = discovery_offset(key_hash(key))
+        if not self.claims.take(claim):
+            found = await self._await_discovery(url, key, stale, claim)
+            if found is not None:
+                return found
+        try:
+            return await self._discover_upstream(url, key, stale, creds)
+        finally:
+            self.claims.release(claim)
+
+    async def _await_discovery(
+        self, url: UpstreamURL, key: str, stale: Version | None, claim: int
+    ) -> Version | None:
+        """Another process is discovering the object: wait until its claim frees,
+        then take the version it wrote to meta.json, if that is servable without
+        asking upstream again. None (holding the claim) when it is not: the
+        claimant failed or died, and this process discovers."""
+        self.metrics.awaited.labels("discovery").inc()
+        delay = CLAIM_POLL_FIRST
+        while not self.claims.take(claim):
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CLAIM_POLL_MAX)
+        meta = await self._read_meta(key)
+        if meta is None:
+            return None
+        known = self._known_of(meta, url)
+        verdict = self.policy.judge(
+            age=time.time() - known.validated_at,
+            immutable=known.immutable,
+            privacy_known=known.version.private is not None,
+            offline=False,
+        )
+        if verdict is not Freshness.FRESH:
+            return None
+        self.claims.release(claim)
+        self._known.put(key, known)
+        v = known.version
+        if stale is not None and not stale.remote.same_version(v.remote):
+            await self.drop(stale)  # what the claimant's discovery found changed
+        return v
+
+    async def _discover_upstream(
         self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
     ) -> Version:
         try:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +151,7 @@ class DaemonProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
         return self.proc.wait(30)
+
+
+# The ``spawn`` fixture (conftest.py): spawn(cache_dir, *flags) starts a daemon process.
+Spawn = Callable[..., DaemonProcess]
