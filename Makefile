@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-workers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench-scale: $(STAMP)
 ## same reads (256 MiB in 16 MiB ranges, 4 streams, 5 runs; ~2 min); bench/results-coldfill.json
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)
+
+## bench-workers: --workers 2 + a second daemon on one cache dir under 40 cold readers
+## (upstream bytes / object bytes), and warm 4 KiB ranges against nginx with 1 and auto
+## workers (~4 min); bench/results-workers.json
+bench-workers: $(STAMP) test-deps
+	$(BIN)/python -m bench.workers $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench

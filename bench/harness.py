@@ -158,7 +158,7 @@ class Nwbcache:
         log_path: Path,
         block_size: str | None = None,
         readahead: str | None = None,
-        workers: int = 1,
+        workers: int | str = 1,
     ) -> None:
         args = ["--cache-dir", str(cache_dir), "--allow-upstream", upstream_host]
         args += ["--workers", str(workers)]
@@ -229,7 +229,7 @@ class Nginx:
         cache_dir: Path,
         upstream_host: str,
         *,
-        workers: int = 1,
+        workers: int | str = 1,  # a count, or "auto"
         slice_size: str = "1m",
     ) -> None:
         self.prefix = prefix

@@ -9,6 +9,7 @@
 #   systemd     tests/test_deploy_files.py: systemd-analyze verify/security on the unit
 #   nginx-light the benchmark's generic range cache (proxy_cache + slice), and
 #   wrk         its raw-serving load generator (bench/, tests/test_bench_smoke.py)
+#   haproxy     tests/test_cluster.py: deploy/cluster/haproxy.cfg in front of real daemons
 set -euo pipefail
 
 need=()
@@ -22,6 +23,7 @@ command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

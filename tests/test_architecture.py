@@ -33,7 +33,7 @@ LAYERS: dict[str, set[str]] = {
         "validate",
         "version",
     },
-    "settings": {"config", "logs"},
+    "settings": {"config", "cpus", "flags", "logs"},
     "storage": {
         "accounting",
         "aio",

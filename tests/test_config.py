@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import pytest
 
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
-from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings, load_settings
+from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings
+from nwbcache_proxy.cpus import cgroup_cpu_quota, usable_cpus
+from nwbcache_proxy.flags import load_settings, parse_workers
 from nwbcache_proxy.policy import Eviction
 
 
@@ -79,6 +82,7 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         ([], {"NWBCACHE_CACHE_SIZE": "lots"}, "NWBCACHE_CACHE_SIZE"),
         ([], {"NWBCACHE_FSYNC": "maybe"}, "NWBCACHE_FSYNC"),
         (["--workers", "0"], {}, "workers"),
+        ([], {"NWBCACHE_WORKERS": "many"}, "NWBCACHE_WORKERS: --workers takes a number or auto"),
         (["--allow-upstream", "bad host!"], {}, "allow-list entry"),
         ([], {"NWBCACHE_EVICTION": "arc"}, "must be one of s3fifo, lru, got .arc."),
         ([], {"NWBCACHE_EVICTION": "random"}, "^NWBCACHE_EVICTION"),
@@ -171,3 +175,39 @@ def test_url_command_prints_proxied_url() -> None:
     assert proc.stdout.strip() == (
         "http://127.0.0.1:8080/https/dandiarchive.s3.amazonaws.com/blobs/abc/def/0123"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus", "workers"),
+    [("auto", 8, 8), ("AUTO", 2, 2), (" auto ", 1, 1), ("auto", 0, 1), ("3", 8, 3)],
+)
+def test_workers_auto_is_one_per_usable_cpu(text: str, cpus: int, workers: int) -> None:
+    assert parse_workers(text, lambda: cpus) == workers
+
+
+def test_workers_auto_from_flag_env_and_file(tmp_path: Path) -> None:
+    cpus = usable_cpus()
+    assert load_settings(_args("--workers", "auto"), environ={}).workers == cpus
+    assert load_settings(_args(), environ={"NWBCACHE_WORKERS": "auto"}).workers == cpus
+    config = tmp_path / "nwbcache.toml"
+    config.write_text('workers = "auto"\n')
+    assert load_settings(_args("--config", str(config)), environ={}).workers == cpus
+    assert 1 <= cpus <= len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("max 100000\n", None),  # v2, no limit
+        ("200000 100000\n", 2),  # --cpus 2
+        ("250000 100000", 3),  # --cpus 2.5: rounded up
+        ("50000 100000", 1),
+        ("-1 100000", None),  # v1, no limit
+        (" ", None),  # not readable
+        ("", None),
+        ("x 100000", None),
+        ("100000 0", None),
+    ],
+)
+def test_cgroup_cpu_quota(text: str, cpus: int | None) -> None:
+    assert cgroup_cpu_quota(text) == cpus

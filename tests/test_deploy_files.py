@@ -30,7 +30,8 @@ import requests
 import yaml  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 
-from nwbcache_proxy.config import Settings, add_serve_arguments, load_settings
+from nwbcache_proxy.config import Settings
+from nwbcache_proxy.flags import add_serve_arguments, load_settings
 from tests.support.daemons import DaemonProcess, DaemonThread
 from tests.support.helpers import REPO
 from tests.support.helpers import system_tool as tool

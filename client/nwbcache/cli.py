@@ -19,7 +19,7 @@ from .urls import DANDI_API_URL, InvalidURL, _proxy, proxied_url
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nwbcache_proxy.config import add_serve_arguments  # stdlib-only module
+    from nwbcache_proxy.flags import add_serve_arguments  # stdlib-only module
 
     parser = argparse.ArgumentParser(
         prog="nwbcache",
@@ -266,7 +266,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from nwbcache_proxy.config import load_settings
+    from nwbcache_proxy.flags import load_settings
 
     try:
         settings = load_settings(args)

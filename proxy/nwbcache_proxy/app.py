@@ -46,7 +46,7 @@ def build_app(settings: Settings) -> web.Application:
     app[METRICS_KEY] = Metrics()
     app[TARGETS_KEY] = Targets(settings.allow_list)
     app.cleanup_ctx.append(_cache_context)
-    build_routes(app)
+    build_routes(app, settings.node_name)
     return app
 
 

@@ -1,26 +1,22 @@
-"""Settings of the daemon, from command line, environment and TOML file.
+"""What the daemon's settings are: their defaults, their checks, and a line describing them.
 
-Precedence, highest first: command-line flag, ``NWBCACHE_*`` environment
-variable, the TOML config file (``--config`` / ``NWBCACHE_CONFIG``), the
-defaults below. Stdlib only (argparse, tomllib): the CLI of the light client
-package builds its ``serve`` parser from here without importing aiohttp.
+Where they come from (flags, ``NWBCACHE_*`` variables, a TOML file) is
+flags.py. Stdlib only: the CLI of the light client package imports both
+without importing aiohttp.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import tomllib
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-from nwbcache.env import split_entries
 from nwbcache.urls import DANDI_HOSTS, AllowList
 
-from .policy import Eviction, parse_eviction
-from .sizes import format_size, parse_size
+from .policy import Eviction
+from .sizes import format_size
 
 # Why 256 KiB: remfile asks for 100 KiB at least and h5py's metadata reads are
 # small and scattered, so a larger block multiplies upstream bytes on a cold
@@ -84,6 +80,7 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     dandi_api_url: str = DEFAULT_DANDI_API_URL
+    node_name: str = ""
 
     @property
     def allow_list(self) -> AllowList:
@@ -114,280 +111,16 @@ class Settings:
             raise ValueError("--max-upstream-connections must be at least 1")
         if self.stale_if_error < 0 or self.negative_ttl < 0 or self.revalidate_after < 0:
             raise ValueError("--revalidate-after, --stale-if-error and --negative-ttl must be >= 0")
+        if self.node_name and not _NODE_NAME.fullmatch(self.node_name):
+            raise ValueError(
+                f"--node-name must be 1-64 letters, digits, '.', '_' or '-', got {self.node_name!r}"
+            )
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
         self.immutable_list  # noqa: B018
 
 
-def _parse_bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in {"1", "true", "yes", "on"}:
-        return True
-    if low in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError(f"expected a boolean (true/false), got {text!r}")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Option:
-    field: str
-    flag: str
-    parse: Callable[[str], Any]
-    help: str
-    metavar: str | None = None
-    repeatable: bool = False
-
-
-_OPTIONS: tuple[_Option, ...] = (
-    _Option("host", "--host", str, "address to listen on (default 127.0.0.1: this machine only)"),
-    _Option("port", "--port", int, "port to listen on (default 8080; 0 picks a free one)"),
-    _Option(
-        "cache_dir",
-        "--cache-dir",
-        Path,
-        "where cached blocks live (default $XDG_CACHE_HOME/nwbcache or ~/.cache/nwbcache)",
-        "DIR",
-    ),
-    _Option(
-        "cache_size",
-        "--cache-size",
-        parse_size,
-        "upper bound of the cache on disk, e.g. 500M, 20G (default 20G)",
-        "SIZE",
-    ),
-    _Option(
-        "block_size",
-        "--block-size",
-        parse_size,
-        "unit of caching and of upstream reads, e.g. 256K, 4M (default 256K)",
-        "SIZE",
-    ),
-    _Option(
-        "eviction",
-        "--eviction",
-        parse_eviction,
-        "which blocks go when the cache is full: s3fifo (default; scan-resistant, "
-        "keeps what is reused and every file's first block) or lru",
-        "POLICY",
-    ),
-    _Option(
-        "allow_upstream",
-        "--allow-upstream",
-        str,
-        "upstream HOST[:PORT][/path-prefix] the daemon may read from; repeat for several "
-        "(default: the DANDI bucket hosts)",
-        "HOST",
-        repeatable=True,
-    ),
-    _Option(
-        "workers",
-        "--workers",
-        int,
-        "daemon processes sharing the port and the cache (default 1)",
-        "N",
-    ),
-    _Option(
-        "readahead",
-        "--readahead",
-        parse_size,
-        "how far ahead of a sequential reader to fetch (default 16M)",
-        "SIZE",
-    ),
-    _Option(
-        "revalidate_after",
-        "--revalidate-after",
-        float,
-        "seconds before a cached object's version is checked upstream again (default 3600)",
-        "SECONDS",
-    ),
-    _Option(
-        "immutable",
-        "--immutable",
-        str,
-        "HOST[:PORT][/path-prefix] of objects that never change, never revalidated; repeat "
-        "for several (default: DANDI blobs; a URL with versionId is immutable anyway)",
-        "PREFIX",
-        repeatable=True,
-    ),
-    _Option(
-        "stale_if_error",
-        "--stale-if-error",
-        float,
-        "seconds past --revalidate-after that cached bytes are still served when upstream "
-        "cannot confirm them (default 604800, a week)",
-        "SECONDS",
-    ),
-    _Option(
-        "negative_ttl",
-        "--negative-ttl",
-        float,
-        "seconds a 404 from upstream is remembered (default 30; 401/403 never are)",
-        "SECONDS",
-    ),
-    _Option(
-        "trace",
-        "--trace",
-        lambda text: Path(text) if text else None,
-        "append one JSON line per range read to FILE, for bench/policysim (default off; "
-        "'' for off)",
-        "FILE",
-    ),
-    _Option(
-        "max_upstream_connections",
-        "--max-upstream-connections",
-        int,
-        "concurrent upstream requests at most (default 32)",
-        "N",
-    ),
-    _Option(
-        "connect_timeout",
-        "--connect-timeout",
-        float,
-        "seconds to connect upstream (default 10)",
-        "SECONDS",
-    ),
-    _Option(
-        "first_byte_timeout",
-        "--first-byte-timeout",
-        float,
-        "seconds to wait for upstream's response headers (default 30)",
-        "SECONDS",
-    ),
-    _Option(
-        "read_timeout",
-        "--read-timeout",
-        float,
-        "seconds an upstream body may stay idle (default 30)",
-        "SECONDS",
-    ),
-    _Option(
-        "retry_attempts",
-        "--retry-attempts",
-        int,
-        "tries per upstream read, first included (default 5)",
-        "N",
-    ),
-    _Option(
-        "retry_base_delay",
-        "--retry-base-delay",
-        float,
-        "base of the exponential backoff in seconds (default 0.2)",
-        "SECONDS",
-    ),
-    _Option(
-        "fsync",
-        "--fsync",
-        _parse_bool,
-        "fsync each block before publishing it (default false: blocks carry a checksum "
-        "that is verified before first use)",
-        "BOOL",
-    ),
-    _Option(
-        "log_level", "--log-level", str, "debug, info, warning or error (default info)", "LEVEL"
-    ),
-    _Option(
-        "log_format",
-        "--log-format",
-        str,
-        "text or json, one line per event (default text)",
-        "FORMAT",
-    ),
-    _Option(
-        "dandi_api_url",
-        "--dandi-api-url",
-        str,
-        "DANDI API that the /dandi/<dandiset>/<version>/<path> route asks "
-        f"(default {DEFAULT_DANDI_API_URL})",
-        "URL",
-    ),
-)
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the ``serve`` flags. Values default to None so that unset flags
-    fall through to environment, config file and defaults."""
-    parser.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help=(
-            "TOML file with the same settings (keys as the flags, with _ for -); "
-            "env NWBCACHE_CONFIG"
-        ),
-    )
-    for opt in _OPTIONS:
-        kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar, "dest": opt.field}
-        if opt.repeatable:
-            kwargs["action"] = "append"
-        else:
-            kwargs["type"] = opt.parse
-        parser.add_argument(opt.flag, **kwargs)
-
-
-def _env_name(field: str) -> str:
-    return "NWBCACHE_" + field.upper()
-
-
-def _coerce(opt: _Option, raw: Any, source: str) -> Any:
-    try:
-        if opt.repeatable:
-            items = split_entries(raw) if isinstance(raw, str) else tuple(str(x) for x in raw)
-            return items
-        if isinstance(raw, str):
-            return opt.parse(raw)
-        if opt.parse is parse_size and isinstance(raw, int):
-            return raw
-        if opt.parse is Path:
-            return Path(str(raw))
-        return opt.parse(str(raw)) if not isinstance(raw, bool | int | float) else raw
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
-
-
-def load_settings(
-    args: argparse.Namespace | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Merge flags, environment and config file over the defaults."""
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-
-    config_path = getattr(args, "config", None) or env.get("NWBCACHE_CONFIG")
-    if config_path:
-        values.update(_read_config_file(Path(config_path)))
-    for opt in _OPTIONS:
-        name = _env_name(opt.field)
-        if name in env and env[name] != "":
-            values[opt.field] = _coerce(opt, env[name], name)
-    if args is not None:
-        for opt in _OPTIONS:
-            given = getattr(args, opt.field, None)
-            if given is not None:
-                values[opt.field] = tuple(given) if opt.repeatable else given
-    values.setdefault("cache_dir", default_cache_dir(env))
-    settings = Settings(**values)
-    settings.validate()
-    return settings
-
-
-def _read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"config file {path}: {exc}") from None
-    # Accept both a flat file and one with a [serve] table.
-    table = data.get("serve", data)
-    by_field = {opt.field: opt for opt in _OPTIONS}
-    values: dict[str, Any] = {}
-    for key, raw in table.items():
-        field = key.replace("-", "_")
-        if field not in by_field:
-            known = ", ".join(sorted(by_field))
-            raise ValueError(f"config file {path}: unknown setting {key!r} (known: {known})")
-        values[field] = _coerce(by_field[field], raw, f"{path}: {key}")
-    return values
+# A header value and a log field: no spaces, no control characters.
+_NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def describe(settings: Settings) -> str:

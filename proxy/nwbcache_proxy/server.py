@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -58,6 +59,18 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "version": __version__})
+
+
+def served_by(
+    node_name: str,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """on_response_prepare: which node of a cluster answered (--node-name), for
+    the people and tests behind a balancer."""
+
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Served-By"] = node_name
+
+    return add
 
 
 async def status_page(request: web.Request) -> web.Response:
@@ -280,8 +293,10 @@ async def _reader_after_headers(
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc
 
 
-def build_routes(app: web.Application) -> None:
+def build_routes(app: web.Application, node_name: str = "") -> None:
     app.on_response_prepare.append(add_request_id)
+    if node_name:
+        app.on_response_prepare.append(served_by(node_name))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/", status_page)

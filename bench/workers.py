@@ -1,0 +1,347 @@
+"""Every core, one fetch per block: workers and daemons on one cache dir, side by side.
+
+    make bench-workers                           # 256 MiB + 64 small objects, wrk (~3 min)
+    .venv/bin/python -m bench.workers --quick    # 64 MiB, shorter wrk runs
+
+Two sections, one run, every server a process of its own:
+
+- ``stampede``: the S3 emulator as a process, S3-like (``--latency`` 30 ms to
+  first byte, ``--bandwidth`` 100 MB/s per response), holding one object of
+  ``--size`` and 64 small ones (64 KiB to 2 MiB: ``--small-max``). ``nwbcache serve --workers
+  2`` and a second daemon share one cache dir; 32 readers of the big object
+  (4 MiB ranges, starting at staggered offsets and wrapping around) and 8
+  readers of all 64 small objects (shuffled), spread over both daemons,
+  start together. Figures: bytes fetched from the origin over the objects'
+  bytes (the issue's target: at most 1.05), the waits that sharing made
+  (``nwbcache_awaited_fetches_total``), wall time. Every body is compared
+  with the origin's sha256.
+- ``warm``: random 4 KiB ranges of the warm big object, wrk with 16
+  keep-alive connections for ``--seconds``: nginx (``slice`` +
+  ``proxy_cache``, bench/harness.py) and nwbcache, both with one worker and
+  both with ``auto`` (one per CPU: nginx's ``worker_processes auto``,
+  nwbcache's ``--workers auto``); requests/s and the ratio to nginx. The
+  systems alternate, ``--runs`` times each; medians.
+
+Prints a table and saves bench/results-workers.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.harness import Emulator, Nginx, Nwbcache, git_commit, machine
+from bench.wrkrun import run_wrk
+from nwbcache_proxy.cpus import usable_cpus
+from nwbcache_proxy.sizes import format_size, parse_size
+from tests.support.helpers import REPO
+
+BENCH = Path(__file__).resolve().parent
+MiB = 1024 * 1024
+BIG_READERS = 32
+SMALL_READERS = 8
+SMALL_OBJECTS = 64
+RANGE = 4 * MiB
+WARM_LENGTH = 4096
+
+
+def _write_object(path: Path, size: int, seed: int) -> str:
+    """A random object of ``size`` bytes; its sha256."""
+    rng = random.Random(seed)
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            chunk = rng.randbytes(min(left, MiB))
+            fh.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
+def _awaited(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out = {"block": 0.0, "discovery": 0.0}
+    for line in text.splitlines():
+        if line.startswith("nwbcache_awaited_fetches_total{"):
+            kind = line.split('kind="', 1)[1].split('"', 1)[0]
+            out[kind] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.root = work / "origin"  # served at OBJECT_PREFIX/<file name>
+        self.root.mkdir(parents=True)
+        self.problems: list[str] = []
+        self.objects: dict[str, tuple[int, str]] = {}  # name -> (size, sha256)
+
+    def make_objects(self) -> None:
+        folder = self.root
+        size = self.args.size_bytes
+        self.objects["big"] = (size, _write_object(folder / "big", size, 1))
+        rng = random.Random(2)
+        for i in range(SMALL_OBJECTS):
+            n = rng.randrange(self.args.small_max // 32, self.args.small_max)
+            self.objects[f"small-{i:02d}"] = (
+                n,
+                _write_object(folder / f"small-{i:02d}", n, 10 + i),
+            )
+
+    @contextlib.contextmanager
+    def emulator(self, *, latency: float, bandwidth: float | None) -> Iterator[Emulator]:
+        emu = Emulator(
+            self.root,
+            latency=latency,
+            bandwidth=bandwidth or 100e9,
+            log_path=self.work / f"emulator-{time.monotonic_ns()}.log",
+        )
+        emu.start()
+        try:
+            yield emu
+        finally:
+            emu.stop()
+
+    @contextlib.contextmanager
+    def nwbcache(self, emu: Emulator, cache: Path, workers: str) -> Iterator[Nwbcache]:
+        server = Nwbcache(
+            cache,
+            emu.host,
+            log_path=self.work / f"nwbcache-{time.monotonic_ns()}.log",
+            workers=workers,
+        )
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    # -- stampede ---------------------------------------------------------------
+    def stampede(self) -> dict[str, Any]:
+        cache = self.work / "stampede-cache"
+        with (
+            self.emulator(latency=self.args.latency, bandwidth=self.args.bandwidth) as emu,
+            self.nwbcache(emu, cache, "2") as workers,
+            self.nwbcache(emu, cache, "1") as other,
+        ):
+            servers = [workers, other]
+            start = threading.Barrier(BIG_READERS + SMALL_READERS)
+            began = time.perf_counter()
+            jobs = [
+                lambda n=n: self._big_reader(servers[n % 2], emu, n, start)
+                for n in range(BIG_READERS)
+            ]
+            jobs += [
+                lambda n=n: self._small_reader(servers[n % 2], emu, n, start)
+                for n in range(SMALL_READERS)
+            ]
+            with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+                for future in [pool.submit(job) for job in jobs]:
+                    future.result()
+            wall = time.perf_counter() - began
+            fetched = emu.wait_idle()["bytes"]
+            waits = [_awaited(s.url) for s in servers]
+        total = sum(size for size, _ in self.objects.values())
+        out = {
+            "object_bytes": total,
+            "upstream_bytes": fetched,
+            "ratio": fetched / total,
+            "wall_seconds": wall,
+            "awaited_blocks": sum(w["block"] for w in waits),
+            "awaited_discoveries": sum(w["discovery"] for w in waits),
+            "client_bytes": BIG_READERS * self.objects["big"][0]
+            + SMALL_READERS * (total - self.objects["big"][0]),
+        }
+        sys.stderr.write(f"  stampede: {json.dumps(out)}\n")
+        return out
+
+    def _big_reader(
+        self, server: Nwbcache, emu: Emulator, n: int, start: threading.Barrier
+    ) -> None:
+        size, want = self.objects["big"]
+        url = server.url_for(emu.url_for("big"))
+        count = -(-size // RANGE)
+        order = [(n * 3 + i) % count for i in range(count)]
+        pieces: dict[int, bytes] = {}
+        start.wait()
+        with requests.Session() as session:
+            for k in order:
+                last = min(size, (k + 1) * RANGE) - 1
+                r = session.get(url, headers={"Range": f"bytes={k * RANGE}-{last}"}, timeout=600)
+                if r.status_code != 206:
+                    self.problems.append(f"big reader {n}: {r.status_code}")
+                    return
+                pieces[k] = r.content
+        digest = hashlib.sha256()
+        for k in range(count):
+            digest.update(pieces[k])
+        if digest.hexdigest() != want:
+            self.problems.append(f"big reader {n}: sha256 differs")
+
+    def _small_reader(
+        self, server: Nwbcache, emu: Emulator, n: int, start: threading.Barrier
+    ) -> None:
+        names = sorted(k for k in self.objects if k != "big")
+        random.Random(n).shuffle(names)
+        start.wait()
+        with requests.Session() as session:
+            for name in names:
+                r = session.get(server.url_for(emu.url_for(name)), timeout=600)
+                if (
+                    r.status_code != 200
+                    or hashlib.sha256(r.content).hexdigest() != self.objects[name][1]
+                ):
+                    self.problems.append(f"small reader {n}: {name} differs ({r.status_code})")
+
+    # -- warm 4 KiB ---------------------------------------------------------------
+    def warm(self) -> dict[str, Any]:
+        size = self.objects["big"][0]
+        out: dict[str, Any] = {"cpus": usable_cpus(), "length": WARM_LENGTH}
+        with self.emulator(latency=0, bandwidth=None) as emu:
+            for workers in ("1", "auto"):
+                runs: dict[str, list[float]] = {"nginx": [], "nwbcache": []}
+                prefix = self.work / f"nginx-{workers}"
+                with (
+                    _nginx(prefix, emu, workers) as ngx,
+                    self.nwbcache(emu, self.work / f"warm-cache-{workers}", workers) as nwb,
+                ):
+                    urls = {
+                        "nginx": ngx.url_for(emu.url_for("big")),
+                        "nwbcache": nwb.url_for(emu.url_for("big")),
+                    }
+                    for url in urls.values():
+                        _read_all(url)
+                    for run in range(self.args.runs):
+                        names = list(urls) if run % 2 == 0 else list(reversed(urls))
+                        for name in names:
+                            res = run_wrk(
+                                urls[name], size=size, length=WARM_LENGTH, seconds=self.args.seconds
+                            )
+                            if res.errors:
+                                self.problems.append(f"wrk {name} x{workers}: {res.errors} errors")
+                            runs[name].append(res.req_per_s)
+                row: dict[str, Any] = {name: statistics.median(v) for name, v in runs.items()}
+                row["ratio"] = row["nwbcache"] / row["nginx"]
+                row["runs"] = runs
+                out[workers] = row
+                sys.stderr.write(f"  warm x{workers}: {json.dumps(row)}\n")
+        return out
+
+
+@contextlib.contextmanager
+def _nginx(prefix: Path, emu: Emulator, workers: str) -> Iterator[Nginx]:
+    server = Nginx(prefix, prefix / "cache", emu.host, workers=workers, slice_size="256k")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _read_all(url: str) -> None:
+    with urllib.request.urlopen(url, timeout=600) as r:
+        while r.read(1 << 20):
+            pass
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, w = report["stampede"], report["warm"]
+    lines = [
+        f"# Workers and daemons on one cache dir ({report['commit'] or 'uncommitted'})",
+        "",
+        f"Stampede: `--workers 2` + a second daemon on one cache dir; {BIG_READERS} readers "
+        f"of one {format_size(report['settings']['size'])} object (4 MiB ranges) and "
+        f"{SMALL_READERS} readers of {SMALL_OBJECTS} small objects, origin "
+        f"{report['settings']['latency'] * 1000:.0f} ms to first byte, "
+        f"{report['settings']['bandwidth'] / 1e6:.0f} MB/s per response.",
+        "",
+        "| objects | fetched upstream | ratio (target <= 1.05) | blocks awaited | "
+        "discoveries awaited | wall |",
+        "|---|---|---|---|---|---|",
+        f"| {s['object_bytes'] / 1e6:.1f} MB | {s['upstream_bytes'] / 1e6:.1f} MB | "
+        f"{s['ratio']:.3f} | {s['awaited_blocks']:.0f} | {s['awaited_discoveries']:.0f} | "
+        f"{s['wall_seconds']:.1f} s |",
+        "",
+        f"Warm random {WARM_LENGTH // 1024} KiB ranges, wrk 16 connections, "
+        f"{report['settings']['seconds']:.0f} s x {report['settings']['runs']} runs each, "
+        f"medians (requests/s); auto = {w['cpus']} CPUs:",
+        "",
+        "| workers | nginx | nwbcache | ratio |",
+        "|---|---|---|---|",
+    ]
+    for workers in ("1", "auto"):
+        row = w[workers]
+        lines.append(
+            f"| {workers} | {row['nginx']:,.0f} | {row['nwbcache']:,.0f} | {row['ratio']:.2f} |"
+        )
+    if report["problems"]:
+        lines += ["", "Problems: " + "; ".join(report["problems"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.workers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--size", type=parse_size, help="the big object (default 256M; --quick 64M)")
+    ap.add_argument("--latency", type=float, default=0.03, help="origin first byte, s (0.03)")
+    ap.add_argument("--bandwidth", type=float, default=100e6, help="origin B/s per response")
+    ap.add_argument("--seconds", type=float, help="per wrk run (default 10; --quick 3)")
+    ap.add_argument("--runs", type=int, default=3, help="wrk runs per system (default 3)")
+    ap.add_argument("--small-max", type=parse_size, default="2M", help="small objects' size bound")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=BENCH / "results-workers.json")
+    args = ap.parse_args(argv)
+    args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    (REPO / ".bench-data").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="workers-", dir=REPO / ".bench-data") as tmp:
+        bench = Bench(args, Path(tmp))
+        bench.make_objects()
+        sys.stderr.write("stampede:\n")
+        stampede = bench.stampede()
+        sys.stderr.write("warm:\n")
+        warm = bench.warm()
+    report = {
+        "commit": git_commit(),
+        "machine": machine(),
+        "settings": {
+            "size": args.size_bytes,
+            "latency": args.latency,
+            "bandwidth": args.bandwidth,
+            "seconds": args.seconds,
+            "runs": args.runs,
+        },
+        "stampede": stampede,
+        "warm": warm,
+        "problems": bench.problems,
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+    return 1 if bench.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""The workers benchmark (bench/workers.py) at a tiny size: every figure measured, every
+body the origin's, and sharing working (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.helpers import REPO, system_tool
+
+pytestmark = pytest.mark.slow  # the emulator, nginx, wrk and daemons as processes
+
+
+def test_workers_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    system_tool("nginx")
+    system_tool("wrk")
+    out = tmp_path / "results.json"
+    args = ["--size", "8M", "--small-max", "256K", "--seconds", "1", "--runs", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.workers", *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    s = report["stampede"]
+    assert s["object_bytes"] > 8 * 1024 * 1024
+    # Every byte came from the origin at least once, and sharing kept it near once.
+    assert s["object_bytes"] <= s["upstream_bytes"] <= 1.05 * s["object_bytes"], s
+    assert s["awaited_blocks"] + s["awaited_discoveries"] > 0, s
+    for workers in ("1", "auto"):
+        row = report["warm"][workers]
+        assert row["nginx"] > 0 and row["nwbcache"] > 0
+        assert row["ratio"] == pytest.approx(row["nwbcache"] / row["nginx"])
+    md = out.with_suffix(".md").read_text()
+    assert "| auto |" in md and "ratio (target <= 1.05)" in md
