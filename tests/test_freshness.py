@@ -31,6 +31,25 @@ def test_judge(
     assert verdict is expected
 
 
+@pytest.mark.parametrize(
+    ("age", "immutable", "offline", "expected"),
+    [
+        (0.0, False, False, EXPIRED),  # no-cache: upstream's word first, however fresh
+        (500.0, False, False, EXPIRED),
+        (0.0, True, False, FRESH),  # an immutable version has nothing to confirm
+        (0.0, False, True, FRESH),  # only-if-cached wins: nothing is asked
+        (500.0, False, True, STALE),
+    ],
+)
+def test_judge_when_the_request_asks_for_upstreams_word(
+    age: float, immutable: bool, offline: bool, expected: Freshness
+) -> None:
+    verdict = P.judge(
+        age=age, immutable=immutable, privacy_known=True, offline=offline, revalidate=True
+    )
+    assert verdict is expected
+
+
 def test_no_stale_serving_when_stale_if_error_is_zero() -> None:
     strict = Policy(revalidate_after=0.0, stale_if_error=0.0)
     assert strict.judge(age=0.0, immutable=False, privacy_known=True) is EXPIRED

@@ -17,7 +17,15 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import __version__
-from .appkeys import ALLOW_KEY, CACHE_KEY, DANDI_KEY, METRICS_KEY, STATUS_KEY, TARGETS_KEY
+from .appkeys import (
+    ALLOW_KEY,
+    CACHE_KEY,
+    DANDI_KEY,
+    METRICS_KEY,
+    NODE_ID_KEY,
+    STATUS_KEY,
+    TARGETS_KEY,
+)
 from .breaker import Breakers
 from .cache import BlockCache
 from .config import Settings, describe
@@ -26,11 +34,13 @@ from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
 from .observe import observe_middleware
+from .parents import Parents, new_node_id
 from .retry import RetryBudget, RetryPolicy
 from .server import build_routes
+from .session import make_session
 from .status import StatusTracker
 from .targets import Targets
-from .upstream import Upstream, make_session
+from .upstream import Upstream
 
 log = logging.getLogger("nwbcache")
 
@@ -45,6 +55,7 @@ def build_app(settings: Settings) -> web.Application:
     app[ALLOW_KEY] = settings.allow_list
     app[METRICS_KEY] = Metrics()
     app[TARGETS_KEY] = Targets(settings.allow_list)
+    app[NODE_ID_KEY] = new_node_id(settings.node_name)
     app.cleanup_ctx.append(_cache_context)
     build_routes(app, settings.node_name)
     return app
@@ -52,6 +63,8 @@ def build_app(settings: Settings) -> web.Application:
 
 async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS_KEY]
+    metrics = app[METRICS_KEY]
+    metrics.declare_parents(len(settings.parent))
     layout = Layout(settings.cache_dir)
     index = CacheIndex(layout, settings.eviction)
     await index.open()
@@ -68,6 +81,14 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         first_byte_timeout=settings.first_byte_timeout,
         metrics=app[METRICS_KEY],
         breakers=Breakers(app[METRICS_KEY].upstream_breakers_open.set),
+        parents=Parents(
+            settings.parent,
+            app[NODE_ID_KEY],
+            group_bytes=settings.parent_group,
+            on_result=lambda parent, ok: metrics.parent_requests.labels(
+                parent, "ok" if ok else "failed"
+            ).inc(),
+        ),
     )
     cache = BlockCache(
         layout,
@@ -83,6 +104,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         trace=settings.trace,
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
+        parent_group=settings.parent_group if settings.parent else None,
     )
     await cache.start()
     app[CACHE_KEY] = cache

@@ -18,6 +18,8 @@ DANDI_KEY: web.AppKey[DandiResolver] = web.AppKey("dandi", DandiResolver)
 METRICS_KEY: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 STATUS_KEY: web.AppKey[StatusTracker] = web.AppKey("status", StatusTracker)
 TARGETS_KEY: web.AppKey[Targets] = web.AppKey("targets", Targets)
+# This daemon's id in Via headers (parents.py): a request naming it is a loop.
+NODE_ID_KEY: web.AppKey[str] = web.AppKey("node_id", str)
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # Set when a response was cut short after its headers (for the access log).

@@ -55,6 +55,7 @@ class BlockCache:
         fsync: bool,
         metrics: Metrics,
         trace: Path | None = None,
+        parent_group: int | None = None,
     ) -> None:
         self.layout = layout
         self.disk = Disk()
@@ -88,6 +89,7 @@ class BlockCache:
             block_size=block_size,
             metrics=metrics,
             on_version_changed=self.drop_version,
+            group_bytes=parent_group,
         )
         self.access = Access(upstream, metrics=metrics, on_version_changed=self.drop_version)
         self.versions = Versions(
@@ -136,11 +138,16 @@ class BlockCache:
         self.disk.shutdown()
 
     async def resolve(
-        self, url: UpstreamURL, creds: Credentials = NONE, *, offline: bool = False
+        self,
+        url: UpstreamURL,
+        creds: Credentials = NONE,
+        *,
+        offline: bool = False,
+        revalidate: bool = False,
     ) -> Resolved:
         """The version of the object ``url`` names to serve, and whether it is stale
         (versions.Versions.resolve)."""
-        return await self.versions.resolve(url, creds, offline=offline)
+        return await self.versions.resolve(url, creds, offline=offline, revalidate=revalidate)
 
     async def authorize(
         self, v: Version, url: UpstreamURL, creds: Credentials, *, offline: bool = False
@@ -168,5 +175,6 @@ class BlockCache:
         return await self.reader.cached(v, start, end)
 
     async def drop_version(self, v: Version) -> None:
-        """Forget version ``v``: metadata, blocks, fds, index rows."""
+        """Forget version ``v``, found changed upstream: metadata, blocks, fds, index rows."""
+        self.versions.mark_changed(v)
         await self.versions.drop(v)

@@ -33,6 +33,10 @@ DEFAULT_STALE_IF_ERROR = 7 * 24 * 3600.0
 DEFAULT_NEGATIVE_TTL = 30.0
 # The public DANDI Archive's API, behind the /dandi/... route.
 DEFAULT_DANDI_API_URL = "https://api.dandiarchive.org/api"
+# With several --parent, each group of this many bytes of an object has one
+# parent (parents.py): large enough that a sequential reader's read-ahead
+# (16 MiB) stays on one parent, small enough that a 100 GB file spreads.
+DEFAULT_PARENT_GROUP = 64 * 1024 * 1024
 # prometheus_client's variable for the directory where --workers N processes
 # keep their metrics; read when prometheus_client is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -81,6 +85,8 @@ class Settings:
     log_format: str = "text"
     dandi_api_url: str = DEFAULT_DANDI_API_URL
     node_name: str = ""
+    parent: tuple[str, ...] = ()
+    parent_group: int = DEFAULT_PARENT_GROUP
 
     @property
     def allow_list(self) -> AllowList:
@@ -115,10 +121,20 @@ class Settings:
             raise ValueError(
                 f"--node-name must be 1-64 letters, digits, '.', '_' or '-', got {self.node_name!r}"
             )
+        for url in self.parent:
+            if not _PARENT_URL.fullmatch(url):
+                raise ValueError(
+                    "--parent must be a daemon's base URL, http(s)://HOST:PORT[/prefix], "
+                    f"got {url!r}"
+                )
+        if self.parent_group < self.block_size:
+            raise ValueError("--parent-group must be at least one block (--block-size)")
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
         self.immutable_list  # noqa: B018
 
 
+# A parent daemon's base URL: no query, no fragment, no credentials in it.
+_PARENT_URL = re.compile(r"https?://[A-Za-z0-9.\-]+(:\d{1,5})?(/[A-Za-z0-9._~\-/]*)?")
 # A header value and a log field: no spaces, no control characters.
 _NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

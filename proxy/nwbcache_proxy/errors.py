@@ -95,3 +95,10 @@ class UpstreamDown(ProxyError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class LoopDetected(ProxyError):
+    """The request has passed this daemon already (its Via names it), or too
+    many daemons: a parent configuration that loops (508, RFC 5842)."""
+
+    status = 508

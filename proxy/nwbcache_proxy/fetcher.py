@@ -74,12 +74,16 @@ class Fetcher:
         block_size: int,
         metrics: Metrics,
         on_version_changed: Callable[[Version], Awaitable[None]],
+        group_bytes: int | None = None,
     ) -> None:
         self.blocks = blocks
         self.upstream = upstream
         self.claims = claims
         self._awaited = metrics.awaited.labels("block")
         self.max_run_blocks = max(1, MAX_RUN_BYTES // block_size)
+        # With parents, a run never crosses a group: each group has its own
+        # parent (parents.py), and the run's first byte picks the parent.
+        self._group_blocks = max(1, group_bytes // block_size) if group_bytes else None
         # Drops a version found changed mid-fetch (versions.Versions.drop).
         self._on_version_changed = on_version_changed
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
@@ -117,7 +121,11 @@ class Fetcher:
         for i in indices:
             if (v.name, i) in self._inflight:
                 continue
-            if run and (i != run[-1].index + 1 or len(run) >= self.max_run_blocks):
+            if run and (
+                i != run[-1].index + 1
+                or len(run) >= self.max_run_blocks
+                or (self._group_blocks and i % self._group_blocks == 0)
+            ):
                 self._start(v, url, run, auth)
                 run = []
             block = InflightBlock(i, v.block_length(i))

@@ -218,6 +218,23 @@ _OPTIONS: tuple[_Option, ...] = (
         "URL",
     ),
     _Option(
+        "parent",
+        "--parent",
+        str,
+        "a parent nwbcache daemon to fetch misses from instead of upstream, e.g. "
+        "http://labcache:8080; repeat for several (each part of an object has one, by "
+        "rendezvous hashing); upstream is asked when none is up",
+        "URL",
+        repeatable=True,
+    ),
+    _Option(
+        "parent_group",
+        "--parent-group",
+        parse_size,
+        "with several --parent, bytes of an object that go to one parent (default 64M)",
+        "SIZE",
+    ),
+    _Option(
         "node_name",
         "--node-name",
         str,

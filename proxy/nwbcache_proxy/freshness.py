@@ -36,12 +36,24 @@ class Policy:
     stale_if_error: float
 
     def judge(
-        self, *, age: float, immutable: bool, privacy_known: bool, offline: bool = False
+        self,
+        *,
+        age: float,
+        immutable: bool,
+        privacy_known: bool,
+        offline: bool = False,
+        revalidate: bool = False,
     ) -> Freshness:
-        """How a version last confirmed ``age`` seconds ago may be served."""
+        """How a version last confirmed ``age`` seconds ago may be served.
+        ``revalidate``: the request asks for upstream's word (``Cache-Control:
+        no-cache``, ``max-age=0``) or the version was just found changed."""
         if not privacy_known:
             return Freshness.EXPIRED  # offline too: who may read it is not known
-        if immutable or age < self.revalidate_after:
+        if immutable:
+            return Freshness.FRESH
+        if revalidate and not offline:
+            return Freshness.EXPIRED
+        if age < self.revalidate_after:
             return Freshness.FRESH
         if offline or age < self.revalidate_after + self.stale_if_error:
             return Freshness.STALE

@@ -158,6 +158,13 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.parent_requests = Counter(
+            "nwbcache_parent_requests_total",
+            "Requests to parent daemons (--parent), by the parent's position in the "
+            "--parent list and outcome (ok, or failed: skipped for a while after).",
+            ["parent", "outcome"],
+            registry=r,
+        )
         self.upstream_breakers_open = Gauge(
             "nwbcache_upstream_breakers_open",
             "Upstream hosts this daemon has stopped asking for a while because they kept "
@@ -209,6 +216,11 @@ class Metrics:
             for status in ("200", "206"):
                 for cache in ("hit", "miss", "partial", "stale"):
                     self.requests.labels(method, status, cache)
+
+    def declare_parents(self, count: int) -> None:
+        for parent in range(count):
+            for outcome in ("ok", "failed"):
+                self.parent_requests.labels(str(parent), outcome)
 
     def count_request(self, method: str, status: int, cache: str) -> None:
         """requests.labels(...).inc(), with the labelled child memoised: a

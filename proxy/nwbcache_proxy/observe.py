@@ -19,8 +19,9 @@ from aiohttp import web
 
 from . import __version__
 from .appkeys import ABORTED_KEY, METRICS_KEY, REQUEST_ID_KEY, SENT_KEY, TARGETS_KEY
-from .errors import ProxyError
+from .errors import ProxyError, UpstreamStatus
 from .metrics import Metrics
+from .parents import ERROR_KIND_HEADER, UPSTREAM_KIND
 
 log = logging.getLogger("nwbcache.access")
 
@@ -51,8 +52,17 @@ class RequestIds:
 _REQUEST_IDS = RequestIds()
 
 
-def error_response(status: int, message: str, retry_after: float | None = None) -> web.Response:
-    headers = {"Cache-Control": "no-store", "Server": SERVER_NAME, "X-Cache": "MISS"}
+def error_response(
+    status: int, message: str, retry_after: float | None = None, kind: str = UPSTREAM_KIND
+) -> web.Response:
+    """``kind``: whose answer this is, for a child daemon asking this one as its
+    parent (parents.py): upstream's, passed on, or this daemon's own."""
+    headers = {
+        "Cache-Control": "no-store",
+        "Server": SERVER_NAME,
+        "X-Cache": "MISS",
+        ERROR_KIND_HEADER: kind,
+    }
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
     return web.Response(status=status, text=f"nwbcache: {message}\n", headers=headers)
@@ -72,7 +82,8 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         try:
             response = await handler(request)
         except ProxyError as exc:
-            response = error_response(exc.status, exc.message, exc.retry_after)
+            kind = UPSTREAM_KIND if isinstance(exc, UpstreamStatus) else type(exc).__name__
+            response = error_response(exc.status, exc.message, exc.retry_after, kind)
         status = response.status
         return response
     except web.HTTPException as exc:

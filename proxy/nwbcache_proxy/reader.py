@@ -91,6 +91,10 @@ class ReadFor:
     creds: Credentials = NONE  # what the request presents upstream
     stale: bool = False  # the version is served without upstream's confirmation
     offline: bool = False  # only-if-cached: fetch nothing
+    # Fetch past the range for a sequential reader. Off for a child daemon
+    # (parents.py): it reads ahead itself, each group from its own parent, and
+    # read-ahead here would fetch groups that belong to another parent.
+    readahead: bool = True
 
     def upstream(self, v: Version, url: UpstreamURL) -> tuple[UpstreamURL, str | None]:
         """The URL and Authorization that fetches for this read send upstream: the
@@ -199,7 +203,8 @@ class Reader:
         url, auth = how.upstream(v, url)
         stale, offline = how.stale, how.offline
         blocks = v.blocks_for(start, end)
-        ahead = 0 if offline else self.sequential.blocks_after(v.key, start, end)
+        ahead = self.sequential.blocks_after(v.key, start, end) if how.readahead else 0
+        ahead = 0 if offline else ahead
         if end - start <= BODY_MAX:
             pieces = self.blocks.read_held(v, blocks, start, end)
             if pieces is not None:

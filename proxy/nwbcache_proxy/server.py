@@ -24,6 +24,7 @@ from .appkeys import (
     CACHE_KEY,
     DANDI_KEY,
     METRICS_KEY,
+    NODE_ID_KEY,
     STATUS_KEY,
     TARGETS_KEY,
 )
@@ -31,9 +32,10 @@ from .cache import BlockCache
 from .conditional import Precondition
 from .credentials import NONE, Credentials, of_request
 from .dandi_resolver import parse_dandi_path
-from .errors import NotAllowed, NotCached, ProxyError, VersionChanged
+from .errors import LoopDetected, NotAllowed, NotCached, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id, error_response
+from .parents import INBOUND_VIA, MAX_HOPS, loops
 from .reader import CacheOutcome, RangeReader, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
@@ -119,30 +121,51 @@ async def dandi(request: web.Request) -> web.StreamResponse:
     return await _serve_object(request, url, NONE)
 
 
+def _directives(cache_control: str | None) -> dict[str, str]:
+    """A Cache-Control field value's directives (case-insensitive tokens), with
+    their arguments ("" for none)."""
+    found = {}
+    for d in (cache_control or "").split(","):
+        name, _, arg = d.strip().partition("=")
+        if name.strip():
+            found[name.strip().lower()] = arg.strip().strip('"')
+    return found
+
+
 def only_if_cached(cache_control: str | None) -> bool:
     """Whether a Cache-Control field value has the only-if-cached directive
-    (RFC 9111 §5.2.1.7; directives are case-insensitive tokens)."""
-    if not cache_control:
-        return False
-    return any(
-        d.strip().split("=", 1)[0].strip().lower() == "only-if-cached"
-        for d in cache_control.split(",")
-    )
+    (RFC 9111 §5.2.1.7)."""
+    return "only-if-cached" in _directives(cache_control)
+
+
+def wants_upstream(cache_control: str | None) -> bool:
+    """Whether a request asks for upstream's word on the version before being
+    served (``no-cache``, ``max-age=0``: RFC 9111 §5.2.1): a child daemon whose
+    object just changed asks its parent so (parents.py). Cached blocks of an
+    unchanged version are still served; only the version is confirmed."""
+    directives = _directives(cache_control)
+    return "no-cache" in directives or directives.get("max-age") == "0"
 
 
 async def _serve_object(
     request: web.Request, url: UpstreamURL, creds: Credentials
 ) -> web.StreamResponse:
+    via = ", ".join(request.headers.getall("Via", ()))
+    if loops(via, request.app[NODE_ID_KEY]):
+        raise LoopDetected(f"this request has passed this daemon (or {MAX_HOPS}) already: {via}")
+    INBOUND_VIA.set(via)  # fetches started while serving it carry it on (parents.py)
     cache = request.app[CACHE_KEY]
     offline = only_if_cached(request.headers.get("Cache-Control"))
+    revalidate = wants_upstream(request.headers.get("Cache-Control"))
     for attempt in range(VERSION_RESTARTS + 1):
-        v, stale = await cache.resolve(url, creds, offline=offline)
+        v, stale = await cache.resolve(url, creds, offline=offline, revalidate=revalidate)
         try:
             if v.private is not False:
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
                 await cache.authorize(v, url, creds, offline=offline)
-            return await _answer(request, cache, url, v, ReadFor(creds, stale, offline))
+            how = ReadFor(creds, stale, offline, readahead=not via)
+            return await _answer(request, cache, url, v, how)
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
                 raise

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .metrics import Metrics
 from .objectmeta import ObjectVersion
+from .parents import Parents, parent_failed
 from .retry import RetryBudget, RetryPolicy, RetryReason, parse_retry_after
 from .validate import accept_range_response, check_status, version_from_headers
 
@@ -52,31 +53,6 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _MAX_RESUMES_FACTOR = 4
 
 
-def make_session(
-    *, max_connections: int, connect_timeout: float, read_timeout: float
-) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=max_connections,
-        limit_per_host=max_connections,
-        ttl_dns_cache=300,
-        enable_cleanup_closed=True,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=connect_timeout, sock_read=read_timeout
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        # identity: a server that compresses on the fly would change the bytes
-        # and make Content-Range count compressed ones.
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-        auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
-        raise_for_status=False,
-        read_bufsize=1024 * 1024,  # reading pauses at 2x: 64 KiB paused it at every recv
-        trust_env=False,  # an HTTP(S)_PROXY in the daemon's env must not reroute upstream reads
-    )
-
-
 class Upstream:
     def __init__(
         self,
@@ -88,9 +64,11 @@ class Upstream:
         first_byte_timeout: float,
         metrics: Metrics,
         breakers: Breakers | None = None,
+        parents: Parents | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self._session = session
+        self.parents = parents if parents is not None else Parents([], "", group_bytes=1)
         self.breakers = breakers if breakers is not None else Breakers()
         self._allow = allow
         self._policy = policy
@@ -101,15 +79,24 @@ class Upstream:
 
     # -- public operations ---------------------------------------------------
     async def discover(
-        self, url: UpstreamURL, first_len: int, *, authorization: str | None = None
+        self,
+        url: UpstreamURL,
+        first_len: int,
+        *,
+        authorization: str | None = None,
+        revalidate: bool = False,
     ) -> tuple[ObjectVersion, bytes]:
         """Learn size and validators with a ranged GET of the first bytes.
 
         Presigned URLs refuse HEAD, so a GET of block 0 both tells the version
         and warms the first block. Returns the version and up to ``first_len``
-        leading bytes.
+        leading bytes. ``revalidate``: ask caches on the way (a parent) for
+        upstream's word (``Cache-Control: no-cache``).
         """
-        return await self._retrying(url, lambda: self._discover_once(url, first_len, authorization))
+        headers = {"Range": f"bytes=0-{first_len - 1}"}
+        if revalidate:
+            headers["Cache-Control"] = "no-cache"
+        return await self._retrying(url, lambda: self._discover_once(url, headers, authorization))
 
     async def stream(
         self,
@@ -130,7 +117,7 @@ class Upstream:
             progress_before = pos
             try:
                 headers = {"Range": f"bytes={pos}-{end - 1}", **_conditional(expected)}
-                async with self._get(url, headers, authorization) as resp:
+                async with self._get(url, headers, authorization, offset=pos) as resp:
                     accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
                     async for chunk in _body(resp, accepted.skip, accepted.length):
                         pos += len(chunk)
@@ -212,9 +199,10 @@ class Upstream:
 
     # -- one attempt -------------------------------------------------------
     async def _discover_once(
-        self, url: UpstreamURL, first_len: int, authorization: str | None
+        self, url: UpstreamURL, headers: dict[str, str], authorization: str | None
     ) -> tuple[ObjectVersion, bytes]:
-        async with self._get(url, {"Range": f"bytes=0-{first_len - 1}"}, authorization) as resp:
+        first_len = int(headers["Range"].rsplit("-", 1)[1]) + 1
+        async with self._get(url, headers, authorization) as resp:
             if resp.status == 416:
                 return await self._discover_empty(url, resp, authorization)
             accepted = accept_range_response(resp.status, resp.headers, 0, first_len, None)
@@ -250,6 +238,7 @@ class Upstream:
         authorization: str | None = None,
         *,
         not_modified: bool = False,
+        offset: int = 0,
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault.
 
@@ -257,46 +246,57 @@ class Upstream:
         host only (a redirect elsewhere drops it, as browsers and curl do).
         ``not_modified``: a 304 is an answer (a revalidation), not an error.
         """
+        # A parent (parents.py) is asked instead when one is up; it never redirects.
+        parent = self.parents.choose(url, offset) if self.parents else None
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            host = current.netloc
-            wait = self.breakers.before(host)
-            if wait is not None:
+            host = current.netloc if parent is None else str(parent)
+            breakers: Breakers | Parents = self.breakers if parent is None else self.parents
+            if parent is None and (wait := self.breakers.before(host)) is not None:
                 raise UpstreamDown(
                     f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
                     retry_after=wait,
                 )
             started = time.monotonic()
-            sent = headers
-            if (
-                authorization is not None
-                and current.netloc == url.netloc
-                and current.scheme == url.scheme  # never in the clear after https
-            ):
-                sent = {**headers, "Authorization": authorization}
+            target, sent = current.url, headers
+            if parent is not None:  # the request's credentials travel: the parent checks them
+                target = self.parents.target(parent, url)
+                sent = {**headers, "Via": self.parents.via()}
+            if authorization is not None and (
+                parent is not None
+                or (current.netloc == url.netloc and current.scheme == url.scheme)
+            ):  # never to another host, nor in the clear after https
+                sent = {**sent, "Authorization": authorization}
             try:
                 async with asyncio.timeout(self._first_byte_timeout):
                     resp = await self._session.get(
-                        URL(current.url, encoded=True), headers=sent, allow_redirects=False
+                        URL(target, encoded=True), headers=sent, allow_redirects=False
                     )
             except TimeoutError:
-                self.breakers.record(host, ok=False)
+                breakers.record(host, ok=False)
                 raise RetryableFault(
                     "no response headers in time", reason=RetryReason.TIMEOUT
                 ) from None
             except aiohttp.ClientConnectorError as exc:
-                self.breakers.record(host, ok=False)
+                breakers.record(host, ok=False)
                 raise RetryableFault(
                     f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
                 ) from None
             except aiohttp.ClientError as exc:
-                self.breakers.record(host, ok=False)
+                breakers.record(host, ok=False)
                 raise RetryableFault(
                     f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
                 ) from None
             # 5xx and 429 count against the host; any other answer shows it is up.
-            self.breakers.record(host, ok=resp.status < 500 and resp.status != 429)
+            refused = parent is not None and parent_failed(resp.status, resp.headers)
+            breakers.record(host, ok=resp.status < 500 and resp.status != 429 and not refused)
             self.metrics.upstream_first_byte.observe(time.monotonic() - started)
+            if refused:
+                resp.release()
+                raise RetryableFault(
+                    f"parent {parent} answered {resp.status} itself",
+                    reason=RetryReason.SERVER_ERROR,
+                )
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 location = resp.headers["Location"]
                 resp.release()

@@ -26,11 +26,10 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from nwbcache.urls import AllowList, UpstreamURL, cache_key, redact_url
 
-from . import store
 from .access import Access
 from .aio import Disk, Tasks
 from .blocks import Blocks
@@ -42,6 +41,7 @@ from .freshness import Freshness, Policy
 from .index import CacheIndex
 from .layout import Layout, key_hash
 from .lru import BoundedLRU
+from .metafiles import MetaFiles
 from .metrics import Metrics
 from .objectmeta import ObjectMeta
 from .upstream import Upstream
@@ -88,7 +88,7 @@ class Versions:
     ) -> None:
         self.layout = layout
         self.index = index
-        self.disk = disk
+        self.meta = MetaFiles(layout, disk, blocks)
         self.blocks = blocks
         self.fetcher = fetcher
         self.access = access
@@ -105,13 +105,20 @@ class Versions:
         # key -> fingerprint of the credentials its discovery under way was started with
         self._discoverers: BoundedLRU[str, str] = BoundedLRU(VERSIONS_MEMORY)
         self._revalidating: set[str] = set()
+        # Objects whose version was just found changed (mark_changed).
+        self._changed: BoundedLRU[str, bool] = BoundedLRU(ABSENT_MEMORY)
         self._tasks = Tasks()
 
     async def close(self) -> None:
         await self._tasks.close()
 
     async def resolve(
-        self, url: UpstreamURL, creds: Credentials, *, offline: bool = False
+        self,
+        url: UpstreamURL,
+        creds: Credentials,
+        *,
+        offline: bool = False,
+        revalidate: bool = False,
     ) -> Resolved:
         """The version of the object to serve, from memory, disk or upstream.
 
@@ -120,12 +127,15 @@ class Versions:
         ``offline``: never ask upstream (only-if-cached); NotCached if needed.
         """
         key = cache_key(url)
+        # Found changed a moment ago (a parent may still hold the old version):
+        # the next discovery asks for upstream's word, through every tier.
+        revalidate = revalidate or self._changed.pop(key) is not None
         absent_until = self._absent.get(key)
         if absent_until is not None and absent_until > time.time():
             raise UpstreamStatus("upstream answered 404 (remembered)", status=404)
         known = self._known.get(key)
         if known is None and key not in self._discovering:
-            meta = await self._read_meta(key)
+            meta = await self.meta.read(key)
             # Look again after the disk read: a discovery may have finished meanwhile.
             known = self._known.get(key)
             if known is None and meta is not None:
@@ -136,6 +146,7 @@ class Versions:
                 immutable=known.immutable,
                 privacy_known=known.version.private is not None,
                 offline=offline,
+                revalidate=revalidate,
             )
             if verdict is not Freshness.EXPIRED:
                 stale = verdict is Freshness.STALE
@@ -148,7 +159,7 @@ class Versions:
             refusal = self.access.refusal(known.version, creds)
             if refusal is not None:  # refused a moment ago: not asked again
                 raise refusal
-        return Resolved(await self._discovery(url, key, known, creds), False)
+        return Resolved(await self._discovery(url, key, known, creds, revalidate), False)
 
     def _remember(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
         known = self._known_of(meta, url)
@@ -160,44 +171,19 @@ class Versions:
         immutable = self.immutable.permits(url) or _names_a_version(meta.cache_key)
         return _Known(v, meta.validated_at, immutable)
 
-    async def _read_meta(self, key: str) -> ObjectMeta | None:
-        path = self.layout.meta_path(key_hash(key))
-        raw = await self.disk.run(lambda: store.read_meta(path))
-        return ObjectMeta.from_json(raw, key) if raw is not None else None
-
-    async def _update_meta(self, v: Version, **changes: Any) -> ObjectMeta | None:
-        """Rewrite meta.json with ``changes`` if it still holds version ``v``, under
-        the object's lock; returns what it holds now. ``validated_at`` only moves
-        forward and ``private`` only becomes True here (discovery alone, which
-        asks upstream afresh, may write it False)."""
-        path = self.layout.meta_path(key_hash(v.key))
-        staging = self.blocks.staging
-
-        def update() -> ObjectMeta | None:
-            with store.object_lock(path):
-                raw = store.read_meta(path)
-                on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
-                if on_disk is None or not on_disk.version.same_version(v.remote):
-                    return None
-                merged = dataclasses.replace(on_disk, **changes)
-                merged = dataclasses.replace(
-                    merged,
-                    validated_at=max(merged.validated_at, on_disk.validated_at),
-                    private=True if on_disk.private else merged.private,
-                )
-                store.write_meta(staging, path, merged.to_json())
-                return merged
-
-        return await self.disk.run(update)
-
     # -- discovery -------------------------------------------------------------
     async def _discovery(
-        self, url: UpstreamURL, key: str, known: _Known | None, creds: Credentials
+        self,
+        url: UpstreamURL,
+        key: str,
+        known: _Known | None,
+        creds: Credentials,
+        revalidate: bool = False,
     ) -> Version:
         stale = known.version if known is not None else None
         task = self._discovering.get(key)
         if task is None:
-            task = asyncio.ensure_future(self._discover(url, key, stale, creds))
+            task = asyncio.ensure_future(self._discover(url, key, stale, creds, revalidate))
             self._discovering[key] = task
             self._discoverers.put(key, creds.fingerprint(key))
             task.add_done_callback(lambda _t: self._discovering.pop(key, None))
@@ -211,10 +197,15 @@ class Versions:
             if exc.status not in (401, 403) or started_by == creds.fingerprint(key):
                 raise
         # Upstream refused the credentials of whoever started it, not ours: ask with ours.
-        return await self._discover(url, key, stale, creds)
+        return await self._discover(url, key, stale, creds, revalidate)
 
     async def _discover(
-        self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
+        self,
+        url: UpstreamURL,
+        key: str,
+        stale: Version | None,
+        creds: Credentials,
+        revalidate: bool = False,
     ) -> Version:
         claim = discovery_offset(key_hash(key))
         if not self.claims.take(claim):
@@ -222,7 +213,7 @@ class Versions:
             if found is not None:
                 return found
         try:
-            return await self._discover_upstream(url, key, stale, creds)
+            return await self._discover_upstream(url, key, stale, creds, revalidate)
         finally:
             self.claims.release(claim)
 
@@ -238,7 +229,7 @@ class Versions:
         while not self.claims.take(claim):
             await asyncio.sleep(delay)
             delay = min(delay * 2, CLAIM_POLL_MAX)
-        meta = await self._read_meta(key)
+        meta = await self.meta.read(key)
         if meta is None:
             return None
         known = self._known_of(meta, url)
@@ -258,11 +249,16 @@ class Versions:
         return v
 
     async def _discover_upstream(
-        self, url: UpstreamURL, key: str, stale: Version | None, creds: Credentials
+        self,
+        url: UpstreamURL,
+        key: str,
+        stale: Version | None,
+        creds: Credentials,
+        revalidate: bool,
     ) -> Version:
         try:
             found, first = await self.upstream.discover(
-                url, self.block_size, authorization=creds.authorization
+                url, self.block_size, authorization=creds.authorization, revalidate=revalidate
             )
         except UpstreamStatus as exc:
             await self._refused(exc, key, stale, url, creds)
@@ -280,14 +276,7 @@ class Versions:
         # find block 0 too, or it would fetch it a second time.
         if found.size > 0:
             await self.fetcher.publish_first(v, first)
-        path = self.layout.meta_path(key_hash(key))
-        staging = self.blocks.staging
-
-        def write() -> None:
-            with store.object_lock(path):
-                store.write_meta(staging, path, meta.to_json())
-
-        await self.disk.run(write)
+        await self.meta.write(meta)
         self._remember(meta, url)
         return v
 
@@ -328,7 +317,7 @@ class Versions:
         known = self._known.get(v.key)
         if known is not None and known.version == v:
             known.version = dataclasses.replace(v, private=True)
-        await self._update_meta(v, private=True)
+        await self.meta.update(v, private=True)
 
     # -- revalidation ----------------------------------------------------------
     def _revalidate_soon(
@@ -360,7 +349,7 @@ class Versions:
             if now is None:
                 known.validated_at = time.time()
                 known.last_attempt = None
-                on_disk = await self._update_meta(v, validated_at=known.validated_at)
+                on_disk = await self.meta.update(v, validated_at=known.validated_at)
                 if on_disk is not None and on_disk.private and known.version == v:
                     known.version = dataclasses.replace(v, private=True)  # another process saw it
             else:
@@ -372,22 +361,19 @@ class Versions:
         finally:
             self._revalidating.discard(key)
 
+    def mark_changed(self, v: Version) -> None:
+        """``v`` was found changed upstream: its next discovery asks for
+        upstream's word (``Cache-Control: no-cache``), so a parent (parents.py)
+        still holding the old version revalidates instead of serving it again."""
+        self._changed.put(v.key, True)
+
     async def drop(self, v: Version) -> None:
         """Forget one version: metadata, blocks, open fds and index rows."""
         known = self._known.get(v.key)
         if known is not None and known.version == v:
             self._known.pop(v.key)
-        meta_path = self.layout.meta_path(key_hash(v.key))
-
-        def drop() -> None:
-            raw = store.read_meta(meta_path)
-            on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
-            if on_disk is not None and on_disk.version.same_version(v.remote):
-                store.unlink_quietly(meta_path)
-            store.drop_dir(self.layout, v.dir)
-
         self.blocks.forget_version(v)
-        await self.disk.run(drop)
+        await self.meta.drop(v)
         await self.index.forget_version(v.name)
 
 

@@ -1,0 +1,132 @@
+"""Parent caches (``--parent``): which parent to ask for a part of an object, which are up, and Via.
+
+A child daemon (a node-local cache on a compute node, say) fetches its
+misses from parent nwbcache daemons instead of upstream, the way Squid,
+Traffic Server and XCache tier. Each group of ``--parent-group`` bytes of an
+object has one parent, by rendezvous hashing (highest random weight) of the
+object's cache key and the group's number: every child asks the same parent
+for a group, so a hot large object spreads over all parents and each group
+is fetched from upstream once; a parent leaving moves only its own groups,
+each to its next-ranked parent.
+
+A parent that fails (no connection, a timeout, a 5xx, or a refusal of its
+own rather than upstream's) is skipped while its breaker is open: one
+failure opens it for 2 s, doubling up to a minute, then one request probes
+it. With no parent up, the child asks upstream itself.
+
+Loops: requests to a parent carry ``Via``, the chain of daemons the
+request that caused the fetch had passed, plus this one. A daemon that
+finds its own id in a request's Via refuses it (508) and so does one past
+MAX_HOPS. The chain reaches the fetch through a context variable
+(``INBOUND_VIA``) that the HTTP layer sets for each request: fetch tasks
+started while serving it inherit it (asyncio copies the context into tasks).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+
+from nwbcache.urls import UpstreamURL, cache_key, proxied_url
+
+from .breaker import Breaker, Breakers
+
+# Daemons a request may have passed: a deeper chain is a loop of some shape.
+MAX_HOPS = 8
+# The error-kind header a daemon sets on its own error responses (observe.py):
+# a parent's answer without it, or with UPSTREAM_KIND, is upstream's answer
+# passed on; any other kind is the parent's own failure or refusal.
+ERROR_KIND_HEADER = "X-Nwbcache-Error"
+UPSTREAM_KIND = "upstream"
+# The Via of the request being served: set by the HTTP layer, read by fetches.
+INBOUND_VIA: contextvars.ContextVar[str] = contextvars.ContextVar("inbound_via", default="")
+
+
+def new_node_id(name: str = "") -> str:
+    """This daemon's id in Via: its --node-name (or "nwbcache") and a random
+    suffix, new at every start, so two daemons never share one."""
+    return f"{name or 'nwbcache'}-{secrets.token_hex(4)}"
+
+
+def via_ids(via: str) -> list[str]:
+    """The ids of the daemons a Via field value names (``1.1 <id>, 1.1 <id>``)."""
+    ids = []
+    for hop in via.split(","):
+        parts = hop.split()
+        if len(parts) >= 2:
+            ids.append(parts[1])
+    return ids
+
+
+def loops(via: str, node_id: str) -> bool:
+    """Whether a request with this Via has passed this daemon already, or too many."""
+    ids = via_ids(via)
+    return node_id in ids or len(ids) >= MAX_HOPS
+
+
+def parent_failed(status: int, headers: Mapping[str, str]) -> bool:
+    """A parent's answer that is not upstream's: its own refusal (not allowed
+    there, a loop) or a 5xx/429 of its own; the child asks elsewhere."""
+    if status >= 500 or status == 429:
+        return True
+    return status >= 400 and headers.get(ERROR_KIND_HEADER, UPSTREAM_KIND) != UPSTREAM_KIND
+
+
+def rank(parents: Sequence[str], key: str, group: int) -> list[int]:
+    """Parent indices by rendezvous weight for (object, group), highest first."""
+
+    def weight(i: int) -> bytes:
+        text = f"{parents[i]}\n{key}\n{group}".encode("utf-8", "surrogateescape")
+        return hashlib.blake2b(text, digest_size=8).digest()
+
+    return sorted(range(len(parents)), key=weight, reverse=True)
+
+
+class Parents:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        node_id: str,
+        *,
+        group_bytes: int,
+        on_result: Callable[[str, bool], None] = lambda _parent, _ok: None,
+    ) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.node_id = node_id
+        self.group_bytes = group_bytes
+        self._on_result = on_result  # (parent's index as a str, answered) per request
+        # Keyed by the parent's index as a str, as record() is called.
+        self._breakers = Breakers(make=lambda: Breaker(threshold=1, max_cooldown=60.0))
+
+    def __bool__(self) -> bool:
+        return bool(self.urls)
+
+    def choose(self, url: UpstreamURL, offset: int) -> int | None:
+        """The parent to ask for the byte at ``offset`` of ``url``'s object (an
+        index into ``urls``), or None to ask upstream: no parent is up."""
+        for i in rank(self.urls, cache_key(url), offset // self.group_bytes):
+            if self._breakers.before(str(i)) is None:
+                return i
+        return None
+
+    def target(self, parent: int, url: UpstreamURL) -> str:
+        """The URL that asks parent ``parent`` for ``url`` (query and signature kept:
+        the parent checks them upstream)."""
+        return proxied_url(url.url, self.urls[parent])
+
+    def via(self) -> str:
+        """The Via to send: the served request's chain, then this daemon."""
+        inbound = INBOUND_VIA.get()
+        mine = f"1.1 {self.node_id}"
+        return f"{inbound}, {mine}" if inbound else mine
+
+    def record(self, parent: str, *, ok: bool) -> None:
+        """How a request to parent ``parent`` (its index, as a str) went."""
+        self._breakers.record(parent, ok=ok)
+        self._on_result(parent, ok)
+
+    def down(self) -> list[str]:
+        """Parents skipped now (status page)."""
+        return [self.urls[int(i)] for i in self._breakers.states()]

@@ -1,0 +1,32 @@
+"""The HTTP client session for upstream and parents: its pool, timeouts, and bytes as stored."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from .upstream import USER_AGENT
+
+
+def make_session(
+    *, max_connections: int, connect_timeout: float, read_timeout: float
+) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=max_connections,
+        limit_per_host=max_connections,
+        ttl_dns_cache=300,
+        enable_cleanup_closed=True,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout, sock_read=read_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        # identity: a server that compresses on the fly would change the bytes
+        # and make Content-Range count compressed ones.
+        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
+        raise_for_status=False,
+        read_bufsize=1024 * 1024,  # reading pauses at 2x: 64 KiB paused it at every recv
+        trust_env=False,  # an HTTP(S)_PROXY in the daemon's env must not reroute upstream reads
+    )
