@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-workers
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,11 +48,11 @@ bench-scale: $(STAMP)
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)
 
-## bench-workers: --workers 2 + a second daemon on one cache dir under 40 cold readers
+## bench-sharing: --workers 2 + a second daemon on one cache dir under 40 cold readers
 ## (upstream bytes / object bytes), and warm 4 KiB ranges against nginx with 1 and auto
-## workers (~4 min); bench/results-workers.json
-bench-workers: $(STAMP) test-deps
-	$(BIN)/python -m bench.workers $(ARGS)
+## workers (~4 min); bench/results-sharing.json
+bench-sharing: $(STAMP) test-deps
+	$(BIN)/python -m bench.sharing $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -159,9 +160,10 @@ class Nwbcache:
         block_size: str | None = None,
         readahead: str | None = None,
         workers: int | str = 1,
+        extra: Sequence[str] = (),
     ) -> None:
         args = ["--cache-dir", str(cache_dir), "--allow-upstream", upstream_host]
-        args += ["--workers", str(workers)]
+        args += ["--workers", str(workers), *extra]
         if block_size:
             args += ["--block-size", block_size]
         if readahead:

@@ -1,4 +1,4 @@
-"""The workers benchmark (bench/workers.py) at a tiny size: every figure measured, every
+"""The sharing benchmark (bench/sharing.py) at a tiny size: every figure measured, every
 body the origin's, and sharing working (no timing is asserted)."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from tests.support.helpers import REPO, system_tool
 pytestmark = pytest.mark.slow  # the emulator, nginx, wrk and daemons as processes
 
 
-def test_workers_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+def test_sharing_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     system_tool("nginx")
     system_tool("wrk")
     out = tmp_path / "results.json"
     args = ["--size", "8M", "--small-max", "256K", "--seconds", "1", "--runs", "1"]
+    args += ["--groups", "1M,4M"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.workers", *args, "--out", str(out)],
+        [sys.executable, "-m", "bench.sharing", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -39,5 +40,16 @@ def test_workers_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
         row = report["warm"][workers]
         assert row["nginx"] > 0 and row["nwbcache"] > 0
         assert row["ratio"] == pytest.approx(row["nwbcache"] / row["nginx"])
+    t = report["parents"]
+    assert t["direct_upstream_bytes"] >= t["size"] and t["direct_seconds"] > 0
+    for group in ("1 MiB", "4 MiB"):
+        row = t[group]
+        # Each byte once from the origin (and a first block per parent's discovery);
+        # the second child costs the origin nothing.
+        assert t["size"] <= row["child1_upstream_bytes"] <= t["size"] + 2 * 256 * 1024, row
+        assert row["child2_upstream_bytes"] == row["child1_upstream_bytes"], row
+        assert sum(row["parent_upstream_bytes"]) == row["child2_upstream_bytes"], row
+        assert row["child1_seconds"] > 0 and row["child2_seconds"] > 0
+    assert min(t["1 MiB"]["parent_upstream_bytes"]) > 0  # 8 groups over two parents
     md = out.with_suffix(".md").read_text()
     assert "| auto |" in md and "ratio (target <= 1.05)" in md

@@ -1,9 +1,9 @@
-"""Every core, one fetch per block: workers and daemons on one cache dir, side by side.
+"""Sharing a cache: workers and daemons on one dir, a child and its parents, side by side.
 
-    make bench-workers                           # 256 MiB + 64 small objects, wrk (~3 min)
-    .venv/bin/python -m bench.workers --quick    # 64 MiB, shorter wrk runs
+    make bench-sharing                           # 256 MiB + 64 small objects, wrk (~3 min)
+    .venv/bin/python -m bench.sharing --quick    # 64 MiB, shorter wrk runs
 
-Two sections, one run, every server a process of its own:
+Three sections, one run, every server a process of its own:
 
 - ``stampede``: the S3 emulator as a process, S3-like (``--latency`` 30 ms to
   first byte, ``--bandwidth`` 100 MB/s per response), holding one object of
@@ -15,6 +15,12 @@ Two sections, one run, every server a process of its own:
   bytes (the issue's target: at most 1.05), the waits that sharing made
   (``nwbcache_awaited_fetches_total``), wall time. Every body is compared
   with the origin's sha256.
+- ``parents``: one reader scans the big object in 4 MiB ranges through a
+  child daemon with two parents (``--parent``), every cache cold, then
+  through a second child whose parents are warm; for each ``--groups`` size
+  (``--parent-group``). Figures: seconds against a daemon reading the origin
+  itself, origin bytes over the object's (each byte once: 1.0, plus a block
+  per parent for its discovery), how the parents split the object.
 - ``warm``: random 4 KiB ranges of the warm big object, wrk with 16
   keep-alive connections for ``--seconds``: nginx (``slice`` +
   ``proxy_cache``, bench/harness.py) and nwbcache, both with one worker and
@@ -22,7 +28,7 @@ Two sections, one run, every server a process of its own:
   nwbcache's ``--workers auto``); requests/s and the ratio to nginx. The
   systems alternate, ``--runs`` times each; medians.
 
-Prints a table and saves bench/results-workers.json and .md.
+Prints a table and saves bench/results-sharing.json and .md.
 """
 
 from __future__ import annotations
@@ -74,6 +80,15 @@ def _write_object(path: Path, size: int, seed: int) -> str:
     return digest.hexdigest()
 
 
+def _upstream_bytes(url: str) -> float:
+    """A daemon's nwbcache_upstream_bytes_total."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("nwbcache_upstream_bytes_total "):
+                return float(line.split()[1])
+    return 0.0
+
+
 def _awaited(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
         text = r.read().decode()
@@ -121,12 +136,13 @@ class Bench:
             emu.stop()
 
     @contextlib.contextmanager
-    def nwbcache(self, emu: Emulator, cache: Path, workers: str) -> Iterator[Nwbcache]:
+    def nwbcache(self, emu: Emulator, cache: Path, workers: str, *extra: str) -> Iterator[Nwbcache]:
         server = Nwbcache(
             cache,
             emu.host,
             log_path=self.work / f"nwbcache-{time.monotonic_ns()}.log",
             workers=workers,
+            extra=extra,
         )
         server.start()
         try:
@@ -211,6 +227,63 @@ class Bench:
                 ):
                     self.problems.append(f"small reader {n}: {name} differs ({r.status_code})")
 
+    # -- parents ------------------------------------------------------------------
+    def parents(self) -> dict[str, Any]:
+        """A child reading the big object through two parents, for each group size;
+        a daemon reading it from the origin directly as the anchor."""
+        size, want = self.objects["big"]
+        out: dict[str, Any] = {}
+        with self.emulator(latency=self.args.latency, bandwidth=self.args.bandwidth) as emu:
+            direct_cache = self.work / "direct-cache"
+            with self.nwbcache(emu, direct_cache, "1") as direct:
+                before = emu.wait_idle()["bytes"]
+                out["direct_seconds"] = self._scan(direct, emu, want)
+                out["direct_upstream_bytes"] = emu.wait_idle()["bytes"] - before
+            for group in self.args.groups:
+                tag = format_size(group)
+                with contextlib.ExitStack() as stack:
+                    parents = [
+                        stack.enter_context(
+                            self.nwbcache(emu, self.work / f"parent-{tag}-{i}", "1")
+                        )
+                        for i in range(2)
+                    ]
+                    flags = [a for p in parents for a in ("--parent", p.url)]
+                    flags += ["--parent-group", str(group)]
+                    row: dict[str, Any] = {"group": group}
+                    before = emu.wait_idle()["bytes"]
+                    for n in (1, 2):  # a cold child, then another with the parents warm
+                        child = stack.enter_context(
+                            self.nwbcache(emu, self.work / f"child-{tag}-{n}", "1", *flags)
+                        )
+                        row[f"child{n}_seconds"] = self._scan(child, emu, want)
+                        row[f"child{n}_upstream_bytes"] = emu.wait_idle()["bytes"] - before
+                    row["parent_upstream_bytes"] = [_upstream_bytes(p.url) for p in parents]
+                out[tag] = row
+                sys.stderr.write(f"  parents, groups of {tag}: {json.dumps(row)}\n")
+        out["size"] = size
+        return out
+
+    def _scan(self, server: Nwbcache, emu: Emulator, want: str) -> float:
+        """Seconds to read the big object in order, in RANGE-byte requests (one
+        reader scanning a file); its sha256 checked."""
+        size = self.objects["big"][0]
+        url = server.url_for(emu.url_for("big"))
+        digest = hashlib.sha256()
+        began = time.perf_counter()
+        with requests.Session() as session:
+            for start in range(0, size, RANGE):
+                last = min(size, start + RANGE) - 1
+                r = session.get(url, headers={"Range": f"bytes={start}-{last}"}, timeout=600)
+                if r.status_code != 206:
+                    self.problems.append(f"scan through {server.url}: {r.status_code}")
+                    return float("nan")
+                digest.update(r.content)
+        took = time.perf_counter() - began
+        if digest.hexdigest() != want:
+            self.problems.append(f"scan through {server.url}: sha256 differs")
+        return took
+
     # -- warm 4 KiB ---------------------------------------------------------------
     def warm(self) -> dict[str, Any]:
         size = self.objects["big"][0]
@@ -279,6 +352,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"| {s['object_bytes'] / 1e6:.1f} MB | {s['upstream_bytes'] / 1e6:.1f} MB | "
         f"{s['ratio']:.3f} | {s['awaited_blocks']:.0f} | {s['awaited_discoveries']:.0f} | "
         f"{s['wall_seconds']:.1f} s |",
+    ]
+    t = report["parents"]
+    lines += [
+        "",
+        f"Parents: one reader scans the {format_size(t['size'])} object in 4 MiB ranges "
+        "through a child with two parents (every cache cold), then through a second child "
+        "(its cache cold, the parents warm); anchor: a daemon reading the origin itself "
+        f"({t['direct_seconds']:.1f} s, {t['direct_upstream_bytes'] / t['size']:.3f}x the "
+        "object from the origin).",
+        "",
+        "| --parent-group | cold child | x direct | origin bytes / object | split between "
+        "parents | second child | x direct |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for group in report["settings"]["groups"]:
+        row = t[format_size(group)]
+        split = row["parent_upstream_bytes"]
+        lines.append(
+            f"| {format_size(group)} | {row['child1_seconds']:.1f} s | "
+            f"{row['child1_seconds'] / t['direct_seconds']:.2f} | "
+            f"{row['child2_upstream_bytes'] / t['size']:.3f} | "
+            f"{split[0] / max(1.0, sum(split)):.0%} / {split[1] / max(1.0, sum(split)):.0%} | "
+            f"{row['child2_seconds']:.1f} s | {row['child2_seconds'] / t['direct_seconds']:.2f} |"
+        )
+    lines += [
         "",
         f"Warm random {WARM_LENGTH // 1024} KiB ranges, wrk 16 connections, "
         f"{report['settings']['seconds']:.0f} s x {report['settings']['runs']} runs each, "
@@ -299,7 +397,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m bench.workers",
+        prog="python -m bench.sharing",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -308,9 +406,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--bandwidth", type=float, default=100e6, help="origin B/s per response")
     ap.add_argument("--seconds", type=float, help="per wrk run (default 10; --quick 3)")
     ap.add_argument("--runs", type=int, default=3, help="wrk runs per system (default 3)")
+    ap.add_argument(
+        "--groups",
+        type=lambda text: [parse_size(g) for g in text.split(",")],
+        default="4M,16M,64M",
+        help="--parent-group sizes to compare (default 4M,16M,64M)",
+    )
     ap.add_argument("--small-max", type=parse_size, default="2M", help="small objects' size bound")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=BENCH / "results-workers.json")
+    ap.add_argument("--out", type=Path, default=BENCH / "results-sharing.json")
     args = ap.parse_args(argv)
     args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
@@ -320,6 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.make_objects()
         sys.stderr.write("stampede:\n")
         stampede = bench.stampede()
+        sys.stderr.write("parents:\n")
+        tiers = bench.parents()
         sys.stderr.write("warm:\n")
         warm = bench.warm()
     report = {
@@ -331,8 +437,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bandwidth": args.bandwidth,
             "seconds": args.seconds,
             "runs": args.runs,
+            "groups": args.groups,
         },
         "stampede": stampede,
+        "parents": tiers,
         "warm": warm,
         "problems": bench.problems,
     }
