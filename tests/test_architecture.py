@@ -52,6 +52,7 @@ LAYERS: dict[str, set[str]] = {
         "blocks",
         "cache",
         "dandi_resolver",
+        "exchange",
         "fetcher",
         "metafiles",
         "metrics",

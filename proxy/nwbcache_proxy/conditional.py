@@ -188,3 +188,14 @@ def evaluate_preconditions(
         # Step 4 / §13.1.3: only for GET and HEAD; false if not modified since.
         return Precondition.NOT_MODIFIED
     return Precondition.PROCEED
+
+
+def if_match(etag: str | None, last_modified: str | None) -> dict[str, str]:
+    """The precondition that binds a request upstream to the version held: a
+    strong ETag's If-Match, else If-Unmodified-Since, so upstream refuses (412)
+    rather than send bytes of another version."""
+    if etag and not etag.startswith("W/"):
+        return {"If-Match": etag}
+    if last_modified:
+        return {"If-Unmodified-Since": last_modified}
+    return {}

@@ -1,53 +1,47 @@
-"""The one upstream HTTP client: retries, backoff, resume and validation.
+"""The one upstream HTTP client: what to ask, retries, backoff, resume and validation.
 
-One ``aiohttp.ClientSession`` per process (created in the app's lifecycle)
-with a keep-alive pool and explicit timeouts. Every response is validated
-(validate.py) before its bytes are handed on; retryable faults are retried
-with full-jitter exponential backoff under a shared retry budget (retry.py),
-and a body cut short is resumed from the last byte received.
+One ``aiohttp.ClientSession`` per process (session.py, created in the app's
+lifecycle); each attempt is one exchange (exchange.py: a parent or upstream,
+redirects, breakers). Every response is validated (validate.py) before its
+bytes are handed on; retryable faults are retried with full-jitter
+exponential backoff under a shared retry budget (retry.py), and a body cut
+short is resumed from the last byte received.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
 from typing import TypeVar
-from urllib.parse import urljoin
 
 import aiohttp
-from yarl import URL
 
-from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url, redact_url
+from nwbcache.urls import AllowList, UpstreamURL, redact_url
 
 from . import __version__
 from .breaker import Breakers
+from .conditional import if_match
 from .errors import (
-    NotAllowed,
     ProxyError,
     RetryableFault,
-    UpstreamDown,
     UpstreamProtocolError,
     UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .exchange import Exchange
 from .metrics import Metrics
 from .objectmeta import ObjectVersion
-from .parents import Parents, parent_failed
-from .retry import RetryBudget, RetryPolicy, RetryReason, parse_retry_after
-from .validate import accept_range_response, check_status, version_from_headers
+from .parents import Parents
+from .retry import RetryBudget, RetryPolicy, RetryReason
+from .validate import accept_range_response, version_from_headers
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 USER_AGENT = f"nwbcache/{__version__}"
-MAX_REDIRECTS = 5
-_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 # A stream that keeps making progress may be resumed more often than
 # max_attempts, but never endlessly (a server cutting every body at 1 byte).
 _MAX_RESUMES_FACTOR = 4
@@ -67,10 +61,16 @@ class Upstream:
         parents: Parents | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        self._session = session
         self.parents = parents if parents is not None else Parents([], "", group_bytes=1)
         self.breakers = breakers if breakers is not None else Breakers()
-        self._allow = allow
+        self._get = Exchange(
+            session,
+            allow,
+            self.breakers,
+            self.parents,
+            first_byte_timeout=first_byte_timeout,
+            metrics=metrics,
+        ).get
         self._policy = policy
         self._budget = budget
         self._first_byte_timeout = first_byte_timeout
@@ -116,7 +116,10 @@ class Upstream:
             tries += 1
             progress_before = pos
             try:
-                headers = {"Range": f"bytes={pos}-{end - 1}", **_conditional(expected)}
+                headers = {
+                    "Range": f"bytes={pos}-{end - 1}",
+                    **if_match(expected.etag, expected.last_modified),
+                }
                 async with self._get(url, headers, authorization, offset=pos) as resp:
                     accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
                     async for chunk in _body(resp, accepted.skip, accepted.length):
@@ -151,7 +154,7 @@ class Upstream:
         object changed, or the fault that outlasted the retries."""
         headers = {"Range": "bytes=0-0"}
         if expected is not None:
-            headers.update(_conditional(expected))
+            headers.update(if_match(expected.etag, expected.last_modified))
 
         async def attempt() -> None:
             async with self._get(url, headers, authorization):
@@ -230,102 +233,6 @@ class Upstream:
             self.metrics.upstream_requests.labels("ok").inc()
             return version_from_headers(plain.headers, 0), b""
 
-    @contextlib.asynccontextmanager
-    async def _get(
-        self,
-        url: UpstreamURL,
-        headers: dict[str, str],
-        authorization: str | None = None,
-        *,
-        not_modified: bool = False,
-        offset: int = 0,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """GET with redirects followed only to allowed hosts; faults mapped to RetryableFault.
-
-        ``authorization``: the client's Authorization header, sent to ``url``'s
-        host only (a redirect elsewhere drops it, as browsers and curl do).
-        ``not_modified``: a 304 is an answer (a revalidation), not an error.
-        """
-        # A parent (parents.py) is asked instead when one is up; it never redirects.
-        parent = self.parents.choose(url, offset) if self.parents else None
-        current = url
-        for _hop in range(MAX_REDIRECTS + 1):
-            host = current.netloc if parent is None else str(parent)
-            breakers: Breakers | Parents = self.breakers if parent is None else self.parents
-            if parent is None and (wait := self.breakers.before(host)) is not None:
-                raise UpstreamDown(
-                    f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
-                    retry_after=wait,
-                )
-            started = time.monotonic()
-            target, sent = current.url, headers
-            if parent is not None:  # the request's credentials travel: the parent checks them
-                target = self.parents.target(parent, url)
-                sent = {**headers, "Via": self.parents.via()}
-            if authorization is not None and (
-                parent is not None
-                or (current.netloc == url.netloc and current.scheme == url.scheme)
-            ):  # never to another host, nor in the clear after https
-                sent = {**sent, "Authorization": authorization}
-            try:
-                async with asyncio.timeout(self._first_byte_timeout):
-                    resp = await self._session.get(
-                        URL(target, encoded=True), headers=sent, allow_redirects=False
-                    )
-            except TimeoutError:
-                breakers.record(host, ok=False)
-                raise RetryableFault(
-                    "no response headers in time", reason=RetryReason.TIMEOUT
-                ) from None
-            except aiohttp.ClientConnectorError as exc:
-                breakers.record(host, ok=False)
-                raise RetryableFault(
-                    f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
-                ) from None
-            except aiohttp.ClientError as exc:
-                breakers.record(host, ok=False)
-                raise RetryableFault(
-                    f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
-                ) from None
-            # 5xx and 429 count against the host; any other answer shows it is up.
-            refused = parent is not None and parent_failed(resp.status, resp.headers)
-            breakers.record(host, ok=resp.status < 500 and resp.status != 429 and not refused)
-            self.metrics.upstream_first_byte.observe(time.monotonic() - started)
-            if refused:
-                resp.release()
-                raise RetryableFault(
-                    f"parent {parent} answered {resp.status} itself",
-                    reason=RetryReason.SERVER_ERROR,
-                )
-            if resp.status in _REDIRECTS and "Location" in resp.headers:
-                location = resp.headers["Location"]
-                resp.release()
-                current = self._redirect_target(current, location)
-                continue
-            try:
-                if not (not_modified and resp.status == 304):
-                    check_status(resp.status, resp.headers, _retry_after(resp))
-                yield resp
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-                raise RetryableFault(
-                    f"body failed: {type(exc).__name__}", reason=RetryReason.RESET
-                ) from None
-            except TimeoutError:
-                raise RetryableFault("body stalled", reason=RetryReason.TIMEOUT) from None
-            finally:
-                resp.close()  # never reuse a connection with an unread body
-            return
-        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects")
-
-    def _redirect_target(self, current: UpstreamURL, location: str) -> UpstreamURL:
-        try:
-            target = parse_upstream_url(urljoin(current.url, location))
-        except InvalidURL as exc:
-            raise UpstreamProtocolError(f"upstream redirected to an invalid URL: {exc}") from None
-        if not self._allow.permits(target):
-            raise NotAllowed(f"upstream redirected to {target.netloc}, which is not allowed")
-        return target
-
     # -- retry bookkeeping ---------------------------------------------------
     async def _retrying(self, url: UpstreamURL, attempt: Callable[[], Awaitable[T]]) -> T:
         """``attempt()`` until it succeeds, retrying RetryableFaults as the policy
@@ -366,20 +273,6 @@ class Upstream:
         if fault.reason == RetryReason.TIMEOUT:
             return UpstreamTimeout(message)
         return UpstreamUnavailable(message)
-
-
-def _conditional(expected: ObjectVersion) -> dict[str, str]:
-    """Bind a fetch to the version we hold (If-Match), so upstream refuses
-    with 412 rather than send bytes of another version."""
-    if expected.etag and not expected.etag.startswith("W/"):
-        return {"If-Match": expected.etag}
-    if expected.last_modified:
-        return {"If-Unmodified-Since": expected.last_modified}
-    return {}
-
-
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    return parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC))
 
 
 async def _body(resp: aiohttp.ClientResponse, skip: int, length: int) -> AsyncIterator[bytes]:

@@ -1,0 +1,194 @@
+"""One GET for the upstream client: to a parent or upstream, redirects, breakers, and faults.
+
+upstream.py decides what to ask and retries; this asks once. A parent
+(parents.py) is asked while one is up for the byte wanted, and one that fails
+is passed over at once. Upstream is asked with redirects followed only to
+allow-listed hosts, under its host's circuit breaker (breaker.py). Every
+fault that is worth another attempt becomes a RetryableFault.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from urllib.parse import urljoin
+
+import aiohttp
+from yarl import URL
+
+from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url
+
+from .breaker import Breakers
+from .errors import NotAllowed, RetryableFault, UpstreamDown, UpstreamProtocolError
+from .metrics import Metrics
+from .parents import Parents, parent_failed
+from .retry import RetryReason, parse_retry_after
+from .validate import check_status
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+class Exchange:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        allow: AllowList,
+        breakers: Breakers,
+        parents: Parents,
+        *,
+        first_byte_timeout: float,
+        metrics: Metrics,
+    ) -> None:
+        self._session = session
+        self._allow = allow
+        self.breakers = breakers
+        self.parents = parents
+        self._first_byte_timeout = first_byte_timeout
+        self.metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def get(
+        self,
+        url: UpstreamURL,
+        headers: dict[str, str],
+        authorization: str | None = None,
+        *,
+        not_modified: bool = False,
+        offset: int = 0,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET from the parent (parents.py) of the byte at ``offset`` while one is up,
+        else from upstream, with redirects followed only to allowed hosts; faults
+        mapped to RetryableFault. A parent that fails is passed over at once, for
+        the next or upstream: no backoff and no retry budget is spent on it.
+
+        ``authorization``: the client's Authorization header, sent to ``url``'s
+        host (or a parent, which has it checked there) only: a redirect elsewhere
+        drops it, as browsers and curl do.
+        ``not_modified``: a 304 is an answer (a revalidation), not an error.
+        """
+        while self.parents and (parent := self.parents.choose(url, offset)) is not None:
+            resp = await self._ask_parent(parent, url, headers, authorization)
+            if resp is not None:
+                try:
+                    async with self._answer(resp, not_modified):
+                        yield resp
+                except RetryableFault:  # cut mid-body: the retry asks another
+                    self.parents.record(str(parent), ok=False)
+                    raise
+                return
+        current = url
+        for _hop in range(MAX_REDIRECTS + 1):
+            host = current.netloc
+            wait = self.breakers.before(host)
+            if wait is not None:
+                raise UpstreamDown(
+                    f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
+                    retry_after=wait,
+                )
+            started = time.monotonic()
+            sent = headers
+            if (
+                authorization is not None
+                and current.netloc == url.netloc
+                and current.scheme == url.scheme  # never in the clear after https
+            ):
+                sent = {**headers, "Authorization": authorization}
+            try:
+                async with asyncio.timeout(self._first_byte_timeout):
+                    resp = await self._session.get(
+                        URL(current.url, encoded=True), headers=sent, allow_redirects=False
+                    )
+            except TimeoutError:
+                self.breakers.record(host, ok=False)
+                raise RetryableFault(
+                    "no response headers in time", reason=RetryReason.TIMEOUT
+                ) from None
+            except aiohttp.ClientConnectorError as exc:
+                self.breakers.record(host, ok=False)
+                raise RetryableFault(
+                    f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
+                ) from None
+            except aiohttp.ClientError as exc:
+                self.breakers.record(host, ok=False)
+                raise RetryableFault(
+                    f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
+                ) from None
+            # 5xx and 429 count against the host; any other answer shows it is up.
+            self.breakers.record(host, ok=resp.status < 500 and resp.status != 429)
+            self.metrics.upstream_first_byte.observe(time.monotonic() - started)
+            if resp.status in _REDIRECTS and "Location" in resp.headers:
+                location = resp.headers["Location"]
+                resp.release()
+                current = self._redirect_target(current, location)
+                continue
+            async with self._answer(resp, not_modified):
+                yield resp
+            return
+        raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects")
+
+    async def _ask_parent(
+        self, parent: int, url: UpstreamURL, headers: dict[str, str], authorization: str | None
+    ) -> aiohttp.ClientResponse | None:
+        """Parent ``parent``'s response, or None when it failed (it is then skipped
+        for a while): no answer, a 5xx, or a refusal of its own (parents.py)."""
+        sent = {**headers, "Via": self.parents.via()}
+        if authorization is not None:
+            sent["Authorization"] = authorization
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                resp = await self._session.get(
+                    URL(self.parents.target(parent, url), encoded=True),
+                    headers=sent,
+                    allow_redirects=False,
+                )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failure = type(exc).__name__
+        else:
+            if not parent_failed(resp.status, resp.headers) and resp.status not in _REDIRECTS:
+                self.parents.record(str(parent), ok=True)
+                self.metrics.upstream_first_byte.observe(time.monotonic() - started)
+                return resp
+            failure = f"{resp.status} {resp.reason}"
+            resp.release()
+        log.warning("parent %s failed (%s): asking elsewhere", self.parents.urls[parent], failure)
+        self.parents.record(str(parent), ok=False)
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _answer(
+        self, resp: aiohttp.ClientResponse, not_modified: bool
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A response whose status is an answer, its body's faults mapped to RetryableFault."""
+        try:
+            if not (not_modified and resp.status == 304):
+                check_status(resp.status, resp.headers, _retry_after(resp))
+            yield resp
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            raise RetryableFault(
+                f"body failed: {type(exc).__name__}", reason=RetryReason.RESET
+            ) from None
+        except TimeoutError:
+            raise RetryableFault("body stalled", reason=RetryReason.TIMEOUT) from None
+        finally:
+            resp.close()  # never reuse a connection with an unread body
+
+    def _redirect_target(self, current: UpstreamURL, location: str) -> UpstreamURL:
+        try:
+            target = parse_upstream_url(urljoin(current.url, location))
+        except InvalidURL as exc:
+            raise UpstreamProtocolError(f"upstream redirected to an invalid URL: {exc}") from None
+        if not self._allow.permits(target):
+            raise NotAllowed(f"upstream redirected to {target.netloc}, which is not allowed")
+        return target
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    return parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC))
