@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import signal
 import threading
 import time
 from pathlib import Path
@@ -139,3 +140,56 @@ def test_a_fetching_daemon_killed_mid_read_is_taken_over(
     fetched = _upstream_bytes(origin, key)
     assert fetched <= len(data) + 4 * MiB, (fetched, len(data))
     assert b.terminate() == 0
+
+
+def _worker_pid(session: requests.Session, url: str) -> int:
+    """The pid of the worker that serves this session's keep-alive connection."""
+    r = session.get(url + "/healthz", timeout=TIMEOUT)
+    assert r.status_code == 200
+    return int(r.json()["pid"])
+
+
+def test_a_fetching_worker_killed_mid_read_is_taken_over(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """--workers 2: one worker fetches, a reader on the other waits on its
+    claims; the fetching worker is killed with SIGKILL (the runner starts a new
+    one). The waiting reader finishes byte-exact within seconds."""
+    data = os.urandom(24 * MiB + 7)
+    key = "/dandiarchive/killed/worker"
+    origin.put(key, data)
+    origin.bandwidth = 8e6  # the fill takes ~3 s
+    daemon = spawn(tmp_path / "cache", "--workers", "2", "--readahead", "1M")
+    path = daemon.url + f"/http/{origin_host(origin)}{key}"
+    fetching = requests.Session()
+    waiting = requests.Session()
+    try:
+        fetcher_pid = _worker_pid(fetching, daemon.url)
+        for _ in range(50):  # new connections until one lands on the other worker
+            waiting.close()
+            waiting = requests.Session()
+            if _worker_pid(waiting, daemon.url) != fetcher_pid:
+                break
+        else:
+            raise AssertionError("every connection went to one worker")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(fetching.get, path, timeout=TIMEOUT)
+            wait_until(lambda: origin.requests(key), 10, "the first fetch done")
+            second = pool.submit(waiting.get, path, timeout=TIMEOUT)
+            wait_until(
+                lambda: _awaited(daemon.url, "block") > 0, 20, "a worker waiting on the other"
+            )
+            os.kill(fetcher_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(requests.RequestException):
+                first.result()
+            r = second.result()
+            took = time.monotonic() - killed
+    finally:
+        fetching.close()
+        waiting.close()
+    assert r.status_code == 200
+    assert r.content == data
+    assert took < len(data) / 8e6 + 5, took
+    assert _upstream_bytes(origin, key) <= len(data) + 4 * MiB
+    assert daemon.terminate() == 0

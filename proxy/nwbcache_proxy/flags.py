@@ -231,7 +231,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "parent_group",
         "--parent-group",
         parse_size,
-        "with several --parent, bytes of an object that go to one parent (default 64M)",
+        "with several --parent, bytes of an object that go to one parent (default 16M)",
         "SIZE",
     ),
     _Option(

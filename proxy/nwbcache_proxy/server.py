@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable
 
@@ -60,7 +61,8 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "version": __version__})
+    # pid: which worker of --workers N answered (this connection stays with it).
+    return web.json_response({"status": "ok", "version": __version__, "pid": os.getpid()})
 
 
 def served_by(
