@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from nwbcache.urls import cache_key, upstream_from_proxy_path
+from nwbcache_proxy import fetcher
 from nwbcache_proxy.claims import Claims, discovery_offset
 from nwbcache_proxy.layout import key_hash
 from nwbcache_proxy.version import Version
@@ -208,3 +209,26 @@ def test_a_discovery_claim_freed_without_a_discovery_is_taken_over(
         other_process.close()
         assert reader.result(timeout=30).content == data[5:10]
     assert len(origin.requests(KEY)) == 1
+
+
+def test_a_claim_held_without_progress_is_outwaited(
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    other_process: Claims,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A claimant that stays alive but does nothing (SIGSTOP, a dead network
+    mount) holds its locks: after CLAIM_PATIENCE the waiter fetches itself."""
+    monkeypatch.setattr(fetcher, "CLAIM_PATIENCE", 0.5)
+    data = os.urandom(4 * BS)
+    origin.put(KEY, data)
+    daemon = make_daemon(block_size=BS, readahead=BS)
+    url = proxied(daemon.url, origin, KEY)
+    get_range(url, 0, 0)
+    v = _version(daemon, url)
+    assert other_process.take_blocks(v.name, 1, 2) == [True, True]
+    began = time.monotonic()
+    r = get_range(url, BS, 3 * BS - 1)
+    assert r.content == data[BS : 3 * BS]
+    assert 0.5 <= time.monotonic() - began < 5
+    assert not Claims(other_process.path).take_block(v.name, 1)  # still held: outwaited

@@ -193,3 +193,25 @@ def test_a_fetching_worker_killed_mid_read_is_taken_over(
     assert took < len(data) / 8e6 + 5, took
     assert _upstream_bytes(origin, key) <= len(data) + 4 * MiB
     assert daemon.terminate() == 0
+
+
+def test_the_workers_of_a_daemon_share_one_node_id(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """A request whose Via names the daemon is a loop whichever worker gets it."""
+    origin.put("/dandiarchive/loop/one", b"x" * 1000)
+    daemon = spawn(tmp_path / "cache", "--workers", "2")
+    path = daemon.url + f"/http/{origin_host(origin)}/dandiarchive/loop/one"
+    seen: dict[int, str] = {}
+    for _ in range(40):  # new connections: the kernel spreads them over both workers
+        with requests.Session() as session:
+            health = session.get(daemon.url + "/healthz", timeout=TIMEOUT).json()
+            seen[health["pid"]] = health["node"]
+            looped = session.get(
+                path, headers={"Via": f"1.1 {health['node']} (nwbcache)"}, timeout=TIMEOUT
+            )
+            assert looped.status_code == 508
+    assert len(seen) == 2, "every connection went to one worker"
+    assert len(set(seen.values())) == 1
+    assert origin.requests("/dandiarchive/loop/one") == []
+    assert daemon.terminate() == 0

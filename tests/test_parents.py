@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import pytest
@@ -12,8 +13,11 @@ from nwbcache_proxy.parents import (
     INBOUND_VIA,
     MAX_HOPS,
     Parents,
+    from_nwbcache,
     loops,
     new_node_id,
+    parent_unwell,
+    parents_own,
     rank,
     via_ids,
 )
@@ -81,7 +85,7 @@ def test_losing_a_parent_moves_only_its_groups() -> None:
 
 
 def test_choose_skips_failed_parents_then_goes_upstream() -> None:
-    results: list[tuple[str, bool]] = []
+    results: list[tuple[str, str]] = []
     parents = Parents(
         PARENTS, "me-1", group_bytes=1 << 20, on_result=lambda p, ok: results.append((p, ok))
     )
@@ -98,7 +102,7 @@ def test_choose_skips_failed_parents_then_goes_upstream() -> None:
     parents.record(str(third), ok=False)
     assert parents.choose(URL, 0) is None  # every parent down: ask upstream
     assert sorted(parents.down()) == sorted(PARENTS)
-    assert results == [(str(first), False), (str(second), False), (str(third), False)]
+    assert results == [(str(first), "failed"), (str(second), "failed"), (str(third), "failed")]
 
 
 def test_no_parents_means_upstream() -> None:
@@ -118,10 +122,11 @@ def test_target_keeps_query_and_signature() -> None:
 
 def test_via_carries_the_served_requests_chain() -> None:
     parents = Parents(PARENTS, "me-1", group_bytes=1)
-    assert parents.via() == "1.1 me-1"
-    token = INBOUND_VIA.set("1.1 child-9")
+    assert parents.via() == "1.1 me-1 (nwbcache)"
+    assert via_ids(parents.via()) == ["me-1"] and from_nwbcache(parents.via())
+    token = INBOUND_VIA.set("1.1 child-9 (nwbcache)")
     try:
-        assert parents.via() == "1.1 child-9, 1.1 me-1"
+        assert parents.via() == "1.1 child-9 (nwbcache), 1.1 me-1 (nwbcache)"
     finally:
         INBOUND_VIA.reset(token)
 
@@ -147,6 +152,58 @@ def test_parent_urls_are_checked(parent: str, ok: bool) -> None:
             settings.validate()
 
 
-def test_parent_group_is_at_least_a_block() -> None:
-    with pytest.raises(ValueError, match="--parent-group"):
-        Settings(block_size=1 << 20, parent_group=1 << 19).validate()
+@pytest.mark.parametrize("group", [1 << 19, (1 << 20) + 4096, 3 << 19])
+def test_parent_group_is_a_whole_number_of_blocks(group: int) -> None:
+    with pytest.raises(ValueError, match="--parent-group must be a whole number of blocks"):
+        Settings(block_size=1 << 20, parent_group=group).validate()
+    Settings(block_size=1 << 20, parent_group=3 << 20).validate()
+
+
+def test_a_plain_http_parent_beyond_loopback_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="nwbcache_proxy.parents"):
+        Parents(
+            ["http://127.0.0.1:8080", "https://lab:8443", "http://localhost:1"], "x", group_bytes=1
+        )
+        assert not caplog.records
+        Parents(["http://labcache:8080"], "x", group_bytes=1)
+    (record,) = caplog.records
+    assert "http://labcache:8080" in record.getMessage() and "unencrypted" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("via", "child"),
+    [
+        ("", False),
+        ("1.1 squid.example (squid/5.7)", False),  # another proxy: read-ahead stays
+        ("1.1 lab-1a2b3c4d (nwbcache)", True),
+        ("1.0 fred, 1.1 node-9 (nwbcache)", True),
+    ],
+)
+def test_from_nwbcache(via: str, child: bool) -> None:
+    assert from_nwbcache(via) is child
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "unwell", "own"),
+    [
+        (206, None, False, False),
+        (304, None, False, False),
+        (404, "upstream", False, False),  # upstream's 404, passed on
+        (403, "upstream", False, False),
+        (412, "upstream", False, False),  # the parent's version differs (exchange.py)
+        (416, "upstream", False, False),
+        (403, "NotAllowed", False, True),  # a host it does not allow
+        (400, None, False, True),  # no kind: not upstream's (a proxy in front, aiohttp)
+        (508, "LoopDetected", False, True),  # a refusal of this request, not trouble
+        (502, "UpstreamUnavailable", True, True),
+        (503, "UpstreamDown", True, True),
+        (504, None, True, True),
+        (429, None, True, True),
+    ],
+)
+def test_whose_answer_a_parents_is(status: int, kind: str | None, unwell: bool, own: bool) -> None:
+    headers = {} if kind is None else {"X-Nwbcache-Error": kind}
+    assert parent_unwell(status) is unwell
+    assert parents_own(status, headers) is own

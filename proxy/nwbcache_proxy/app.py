@@ -49,13 +49,15 @@ SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 READY_PREFIX = "nwbcache: serving on "
 
 
-def build_app(settings: Settings) -> web.Application:
+def build_app(settings: Settings, node_id: str | None = None) -> web.Application:
+    """``node_id``: this daemon's id in Via (parents.py); the workers of one
+    daemon share one (runner.py), so a loop through any of them is seen."""
     app = web.Application(middlewares=[observe_middleware], client_max_size=1024)
     app[SETTINGS_KEY] = settings
     app[ALLOW_KEY] = settings.allow_list
     app[METRICS_KEY] = Metrics()
     app[TARGETS_KEY] = Targets(settings.allow_list)
-    app[NODE_ID_KEY] = new_node_id(settings.node_name)
+    app[NODE_ID_KEY] = node_id or new_node_id(settings.node_name)
     app.cleanup_ctx.append(_cache_context)
     build_routes(app, settings.node_name)
     return app
@@ -85,9 +87,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
             settings.parent,
             app[NODE_ID_KEY],
             group_bytes=settings.parent_group,
-            on_result=lambda parent, ok: metrics.parent_requests.labels(
-                parent, "ok" if ok else "failed"
-            ).inc(),
+            on_result=lambda parent, outcome: metrics.parent_requests.labels(parent, outcome).inc(),
         ),
     )
     cache = BlockCache(
@@ -121,9 +121,11 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         await index.close()
 
 
-async def serve_forever(settings: Settings, sock: socket.socket | None = None) -> None:
+async def serve_forever(
+    settings: Settings, sock: socket.socket | None = None, node_id: str | None = None
+) -> None:
     """Serve until SIGTERM/SIGINT, then shut down cleanly."""
-    app = build_app(settings)
+    app = build_app(settings, node_id)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site: web.BaseSite

@@ -52,6 +52,10 @@ _CONFLICT = (errno.EAGAIN, errno.EACCES)
 # blocked in the kernel could not be cancelled at shutdown.
 CLAIM_POLL_FIRST = 0.002
 CLAIM_POLL_MAX = 0.025
+# A waiter that sees no progress for this long fetches itself, claim or not:
+# a claimant that is stopped (SIGSTOP), or stuck on a dead network mount,
+# holds its locks without dying. Costs a second fetch, never a hang.
+CLAIM_PATIENCE = 60.0
 
 
 def block_offset(version_name: str, index: int) -> int:
@@ -99,6 +103,7 @@ class Claims:
             exc,
         )
         self._disabled = True
+        self.close()  # claims already held go too: nobody may wait on them
 
     def _lock(self, kind: int, start: int, length: int) -> bool:
         fd = self._file()

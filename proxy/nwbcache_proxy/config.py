@@ -130,8 +130,8 @@ class Settings:
                     "--parent must be a daemon's base URL, http(s)://HOST:PORT[/prefix], "
                     f"got {url!r}"
                 )
-        if self.parent_group < self.block_size:
-            raise ValueError("--parent-group must be at least one block (--block-size)")
+        if self.parent_group < self.block_size or self.parent_group % self.block_size:
+            raise ValueError("--parent-group must be a whole number of blocks (--block-size)")
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
         self.immutable_list  # noqa: B018
 

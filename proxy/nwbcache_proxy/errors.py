@@ -79,6 +79,9 @@ class RetryableFault(Exception):
         super().__init__(message)
         self.reason = reason
         self.retry_after = retry_after
+        # A parent failed (parents.py): the next attempt asks another source,
+        # at once, without spending an attempt or retry budget.
+        self.elsewhere = False
 
 
 class NotCached(ProxyError):
@@ -99,6 +102,7 @@ class UpstreamDown(ProxyError):
 
 class LoopDetected(ProxyError):
     """The request has passed this daemon already (its Via names it), or too
-    many daemons: a parent configuration that loops (508, RFC 5842)."""
+    many daemons: a parent configuration that loops (508, RFC 5842; a child
+    takes it as a refusal of one request, parents.parent_unwell)."""
 
     status = 508

@@ -25,13 +25,16 @@ from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url
 from .breaker import Breakers
 from .errors import NotAllowed, RetryableFault, UpstreamDown, UpstreamProtocolError
 from .metrics import Metrics
-from .parents import Parents, parent_failed
+from .parents import Parents, parent_unwell, parents_own
 from .retry import RetryReason, parse_retry_after
 from .validate import check_status
 
 log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
+# A parent's first byte may wait for its own upstream request and retries:
+# it gets this many times --first-byte-timeout before it is taken for dead.
+PARENT_PATIENCE = 2
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -73,16 +76,25 @@ class Exchange:
         drops it, as browsers and curl do.
         ``not_modified``: a 304 is an answer (a revalidation), not an error.
         """
-        while self.parents and (parent := self.parents.choose(url, offset)) is not None:
+        passed: set[int] = set()  # parents that refused this request
+        while self.parents and (parent := self.parents.choose(url, offset, passed)) is not None:
             resp = await self._ask_parent(parent, url, headers, authorization)
-            if resp is not None:
-                try:
-                    async with self._answer(resp, not_modified):
-                        yield resp
-                except RetryableFault:  # cut mid-body: the retry asks another
-                    self.parents.record(str(parent), ok=False)
-                    raise
-                return
+            if resp is None:
+                passed.add(parent)
+                continue
+            if resp.status == 412:
+                # The parent holds another version than ours: upstream's word
+                # decides whether ours changed (a parent may be behind).
+                resp.release()
+                break
+            try:
+                async with self._answer(resp, not_modified):
+                    yield resp
+            except RetryableFault as fault:  # cut mid-body: the next attempt asks another
+                self.parents.record(str(parent), ok=False)
+                fault.elsewhere = True
+                raise
+            return
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
             host = current.netloc
@@ -136,30 +148,39 @@ class Exchange:
     async def _ask_parent(
         self, parent: int, url: UpstreamURL, headers: dict[str, str], authorization: str | None
     ) -> aiohttp.ClientResponse | None:
-        """Parent ``parent``'s response, or None when it failed (it is then skipped
-        for a while): no answer, a 5xx, or a refusal of its own (parents.py)."""
+        """Parent ``parent``'s response, or None when it gave none this request
+        can use: no answer or a 5xx/429 (it is then skipped for a while), or a
+        refusal of its own (parents.py; it stays in rotation for others)."""
         sent = {**headers, "Via": self.parents.via()}
         if authorization is not None:
             sent["Authorization"] = authorization
         started = time.monotonic()
         try:
-            async with asyncio.timeout(self._first_byte_timeout):
+            # A parent asks upstream (with retries) before it answers: longer.
+            async with asyncio.timeout(self._first_byte_timeout * PARENT_PATIENCE):
                 resp = await self._session.get(
                     URL(self.parents.target(parent, url), encoded=True),
                     headers=sent,
                     allow_redirects=False,
                 )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            failure = type(exc).__name__
+            failure, unwell = type(exc).__name__, True
         else:
-            if not parent_failed(resp.status, resp.headers) and resp.status not in _REDIRECTS:
+            unwell = parent_unwell(resp.status)
+            own = parents_own(resp.status, resp.headers) or resp.status in _REDIRECTS
+            if not unwell and not own:  # upstream's answer (a daemon never redirects)
                 self.parents.record(str(parent), ok=True)
                 self.metrics.upstream_first_byte.observe(time.monotonic() - started)
                 return resp
             failure = f"{resp.status} {resp.reason}"
             resp.release()
-        log.warning("parent %s failed (%s): asking elsewhere", self.parents.urls[parent], failure)
-        self.parents.record(str(parent), ok=False)
+        where = self.parents.urls[parent]
+        if unwell:
+            log.warning("parent %s failed (%s): asking elsewhere", where, failure)
+            self.parents.record(str(parent), ok=False)
+        else:
+            log.info("parent %s refused a request (%s): asking elsewhere", where, failure)
+            self.parents.refused(str(parent))
         return None
 
     @contextlib.asynccontextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 
@@ -35,7 +36,7 @@ from nwbcache.urls import UpstreamURL, redact_url
 
 from .aio import Tasks
 from .blocks import Blocks
-from .claims import CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
+from .claims import CLAIM_PATIENCE, CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
 from .errors import UpstreamUnavailable, VersionChanged
 from .inflight import InflightBlock
 from .lru import BoundedLRU
@@ -152,20 +153,24 @@ class Fetcher:
     ) -> None:
         """Blocks another process claimed: take each claim as it frees and hand
         the block to a run of this process's own, which reads it from disk (or
-        fetches it, when the holder died or failed before writing it)."""
+        fetches it, when the holder died or failed before writing it). After
+        CLAIM_PATIENCE without progress, the rest go to a run unclaimed."""
         for block in waiting:
             # For this process's readers these bytes come from upstream: the
             # block was not cached when they asked (reader.py's accounting).
             block.from_upstream = True
         delay = CLAIM_POLL_FIRST
+        progress = time.monotonic()
         try:
             while waiting:
                 await asyncio.sleep(delay)
-                held = [self.claims.take_block(v.name, b.index) for b in waiting]
+                patience_out = time.monotonic() - progress > CLAIM_PATIENCE
+                held = [patience_out or self.claims.take_block(v.name, b.index) for b in waiting]
                 taken = [b for b, h in zip(waiting, held, strict=True) if h]
                 if not taken:
                     delay = min(delay * 2, CLAIM_POLL_MAX)
                     continue
+                progress = time.monotonic()
                 waiting = [b for b, h in zip(waiting, held, strict=True) if not h]
                 for part in _contiguous(taken):
                     self._fetches.spawn(self._fetch_run(v, url, part, auth))

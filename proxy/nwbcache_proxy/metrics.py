@@ -161,7 +161,9 @@ class Metrics:
         self.parent_requests = Counter(
             "nwbcache_parent_requests_total",
             "Requests to parent daemons (--parent), by the parent's position in the "
-            "--parent list and outcome (ok, or failed: skipped for a while after).",
+            "--parent list and outcome: ok; failed (no answer, 5xx: skipped for a while "
+            "after); refused (its own 4xx for this request, a loop or a host it does not "
+            "allow: the request asks elsewhere).",
             ["parent", "outcome"],
             registry=r,
         )
@@ -219,7 +221,7 @@ class Metrics:
 
     def declare_parents(self, count: int) -> None:
         for parent in range(count):
-            for outcome in ("ok", "failed"):
+            for outcome in ("ok", "failed", "refused"):
                 self.parent_requests.labels(str(parent), outcome)
 
     def count_request(self, method: str, status: int, cache: str) -> None:

@@ -26,20 +26,28 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import logging
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from urllib.parse import urlsplit
 
 from nwbcache.urls import UpstreamURL, cache_key, proxied_url
 
 from .breaker import Breaker, Breakers
 
+log = logging.getLogger(__name__)
+
 # Daemons a request may have passed: a deeper chain is a loop of some shape.
 MAX_HOPS = 8
+# What a daemon answers a request that loops (errors.LoopDetected, RFC 5842).
+LOOP_STATUS = 508
 # The error-kind header a daemon sets on its own error responses (observe.py):
 # a parent's answer without it, or with UPSTREAM_KIND, is upstream's answer
 # passed on; any other kind is the parent's own failure or refusal.
 ERROR_KIND_HEADER = "X-Nwbcache-Error"
 UPSTREAM_KIND = "upstream"
+# How this daemon marks its hop in Via, beside its id: "1.1 <id> (nwbcache)".
+NWBCACHE_COMMENT = "(nwbcache)"
 # The Via of the request being served: set by the HTTP layer, read by fetches.
 INBOUND_VIA: contextvars.ContextVar[str] = contextvars.ContextVar("inbound_via", default="")
 
@@ -66,12 +74,23 @@ def loops(via: str, node_id: str) -> bool:
     return node_id in ids or len(ids) >= MAX_HOPS
 
 
-def parent_failed(status: int, headers: Mapping[str, str]) -> bool:
-    """A parent's answer that is not upstream's: its own refusal (not allowed
-    there, a loop) or a 5xx/429 of its own; the child asks elsewhere."""
-    if status >= 500 or status == 429:
-        return True
-    return status >= 400 and headers.get(ERROR_KIND_HEADER, UPSTREAM_KIND) != UPSTREAM_KIND
+def parent_unwell(status: int) -> bool:
+    """A parent's answer that says it (or its way upstream) is in trouble: a 5xx
+    (but 508, a refusal) or 429. It is skipped for a while (its breaker opens)."""
+    return (status >= 500 and status != LOOP_STATUS) or status == 429
+
+
+def parents_own(status: int, headers: Mapping[str, str]) -> bool:
+    """A parent's error of its own, not upstream's passed on (no error kind
+    saying so): for a 4xx or a 508, a refusal of this request (a host it does
+    not allow, a loop). The request asks elsewhere; the parent stays in
+    rotation for others."""
+    return status >= 400 and headers.get(ERROR_KIND_HEADER) != UPSTREAM_KIND
+
+
+def from_nwbcache(via: str) -> bool:
+    """Whether a Via names an nwbcache daemon (it asks as a child: parents.py)."""
+    return any(NWBCACHE_COMMENT in hop for hop in via.split(","))
 
 
 def rank(parents: Sequence[str], key: str, group: int) -> list[int]:
@@ -91,23 +110,38 @@ class Parents:
         node_id: str,
         *,
         group_bytes: int,
-        on_result: Callable[[str, bool], None] = lambda _parent, _ok: None,
+        on_result: Callable[[str, str], None] = lambda _parent, _outcome: None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in urls]
+        for url in self.urls:
+            host = urlsplit(url).hostname or ""
+            if (
+                url.startswith("http://")
+                and host not in ("localhost", "::1")
+                and not (host.startswith("127."))
+            ):
+                log.warning(
+                    "parent %s is plain HTTP: the signatures and Authorization of private "
+                    "objects' requests travel to it unencrypted (use https://, or keep "
+                    "the tiers on a trusted network)",
+                    url,
+                )
         self.node_id = node_id
         self.group_bytes = group_bytes
-        self._on_result = on_result  # (parent's index as a str, answered) per request
+        # (parent's index as a str, "ok" | "failed" | "refused") per request
+        self._on_result = on_result
         # Keyed by the parent's index as a str, as record() is called.
         self._breakers = Breakers(make=lambda: Breaker(threshold=1, max_cooldown=60.0))
 
     def __bool__(self) -> bool:
         return bool(self.urls)
 
-    def choose(self, url: UpstreamURL, offset: int) -> int | None:
+    def choose(self, url: UpstreamURL, offset: int, skip: Collection[int] = ()) -> int | None:
         """The parent to ask for the byte at ``offset`` of ``url``'s object (an
-        index into ``urls``), or None to ask upstream: no parent is up."""
+        index into ``urls``), or None to ask upstream: no parent is up (or every
+        one is in ``skip``: passed over for this request)."""
         for i in rank(self.urls, cache_key(url), offset // self.group_bytes):
-            if self._breakers.before(str(i)) is None:
+            if i not in skip and self._breakers.before(str(i)) is None:
                 return i
         return None
 
@@ -119,13 +153,17 @@ class Parents:
     def via(self) -> str:
         """The Via to send: the served request's chain, then this daemon."""
         inbound = INBOUND_VIA.get()
-        mine = f"1.1 {self.node_id}"
+        mine = f"1.1 {self.node_id} {NWBCACHE_COMMENT}"
         return f"{inbound}, {mine}" if inbound else mine
 
     def record(self, parent: str, *, ok: bool) -> None:
         """How a request to parent ``parent`` (its index, as a str) went."""
         self._breakers.record(parent, ok=ok)
-        self._on_result(parent, ok)
+        self._on_result(parent, "ok" if ok else "failed")
+
+    def refused(self, parent: str) -> None:
+        """Parent ``parent`` refused one request itself: it stays in rotation."""
+        self._on_result(parent, "refused")
 
     def down(self) -> list[str]:
         """Parents skipped now (status page)."""

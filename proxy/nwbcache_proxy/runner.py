@@ -72,8 +72,10 @@ def _run_workers(settings: Settings) -> int:
     directory (safe by design: see docs/on-disk-format.md)."""
     from .app import serve_forever
     from .metrics import mark_worker_dead
+    from .parents import new_node_id
 
     sockets = _listen_sockets(settings, settings.workers)
+    node_id = new_node_id(settings.node_name)  # one for all workers: loops are seen
     children: dict[int, int] = {}
     stopping = False
 
@@ -84,7 +86,7 @@ def _run_workers(settings: Settings) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                asyncio.run(serve_forever(settings, sockets[slot]))
+                asyncio.run(serve_forever(settings, sockets[slot], node_id))
             except BaseException:
                 log.exception("worker %d failed", slot)
                 code = 1

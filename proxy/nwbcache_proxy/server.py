@@ -36,7 +36,14 @@ from .dandi_resolver import parse_dandi_path
 from .errors import LoopDetected, NotAllowed, NotCached, ProxyError, VersionChanged
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id, error_response
-from .parents import INBOUND_VIA, MAX_HOPS, loops
+from .parents import (
+    ERROR_KIND_HEADER,
+    INBOUND_VIA,
+    MAX_HOPS,
+    UPSTREAM_KIND,
+    from_nwbcache,
+    loops,
+)
 from .reader import CacheOutcome, RangeReader, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
@@ -61,8 +68,16 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    # pid: which worker of --workers N answered (this connection stays with it).
-    return web.json_response({"status": "ok", "version": __version__, "pid": os.getpid()})
+    # pid: which worker of --workers N answered (this connection stays with it);
+    # node: this daemon's id in Via (parents.py), one for all its workers.
+    return web.json_response(
+        {
+            "status": "ok",
+            "version": __version__,
+            "pid": os.getpid(),
+            "node": request.app[NODE_ID_KEY],
+        }
+    )
 
 
 def served_by(
@@ -166,7 +181,7 @@ async def _serve_object(
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
                 await cache.authorize(v, url, creds, offline=offline)
-            how = ReadFor(creds, stale, offline, readahead=not via)
+            how = ReadFor(creds, stale, offline, readahead=not from_nwbcache(via))
             return await _answer(request, cache, url, v, how)
         except VersionChanged:
             if attempt == VERSION_RESTARTS:
@@ -224,6 +239,7 @@ async def _answer(
     )
     if decision.outcome is RangeOutcome.UNSATISFIABLE:
         headers["Content-Range"] = f"bytes */{o.size}"
+        headers[ERROR_KIND_HEADER] = UPSTREAM_KIND  # an answer about the object, as S3's
         return web.Response(status=416, headers=headers, text="nwbcache: range not satisfiable\n")
     if decision.outcome is RangeOutcome.MULTIPART:
         return await _answer_multipart(request, cache, url, v, how, decision.ranges, headers)

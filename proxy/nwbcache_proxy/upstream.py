@@ -137,6 +137,8 @@ class Upstream:
                     retries = 0  # progress was made: resume with a fresh count
                 if tries >= self._policy.max_attempts * _MAX_RESUMES_FACTOR:
                     raise self._give_up(fault, url) from None
+                if fault.elsewhere:
+                    continue  # a parent failed: another source, at once (parents.py)
                 cost += await self._before_retry(fault, retries, url)
                 retries += 1
         self._budget.record_success(cost)
@@ -243,6 +245,9 @@ class Upstream:
             try:
                 result = await attempt()
             except RetryableFault as fault:
+                if fault.elsewhere and retries < len(self.parents.urls):
+                    retries += 1  # a parent failed: another source, at once (parents.py)
+                    continue
                 cost += await self._before_retry(fault, retries, url)
                 retries += 1
                 continue

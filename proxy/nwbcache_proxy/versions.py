@@ -33,7 +33,7 @@ from nwbcache.urls import AllowList, UpstreamURL, cache_key, redact_url
 from .access import Access
 from .aio import Disk, Tasks
 from .blocks import Blocks
-from .claims import CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims, discovery_offset
+from .claims import CLAIM_PATIENCE, CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims, discovery_offset
 from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached, ProxyError, UpstreamStatus
 from .fetcher import Fetcher
@@ -129,7 +129,7 @@ class Versions:
         key = cache_key(url)
         # Found changed a moment ago (a parent may still hold the old version):
         # the next discovery asks for upstream's word, through every tier.
-        revalidate = revalidate or self._changed.pop(key) is not None
+        revalidate = revalidate or (not offline and self._changed.pop(key) is not None)
         absent_until = self._absent.get(key)
         if absent_until is not None and absent_until > time.time():
             raise UpstreamStatus("upstream answered 404 (remembered)", status=404)
@@ -208,29 +208,31 @@ class Versions:
         revalidate: bool = False,
     ) -> Version:
         claim = discovery_offset(key_hash(key))
-        if not self.claims.take(claim):
-            found = await self._await_discovery(url, key, stale, claim)
-            if found is not None:
-                return found
         try:
+            if not self.claims.take(claim):
+                found = await self._await_discovery(url, key, stale, claim, revalidate)
+                if found is not None:
+                    return found
             return await self._discover_upstream(url, key, stale, creds, revalidate)
         finally:
             self.claims.release(claim)
 
     async def _await_discovery(
-        self, url: UpstreamURL, key: str, stale: Version | None, claim: int
+        self, url: UpstreamURL, key: str, stale: Version | None, claim: int, revalidate: bool
     ) -> Version | None:
-        """Another process is discovering the object: wait until its claim frees,
-        then take the version it wrote to meta.json, if that is servable without
-        asking upstream again. None (holding the claim) when it is not: the
-        claimant failed or died, and this process discovers."""
+        """Another process is discovering the object: wait until its claim frees
+        (or CLAIM_PATIENCE passes), then take the version it wrote to meta.json,
+        if that is servable without asking upstream again. None when it is not
+        (the claimant failed or died, or this discovery must ask upstream
+        itself): this process discovers. The caller releases the claim."""
         self.metrics.awaited.labels("discovery").inc()
         delay = CLAIM_POLL_FIRST
-        while not self.claims.take(claim):
+        deadline = time.monotonic() + CLAIM_PATIENCE
+        while not self.claims.take(claim) and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, CLAIM_POLL_MAX)
         meta = await self.meta.read(key)
-        if meta is None:
+        if meta is None or revalidate:
             return None
         known = self._known_of(meta, url)
         verdict = self.policy.judge(
@@ -241,7 +243,6 @@ class Versions:
         )
         if verdict is not Freshness.FRESH:
             return None
-        self.claims.release(claim)
         self._known.put(key, known)
         v = known.version
         if stale is not None and not stale.remote.same_version(v.remote):
