@@ -13,7 +13,7 @@ import pytest
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
 from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings
-from nwbcache_proxy.cpus import cgroup_cpu_quota, usable_cpus
+from nwbcache_proxy.cpus import cgroup_cpu_quota, cgroup_v2_dirs, usable_cpus
 from nwbcache_proxy.flags import load_settings, parse_workers
 from nwbcache_proxy.policy import Eviction
 
@@ -211,3 +211,26 @@ def test_workers_auto_from_flag_env_and_file(tmp_path: Path) -> None:
 )
 def test_cgroup_cpu_quota(text: str, cpus: int | None) -> None:
     assert cgroup_cpu_quota(text) == cpus
+
+
+@pytest.mark.parametrize(
+    ("proc_cgroup", "dirs"),
+    [
+        ("0::/\n", [""]),  # a container with its own cgroup namespace
+        (
+            "0::/system.slice/nwbcache.service\n",
+            ["system.slice/nwbcache.service", "system.slice", ""],
+        ),
+        (
+            "12:cpu,cpuacct:/docker/abc\n0::/user.slice/x.scope\n",
+            ["user.slice/x.scope", "user.slice", ""],
+        ),
+        ("12:cpu,cpuacct:/docker/abc\n", []),  # cgroup v1 only
+        ("0::/a/../b\n", ["a/b", "a", ""]),  # nothing climbs out of the mount
+        ("", []),
+    ],
+)
+def test_cgroup_v2_dirs_are_the_process_cgroup_and_those_above(
+    proc_cgroup: str, dirs: list[str]
+) -> None:
+    assert cgroup_v2_dirs(proc_cgroup) == dirs

@@ -5,25 +5,41 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Where a container's CPU quota is: cgroup v2 (``<quota|max> <period>``), else v1.
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
-CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+# cgroup v2's mount, where each cgroup dir has ``cpu.max`` (``<quota|max> <period>``).
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+# cgroup v1's CPU controller, as a container sees it (its own cgroup at the root).
+CGROUP_V1_QUOTA = CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us"
+CGROUP_V1_PERIOD = CGROUP_ROOT / "cpu" / "cpu.cfs_period_us"
 
 
 def usable_cpus() -> int:
     """CPUs this process may use: its affinity mask (``--cpuset-cpus``, a
-    unit's CPUAffinity), capped by its cgroup's CPU quota, rounded up (a
-    container's ``--cpus 2.5``, a pod's CPU limit, a unit's CPUQuota); not
-    the machine's count, as nginx's ``auto`` would take."""
+    unit's CPUAffinity), capped by the CPU quota of its cgroup and of every
+    cgroup above it, rounded up (a container's ``--cpus 2.5``, a pod's CPU
+    limit, a systemd unit's or slice's CPUQuota); not the machine's count, as
+    nginx's ``auto`` would take."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota(_read_text(CGROUP_CPU_MAX)) or cgroup_cpu_quota(
-        f"{_read_text(CGROUP_V1_QUOTA)} {_read_text(CGROUP_V1_PERIOD)}"
-    )
-    return max(1, min(cpus, quota)) if quota else cpus
+    quotas = [
+        cgroup_cpu_quota(_read_text(CGROUP_ROOT / d / "cpu.max"))
+        for d in cgroup_v2_dirs(_read_text(PROC_CGROUP))
+    ]
+    quotas.append(cgroup_cpu_quota(f"{_read_text(CGROUP_V1_QUOTA)} {_read_text(CGROUP_V1_PERIOD)}"))
+    limits = [q for q in quotas if q]
+    return max(1, min(cpus, *limits)) if limits else cpus
+
+
+def cgroup_v2_dirs(proc_cgroup: str) -> list[str]:
+    """The cgroup v2 dirs of a process (relative to the mount), its own first,
+    then each one above it, from its ``/proc/<pid>/cgroup`` (``0::/path``)."""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            parts = [p for p in line[3:].strip().split("/") if p and p not in (".", "..")]
+            return ["/".join(parts[:n]) for n in range(len(parts), -1, -1)]
+    return []
 
 
 def cgroup_cpu_quota(text: str) -> int | None:
