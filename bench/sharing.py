@@ -338,7 +338,7 @@ def _read_all(url: str) -> None:
 def markdown(report: dict[str, Any]) -> str:
     s, w = report["stampede"], report["warm"]
     lines = [
-        f"# Workers and daemons on one cache dir ({report['commit'] or 'uncommitted'})",
+        f"# Sharing a cache: workers, daemons, parents ({report['commit'] or 'uncommitted'})",
         "",
         f"Stampede: `--workers 2` + a second daemon on one cache dir; {BIG_READERS} readers "
         f"of one {format_size(report['settings']['size'])} object (4 MiB ranges) and "

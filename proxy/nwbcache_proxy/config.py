@@ -37,8 +37,9 @@ DEFAULT_DANDI_API_URL = "https://api.dandiarchive.org/api"
 # parent (parents.py). The read-ahead's size (16 MiB): a sequential reader's
 # window then spans two groups, so two parents fill it at once, and a 256 MiB
 # file spreads over 16 groups. Measured (make bench-sharing, two parents, a
-# 256 MiB scan): 16 MiB read 1.3-1.4x faster cold than 4 or 64 MiB, and
-# split the object 50/50 where 64 MiB put all of it on one parent.
+# 256 MiB scan, two runs), a cold child against a daemon reading the origin:
+# 1.10-1.28x at 16 MiB, 1.24-1.40x at 4 MiB, 1.40-1.44x at 64 MiB (which put
+# all four groups on one parent in one run).
 DEFAULT_PARENT_GROUP = 16 * 1024 * 1024
 # prometheus_client's variable for the directory where --workers N processes
 # keep their metrics; read when prometheus_client is first imported.
