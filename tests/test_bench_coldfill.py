@@ -131,7 +131,9 @@ def test_coldfill_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
         assert r["mb_per_s"] > 0 and r["origin_cpu_s_per_gib"] >= 0
         assert r["upstream_bytes"] >= size, r  # cold: everything came from the origin
         if r["system"] != "origin":
-            assert r["server_cpu_s"] is not None and r["server_cpu_s"] > 0, r
+            # Measured (clock ticks of 10 ms: nginx can fill 16 MiB in less than one).
+            assert r["server_cpu_s"] is not None and r["server_cpu_s"] >= 0, r
+            assert r["system"] == "nginx" or r["server_cpu_s"] > 0, r
             assert r["cached_bytes"] >= size, r  # and the cache holds it
     row = report["summary"]["1"]
     for system in coldfill.SYSTEMS:

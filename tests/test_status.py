@@ -106,6 +106,39 @@ nwbcache_upstream_requests_total{outcome="throttled"} 1.0
     assert w["hit_ratio_requests"] == 1.0  # 3 hits of 3 requests that could hit
 
 
+def test_summarize_reads_the_sharing_figures() -> None:
+    text = b"""# TYPE nwbcache_awaited_fetches_total counter
+nwbcache_awaited_fetches_total{kind="block"} 7.0
+nwbcache_awaited_fetches_total{kind="discovery"} 2.0
+# TYPE nwbcache_parent_requests_total counter
+nwbcache_parent_requests_total{parent="0",outcome="ok"} 5.0
+nwbcache_parent_requests_total{parent="1",outcome="ok"} 4.0
+nwbcache_parent_requests_total{parent="0",outcome="failed"} 1.0
+nwbcache_parent_requests_total{parent="1",outcome="refused"} 2.0
+"""
+    before = status.Snapshot(0, status.summarize(text))
+    later = text.replace(b'"block"} 7.0', b'"block"} 10.0').replace(b'ok"} 5.0', b'ok"} 6.0')
+    w = status.window(status.Snapshot(60, status.summarize(later)), before)
+    assert (w["awaited"], w["parent_ok"], w["parent_failed"]) == (3, 1, 0)
+    w = status.window(status.Snapshot(60, status.summarize(later)), None)
+    assert (w["awaited"], w["parent_ok"], w["parent_failed"]) == (12, 10, 3)
+    text_report = {
+        "version": "x",
+        "uptime_seconds": 60,
+        "cache": {"size_bytes": 0, "capacity_bytes": 1, "blocks": 0, "fill": 0, "protected": None},
+        "inflight_requests": 0,
+        "upstream_breakers_open": 0,
+        "last_minute": w,
+        "last_hour": w,
+        "since_start": w,
+        "top_objects": [],
+    }
+    rendered = status.render_text(text_report)
+    assert (
+        "Left to another worker or daemon" in rendered and "Parents failed or refused" in rendered
+    )
+
+
 @pytest.mark.slow
 def test_nwbcache_status_prints_the_same_figures(busy_daemon: DaemonThread) -> None:
     import subprocess

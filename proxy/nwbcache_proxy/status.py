@@ -46,6 +46,10 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 out[f"requests_{labels.get('cache', 'bypass')}"] += s.value
                 if labels.get("status", "").startswith("5"):
                     out["requests_5xx"] += s.value
+            elif name == "nwbcache_awaited_fetches_total":
+                out["awaited"] += s.value
+            elif name == "nwbcache_parent_requests_total":
+                out[f"parent_{labels.get('outcome', 'ok')}"] += s.value
             elif name == "nwbcache_served_bytes_total":
                 out[f"served_{labels.get('source', 'cache')}"] += s.value
             elif name == "nwbcache_upstream_requests_total":
@@ -107,6 +111,9 @@ def window(now: Snapshot, then: Snapshot | None) -> dict[str, Any]:
         "promotions": _delta(now, then, "cache_promotions"),
         "coalesced": _delta(now, then, "coalesced_requests"),
         "stale_served": _delta(now, then, "stale_served"),
+        "awaited": _delta(now, then, "awaited"),
+        "parent_ok": _delta(now, then, "parent_ok"),
+        "parent_failed": _delta(now, then, "parent_failed") + _delta(now, then, "parent_refused"),
     }
 
 
@@ -203,6 +210,9 @@ ROWS: tuple[tuple[str, str, Any], ...] = (
     ("Upstream retries", "upstream_retries", _n),
     ("Server errors (5xx)", "server_errors", _n),
     ("Joined a fetch in flight", "coalesced", _n),
+    ("Left to another worker or daemon", "awaited", _n),
+    ("Asked of parents", "parent_ok", _n),
+    ("Parents failed or refused", "parent_failed", _n),
     ("Served stale (upstream unconfirmed)", "stale_served", _n),
     ("Evictions", "evictions", _n),
     ("Evictions of recently used blocks", "evictions_recent", _n),
