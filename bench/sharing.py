@@ -55,7 +55,7 @@ from bench.harness import Emulator, Nginx, Nwbcache, git_commit, machine
 from bench.wrkrun import run_wrk
 from nwbcache_proxy.cpus import usable_cpus
 from nwbcache_proxy.sizes import format_size, parse_size
-from tests.support.helpers import REPO
+from tests.support.helpers import REPO, scrape, value
 
 BENCH = Path(__file__).resolve().parent
 MiB = 1024 * 1024
@@ -64,6 +64,7 @@ SMALL_READERS = 8
 SMALL_OBJECTS = 64
 RANGE = 4 * MiB
 WARM_LENGTH = 4096
+KINDS = ("block", "discovery")  # of nwbcache_awaited_fetches_total
 
 
 def _write_object(path: Path, size: int, seed: int) -> str:
@@ -80,24 +81,10 @@ def _write_object(path: Path, size: int, seed: int) -> str:
     return digest.hexdigest()
 
 
-def _upstream_bytes(url: str) -> float:
-    """A daemon's nwbcache_upstream_bytes_total."""
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("nwbcache_upstream_bytes_total "):
-                return float(line.split()[1])
-    return 0.0
-
-
 def _awaited(url: str) -> dict[str, float]:
-    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
-        text = r.read().decode()
-    out = {"block": 0.0, "discovery": 0.0}
-    for line in text.splitlines():
-        if line.startswith("nwbcache_awaited_fetches_total{"):
-            kind = line.split('kind="', 1)[1].split('"', 1)[0]
-            out[kind] += float(line.rsplit(" ", 1)[1])
-    return out
+    """A daemon's nwbcache_awaited_fetches_total, by kind."""
+    samples = scrape(url)
+    return {kind: value(samples, "nwbcache_awaited_fetches_total", kind=kind) for kind in KINDS}
 
 
 class Bench:
@@ -258,7 +245,9 @@ class Bench:
                         )
                         row[f"child{n}_seconds"] = self._scan(child, emu, want)
                         row[f"child{n}_upstream_bytes"] = emu.wait_idle()["bytes"] - before
-                    row["parent_upstream_bytes"] = [_upstream_bytes(p.url) for p in parents]
+                    row["parent_upstream_bytes"] = [
+                        value(scrape(p.url), "nwbcache_upstream_bytes_total") for p in parents
+                    ]
                 out[tag] = row
                 sys.stderr.write(f"  parents, groups of {tag}: {json.dumps(row)}\n")
         out["size"] = size

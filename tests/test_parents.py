@@ -92,14 +92,14 @@ def test_choose_skips_failed_parents_then_goes_upstream() -> None:
     first = parents.choose(URL, 0)
     assert first is not None
     assert parents.choose(URL, (1 << 20) - 1) == first  # same group
-    parents.record(str(first), ok=False)
+    parents.record(first, ok=False)
     second = parents.choose(URL, 0)
     assert second is not None and second != first
-    parents.record(str(second), ok=False)
+    parents.record(second, ok=False)
     third = parents.choose(URL, 0)
     assert third not in (None, first, second)
     assert third is not None
-    parents.record(str(third), ok=False)
+    parents.record(third, ok=False)
     assert parents.choose(URL, 0) is None  # every parent down: ask upstream
     assert sorted(parents.down()) == sorted(PARENTS)
     assert results == [(str(first), "failed"), (str(second), "failed"), (str(third), "failed")]

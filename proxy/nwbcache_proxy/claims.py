@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -68,6 +69,7 @@ def discovery_offset(key_hash: str) -> int:
     return _DISCOVERY | (int(key_hash[:15], 16) & (_DISCOVERY - 1))
 
 
+@functools.lru_cache(maxsize=1024)  # a run takes and releases each block: one hash a version
 def _hash31(name: str) -> int:
     digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=4).digest()
     return int.from_bytes(digest, "big") & 0x7FFF_FFFF

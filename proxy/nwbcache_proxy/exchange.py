@@ -91,7 +91,7 @@ class Exchange:
                 async with self._answer(resp, not_modified):
                     yield resp
             except RetryableFault as fault:  # cut mid-body: the next attempt asks another
-                self.parents.record(str(parent), ok=False)
+                self.parents.record(parent, ok=False)
                 fault.elsewhere = True
                 raise
             return
@@ -169,7 +169,7 @@ class Exchange:
             unwell = parent_unwell(resp.status)
             own = parents_own(resp.status, resp.headers) or resp.status in _REDIRECTS
             if not unwell and not own:  # upstream's answer (a daemon never redirects)
-                self.parents.record(str(parent), ok=True)
+                self.parents.record(parent, ok=True)
                 self.metrics.upstream_first_byte.observe(time.monotonic() - started)
                 return resp
             failure = f"{resp.status} {resp.reason}"
@@ -177,10 +177,10 @@ class Exchange:
         where = self.parents.urls[parent]
         if unwell:
             log.warning("parent %s failed (%s): asking elsewhere", where, failure)
-            self.parents.record(str(parent), ok=False)
+            self.parents.record(parent, ok=False)
         else:
             log.info("parent %s refused a request (%s): asking elsewhere", where, failure)
-            self.parents.refused(str(parent))
+            self.parents.refused(parent)
         return None
 
     @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import ipaddress
 import logging
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -93,6 +94,15 @@ def from_nwbcache(via: str) -> bool:
     return any(NWBCACHE_COMMENT in hop for hop in via.split(","))
 
 
+def _on_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def rank(parents: Sequence[str], key: str, group: int) -> list[int]:
     """Parent indices by rendezvous weight for (object, group), highest first."""
 
@@ -114,12 +124,7 @@ class Parents:
     ) -> None:
         self.urls = [u.rstrip("/") for u in urls]
         for url in self.urls:
-            host = urlsplit(url).hostname or ""
-            if (
-                url.startswith("http://")
-                and host not in ("localhost", "::1")
-                and not (host.startswith("127."))
-            ):
+            if url.startswith("http://") and not _on_loopback(urlsplit(url).hostname or ""):
                 log.warning(
                     "parent %s is plain HTTP: the signatures and Authorization of private "
                     "objects' requests travel to it unencrypted (use https://, or keep "
@@ -130,7 +135,7 @@ class Parents:
         self.group_bytes = group_bytes
         # (parent's index as a str, "ok" | "failed" | "refused") per request
         self._on_result = on_result
-        # Keyed by the parent's index as a str, as record() is called.
+        # Keyed by the parent's index as a str.
         self._breakers = Breakers(make=lambda: Breaker(threshold=1, max_cooldown=60.0))
 
     def __bool__(self) -> bool:
@@ -156,15 +161,15 @@ class Parents:
         mine = f"1.1 {self.node_id} {NWBCACHE_COMMENT}"
         return f"{inbound}, {mine}" if inbound else mine
 
-    def record(self, parent: str, *, ok: bool) -> None:
-        """How a request to parent ``parent`` (its index, as a str) went."""
-        self._breakers.record(parent, ok=ok)
-        self._on_result(parent, "ok" if ok else "failed")
+    def record(self, parent: int, *, ok: bool) -> None:
+        """How a request to parent ``parent`` went: a failure skips it for a while."""
+        self._breakers.record(str(parent), ok=ok)
+        self._on_result(str(parent), "ok" if ok else "failed")
 
-    def refused(self, parent: str) -> None:
+    def refused(self, parent: int) -> None:
         """Parent ``parent`` refused one request itself: it stays in rotation."""
-        self._on_result(parent, "refused")
+        self._on_result(str(parent), "refused")
 
     def down(self) -> list[str]:
-        """Parents skipped now (status page)."""
+        """The parents being skipped now."""
         return [self.urls[int(i)] for i in self._breakers.states()]

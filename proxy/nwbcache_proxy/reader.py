@@ -203,8 +203,8 @@ class Reader:
         url, auth = how.upstream(v, url)
         stale, offline = how.stale, how.offline
         blocks = v.blocks_for(start, end)
-        ahead = self.sequential.blocks_after(v.key, start, end) if how.readahead else 0
-        ahead = 0 if offline else ahead
+        readahead = how.readahead and not offline
+        ahead = self.sequential.blocks_after(v.key, start, end) if readahead else 0
         if end - start <= BODY_MAX:
             pieces = self.blocks.read_held(v, blocks, start, end)
             if pieces is not None:

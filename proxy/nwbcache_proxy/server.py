@@ -168,12 +168,14 @@ async def _serve_object(
     request: web.Request, url: UpstreamURL, creds: Credentials
 ) -> web.StreamResponse:
     via = ", ".join(request.headers.getall("Via", ()))
-    if loops(via, request.app[NODE_ID_KEY]):
+    if via and loops(via, request.app[NODE_ID_KEY]):
         raise LoopDetected(f"this request has passed this daemon (or {MAX_HOPS}) already: {via}")
     INBOUND_VIA.set(via)  # fetches started while serving it carry it on (parents.py)
+    readahead = not (via and from_nwbcache(via))
     cache = request.app[CACHE_KEY]
-    offline = only_if_cached(request.headers.get("Cache-Control"))
-    revalidate = wants_upstream(request.headers.get("Cache-Control"))
+    cache_control = request.headers.get("Cache-Control")
+    offline = bool(cache_control) and only_if_cached(cache_control)
+    revalidate = bool(cache_control) and wants_upstream(cache_control)
     for attempt in range(VERSION_RESTARTS + 1):
         v, stale = await cache.resolve(url, creds, offline=offline, revalidate=revalidate)
         try:
@@ -181,7 +183,7 @@ async def _serve_object(
                 # Before any byte or header about it: a private object's
                 # bytes go only to requests upstream would serve (access.py).
                 await cache.authorize(v, url, creds, offline=offline)
-            how = ReadFor(creds, stale, offline, readahead=not from_nwbcache(via))
+            how = ReadFor(creds, stale, offline, readahead=readahead)
             return await _answer(request, cache, url, v, how)
         except VersionChanged:
             if attempt == VERSION_RESTARTS:

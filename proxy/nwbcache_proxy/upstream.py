@@ -73,7 +73,6 @@ class Upstream:
         ).get
         self._policy = policy
         self._budget = budget
-        self._first_byte_timeout = first_byte_timeout
         self._rng = rng
         self.metrics = metrics
 
@@ -93,10 +92,9 @@ class Upstream:
         leading bytes. ``revalidate``: ask caches on the way (a parent) for
         upstream's word (``Cache-Control: no-cache``).
         """
-        headers = {"Range": f"bytes=0-{first_len - 1}"}
-        if revalidate:
-            headers["Cache-Control"] = "no-cache"
-        return await self._retrying(url, lambda: self._discover_once(url, headers, authorization))
+        return await self._retrying(
+            url, lambda: self._discover_once(url, first_len, authorization, revalidate)
+        )
 
     async def stream(
         self,
@@ -111,6 +109,7 @@ class Upstream:
         pos = start
         retries = 0
         tries = 0
+        elsewhere = 0  # attempts that asked another source at once (a parent failed)
         cost = 0
         while pos < end:
             tries += 1
@@ -137,8 +136,9 @@ class Upstream:
                     retries = 0  # progress was made: resume with a fresh count
                 if tries >= self._policy.max_attempts * _MAX_RESUMES_FACTOR:
                     raise self._give_up(fault, url) from None
-                if fault.elsewhere:
-                    continue  # a parent failed: another source, at once (parents.py)
+                if fault.elsewhere and elsewhere < len(self.parents.urls):
+                    elsewhere += 1  # a parent failed: another source, at once (parents.py)
+                    continue
                 cost += await self._before_retry(fault, retries, url)
                 retries += 1
         self._budget.record_success(cost)
@@ -204,9 +204,11 @@ class Upstream:
 
     # -- one attempt -------------------------------------------------------
     async def _discover_once(
-        self, url: UpstreamURL, headers: dict[str, str], authorization: str | None
+        self, url: UpstreamURL, first_len: int, authorization: str | None, revalidate: bool
     ) -> tuple[ObjectVersion, bytes]:
-        first_len = int(headers["Range"].rsplit("-", 1)[1]) + 1
+        headers = {"Range": f"bytes=0-{first_len - 1}"}
+        if revalidate:
+            headers["Cache-Control"] = "no-cache"
         async with self._get(url, headers, authorization) as resp:
             if resp.status == 416:
                 return await self._discover_empty(url, resp, authorization)
@@ -240,13 +242,14 @@ class Upstream:
         """``attempt()`` until it succeeds, retrying RetryableFaults as the policy
         and the budget allow (a body that streams is resumed by ``stream``)."""
         retries = 0
+        elsewhere = 0  # attempts that asked another source at once (a parent failed)
         cost = 0
         while True:
             try:
                 result = await attempt()
             except RetryableFault as fault:
-                if fault.elsewhere and retries < len(self.parents.urls):
-                    retries += 1  # a parent failed: another source, at once (parents.py)
+                if fault.elsewhere and elsewhere < len(self.parents.urls):
+                    elsewhere += 1  # a parent failed: another source, at once (parents.py)
                     continue
                 cost += await self._before_retry(fault, retries, url)
                 retries += 1

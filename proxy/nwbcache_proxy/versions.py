@@ -141,13 +141,7 @@ class Versions:
             if known is None and meta is not None:
                 known = self._remember(meta, url)
         if known is not None:
-            verdict = self.policy.judge(
-                age=time.time() - known.validated_at,
-                immutable=known.immutable,
-                privacy_known=known.version.private is not None,
-                offline=offline,
-                revalidate=revalidate,
-            )
+            verdict = self._judge(known, offline=offline, revalidate=revalidate)
             if verdict is not Freshness.EXPIRED:
                 stale = verdict is Freshness.STALE
                 if stale and not offline:
@@ -165,6 +159,18 @@ class Versions:
         known = self._known_of(meta, url)
         self._known.put(meta.cache_key, known)
         return known
+
+    def _judge(
+        self, known: _Known, *, offline: bool = False, revalidate: bool = False
+    ) -> Freshness:
+        """How ``known`` may be served now (freshness.Policy.judge)."""
+        return self.policy.judge(
+            age=time.time() - known.validated_at,
+            immutable=known.immutable,
+            privacy_known=known.version.private is not None,
+            offline=offline,
+            revalidate=revalidate,
+        )
 
     def _known_of(self, meta: ObjectMeta, url: UpstreamURL) -> _Known:
         v = Version.of(self.layout, meta, self.block_size)
@@ -235,13 +241,7 @@ class Versions:
         if meta is None or revalidate:
             return None
         known = self._known_of(meta, url)
-        verdict = self.policy.judge(
-            age=time.time() - known.validated_at,
-            immutable=known.immutable,
-            privacy_known=known.version.private is not None,
-            offline=False,
-        )
-        if verdict is not Freshness.FRESH:
+        if self._judge(known) is not Freshness.FRESH:
             return None
         self._known.put(key, known)
         v = known.version

@@ -15,6 +15,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import requests
+
 from tests.support.helpers import REPO, find_tool, free_port, wait_until
 
 CLUSTER = REPO / "deploy" / "cluster"
@@ -111,8 +113,6 @@ class Balancer:
         return [_tool("nginx"), "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
 
     def _healthy(self) -> bool:
-        import requests
-
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.kind} exited: {(self.work / 'balancer.log').read_text()}")
