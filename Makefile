@@ -26,9 +26,11 @@ test: lint test-deps
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow" -q -n 2
 
-# System tools the tests drive (curl, ...), from Debian's packages if missing.
+# System tools the tests drive (curl, ...), from Debian's packages if missing, and
+# the two ros3-enabled h5py environments (HDF5 1.10 and 2.x) of the S3 client tests.
 test-deps:
 	./scripts/install-test-deps.sh
+	./scripts/install-ros3-envs.sh
 
 ## bench: the whole side-by-side suite (>= 1 GB files, nginx, wrk; ~45 min); table + bench/results-full.json
 bench: $(STAMP) test-deps

@@ -10,6 +10,9 @@
 #   nginx-light the benchmark's generic range cache (proxy_cache + slice), and
 #   wrk         its raw-serving load generator (bench/, tests/test_bench_smoke.py)
 #   haproxy     tests/test_cluster.py: deploy/cluster/haproxy.cfg in front of real daemons
+#   awscli      tests/test_s3_clients.py: the AWS CLI against the S3 endpoint
+#   python3-h5py  HDF5 1.10 with the ros3 driver (PyPI's h5py has none), for the
+#               ros3 tests; scripts/install-ros3-envs.sh builds their venvs on it
 set -euo pipefail
 
 need=()
@@ -24,6 +27,8 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+[ -x /usr/bin/aws ] || need+=(awscli)
+[ -d /usr/lib/python3/dist-packages/h5py ] || need+=(python3-h5py python3-venv)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -81,6 +81,7 @@ def make_daemon(origin: S3Emulator, tmp_path: Path) -> Iterator[Callable[..., Da
             retry_base_delay=0.01,
             first_byte_timeout=5.0,
             read_timeout=5.0,
+            s3_listen="off",  # tests of the S3 endpoint ask for 127.0.0.1:0
         )
         daemon = DaemonThread(dataclasses.replace(base, **overrides)).start()
         started.append(daemon)

@@ -29,6 +29,7 @@ LAYERS: dict[str, set[str]] = {
         "policy",
         "readahead",
         "retry",
+        "s3api",
         "sizes",
         "validate",
         "version",
@@ -58,13 +59,14 @@ LAYERS: dict[str, set[str]] = {
         "metrics",
         "parents",
         "reader",
+        "s3listing",
         "session",
         "status",
         "upkeep",
         "upstream",
         "versions",
     },
-    "http": {"appkeys", "observe", "sending", "server", "targets"},
+    "http": {"appkeys", "observe", "s3server", "sending", "server", "targets"},
     "process": {"__main__", "app", "check", "runner"},
 }
 ORDER = list(LAYERS)

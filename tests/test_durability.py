@@ -637,7 +637,7 @@ def test_sigterm_while_a_worker_is_being_restarted_stops_the_daemon(tmp_path: Pa
     staging = Layout(cache_dir).root / "staging"
     staging.parent.mkdir(parents=True)
     staging.write_text("")  # not a directory: Staging() fails, so the worker exits
-    cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0"]
+    cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0", "--s3-listen", "off"]
     cmd += ["--cache-dir", str(cache_dir), "--allow-upstream", "127.0.0.1:9", "--workers", "2"]
     proc = subprocess.Popen(
         cmd,

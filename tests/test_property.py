@@ -47,6 +47,7 @@ def world() -> Iterator[tuple[S3Emulator, DaemonThread]]:
                 readahead=3 * BLOCK,
                 allow_upstream=(origin_host(origin),),
                 retry_base_delay=0.001,
+                s3_listen="off",
             )
         ).start()
         try:

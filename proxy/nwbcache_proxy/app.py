@@ -23,8 +23,10 @@ from .appkeys import (
     DANDI_KEY,
     METRICS_KEY,
     NODE_ID_KEY,
+    S3_URL_KEY,
     STATUS_KEY,
     TARGETS_KEY,
+    UPSTREAM_KEY,
 )
 from .breaker import Breakers
 from .cache import BlockCache
@@ -36,6 +38,7 @@ from .metrics import Metrics
 from .observe import observe_middleware
 from .parents import Parents, new_node_id
 from .retry import RetryBudget, RetryPolicy
+from .s3server import build_s3_app
 from .server import build_routes
 from .session import make_session
 from .status import StatusTracker
@@ -47,6 +50,8 @@ log = logging.getLogger("nwbcache")
 SETTINGS_KEY: web.AppKey[Settings] = web.AppKey("settings", Settings)
 # Start-up line that tests and scripts wait for; it names the bound address.
 READY_PREFIX = "nwbcache: serving on "
+# Printed just before it when the S3 endpoint is on, naming its address.
+S3_READY_PREFIX = "nwbcache: S3 endpoint on "
 
 
 def build_app(settings: Settings, node_id: str | None = None) -> web.Application:
@@ -108,6 +113,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     )
     await cache.start()
     app[CACHE_KEY] = cache
+    app[UPSTREAM_KEY] = upstream
     app[DANDI_KEY] = DandiResolver(session, settings.dandi_api_url, settings.allow_list)
     tracker = StatusTracker(app[METRICS_KEY], index, layout)
     app[STATUS_KEY] = tracker
@@ -121,33 +127,63 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         await index.close()
 
 
+async def start_s3(
+    app: web.Application, settings: Settings, sock: socket.socket | None = None
+) -> web.AppRunner | None:
+    """Start the S3 endpoint beside ``app`` (already set up), if it is on; its
+    address goes to ``app`` for /healthz. Returns its runner, to clean up first."""
+    address = settings.s3_address
+    if address is None:
+        return None
+    runner = web.AppRunner(
+        build_s3_app(app, settings.s3_buckets), access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    site: web.BaseSite = (
+        web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, *address)
+    )
+    await site.start()
+    host, port = bound_address(site)
+    app[S3_URL_KEY] = f"http://{host}:{port}"
+    return runner
+
+
 async def serve_forever(
-    settings: Settings, sock: socket.socket | None = None, node_id: str | None = None
+    settings: Settings,
+    sock: socket.socket | None = None,
+    node_id: str | None = None,
+    s3_sock: socket.socket | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then shut down cleanly."""
     app = build_app(settings, node_id)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    host, port = _bound_address(site)
-    print(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})", flush=True)
-    log.info("nwbcache %s: %s", __version__, describe(settings))
+    s3_runner = None
     try:
+        s3_runner = await start_s3(app, settings, s3_sock)
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if s3_runner is not None:
+            print(f"{S3_READY_PREFIX}{app[S3_URL_KEY]}", flush=True)
+        host, port = bound_address(site)
+        print(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})", flush=True)
+        log.info("nwbcache %s: %s", __version__, describe(settings))
         await stop.wait()
     finally:
+        if s3_runner is not None:
+            await s3_runner.cleanup()
         await runner.cleanup()
 
 
-def _bound_address(site: web.BaseSite) -> tuple[str, int]:
+def bound_address(site: web.BaseSite) -> tuple[str, int]:
     server = site._server  # aiohttp keeps the asyncio Server here
     sockets = getattr(server, "sockets", None) or []
     name = sockets[0].getsockname()

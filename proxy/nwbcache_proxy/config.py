@@ -16,6 +16,7 @@ from pathlib import Path
 from nwbcache.urls import DANDI_HOSTS, AllowList
 
 from .policy import Eviction
+from .s3api import Bucket
 from .sizes import format_size
 
 # Why 256 KiB: remfile asks for 100 KiB at least and h5py's metadata reads are
@@ -45,6 +46,13 @@ DEFAULT_PARENT_GROUP = 16 * 1024 * 1024
 # keep their metrics; read when prometheus_client is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_CACHE_SIZE = 20 * 1024**3
+# The S3 endpoint (s3server.py): beside the proxied URLs' port, loopback only.
+DEFAULT_S3_LISTEN = "127.0.0.1:8081"
+# Its buckets when none are given: DANDI's, at the URL its proxied URLs use, so
+# an object read both ways is one cache entry.
+DEFAULT_S3_BUCKETS: tuple[str, ...] = ("dandiarchive=https://dandiarchive.s3.amazonaws.com",)
+# --s3-listen values that turn the endpoint off ("" cannot be said in a variable).
+_S3_OFF = frozenset({"", "off", "none", "no"})
 # Read-ahead for sequential readers and plain GETs. Measured (bench/suite.py
 # sweep, 30 ms / 80 MB/s per connection, cold scan of a 1 GB series): 1M
 # 46.7 s, 4M 20.2 s, 16M 14.3 s (remfile direct: 17.1 s). Fetched as parallel
@@ -91,6 +99,39 @@ class Settings:
     node_name: str = ""
     parent: tuple[str, ...] = ()
     parent_group: int = DEFAULT_PARENT_GROUP
+    s3_listen: str = DEFAULT_S3_LISTEN
+    s3_bucket: tuple[str, ...] | None = None  # None: DEFAULT_S3_BUCKETS, those allowed
+
+    @property
+    def s3_address(self) -> tuple[str, int] | None:
+        """Where the S3 endpoint listens; None when it is off."""
+        text = self.s3_listen.strip()
+        if text.lower() in _S3_OFF:
+            return None
+        host, sep, port = text.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"--s3-listen takes HOST:PORT (or off), got {self.s3_listen!r}")
+        return host, int(port)
+
+    @property
+    def s3_buckets(self) -> tuple[Bucket, ...]:
+        """The S3 endpoint's buckets. Given ones must be allow-listed; of the
+        default, only what the allow-list permits (a daemon for another
+        store does not serve DANDI's bucket)."""
+        allow = self.allow_list
+        if self.s3_bucket is None:
+            defaults = (Bucket.parse(entry) for entry in DEFAULT_S3_BUCKETS)
+            return tuple(b for b in defaults if allow.permits(b.root))
+        buckets = tuple(Bucket.parse(entry) for entry in self.s3_bucket)
+        for bucket in buckets:
+            if not allow.permits(bucket.root):
+                raise ValueError(
+                    f"--s3-bucket {bucket.name}: {bucket.base} is not on --allow-upstream"
+                )
+        if len({b.name for b in buckets}) < len(buckets):
+            raise ValueError("--s3-bucket: a bucket name is given twice")
+        return buckets
 
     @property
     def allow_list(self) -> AllowList:
@@ -135,6 +176,8 @@ class Settings:
             raise ValueError("--parent-group must be a whole number of blocks (--block-size)")
         self.allow_list  # noqa: B018 - parses, raising ValueError on a bad entry
         self.immutable_list  # noqa: B018
+        self.s3_address  # noqa: B018
+        self.s3_buckets  # noqa: B018
 
 
 # A parent daemon's base URL: no query, no fragment, no credentials in it.

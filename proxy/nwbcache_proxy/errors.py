@@ -14,6 +14,11 @@ class ProxyError(Exception):
     status: int = 500
     # Seconds the client should wait before asking again (a Retry-After header).
     retry_after: float | None = None
+    # An answer about the object itself (as upstream would give it), not a
+    # failure of this daemon: a child daemon passes it on (parents.py).
+    about_object: bool = False
+    # Headers the answer carries besides the error's own (Content-Range, ETag, ...).
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
@@ -36,6 +41,8 @@ class NotAllowed(ProxyError):
 
 class UpstreamStatus(ProxyError):
     """Upstream answered with a definitive, non-retryable status we pass on truthfully."""
+
+    about_object = True
 
     def __init__(self, message: str, *, status: int) -> None:
         super().__init__(message, status=status)
@@ -106,3 +113,24 @@ class LoopDetected(ProxyError):
     takes it as a refusal of one request, parents.parent_unwell)."""
 
     status = 508
+
+
+class PreconditionFailed(ProxyError):
+    """The request's If-Match / If-Unmodified-Since does not hold for the object (412)."""
+
+    status = 412
+    about_object = True
+
+
+class RangeNotSatisfiable(ProxyError):
+    """No range of the request lies inside the object (416); ``headers`` carry
+    ``Content-Range: bytes */<size>`` and the object's validators."""
+
+    status = 416
+    about_object = True
+
+    def __init__(self, message: str, *, size: int, requested: str, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.size = size
+        self.requested = requested  # the Range field as sent (S3's <RangeRequested>)
+        self.headers = headers

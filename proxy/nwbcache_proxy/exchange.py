@@ -26,7 +26,7 @@ from .breaker import Breakers
 from .errors import NotAllowed, RetryableFault, UpstreamDown, UpstreamProtocolError
 from .metrics import Metrics
 from .parents import Parents, parent_unwell, parents_own
-from .retry import RetryReason, parse_retry_after
+from .retry import RetryReason, parse_retry_after, reason_for_status
 from .validate import check_status
 
 log = logging.getLogger(__name__)
@@ -97,14 +97,6 @@ class Exchange:
             return
         current = url
         for _hop in range(MAX_REDIRECTS + 1):
-            host = current.netloc
-            wait = self.breakers.before(host)
-            if wait is not None:
-                raise UpstreamDown(
-                    f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
-                    retry_after=wait,
-                )
-            started = time.monotonic()
             sent = headers
             if (
                 authorization is not None
@@ -112,29 +104,7 @@ class Exchange:
                 and current.scheme == url.scheme  # never in the clear after https
             ):
                 sent = {**headers, "Authorization": authorization}
-            try:
-                async with asyncio.timeout(self._first_byte_timeout):
-                    resp = await self._session.get(
-                        URL(current.url, encoded=True), headers=sent, allow_redirects=False
-                    )
-            except TimeoutError:
-                self.breakers.record(host, ok=False)
-                raise RetryableFault(
-                    "no response headers in time", reason=RetryReason.TIMEOUT
-                ) from None
-            except aiohttp.ClientConnectorError as exc:
-                self.breakers.record(host, ok=False)
-                raise RetryableFault(
-                    f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
-                ) from None
-            except aiohttp.ClientError as exc:
-                self.breakers.record(host, ok=False)
-                raise RetryableFault(
-                    f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
-                ) from None
-            # 5xx and 429 count against the host; any other answer shows it is up.
-            self.breakers.record(host, ok=resp.status < 500 and resp.status != 429)
-            self.metrics.upstream_first_byte.observe(time.monotonic() - started)
+            resp = await self._send(current, sent)
             if resp.status in _REDIRECTS and "Location" in resp.headers:
                 location = resp.headers["Location"]
                 resp.release()
@@ -144,6 +114,50 @@ class Exchange:
                 yield resp
             return
         raise UpstreamProtocolError(f"more than {MAX_REDIRECTS} redirects")
+
+    @contextlib.asynccontextmanager
+    async def ask(self, url: UpstreamURL) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One GET of ``url`` from upstream itself, for what is not an object's
+        bytes (an S3 listing): never a parent, no redirect followed. 5xx and 429
+        are RetryableFault; any other status is the caller's to read."""
+        resp = await self._send(url, {})
+        async with self._answer(resp, passthrough=True):
+            yield resp
+
+    async def _send(self, current: UpstreamURL, sent: dict[str, str]) -> aiohttp.ClientResponse:
+        """One request to upstream under its host's breaker, faults mapped to RetryableFault."""
+        host = current.netloc
+        wait = self.breakers.before(host)
+        if wait is not None:
+            raise UpstreamDown(
+                f"upstream {host} keeps failing; not asking it for {wait:.0f} s",
+                retry_after=wait,
+            )
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                resp = await self._session.get(
+                    URL(current.url, encoded=True), headers=sent, allow_redirects=False
+                )
+        except TimeoutError:
+            self.breakers.record(host, ok=False)
+            raise RetryableFault(
+                "no response headers in time", reason=RetryReason.TIMEOUT
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            self.breakers.record(host, ok=False)
+            raise RetryableFault(
+                f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
+            ) from None
+        except aiohttp.ClientError as exc:
+            self.breakers.record(host, ok=False)
+            raise RetryableFault(
+                f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
+            ) from None
+        # 5xx and 429 count against the host; any other answer shows it is up.
+        self.breakers.record(host, ok=resp.status < 500 and resp.status != 429)
+        self.metrics.upstream_first_byte.observe(time.monotonic() - started)
+        return resp
 
     async def _ask_parent(
         self, parent: int, url: UpstreamURL, headers: dict[str, str], authorization: str | None
@@ -185,11 +199,20 @@ class Exchange:
 
     @contextlib.asynccontextmanager
     async def _answer(
-        self, resp: aiohttp.ClientResponse, not_modified: bool
+        self, resp: aiohttp.ClientResponse, not_modified: bool = False, *, passthrough: bool = False
     ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A response whose status is an answer, its body's faults mapped to RetryableFault."""
+        """A response whose status is an answer, its body's faults mapped to RetryableFault.
+        ``passthrough``: only faults worth another attempt raise (``ask``)."""
         try:
-            if not (not_modified and resp.status == 304):
+            if passthrough:
+                reason = reason_for_status(resp.status)
+                if reason is not None:
+                    raise RetryableFault(
+                        f"upstream answered {resp.status}",
+                        reason=reason,
+                        retry_after=_retry_after(resp),
+                    )
+            elif not (not_modified and resp.status == 304):
                 check_status(resp.status, resp.headers, _retry_after(resp))
             yield resp
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:

@@ -235,6 +235,24 @@ _OPTIONS: tuple[_Option, ...] = (
         "SIZE",
     ),
     _Option(
+        "s3_listen",
+        "--s3-listen",
+        str,
+        "HOST:PORT of the S3-compatible endpoint (boto3, s3fs, the AWS CLI, HDF5's ros3), "
+        "path-style; off to turn it off (default 127.0.0.1:8081)",
+        "HOST:PORT",
+    ),
+    _Option(
+        "s3_bucket",
+        "--s3-bucket",
+        str,
+        "NAME=URL: a bucket of the S3 endpoint and the upstream URL of its keys (must be "
+        "allowed by --allow-upstream); repeat for several (default "
+        "dandiarchive=https://dandiarchive.s3.amazonaws.com)",
+        "NAME=URL",
+        repeatable=True,
+    ),
+    _Option(
         "node_name",
         "--node-name",
         str,

@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from .config import MULTIPROC_ENV
 from .retry import RetryReason
+from .s3api import Operation
 
 # From a loopback hit (~0.1 ms) to a slow WAN miss of a large range (~minutes).
 DURATION_BUCKETS = (
@@ -187,6 +188,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.s3_requests = Counter(
+            "nwbcache_s3_requests_total",
+            "Requests to the S3 endpoint (--s3-listen), by S3 operation; their bytes and "
+            "cache outcomes are in nwbcache_requests_total with every other request.",
+            ["operation"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "nwbcache_inflight_requests",
             "Client requests being answered now.",
@@ -214,6 +222,8 @@ class Metrics:
             self.auth_checks.labels(result)
         for kind in ("block", "discovery"):
             self.awaited.labels(kind)
+        for operation in Operation:
+            self.s3_requests.labels(operation.value)
         for method in ("GET", "HEAD"):
             for status in ("200", "206"):
                 for cache in ("hit", "miss", "partial", "stale"):

@@ -16,10 +16,11 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from . import __version__
 from .appkeys import ABORTED_KEY, METRICS_KEY, REQUEST_ID_KEY, SENT_KEY, TARGETS_KEY
-from .errors import ProxyError, UpstreamStatus
+from .errors import ProxyError
 from .metrics import Metrics
 from .parents import ERROR_KIND_HEADER, UPSTREAM_KIND
 
@@ -30,6 +31,9 @@ SERVER_NAME = f"nwbcache/{__version__}"
 INFRA_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/metrics", "/status.json"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# How a listener words the daemon's errors: text for proxied URLs, S3's XML
+# on the S3 endpoint (s3server.py).
+Renderer = Callable[[web.Request, ProxyError], web.Response]
 
 
 class RequestIds:
@@ -68,8 +72,28 @@ def error_response(
     return web.Response(status=status, text=f"nwbcache: {message}\n", headers=headers)
 
 
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def text_error(request: web.Request, exc: ProxyError) -> web.Response:
+    """An error of the proxied-URL listener: a line of text, and whose answer it is."""
+    kind = UPSTREAM_KIND if exc.about_object else type(exc).__name__
+    response = error_response(exc.status, exc.message, exc.retry_after, kind)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+def observing(render: Renderer) -> Middleware:
+    """The middleware of a listener whose errors ``render`` words."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await _observe_request(request, handler, render)
+
+    return middleware
+
+
+async def _observe_request(
+    request: web.Request, handler: Handler, render: Renderer
+) -> web.StreamResponse:
     started = time.monotonic()
     request[REQUEST_ID_KEY] = _REQUEST_IDS.next()
     infra = request.path in INFRA_PATHS
@@ -82,8 +106,7 @@ async def observe_middleware(request: web.Request, handler: Handler) -> web.Stre
         try:
             response = await handler(request)
         except ProxyError as exc:
-            kind = UPSTREAM_KIND if isinstance(exc, UpstreamStatus) else type(exc).__name__
-            response = error_response(exc.status, exc.message, exc.retry_after, kind)
+            response = render(request, exc)
         status = response.status
         return response
     except web.HTTPException as exc:
@@ -145,3 +168,6 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     request_id = request.get(REQUEST_ID_KEY)
     if request_id:
         response.headers["X-Request-Id"] = request_id
+
+
+observe_middleware = observing(text_error)

@@ -41,7 +41,7 @@ def run(settings: Settings) -> int:
             shutil.rmtree(os.environ.pop(MULTIPROC_ENV), ignore_errors=True)
 
 
-def _listen_sockets(settings: Settings, count: int) -> list[socket.socket]:
+def _listen_sockets(host: str, port: int, count: int) -> list[socket.socket]:
     """One listening socket per worker, all on one port with SO_REUSEPORT.
 
     With one shared socket, whichever worker wakes first accepts a burst of
@@ -50,14 +50,13 @@ def _listen_sockets(settings: Settings, count: int) -> list[socket.socket]:
     SO_REUSEPORT sockets let the kernel spread connections across workers.
     The first socket picks the port (port 0: any free one), the rest join it.
     """
-    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
-    port = settings.port
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((settings.host, port))
+        sock.bind((host, port))
         port = sock.getsockname()[1]
         sock.listen(1024)
         sock.setblocking(False)
@@ -74,7 +73,9 @@ def _run_workers(settings: Settings) -> int:
     from .metrics import mark_worker_dead
     from .parents import new_node_id
 
-    sockets = _listen_sockets(settings, settings.workers)
+    sockets = _listen_sockets(settings.host, settings.port, settings.workers)
+    s3 = settings.s3_address  # the S3 endpoint's port is shared the same way
+    s3_sockets = _listen_sockets(*s3, settings.workers) if s3 is not None else []
     node_id = new_node_id(settings.node_name)  # one for all workers: loops are seen
     children: dict[int, int] = {}
     stopping = False
@@ -86,7 +87,8 @@ def _run_workers(settings: Settings) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             code = 0
             try:
-                asyncio.run(serve_forever(settings, sockets[slot], node_id))
+                s3_sock = s3_sockets[slot] if s3_sockets else None
+                asyncio.run(serve_forever(settings, sockets[slot], node_id, s3_sock))
             except BaseException:
                 log.exception("worker %d failed", slot)
                 code = 1

@@ -26,6 +26,7 @@ from .appkeys import (
     DANDI_KEY,
     METRICS_KEY,
     NODE_ID_KEY,
+    S3_URL_KEY,
     STATUS_KEY,
     TARGETS_KEY,
 )
@@ -33,17 +34,18 @@ from .cache import BlockCache
 from .conditional import Precondition
 from .credentials import NONE, Credentials, of_request
 from .dandi_resolver import parse_dandi_path
-from .errors import LoopDetected, NotAllowed, NotCached, ProxyError, VersionChanged
-from .httprange import ByteRange, RangeOutcome
-from .observe import SERVER_NAME, add_request_id, error_response
-from .parents import (
-    ERROR_KIND_HEADER,
-    INBOUND_VIA,
-    MAX_HOPS,
-    UPSTREAM_KIND,
-    from_nwbcache,
-    loops,
+from .errors import (
+    LoopDetected,
+    NotAllowed,
+    NotCached,
+    PreconditionFailed,
+    ProxyError,
+    RangeNotSatisfiable,
+    VersionChanged,
 )
+from .httprange import ByteRange, RangeOutcome
+from .observe import SERVER_NAME, add_request_id
+from .parents import INBOUND_VIA, MAX_HOPS, from_nwbcache, loops
 from .reader import CacheOutcome, RangeReader, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
@@ -57,6 +59,8 @@ VERSION_RESTARTS = 1
 # looking for them (case-insensitively, in aiohttp's C multidict) costs far
 # less than evaluating them.
 PRECONDITION_FIELDS = ("If-Match", "If-None-Match", "If-Modified-Since", "If-Unmodified-Since")
+# What a 416 carries of the object's headers (RFC 9110 §15.5.17 asks only Content-Range).
+_VALIDATORS = ("Accept-Ranges", "ETag", "Last-Modified")
 # httprange.decide is pure; readers send the same few Range values for the
 # same objects over and over (remfile's 100 KiB reads, h5py's chunks).
 _decide = functools.lru_cache(maxsize=4096)(httprange.decide)
@@ -69,13 +73,15 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     # pid: which worker of --workers N answered (this connection stays with it);
-    # node: this daemon's id in Via (parents.py), one for all its workers.
+    # node: this daemon's id in Via (parents.py), one for all its workers;
+    # s3: the S3 endpoint's address, which clients use (nwbcache env --s3).
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
             "pid": os.getpid(),
             "node": request.app[NODE_ID_KEY],
+            "s3": request.app.get(S3_URL_KEY),
         }
     )
 
@@ -124,7 +130,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             f"upstream host {url.netloc} is not on this daemon's allow-list (--allow-upstream)"
         )
     creds = of_request(url.query, request.headers.get("Authorization"))
-    return await _serve_object(request, url, creds)
+    return await serve_object(request, url, creds)
 
 
 async def dandi(request: web.Request) -> web.StreamResponse:
@@ -135,7 +141,7 @@ async def dandi(request: web.Request) -> web.StreamResponse:
     if not request.app[ALLOW_KEY].permits(url):
         raise NotAllowed(f"asset lives on {url.netloc}, which is not on the allow-list")
     # The request's Authorization, if any, is meant for the DANDI API, not S3.
-    return await _serve_object(request, url, NONE)
+    return await serve_object(request, url, NONE)
 
 
 def _directives(cache_control: str | None) -> dict[str, str]:
@@ -164,7 +170,7 @@ def wants_upstream(cache_control: str | None) -> bool:
     return "no-cache" in directives or directives.get("max-age") == "0"
 
 
-async def _serve_object(
+async def serve_object(
     request: web.Request, url: UpstreamURL, creds: Credentials
 ) -> web.StreamResponse:
     via = ", ".join(request.headers.getall("Via", ()))
@@ -230,7 +236,7 @@ async def _answer(
         if pre is Precondition.NOT_MODIFIED:
             return web.Response(status=304, headers=headers)
         if pre is Precondition.FAILED:
-            return error_response(412, "precondition failed")
+            raise PreconditionFailed("precondition failed")
     decision = _decide(
         request.method,
         request.headers.get("Range"),
@@ -240,9 +246,15 @@ async def _answer(
         o.last_modified,
     )
     if decision.outcome is RangeOutcome.UNSATISFIABLE:
-        headers["Content-Range"] = f"bytes */{o.size}"
-        headers[ERROR_KIND_HEADER] = UPSTREAM_KIND  # an answer about the object, as S3's
-        return web.Response(status=416, headers=headers, text="nwbcache: range not satisfiable\n")
+        raise RangeNotSatisfiable(
+            "range not satisfiable",
+            size=o.size,
+            requested=request.headers.get("Range", ""),
+            headers={
+                "Content-Range": f"bytes */{o.size}",
+                **{k: v for k, v in headers.items() if k in _VALIDATORS},
+            },
+        )
     if decision.outcome is RangeOutcome.MULTIPART:
         return await _answer_multipart(request, cache, url, v, how, decision.ranges, headers)
 

@@ -11,6 +11,7 @@ short is resumed from the last byte received.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,6 +48,15 @@ USER_AGENT = f"nwbcache/{__version__}"
 _MAX_RESUMES_FACTOR = 4
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Document:
+    """A small upstream answer passed on whole: its status, type and body."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+
 class Upstream:
     def __init__(
         self,
@@ -63,14 +73,16 @@ class Upstream:
     ) -> None:
         self.parents = parents if parents is not None else Parents([], "", group_bytes=1)
         self.breakers = breakers if breakers is not None else Breakers()
-        self._get = Exchange(
+        exchange = Exchange(
             session,
             allow,
             self.breakers,
             self.parents,
             first_byte_timeout=first_byte_timeout,
             metrics=metrics,
-        ).get
+        )
+        self._get = exchange.get
+        self._ask = exchange.ask
         self._policy = policy
         self._budget = budget
         self._rng = rng
@@ -201,6 +213,24 @@ class Upstream:
                 return False
             raise
         return True
+
+    async def document(self, url: UpstreamURL, limit: int) -> Document:
+        """A small answer that is not an object's bytes (an S3 listing), from
+        upstream itself, whatever its status; 5xx, 429 and faults are retried.
+        Raises UpstreamProtocolError past ``limit`` bytes."""
+
+        async def attempt() -> Document:
+            async with self._ask(url) as resp:
+                body = bytearray()
+                async for chunk, _ in resp.content.iter_chunks():
+                    body += chunk
+                    if len(body) > limit:
+                        raise UpstreamProtocolError(f"upstream answered more than {limit} bytes")
+                content_type = resp.headers.get("Content-Type", "application/xml")
+            self.metrics.upstream_requests.labels("ok").inc()
+            return Document(resp.status, content_type, bytes(body))
+
+        return await self._retrying(url, attempt)
 
     # -- one attempt -------------------------------------------------------
     async def _discover_once(

@@ -22,8 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
-from nwbcache_proxy.app import READY_PREFIX, build_app
-from nwbcache_proxy.appkeys import CACHE_KEY
+from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s3
+from nwbcache_proxy.appkeys import CACHE_KEY, S3_URL_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
 from tests.support.helpers import REPO
@@ -35,6 +35,7 @@ class DaemonThread:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = ""
+        self.s3_url = ""  # the S3 endpoint's, when settings.s3_listen is on
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -72,14 +73,19 @@ class DaemonThread:
         self._app = build_app(self.settings)
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self.settings.host}:{port}"
-        self._ready.set()
+        s3_runner = await start_s3(self._app, self.settings)
         try:
+            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.url = f"http://{self.settings.host}:{port}"
+            if s3_runner is not None:
+                self.s3_url = self._app[S3_URL_KEY]
+            self._ready.set()
             await self._stop.wait()
         finally:
+            if s3_runner is not None:
+                await s3_runner.cleanup()
             await runner.cleanup()
 
     def stop(self) -> None:
@@ -108,10 +114,13 @@ class DaemonProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.s3_url = ""  # with --s3-listen given: its address
         self.stderr_path = stderr_path  # the daemon's log; None: discarded
 
     def start(self, timeout: float = 30) -> DaemonProcess:
         cmd = [sys.executable, "-m", "nwbcache_proxy", "serve", "--port", "0", *self.args]
+        if "--s3-listen" not in self.args:
+            cmd += ["--s3-listen", "off"]  # its default port is one per machine
         log = self.stderr_path.open("a") if self.stderr_path else None
         with log or contextlib.nullcontext():  # the child keeps its own copy
             self.proc = subprocess.Popen(
@@ -130,6 +139,8 @@ class DaemonProcess:
             line = self.proc.stdout.readline()
             if not line:
                 raise RuntimeError(f"daemon exited early with {self.proc.wait()}")
+            if line.startswith(S3_READY_PREFIX):
+                self.s3_url = line[len(S3_READY_PREFIX) :].split()[0]
             if line.startswith(READY_PREFIX):
                 self.url = line[len(READY_PREFIX) :].split()[0]
                 return self

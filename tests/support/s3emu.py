@@ -1,7 +1,8 @@
 """A real HTTP server that answers like S3 GetObject/HeadObject, with injectable faults.
 
 Used by nwbcache's tests and benchmarks as the upstream ("origin") of the proxy.
-Path-style URLs: the object key is the whole URL path (``/dandiarchive/blobs/...``);
+Path-style URLs: the object key is the whole URL path (``/dandiarchive/blobs/...``),
+and a GET of ``/<bucket>`` lists the keys under it (ListObjects(V2): s3list.py);
 the query string is ignored for lookup, so presigned URLs work (their X-Amz-*
 parameters are only logged, and make HEAD answer 403 as real presigned GET URLs do).
 
@@ -38,7 +39,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -47,6 +48,7 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
+from tests.support.s3list import Entry, list_bucket
 from tests.support.served import ServedApp
 
 try:  # Linux: lets a reset wait until the client has the bytes before the cut.
@@ -591,6 +593,20 @@ class S3Emulator(ServedApp):
         with self._lock:
             self._objects.pop(_norm_key(key), None)
 
+    def _list(self, bucket: str, query: Mapping[str, str]) -> _Reply:
+        """ListObjects(V2) of the objects under ``/<bucket>/`` (s3list.py)."""
+        under = f"/{bucket}/"
+        with self._lock:
+            entries = [
+                Entry(k[len(under) :], o.size, o.etag, o.last_modified)
+                for k, o in self._objects.items()
+                if k.startswith(under)
+            ]
+        if not entries:  # a bucket here is a prefix some object has
+            return _error(404, "NoSuchBucket", "The specified bucket does not exist")
+        status, body = list_bucket(bucket, entries, query)
+        return _Reply(status, {"Content-Type": _XML}, body=body)
+
     def _lookup(self, key: str) -> _Object | None:
         with self._lock:
             return self._objects.get(key)
@@ -867,6 +883,9 @@ class S3Emulator(ServedApp):
             self.head_refused or (self.presigned_refuse_head and "X-Amz-Signature" in request.query)
         ):
             return _error(403, "AccessDenied", "Access Denied")
+        bucket = key.strip("/")
+        if request.method == "GET" and bucket and "/" not in bucket:
+            return self._list(bucket, request.query)
         obj = self._lookup(key)
         if obj is None:
             return _no_such_key(key)
