@@ -234,3 +234,77 @@ def test_cgroup_v2_dirs_are_the_process_cgroup_and_those_above(
     proc_cgroup: str, dirs: list[str]
 ) -> None:
     assert cgroup_v2_dirs(proc_cgroup) == dirs
+
+
+def _serve(*argv: str, environ: dict[str, str] | None = None) -> Settings:
+    return load_settings(build_parser().parse_args(["serve", *argv]), environ=environ or {})
+
+
+def test_the_s3_endpoint_listens_on_loopback_8081_with_dandis_bucket() -> None:
+    settings = _serve()
+    assert settings.s3_address == ("127.0.0.1", 8081)
+    [bucket] = settings.s3_buckets
+    assert (bucket.name, bucket.base) == ("dandiarchive", "https://dandiarchive.s3.amazonaws.com")
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "address"),
+    [
+        (["--s3-listen", "off"], {}, None),
+        (["--s3-listen", ""], {}, None),
+        ([], {"NWBCACHE_S3_LISTEN": "off"}, None),
+        ([], {"NWBCACHE_S3_LISTEN": "0.0.0.0:9000"}, ("0.0.0.0", 9000)),
+        (["--s3-listen", "[::1]:0"], {}, ("::1", 0)),
+    ],
+)
+def test_s3_listen(argv: list[str], environ: dict[str, str], address: object) -> None:
+    assert _serve(*argv, environ=environ).s3_address == address
+
+
+@pytest.mark.parametrize("value", ["8081", "host:", ":80", "h:99999", "h:port"])
+def test_a_bad_s3_listen_is_refused(value: str) -> None:
+    with pytest.raises(ValueError, match="--s3-listen"):
+        _serve("--s3-listen", value)
+
+
+def test_s3_buckets_must_be_allowed_and_named_once() -> None:
+    given = _serve(
+        "--allow-upstream",
+        "127.0.0.1:9000/b",
+        "--s3-bucket",
+        "one=http://127.0.0.1:9000/b",
+        "--s3-bucket",
+        "two=http://127.0.0.1:9000/b/two",
+    )
+    assert [b.name for b in given.s3_buckets] == ["one", "two"]
+    with pytest.raises(ValueError, match="not on --allow-upstream"):
+        _serve("--s3-bucket", "evil=http://127.0.0.1:9000/b")
+    with pytest.raises(ValueError, match="given twice"):
+        _serve(
+            "--allow-upstream",
+            "h",
+            "--s3-bucket",
+            "one=http://h/a",
+            "--s3-bucket",
+            "one=http://h/b",
+        )
+
+
+def test_the_default_bucket_is_left_out_when_its_host_is_not_allowed() -> None:
+    """A daemon for another store serves no DANDI bucket (and starts)."""
+    assert _serve("--allow-upstream", "127.0.0.1:9000").s3_buckets == ()
+
+
+def test_s3_buckets_from_a_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "nwbcache.toml"
+    config.write_text(
+        '[serve]\nallow_upstream = ["minio.lab:9000"]\n'
+        's3_listen = "0.0.0.0:8081"\n'
+        's3_bucket = ["raw=http://minio.lab:9000/raw", "derived=http://minio.lab:9000/derived"]\n'
+    )
+    settings = _serve("--config", str(config))
+    assert settings.s3_address == ("0.0.0.0", 8081)
+    assert [b.base for b in settings.s3_buckets] == [
+        "http://minio.lab:9000/raw",
+        "http://minio.lab:9000/derived",
+    ]

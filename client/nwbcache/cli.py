@@ -2,8 +2,9 @@
 
 ``nwbcache serve`` runs the daemon; ``nwbcache url`` prints the proxied URL
 of an S3 object or a DANDI asset; ``nwbcache run -- CMD`` runs a command in
-transparent mode. The daemon's modules are imported only by ``serve``, so the
-other commands stay as light as the client library.
+transparent mode, and ``nwbcache env`` prints the variables that turn it on.
+The daemon's modules are imported only by ``serve``, so the other commands
+stay as light as the client library.
 """
 
 from __future__ import annotations
@@ -85,7 +86,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"Example: nwbcache run --proxy {env.DEFAULT_DAEMON_URL} -- python analysis.py",
     )
     run.add_argument("--proxy", help=f"the daemon's base URL (default ${env.ENV_URL})")
+    run.add_argument(
+        "--s3",
+        action="store_true",
+        help="also point every S3 client (boto3, s3fs, the AWS CLI, HDF5 2.x ros3) at the "
+        "daemon's S3 endpoint: AWS_ENDPOINT_URL_S3 and friends, for every bucket",
+    )
     run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+
+    env_cmd = sub.add_parser(
+        "env",
+        help="print the shell lines that send a session's reads through the daemon",
+        description=(
+            f"Print export lines for a shell, a JupyterHub spawner or a job script: "
+            f"{env.ENV_URL}, and with --s3 the variables that point every S3 client at the "
+            "daemon's S3 endpoint (asked of the daemon)."
+        ),
+        epilog='Example: eval "$(nwbcache env --s3 --proxy http://labcache:8080)"',
+    )
+    env_cmd.add_argument("--proxy", help=f"the daemon's base URL (default ${env.ENV_URL})")
+    env_cmd.add_argument("--s3", action="store_true", help="the S3 clients' variables too")
 
     status = sub.add_parser(
         "status",
@@ -162,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(parser, args)
     if args.command == "status":
         return _status(parser, args)
+    if args.command == "env":
+        return _env(parser, args)
     if args.command == "check":
         return _check(args)
     parser.error(f"unknown command {args.command}")
@@ -182,18 +204,54 @@ def _url(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
+def _daemon(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The daemon's base URL from --proxy or NWBCACHE_URL, validated and normalised."""
+    proxy = args.proxy if args.proxy is not None else env.proxy() or ""
+    if not proxy.strip():
+        parser.exit(
+            2, f"nwbcache {args.command}: no daemon given: pass --proxy URL or set {env.ENV_URL}\n"
+        )
+    try:
+        return _proxy(proxy).base  # "host:8080/" -> http://host:8080
+    except InvalidURL as exc:
+        parser.exit(2, f"nwbcache {args.command}: {exc}\n")
+
+
+def _s3_environment(parser: argparse.ArgumentParser, command: str, base: str) -> dict[str, str]:
+    """The S3 clients' variables for the daemon at ``base``; exits when it has no endpoint."""
+    from .s3client import environment, find_endpoint
+
+    try:
+        endpoint = find_endpoint(base)
+    except (OSError, ValueError) as exc:
+        parser.exit(1, f"nwbcache {command}: cannot ask {base}/healthz: {exc}\n")
+    if endpoint is None:
+        parser.exit(
+            1, f"nwbcache {command}: the daemon at {base} has no S3 endpoint (--s3-listen)\n"
+        )
+    return environment(endpoint)
+
+
+def _env(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    import shlex
+
+    base = _daemon(parser, args)
+    lines = {env.ENV_URL: base}
+    if args.s3:
+        lines.update(_s3_environment(parser, "env", base))
+    for name, value in lines.items():
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.exit(2, "nwbcache run: no command given (nwbcache run -- CMD ...)\n")
-    proxy = args.proxy if args.proxy is not None else env.proxy() or ""
-    if not proxy.strip():
-        parser.exit(2, f"nwbcache run: no daemon given: pass --proxy URL or set {env.ENV_URL}\n")
-    try:
-        base = _proxy(proxy).base  # validated and normalised: "host:8080/" -> http://host:8080
-    except InvalidURL as exc:
-        parser.exit(2, f"nwbcache run: {exc}\n")
+    base = _daemon(parser, args)
     environ = env.environ_with_proxy(base)
+    if args.s3:
+        environ.update(_s3_environment(parser, "run", base))
     if os.name == "posix":
         # Become the command: its exit status, signals and terminal are its own.
         try:

@@ -7,6 +7,7 @@ purpose, is the ``nwbcache-transparent.pth`` line, which runs at every
 interpreter start and checks ``os.environ.get("NWBCACHE_URL")`` itself so that
 a process without it pays one lookup and imports nothing (see
 :mod:`nwbcache.transparent`); keep its spelling in step with :data:`ENV_URL`.
+For the same reason ``transparent.install`` reads :data:`ENV_S3_ENV` itself.
 The daemon's own ``NWBCACHE_<FLAG>`` settings are read by
 ``nwbcache_proxy.config``; :data:`ENV_CACHE_DIR` is here because ``nwbcache
 check`` finds the cache the way ``serve`` does.
@@ -30,6 +31,8 @@ __all__ = [
     "ENV_FALLBACK",
     "ENV_HOSTS",
     "ENV_OFFLINE",
+    "ENV_S3_ENV",
+    "ENV_S3_URL",
     "ENV_URL",
     "cache_dir",
     "environ_with_proxy",
@@ -37,6 +40,8 @@ __all__ = [
     "hosts",
     "offline",
     "proxy",
+    "s3_env",
+    "s3_url",
     "split_entries",
 ]
 
@@ -45,6 +50,8 @@ ENV_HOSTS = "NWBCACHE_HOSTS"  # upstreams transparent mode sends through the dae
 ENV_FALLBACK = "NWBCACHE_FALLBACK"  # "0": fail when the daemon is down instead of going direct
 ENV_OFFLINE = "NWBCACHE_OFFLINE"  # "1": read only what the daemon has cached (only-if-cached)
 ENV_CACHE_DIR = "NWBCACHE_CACHE_DIR"  # serve's --cache-dir, for `nwbcache check`
+ENV_S3_URL = "NWBCACHE_S3_URL"  # the daemon's S3 endpoint as clients reach it (default: asked)
+ENV_S3_ENV = "NWBCACHE_S3_ENV"  # "1": transparent mode sets AWS_ENDPOINT_URL_S3 & co. too
 
 # Where `nwbcache status` looks when neither --url nor NWBCACHE_URL says:
 # `nwbcache serve`'s default --host and --port.
@@ -82,6 +89,17 @@ def offline() -> bool:
 def cache_dir() -> str | None:
     """NWBCACHE_CACHE_DIR; None when unset or empty."""
     return os.environ.get(ENV_CACHE_DIR) or None
+
+
+def s3_url() -> str | None:
+    """NWBCACHE_S3_URL, stripped; None when unset or blank."""
+    return os.environ.get(ENV_S3_URL, "").strip() or None
+
+
+def s3_env() -> bool:
+    """NWBCACHE_S3_ENV: "1" (or true/yes/on) to point every S3 client of the process
+    at the daemon's S3 endpoint, not only reads of its buckets."""
+    return os.environ.get(ENV_S3_ENV, "").strip().lower() in _TRUE
 
 
 def hosts() -> str | None:

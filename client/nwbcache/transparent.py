@@ -20,6 +20,10 @@ What is patched (:mod:`nwbcache.patches`), and why there:
   the HTTP filesystem, of its file objects and of the caching filesystems
   stacked on it (filecache, blockcache, simplecache) passes through it. The
   paths users see, and the caching filesystems' keys, stay upstream URLs.
+- ``botocore.session.Session``: reads of the daemon's S3 buckets go to its S3
+  endpoint (boto3, s3fs, the AWS CLI's library; :mod:`nwbcache.s3client`).
+  With ``NWBCACHE_S3_ENV=1``, ``AWS_ENDPOINT_URL_S3`` and friends are set for
+  the whole process too (HDF5 2.x's ros3 reads them).
 
 Only URLs whose host is on the allow-list (NWBCACHE_HOSTS, default the DANDI
 bucket) are rewritten; writes (PUT/POST) never are, and a URL that already
@@ -28,6 +32,8 @@ so unsetting NWBCACHE_URL turns the patches off again.
 """
 
 from __future__ import annotations
+
+import os
 
 from . import importhook
 
@@ -50,14 +56,27 @@ def _fsspec_http(module: ModuleType) -> None:
     patch_fsspec_http(module)
 
 
+def _botocore(module: ModuleType) -> None:
+    from .s3client import patch_botocore
+
+    patch_botocore(module)
+
+
 # remfile's package imports its RemFile module at once; fsspec imports its HTTP
 # filesystem only when "http"/"https" is first used, so that is what is watched.
 TARGETS = {
     "remfile.RemFile": _remfile,
     "fsspec.implementations.http": _fsspec_http,
+    "botocore.session": _botocore,
 }
 
 
 def install() -> None:
     """Turn transparent mode on in this process (idempotent)."""
     importhook.watch(TARGETS)
+    # NWBCACHE_S3_ENV (env.ENV_S3_ENV), read here rather than through env so
+    # that start-up imports nothing more (see env.py).
+    if os.environ.get("NWBCACHE_S3_ENV", "").strip().lower() in ("1", "true", "yes", "on"):
+        from .s3client import set_environment  # the daemon is asked: only when told to
+
+        set_environment()

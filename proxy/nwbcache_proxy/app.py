@@ -23,10 +23,11 @@ from .appkeys import (
     DANDI_KEY,
     METRICS_KEY,
     NODE_ID_KEY,
-    S3_URL_KEY,
+    S3_ENDPOINT_KEY,
     STATUS_KEY,
     TARGETS_KEY,
     UPSTREAM_KEY,
+    S3Endpoint,
 )
 from .breaker import Breakers
 from .cache import BlockCache
@@ -63,6 +64,7 @@ def build_app(settings: Settings, node_id: str | None = None) -> web.Application
     app[METRICS_KEY] = Metrics()
     app[TARGETS_KEY] = Targets(settings.allow_list)
     app[NODE_ID_KEY] = node_id or new_node_id(settings.node_name)
+    app[S3_ENDPOINT_KEY] = S3Endpoint()
     app.cleanup_ctx.append(_cache_context)
     build_routes(app, settings.node_name)
     return app
@@ -144,7 +146,9 @@ async def start_s3(
     )
     await site.start()
     host, port = bound_address(site)
-    app[S3_URL_KEY] = f"http://{host}:{port}"
+    endpoint = app[S3_ENDPOINT_KEY]
+    endpoint.url = f"http://{host}:{port}"
+    endpoint.regions.update((b.name, b.region) for b in settings.s3_buckets)
     return runner
 
 
@@ -172,7 +176,7 @@ async def serve_forever(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if s3_runner is not None:
-            print(f"{S3_READY_PREFIX}{app[S3_URL_KEY]}", flush=True)
+            print(f"{S3_READY_PREFIX}{app[S3_ENDPOINT_KEY].url}", flush=True)
         host, port = bound_address(site)
         print(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})", flush=True)
         log.info("nwbcache %s: %s", __version__, describe(settings))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from aiohttp import web
 
 from nwbcache.urls import AllowList
@@ -22,8 +24,18 @@ TARGETS_KEY: web.AppKey[Targets] = web.AppKey("targets", Targets)
 UPSTREAM_KEY: web.AppKey[Upstream] = web.AppKey("upstream", Upstream)
 # This daemon's id in Via headers (parents.py): a request naming it is a loop.
 NODE_ID_KEY: web.AppKey[str] = web.AppKey("node_id", str)
-# The S3 endpoint's address (s3server.py), once it listens.
-S3_URL_KEY: web.AppKey[str] = web.AppKey("s3_url", str)
+
+
+@dataclasses.dataclass
+class S3Endpoint:
+    """What /healthz tells clients of the S3 endpoint (s3server.py): filled in
+    place once it listens, as the app is running by then."""
+
+    url: str = ""  # "" while there is none
+    regions: dict[str, str] = dataclasses.field(default_factory=dict)  # bucket -> region
+
+
+S3_ENDPOINT_KEY: web.AppKey[S3Endpoint] = web.AppKey("s3_endpoint", S3Endpoint)
 
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 # Set when a response was cut short after its headers (for the access log).

@@ -30,9 +30,8 @@ LISTING_LIMIT = 8 * 1024 * 1024
 
 
 class Listings:
-    def __init__(self, upstream: Upstream, *, ttl: float = LISTING_TTL) -> None:
+    def __init__(self, upstream: Upstream) -> None:
         self._upstream = upstream
-        self._ttl = ttl
         self._known: BoundedLRU[str, tuple[float, Document]] = BoundedLRU(LISTINGS_MEMORY)
         self._asking: dict[str, asyncio.Task[Document]] = {}
 
@@ -53,5 +52,5 @@ class Listings:
     async def _ask(self, key: str, url: UpstreamURL) -> Document:
         answer = await self._upstream.document(url, LISTING_LIMIT)
         if answer.status == 200:
-            self._known.put(key, (time.monotonic() + self._ttl, answer))
+            self._known.put(key, (time.monotonic() + LISTING_TTL, answer))
         return answer

@@ -26,7 +26,7 @@ from .appkeys import (
     DANDI_KEY,
     METRICS_KEY,
     NODE_ID_KEY,
-    S3_URL_KEY,
+    S3_ENDPOINT_KEY,
     STATUS_KEY,
     TARGETS_KEY,
 )
@@ -74,14 +74,17 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     # pid: which worker of --workers N answered (this connection stays with it);
     # node: this daemon's id in Via (parents.py), one for all its workers;
-    # s3: the S3 endpoint's address, which clients use (nwbcache env --s3).
+    # s3: the S3 endpoint's address and its buckets' regions, which clients
+    # use (nwbcache env --s3, transparent mode's S3 routing).
+    endpoint = request.app[S3_ENDPOINT_KEY]
     return web.json_response(
         {
             "status": "ok",
             "version": __version__,
             "pid": os.getpid(),
             "node": request.app[NODE_ID_KEY],
-            "s3": request.app.get(S3_URL_KEY),
+            "s3": endpoint.url or None,
+            "s3_buckets": endpoint.regions,
         }
     )
 
