@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing bench-s3
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ bench-coldfill: $(STAMP) test-deps
 ## workers (~4 min); bench/results-sharing.json
 bench-sharing: $(STAMP) test-deps
 	$(BIN)/python -m bench.sharing $(ARGS)
+
+## bench-s3: PyNWB through the S3 endpoint (s3fs, ros3 on HDF5 2.x and 1.10) against remfile,
+## warm and cold, on the quick-scale files (~5 min); bench/results-s3clients.json
+bench-s3: $(STAMP) test-deps
+	$(BIN)/python -m bench.s3clients $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench
