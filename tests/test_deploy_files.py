@@ -260,7 +260,11 @@ def test_dockerfile_is_slim_non_root_and_listens_on_every_interface() -> None:
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
     (volume,) = [json.loads(rest) for w, rest in instructions if w == "VOLUME"]
     assert volume == [env["NWBCACHE_CACHE_DIR"]]
-    assert [rest for w, rest in instructions if w == "EXPOSE"] == [env["NWBCACHE_PORT"]]
+    s3_port = env["NWBCACHE_S3_LISTEN"].rpartition(":")[2]
+    assert env["NWBCACHE_S3_LISTEN"].startswith("0.0.0.0:")
+    assert [rest for w, rest in instructions if w == "EXPOSE"] == [
+        f"{env['NWBCACHE_PORT']} {s3_port}"
+    ]
     (entry,) = [json.loads(rest) for w, rest in instructions if w == "ENTRYPOINT"]
     assert entry == ["nwbcache", "serve"]
     # Settings through the environment load like the daemon will load them.
