@@ -81,22 +81,23 @@ def text_error(request: web.Request, exc: ProxyError) -> web.Response:
     return response
 
 
-def observing(render: Renderer) -> Middleware:
-    """The middleware of a listener whose errors ``render`` words."""
+def observing(render: Renderer, infra_paths: frozenset[str] = INFRA_PATHS) -> Middleware:
+    """The middleware of a listener whose errors ``render`` words, and whose
+    ``infra_paths`` are not client traffic (the S3 endpoint has none: its
+    ``/`` is ListBuckets)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await _observe_request(request, handler, render)
+        return await _observe_request(request, handler, render, request.path in infra_paths)
 
     return middleware
 
 
 async def _observe_request(
-    request: web.Request, handler: Handler, render: Renderer
+    request: web.Request, handler: Handler, render: Renderer, infra: bool
 ) -> web.StreamResponse:
     started = time.monotonic()
     request[REQUEST_ID_KEY] = _REQUEST_IDS.next()
-    infra = request.path in INFRA_PATHS
     metrics = request.app[METRICS_KEY]
     if not infra:
         metrics.inflight.inc()

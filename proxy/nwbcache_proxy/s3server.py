@@ -121,7 +121,7 @@ def _xml(body: bytes) -> web.Response:
 def build_s3_app(main: web.Application, buckets: Iterable[Bucket]) -> web.Application:
     """The S3 endpoint's app; it serves from ``main``'s cache, so it must start
     after ``main`` (its cache exists from ``main``'s start-up on)."""
-    app = web.Application(middlewares=[observing(s3_error)], client_max_size=1024)
+    app = web.Application(middlewares=[observing(s3_error, frozenset())], client_max_size=1024)
     app[BUCKETS_KEY] = {b.name: b for b in buckets}
 
     async def share(app: web.Application) -> None:
