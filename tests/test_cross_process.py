@@ -9,6 +9,7 @@ claims work and never does it (then dies: ``close``). The processes proper
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import itertools
 import os
@@ -232,3 +233,39 @@ def test_a_claim_held_without_progress_is_outwaited(
     assert r.content == data[BS : 3 * BS]
     assert 0.5 <= time.monotonic() - began < 5
     assert not Claims(other_process.path).take_block(v.name, 1)  # still held: outwaited
+
+
+def test_a_discovery_finished_elsewhere_just_before_the_claim_is_not_repeated(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Daemon B looks for the object's meta.json (none yet); daemon A then
+    discovers the object and frees its claim; B takes the free claim. B must
+    use what A wrote, not ask upstream again (about 1 cold object in 100 was
+    discovered twice by two workers before)."""
+    data = os.urandom(3 * BS)
+    origin.put(KEY, data)
+    a = make_daemon(block_size=BS)
+    b = make_daemon(block_size=BS)
+    a_done = threading.Event()
+    looked = threading.Event()
+    original = b.cache.versions.meta.read
+    calls = 0
+
+    async def read_then_let_a_discover(key: str) -> object:
+        nonlocal calls
+        calls += 1
+        found = await original(key)
+        if calls == 1:  # B's first look: nothing; A discovers before B goes on
+            looked.set()
+            await asyncio.get_running_loop().run_in_executor(None, a_done.wait, 10)
+        return found
+
+    monkeypatch.setattr(b.cache.versions.meta, "read", read_then_let_a_discover)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get_range, proxied(b.url, origin, KEY), 10, 20)
+        assert looked.wait(10)
+        assert get_range(proxied(a.url, origin, KEY), 30, 40).content == data[30:41]
+        a_done.set()
+        assert slow.result(timeout=30).content == data[10:21]
+    assert [s for s in _gets(origin) if s[0] == 0] == [(0, BS - 1)]
+    assert calls >= 2  # B looked again once it held the claim

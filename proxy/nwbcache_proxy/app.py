@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -176,15 +177,22 @@ async def serve_forever(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if s3_runner is not None:
-            print(f"{S3_READY_PREFIX}{app[S3_ENDPOINT_KEY].url}", flush=True)
+            _announce(f"{S3_READY_PREFIX}{app[S3_ENDPOINT_KEY].url}")
         host, port = bound_address(site)
-        print(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})", flush=True)
+        _announce(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})")
         log.info("nwbcache %s: %s", __version__, describe(settings))
         await stop.wait()
     finally:
         if s3_runner is not None:
             await s3_runner.cleanup()
         await runner.cleanup()
+
+
+def _announce(line: str) -> None:
+    """A start-up line in one write: workers print theirs at once, and print()
+    writes the newline apart when stdout is unbuffered, so lines could mix."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
 
 
 def bound_address(site: web.BaseSite) -> tuple[str, int]:

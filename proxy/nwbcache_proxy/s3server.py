@@ -73,7 +73,10 @@ async def _amz_request_id(request: web.Request, response: web.StreamResponse) ->
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    req = classify(request.method, request.raw_path.partition("?")[0], request.query_string)
+    # Both raw: aiohttp's query_string is decoded once already, and classify
+    # decodes (a key prefix "x%2541" must not become "xA").
+    path, _, query = request.raw_path.partition("?")
+    req = classify(request.method, path, query)
     request[S3_REQUEST_KEY] = req
     request.app[METRICS_KEY].s3_requests.labels(req.operation.value).inc()
     buckets = request.app[BUCKETS_KEY]

@@ -176,6 +176,9 @@ def wants_upstream(cache_control: str | None) -> bool:
 async def serve_object(
     request: web.Request, url: UpstreamURL, creds: Credentials
 ) -> web.StreamResponse:
+    """Answer a GET or HEAD of upstream object ``url`` from the cache, for a
+    request presenting ``creds``: every route that names an object ends here
+    (proxied URLs, /dandi/, the S3 endpoint's keys)."""
     via = ", ".join(request.headers.getall("Via", ()))
     if via and loops(via, request.app[NODE_ID_KEY]):
         raise LoopDetected(f"this request has passed this daemon (or {MAX_HOPS}) already: {via}")

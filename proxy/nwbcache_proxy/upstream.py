@@ -227,6 +227,7 @@ class Upstream:
                     if len(body) > limit:
                         raise UpstreamProtocolError(f"upstream answered more than {limit} bytes")
                 content_type = resp.headers.get("Content-Type", "application/xml")
+            self.metrics.upstream_bytes.inc(len(body))
             self.metrics.upstream_requests.labels("ok").inc()
             return Document(resp.status, content_type, bytes(body))
 

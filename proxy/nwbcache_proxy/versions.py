@@ -216,27 +216,33 @@ class Versions:
         claim = discovery_offset(key_hash(key))
         try:
             if not self.claims.take(claim):
-                found = await self._await_discovery(url, key, stale, claim, revalidate)
-                if found is not None:
-                    return found
+                await self._await_claim(claim)
+            # Looked for before, but a discovery in another process may have
+            # finished (and freed its claim) in between: what it wrote is used.
+            found = await self._discovered_elsewhere(url, key, stale, revalidate)
+            if found is not None:
+                return found
             return await self._discover_upstream(url, key, stale, creds, revalidate)
         finally:
             self.claims.release(claim)
 
-    async def _await_discovery(
-        self, url: UpstreamURL, key: str, stale: Version | None, claim: int, revalidate: bool
-    ) -> Version | None:
+    async def _await_claim(self, claim: int) -> None:
         """Another process is discovering the object: wait until its claim frees
-        (or CLAIM_PATIENCE passes), then take the version it wrote to meta.json,
-        if that is servable without asking upstream again. None when it is not
-        (the claimant failed or died, or this discovery must ask upstream
-        itself): this process discovers. The caller releases the claim."""
+        (and take it), or CLAIM_PATIENCE passes. The caller releases the claim."""
         self.metrics.awaited.labels("discovery").inc()
         delay = CLAIM_POLL_FIRST
         deadline = time.monotonic() + CLAIM_PATIENCE
         while not self.claims.take(claim) and time.monotonic() < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, CLAIM_POLL_MAX)
+
+    async def _discovered_elsewhere(
+        self, url: UpstreamURL, key: str, stale: Version | None, revalidate: bool
+    ) -> Version | None:
+        """The version another process's discovery wrote to meta.json, if it is
+        servable without asking upstream again. None when it is not (none was
+        written, the claimant failed or died, or this discovery must ask
+        upstream itself): this process discovers."""
         meta = await self.meta.read(key)
         if meta is None or revalidate:
             return None

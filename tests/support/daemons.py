@@ -23,7 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s3
-from nwbcache_proxy.appkeys import CACHE_KEY, S3_URL_KEY
+from nwbcache_proxy.appkeys import CACHE_KEY, S3_ENDPOINT_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
 from tests.support.helpers import REPO
@@ -80,7 +80,7 @@ class DaemonThread:
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.url = f"http://{self.settings.host}:{port}"
             if s3_runner is not None:
-                self.s3_url = self._app[S3_URL_KEY]
+                self.s3_url = self._app[S3_ENDPOINT_KEY].url
             self._ready.set()
             await self._stop.wait()
         finally:
