@@ -50,10 +50,12 @@ def opener(spec: dict[str, Any]) -> Opener:
     method, url = spec["method"], spec.get("url", "")
     if method == "nwbcache-ros3":  # url: a proxied URL (HDF5 1.x) or s3://bucket/key (2.x)
         return lambda: h5py.File(url, "r", driver="ros3")
-    if method == "nwbcache-s3fs":  # url: bucket/key on the daemon's S3 endpoint
+    if method == "nwbcache-s3fs":  # url: bucket/key of the daemon's S3 endpoint
         import s3fs
 
-        fs3 = s3fs.S3FileSystem(anon=True, endpoint_url=spec["endpoint"])
+        # With "endpoint", s3fs is pointed at it by hand (its defaults); without,
+        # transparent mode (NWBCACHE_URL in the environment) routes it.
+        fs3 = s3fs.S3FileSystem(anon=True, endpoint_url=spec.get("endpoint"))
         # What a process pays once, like its imports, goes before the clock
         # and is timed apart ("setup_seconds"): the botocore client (service
         # model, endpoint rules: ~0.25 s) and aiobotocore's first request

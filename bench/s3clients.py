@@ -11,8 +11,10 @@ workload (PyNWB ``io.read()``, then 1 s of the main dataset), each run a
 process of its own (bench/clientrun.py), methods alternating:
 
 - ``nwbcache-remfile``: ``remfile.File(proxied URL)``, the anchor;
-- ``nwbcache-s3fs``: ``s3fs.S3FileSystem(anon=True, endpoint_url=<S3 endpoint>)``,
-  its defaults (what a user's ``s3://`` code does in transparent mode);
+- ``s3fs-transparent``: ``s3fs.S3FileSystem(anon=True)`` under ``NWBCACHE_URL``
+  (transparent mode: routed to the endpoint, 4 MiB blocks in an LRU);
+- ``s3fs-defaults``: ``s3fs.S3FileSystem(anon=True, endpoint_url=<S3 endpoint>)``
+  without transparent mode: s3fs's own defaults (50 MiB read-ahead);
 - ``nwbcache-fsspec``: fsspec's HTTP filesystem on the proxied URL;
 - ``ros3-hdf5-2``: h5py on HDF5 2.x (.venv-hdf5-2), ``s3://bench/<file>`` with
   ``AWS_ENDPOINT_URL_S3`` (the endpoint) and path-style;
@@ -21,7 +23,7 @@ process of its own (bench/clientrun.py), methods alternating:
 Cold: each method on a fresh cache (a daemon of its own), ``--runs`` times;
 seconds and the origin's bytes. Warm: one daemon, filled by a first pass,
 then every method ``--runs`` times. Medians, and ratios to remfile on the
-same file. The issue's target: s3fs warm at most 1.2x remfile warm. Every
+same file. The issue's target: s3fs (transparent) warm at most 1.2x remfile warm. Every
 run's digest of the slice must agree.
 
 Prints a table and saves bench/results-s3clients.json and .md.
@@ -49,7 +51,14 @@ from tests.support.helpers import REPO
 BENCH = Path(__file__).resolve().parent
 BUCKET = OBJECT_PREFIX.strip("/")
 ANCHOR = "nwbcache-remfile"
-METHODS = (ANCHOR, "nwbcache-s3fs", "nwbcache-fsspec", "ros3-hdf5-2", "ros3-hdf5-1.10")
+METHODS = (
+    ANCHOR,
+    "s3fs-transparent",
+    "s3fs-defaults",
+    "nwbcache-fsspec",
+    "ros3-hdf5-2",
+    "ros3-hdf5-1.10",
+)
 PYTHONS = {
     "ros3-hdf5-2": REPO / ".venv-hdf5-2" / "bin" / "python",
     "ros3-hdf5-1.10": REPO / ".venv-hdf5-1.10" / "bin" / "python",
@@ -109,13 +118,16 @@ class Bench:
             "url": proxied,
         }
         python = sys.executable
-        env = {
-            **os.environ,
+        env = {  # transparent mode only where asked for
+            **{k: v for k, v in os.environ.items() if not k.startswith("NWBCACHE_")},
             "AWS_CONFIG_FILE": os.devnull,
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         }
-        if method == "nwbcache-s3fs":
-            spec.update(method=method, url=f"{BUCKET}/{f.path.name}", endpoint=s3_url)
+        if method == "s3fs-transparent":
+            spec.update(method="nwbcache-s3fs", url=f"{BUCKET}/{f.path.name}")
+            env["NWBCACHE_URL"] = daemon.url
+        elif method == "s3fs-defaults":
+            spec.update(method="nwbcache-s3fs", url=f"{BUCKET}/{f.path.name}", endpoint=s3_url)
         elif method == "ros3-hdf5-2":
             spec.update(method="nwbcache-ros3", url=f"s3://{BUCKET}/{f.path.name}")
             env.update(

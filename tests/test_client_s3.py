@@ -24,6 +24,7 @@ import boto3
 import botocore.session
 import pytest
 import s3fs
+import s3fs.core
 from botocore import UNSIGNED
 from botocore.config import Config
 
@@ -277,3 +278,42 @@ def test_an_unmodified_boto3_script_reads_through_the_daemon(
     assert result["size"] == len(DATA) and result["sha"] == hashlib.sha256(DATA).hexdigest()
     assert result["endpoint"] == (None if how == "transparent" else daemon.s3_url)
     assert origin.log and {(e.user_agent or "").split("/")[0] for e in origin.log} == {"nwbcache"}
+
+
+def test_s3fs_reads_through_the_daemon_in_blocks_for_a_nearby_cache(
+    routed: DaemonThread, origin: S3Emulator
+) -> None:
+    s3client.patch_s3fs(s3fs.core)
+    fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True)
+    with fs.open(f"dandiarchive/{KEY}") as f:
+        assert (type(f.cache).__name__, f.blocksize) == ("BlockCache", s3client.S3FS_BLOCK_SIZE)
+        f.seek(200_000)
+        assert f.read(1000) == DATA[200_000:201_000]
+    with fs.open(f"dandiarchive/{KEY}", block_size=1 << 20) as f:  # the user's choice
+        assert (type(f.cache).__name__, f.blocksize) == ("ReadAheadCache", 1 << 20)
+    with fs.open(f"dandiarchive/{KEY}", cache_type="bytes") as f:
+        assert type(f.cache).__name__ == "BytesCache"
+    chosen = s3fs.S3FileSystem(anon=True, skip_instance_cache=True, default_block_size=1 << 16)
+    with chosen.open(f"dandiarchive/{KEY}") as f:
+        assert f.blocksize == 1 << 16
+    explicit = s3fs.S3FileSystem(anon=True, skip_instance_cache=True, endpoint_url=routed.s3_url)
+    with explicit.open(f"dandiarchive/{KEY}") as f:  # the daemon's endpoint, given by hand
+        assert f.blocksize == s3client.S3FS_BLOCK_SIZE
+
+
+@pytest.mark.parametrize(
+    ("path", "endpoint", "tuned"),
+    [
+        ("dandiarchive/k", None, True),
+        ("s3://dandiarchive/k", None, True),
+        ("elsewhere/k", None, False),
+        ("dandiarchive/k", "http://127.0.0.1:9", False),
+    ],
+)
+def test_only_files_read_through_the_daemon_are_tuned(
+    routed: DaemonThread, path: str, endpoint: str | None, tuned: bool
+) -> None:
+    fs = s3fs.S3FileSystem(anon=True, skip_instance_cache=True, endpoint_url=endpoint)
+    options = s3client.tuned_open(fs, path, "rb", {"block_size": None})
+    assert (options.get("block_size") == s3client.S3FS_BLOCK_SIZE) is tuned
+    assert s3client.tuned_open(fs, path, "wb", {}) == {}

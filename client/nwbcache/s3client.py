@@ -43,7 +43,9 @@ __all__ = [
     "environment",
     "find_endpoint",
     "patch_botocore",
+    "patch_s3fs",
     "set_environment",
+    "tuned_open",
 ]
 
 # The S3 operations the daemon's endpoint answers; botocore sends every other
@@ -53,6 +55,14 @@ READ_OPERATIONS = frozenset(
 )
 # A region for SDKs that insist on one (HDF5 2.x's ros3) when the daemon names none.
 FALLBACK_REGION = "us-east-1"
+# How s3fs reads a file through the daemon unless told otherwise: blocks of
+# 4 MiB kept in an LRU ("blockcache"), not its 50 MiB read-ahead window,
+# which exists to hide S3's latency (the cache hides it already) and which
+# h5py's scattered metadata reads restart again and again. Measured (PyNWB
+# io.read() + a slice of a 215 MB file, warm): 0.19 s against remfile's
+# 0.20 s; s3fs's defaults 1.6 s, readahead 4 MiB 0.38 s (make bench-s3).
+S3FS_BLOCK_SIZE = 4 * 1024 * 1024
+S3FS_CACHE_TYPE = "blockcache"
 _PATCHED = "__nwbcache_patched__"
 
 
@@ -162,6 +172,51 @@ def route_to_daemon(
     if endpoint is not None and bucket in endpoint.regions:
         builtins["SDK::Endpoint"] = endpoint.url
         builtins["AWS::S3::ForcePathStyle"] = True
+
+
+def _endpoint_of(fs: Any) -> str | None:
+    """The endpoint an s3fs filesystem was given, or the environment's."""
+    own = getattr(fs, "endpoint_url", None) or (fs.client_kwargs or {}).get("endpoint_url")
+    own = own or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return str(own).rstrip("/") if own else None
+
+
+def tuned_open(fs: Any, path: str, mode: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of an s3fs ``_open``, with S3FS_BLOCK_SIZE and S3FS_CACHE_TYPE
+    when the file is read through the daemon and neither the call nor the
+    filesystem chose a block size or cache type."""
+    if "r" not in mode or options.get("block_size") or options.get("cache_type"):
+        return options
+    if fs.default_block_size != type(fs).default_block_size or fs.default_cache_type != (
+        "readahead"
+    ):
+        return options
+    endpoint = _daemon_endpoint()
+    if endpoint is None:
+        return options
+    bucket = path.removeprefix("s3://").partition("/")[0]
+    own = _endpoint_of(fs)
+    if (own is None and bucket in endpoint.regions) or own == endpoint.url:
+        return {**options, "block_size": S3FS_BLOCK_SIZE, "cache_type": S3FS_CACHE_TYPE}
+    return options
+
+
+def patch_s3fs(module: ModuleType) -> None:
+    """``s3fs.core.S3FileSystem._open``: files read through the daemon get
+    block-sized reads suited to a nearby cache (:func:`tuned_open`)."""
+    cls = module.S3FileSystem
+    original = cls._open
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def _open(self: Any, path: str, mode: str = "rb", *args: Any, **options: Any) -> Any:
+        if not args:  # fsspec's open() passes keywords; anything else is left alone
+            options = tuned_open(self, path, mode, options)
+        return original(self, path, mode, *args, **options)
+
+    setattr(_open, _PATCHED, True)
+    cls._open = _open
 
 
 def set_environment() -> None:

@@ -22,6 +22,9 @@ What is patched (:mod:`nwbcache.patches`), and why there:
   paths users see, and the caching filesystems' keys, stay upstream URLs.
 - ``botocore.session.Session``: reads of the daemon's S3 buckets go to its S3
   endpoint (boto3, s3fs, the AWS CLI's library; :mod:`nwbcache.s3client`).
+- ``s3fs.core.S3FileSystem._open``: a file read through the daemon gets
+  4 MiB blocks in an LRU instead of s3fs's 50 MiB read-ahead, unless the
+  user chose a block size or cache type.
   With ``NWBCACHE_S3_ENV=1``, ``AWS_ENDPOINT_URL_S3`` and friends are set for
   the whole process too (HDF5 2.x's ros3 reads them).
 
@@ -62,12 +65,19 @@ def _botocore(module: ModuleType) -> None:
     patch_botocore(module)
 
 
+def _s3fs(module: ModuleType) -> None:
+    from .s3client import patch_s3fs
+
+    patch_s3fs(module)
+
+
 # remfile's package imports its RemFile module at once; fsspec imports its HTTP
 # filesystem only when "http"/"https" is first used, so that is what is watched.
 TARGETS = {
     "remfile.RemFile": _remfile,
     "fsspec.implementations.http": _fsspec_http,
     "botocore.session": _botocore,
+    "s3fs.core": _s3fs,
 }
 
 
