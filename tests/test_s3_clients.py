@@ -556,3 +556,37 @@ def test_workers_share_the_s3_endpoint(origin: S3Emulator, spawn: Spawn, tmp_pat
     fetched = _fetched_once(origin, f"/{BUCKET}/{_key_of(PYNWB_FILE)}")
     assert fetched == len(other)
     assert daemon.terminate() == 0
+
+
+# -- s3fs + h5py + PyNWB on every real file ---------------------------------
+
+
+def test_s3fs_h5py_and_pynwb_read_every_real_file_through_the_cache(
+    origin: S3Emulator, s3_daemon: DaemonThread
+) -> None:
+    """Every file of ../shared/data/nwb through s3fs on the S3 endpoint: h5py
+    sees the local file's content, PyNWB (for the files it reads) the same
+    NWB file, and every byte the origin sent went to the daemon."""
+    files = sorted(SHARED_NWB.glob("*.nwb"))
+    assert len(files) >= 5
+    _put(origin, *files)
+    fs = s3fs.S3FileSystem(anon=True, endpoint_url=s3_daemon.s3_url, skip_instance_cache=True)
+    for path in files:
+        with h5py.File(path, "r") as local:
+            want = content_digests(local)
+        with fs.open(f"{BUCKET}/{_key_of(path)}", "rb") as fobj, h5py.File(fobj, "r") as f:
+            assert content_digests(f) == want, path.name
+        if path.name.startswith("pynwb-"):
+            with NWBHDF5IO(str(path), "r", load_namespaces=True) as io:
+                local_nwb = nwb_summary(io.read())
+            with (
+                fs.open(f"{BUCKET}/{_key_of(path)}", "rb") as fobj,
+                h5py.File(fobj, "r") as f,
+                NWBHDF5IO(file=f, load_namespaces=True) as io,
+            ):
+                assert nwb_summary(io.read()) == local_nwb, path.name
+    origin.wait_idle()
+    assert origin.log
+    assert {(e.user_agent or "").split("/")[0] for e in origin.log} == {"nwbcache"}
+    for path in files:
+        assert _fetched_once(origin, f"/{BUCKET}/{_key_of(path)}") == path.stat().st_size
