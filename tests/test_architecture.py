@@ -16,6 +16,7 @@ CLIENT = REPO / "client" / "nwbcache"
 LAYERS: dict[str, set[str]] = {
     "pure": {
         "__init__",
+        "adminauth",
         "blockfile",
         "breaker",
         "conditional",
@@ -38,10 +39,12 @@ LAYERS: dict[str, set[str]] = {
     "storage": {
         "accounting",
         "aio",
+        "catalog",
         "claims",
         "index",
         "inflight",
         "openblocks",
+        "pins",
         "reconcile",
         "schema",
         "store",
@@ -50,6 +53,7 @@ LAYERS: dict[str, set[str]] = {
     },
     "engine": {
         "access",
+        "admin",
         "blocks",
         "cache",
         "dandi_resolver",
@@ -66,7 +70,7 @@ LAYERS: dict[str, set[str]] = {
         "upstream",
         "versions",
     },
-    "http": {"appkeys", "observe", "s3server", "sending", "server", "targets"},
+    "http": {"adminserver", "appkeys", "observe", "s3server", "sending", "server", "targets"},
     "process": {"__main__", "app", "check", "runner"},
 }
 ORDER = list(LAYERS)

@@ -2,7 +2,8 @@
 
 ``nwbcache serve`` runs the daemon; ``nwbcache url`` prints the proxied URL
 of an S3 object or a DANDI asset; ``nwbcache run -- CMD`` runs a command in
-transparent mode, and ``nwbcache env`` prints the variables that turn it on.
+transparent mode, and ``nwbcache env`` prints the variables that turn it on;
+``pin``, ``unpin``, ``evict`` and ``ls`` use the admin API (admincli.py).
 The daemon's modules are imported only by ``serve``, so the other commands
 stay as light as the client library.
 """
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from . import __version__, env
+from . import __version__, admincli, env
 from .urls import DANDI_API_URL, InvalidURL, _proxy, proxied_url
 
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status.add_argument("--url", help="the daemon's base URL")
     status.add_argument("--json", action="store_true", help="print the raw JSON report")
+    admincli.add_commands(sub)
     return parser
 
 
@@ -186,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env(parser, args)
     if args.command == "check":
         return _check(args)
+    if args.command in admincli.COMMANDS:
+        return admincli.run(args)
     parser.error(f"unknown command {args.command}")
 
 

@@ -422,6 +422,20 @@ def cache_key(u: UpstreamURL) -> str:
     return f"{key}?{'&'.join(params)}" if params else key
 
 
+def key_of(url: str, *, prefix: bool = False) -> str:
+    """The cache key of an object's URL, or (``prefix``) of a URL prefix: scheme
+    and host lowercased, default port dropped, ``s3://bucket/`` as
+    ``https://bucket.s3.amazonaws.com/``, signature parameters removed. A prefix
+    ending with the host means the whole host. Raises InvalidURL."""
+    try:
+        return cache_key(parse_upstream_url(url))
+    except InvalidURL:
+        if not prefix:
+            raise
+    # "https://host" or "s3://bucket/": no object path yet
+    return cache_key(parse_upstream_url(url.rstrip("/") + "/_"))[:-1]
+
+
 def redact_url(url: str) -> str:
     """``url`` for a log line: signature parameter values (and any userinfo) replaced."""
     url = _USERINFO_RE.sub(rf"\1{_REDACTED}@", url, count=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sqlite3
 from collections import Counter
+from collections.abc import Iterable
 
 from . import policy, schema
 from .policy import Fate, Queue
@@ -45,18 +46,31 @@ class Slice:
     emptied: list[str] = dataclasses.field(default_factory=list)  # versions left with no block
 
 
-def record(conn: sqlite3.Connection, pending: Pending, hits: Hits, stats: Stats) -> None:
+def record(
+    conn: sqlite3.Connection,
+    pending: Pending,
+    hits: Hits,
+    stats: Stats,
+    keys: dict[str, tuple[str, int]] | None = None,
+) -> None:
     """Store the use of blocks: new rows enter their queue (policy.admit), existing
-    ones get their access time, hit blocks their counter. One transaction."""
+    ones get their access time, hit blocks their counter; per version, its last
+    use, its hits and (``keys``: version dir -> (cache key, object size)) its
+    object's key and size if the index has none yet. One transaction."""
+    keys = keys or {}
     by_version: dict[str, list[tuple[int, int, float]]] = {}
     for (version, index), (nbytes, atime) in pending.items():
         by_version.setdefault(version, []).append((index, nbytes, atime))
+    by_hit: dict[str, list[tuple[int, int]]] = {}
+    for (version, index), count in hits.items():
+        by_hit.setdefault(version, []).append((index, count))
     with conn:
         conn.execute("BEGIN IMMEDIATE")
         ghosts = int(conn.execute(schema.QUEUE_TOTALS).fetchone()[4])
         for version, rows in by_version.items():
-            vid = schema.version_id(conn, version, create=True)
-            assert vid is not None
+            found = schema.version_row(conn, version, create=True)
+            assert found is not None
+            vid, pinned = found
             known = _existing(conn, vid, [i for i, _, _ in rows])
             new = [r for r in rows if r[0] not in known]
             remembered = _ghosts(conn, version, [i for i, _, _ in new]) if ghosts else set()
@@ -64,20 +78,30 @@ def record(conn: sqlite3.Connection, pending: Pending, hits: Hits, stats: Stats)
             if new:
                 first = schema.take_seq(conn, len(new))
                 for n, (i, b, a) in enumerate(new):
-                    queue = policy.admit(i, ghost=i in remembered)
+                    queue = policy.admit(i, ghost=i in remembered, pinned=pinned)
                     stats.admitted["ghost" if i in remembered else queue.name.lower()] += 1
                     params.append((vid, i, b, a, int(queue), first + n))
             conn.executemany(schema.UPSERT, params)
             conn.executemany(
                 schema.DELETE_GHOST, [(policy.ghost_key(version, i),) for i in remembered]
             )
-        by_hit: dict[str, list[tuple[int, int]]] = {}
-        for (version, index), count in hits.items():
-            by_hit.setdefault(version, []).append((index, count))
-        for version, counts in by_hit.items():
-            vid = schema.version_id(conn, version, create=False)
-            if vid is not None:
-                conn.executemany(schema.HITS, [(policy.MAX_FREQ, c, vid, i) for i, c in counts])
+            counts = by_hit.pop(version, [])
+            _count_hits(conn, vid, counts)
+            version_hits = sum(c for _, c in counts)
+            last_use = max(a for _, _, a in rows)
+            key, size = keys.get(version, (None, None))
+            conn.execute(schema.VERSION_USE, (last_use, version_hits, key, size, vid))
+        for version, counts in by_hit.items():  # hits on versions with no new use
+            hit_vid = schema.version_id(conn, version, create=False)
+            if hit_vid is not None:
+                _count_hits(conn, hit_vid, counts)
+                total = sum(c for _, c in counts)
+                key, size = keys.get(version, (None, None))
+                conn.execute(schema.VERSION_USE, (0.0, total, key, size, hit_vid))
+
+
+def _count_hits(conn: sqlite3.Connection, vid: int, counts: Iterable[tuple[int, int]]) -> None:
+    conn.executemany(schema.HITS, [(policy.MAX_FREQ, c, vid, i) for i, c in counts])
 
 
 def _existing(conn: sqlite3.Connection, vid: int, indices: list[int]) -> set[int]:
@@ -106,23 +130,28 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
     it takes to total at most ``target`` bytes. Returns them and their bytes."""
     chosen: list[Victim] = []
     keys: list[tuple[int, int]] = []
+    pins: list[tuple[int, int]] = []
     emptied: list[str] = []
     freed = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
         total = schema.totals(conn)[0]
         if total > target:
-            for vid, name, idx, nbytes, atime in conn.execute(schema.OLDEST, (batch,)):
+            for vid, name, idx, nbytes, atime, pinned in conn.execute(schema.OLDEST, (batch,)):
+                if pinned:  # pinned since it was used: out of LRU's order
+                    pins.append((vid, idx))
+                    continue
                 chosen.append((name, idx, atime))
                 keys.append((vid, idx))
                 freed += nbytes
                 if total - freed <= target:
                     break  # a batch is a bound on work, not an amount to evict
+            conn.executemany(schema.TO_PINNED, pins)
             conn.executemany(schema.DELETE_BLOCK, keys)
             touched = {vid: name for (vid, _), (name, _, _) in zip(keys, chosen, strict=True)}
             emptied = _emptied(conn, touched)
     stats.evicted["lru"] += len(chosen)
-    return Slice(chosen, freed, len(chosen), emptied)
+    return Slice(chosen, freed, len(chosen) + len(pins), emptied)
 
 
 def evict_s3fifo(
@@ -137,8 +166,10 @@ def evict_s3fifo(
     looked = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        total, small, blocks, _, ghosts = conn.execute(schema.QUEUE_TOTALS).fetchone()
-        main = total - small
+        total, small, blocks, _, ghosts, pinned = conn.execute(schema.QUEUE_TOTALS).fetchone()
+        main = total - small - pinned
+        # The policy shares out what pins leave of the cache.
+        capacity = max(0, capacity - pinned)
         seq = schema.take_seq(conn, batch)
         while looked < batch and total - freed > target:
             queue = policy.evict_from(small, main, capacity)
@@ -153,10 +184,17 @@ def evict_s3fifo(
             moves: list[tuple[int, int, int, int, int]] = []
             deletes: list[tuple[int, int]] = []
             new_ghosts: list[tuple[int, int]] = []
-            for vid, name, idx, nbytes, atime, freq in tail:
+            for vid, name, idx, nbytes, atime, freq, pinned_version in tail:
                 looked += 1
-                fate = policy.fate(queue, freq)
-                if fate is Fate.TO_MAIN or fate is Fate.REINSERT:
+                fate = policy.fate(queue, freq, bool(pinned_version))
+                if fate is Fate.PIN:
+                    moves.append((int(Queue.PINNED), freq, seq, vid, idx))
+                    seq += 1
+                    if queue is Queue.SMALL:
+                        small -= nbytes
+                    else:
+                        main -= nbytes
+                elif fate is Fate.TO_MAIN or fate is Fate.REINSERT:
                     new_freq = 0 if fate is Fate.TO_MAIN else freq - 1
                     moves.append((int(Queue.MAIN), new_freq, seq, vid, idx))
                     seq += 1

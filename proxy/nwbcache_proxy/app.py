@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import __version__
+from .admin import Admin
+from .adminserver import ADMIN_KEY, GATE_KEY, Gate
 from .appkeys import (
     ALLOW_KEY,
     CACHE_KEY,
@@ -66,6 +68,7 @@ def build_app(settings: Settings, node_id: str | None = None) -> web.Application
     app[TARGETS_KEY] = Targets(settings.allow_list)
     app[NODE_ID_KEY] = node_id or new_node_id(settings.node_name)
     app[S3_ENDPOINT_KEY] = S3Endpoint()
+    app[GATE_KEY] = Gate(settings.admin_token(), (settings.host,), settings.allow_list)
     app.cleanup_ctx.append(_cache_context)
     build_routes(app, settings.node_name)
     return app
@@ -118,13 +121,17 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     app[CACHE_KEY] = cache
     app[UPSTREAM_KEY] = upstream
     app[DANDI_KEY] = DandiResolver(session, settings.dandi_api_url, settings.allow_list)
+    admin = Admin(cache, app[METRICS_KEY], pin_limit=settings.pin_bytes)
+    app[ADMIN_KEY] = admin
     tracker = StatusTracker(app[METRICS_KEY], index, layout)
     app[STATUS_KEY] = tracker
     snapshots = asyncio.create_task(tracker.run())
+    pin_upkeep = asyncio.create_task(admin.run())
     try:
         yield
     finally:
         snapshots.cancel()
+        pin_upkeep.cancel()
         await cache.close()
         await session.close()
         await index.close()

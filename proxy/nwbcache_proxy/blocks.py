@@ -195,7 +195,7 @@ class Blocks:
 
     def touch(self, v: Version, index: int, file_size: int) -> None:
         """Tell the index the block was used now."""
-        self.index.record(v.name, index, file_size)
+        self.index.record(v.name, index, file_size, v.about)
 
     # -- writing ---------------------------------------------------------------
     async def publish(self, v: Version, index: int, data: bytes | memoryview) -> bool:

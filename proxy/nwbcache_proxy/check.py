@@ -24,7 +24,7 @@ from typing import Any
 
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from nwbcache.urls import InvalidURL, cache_key, parse_upstream_url
+from nwbcache.urls import InvalidURL, key_of
 
 from . import blockfile, reconcile, schema, store
 from .blockfile import HEADER_SIZE, CorruptBlock
@@ -113,14 +113,9 @@ def url_key(url: str, *, prefix: bool = False) -> str:
     scheme and host lowercased, default port dropped, s3:// as https://, signature
     parameters removed. A prefix ending with the host means the whole host."""
     try:
-        return cache_key(parse_upstream_url(url))
+        return key_of(url, prefix=prefix)
     except InvalidURL as exc:
-        if not prefix:
-            raise CheckError(f"--object: {exc}") from None
-    try:  # "https://host" or "s3://bucket/": no object path yet
-        return cache_key(parse_upstream_url(url.rstrip("/") + "/_"))[:-1]
-    except InvalidURL as exc:
-        raise CheckError(f"--prefix: {exc}") from None
+        raise CheckError(f"{'--prefix' if prefix else '--object'}: {exc}") from None
 
 
 def check_cache(

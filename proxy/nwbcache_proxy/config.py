@@ -51,6 +51,8 @@ DEFAULT_S3_LISTEN = "127.0.0.1:8081"
 # Its buckets when none are given: DANDI's, at the URL its proxied URLs use, so
 # an object read both ways is one cache entry.
 DEFAULT_S3_BUCKETS: tuple[str, ...] = ("dandiarchive=https://dandiarchive.s3.amazonaws.com",)
+# The shortest admin token accepted: a guessable token is no protection.
+MIN_TOKEN_BYTES = 16
 # --s3-listen values that turn the endpoint off ("" cannot be said in a variable).
 _S3_OFF = frozenset({"", "off", "none", "no"})
 # Read-ahead for sequential readers and plain GETs. Measured (bench/suite.py
@@ -101,6 +103,30 @@ class Settings:
     parent_group: int = DEFAULT_PARENT_GROUP
     s3_listen: str = DEFAULT_S3_LISTEN
     s3_bucket: tuple[str, ...] | None = None  # None: DEFAULT_S3_BUCKETS, those allowed
+    admin_token_file: Path | None = None
+    pin_limit: int | None = None  # None: half of cache_size
+
+    @property
+    def pin_bytes(self) -> int:
+        """What pinned objects may add up to (--pin-limit)."""
+        return self.cache_size // 2 if self.pin_limit is None else self.pin_limit
+
+    def admin_token(self) -> bytes | None:
+        """The admin API's token, read from --admin-token-file (surrounding
+        whitespace dropped: ``echo`` adds a newline); None when none is set."""
+        if self.admin_token_file is None:
+            return None
+        try:
+            token = self.admin_token_file.read_bytes().strip()
+        except OSError as exc:
+            raise ValueError(f"--admin-token-file: cannot read it: {exc}") from None
+        if len(token) < MIN_TOKEN_BYTES:
+            raise ValueError(
+                f"--admin-token-file holds {len(token)} bytes; use at least "
+                f"{MIN_TOKEN_BYTES} random ones, e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))' > FILE"
+            )
+        return token
 
     @property
     def s3_address(self) -> tuple[str, int] | None:
@@ -178,6 +204,12 @@ class Settings:
         self.immutable_list  # noqa: B018
         self.s3_address  # noqa: B018
         self.s3_buckets  # noqa: B018
+        if not 0 <= self.pin_bytes <= self.cache_size:
+            raise ValueError(
+                f"--pin-limit must be between 0 and --cache-size "
+                f"({format_size(self.cache_size)}), got {format_size(self.pin_bytes)}"
+            )
+        self.admin_token()
 
 
 # A parent daemon's base URL: no query, no fragment, no credentials in it.

@@ -253,6 +253,23 @@ _OPTIONS: tuple[_Option, ...] = (
         repeatable=True,
     ),
     _Option(
+        "admin_token_file",
+        "--admin-token-file",
+        lambda text: Path(text) if text else None,
+        "file holding the token the admin API (/admin/...) requires as 'Authorization: "
+        "Bearer TOKEN'; without one, admin calls are accepted only while the daemon "
+        "listens on loopback alone",
+        "FILE",
+    ),
+    _Option(
+        "pin_limit",
+        "--pin-limit",
+        lambda text: parse_size(text) if text.strip() else None,
+        "what pinned objects may add up to, e.g. 5T (default: half of --cache-size); "
+        "a pin beyond it is refused",
+        "SIZE",
+    ),
+    _Option(
         "node_name",
         "--node-name",
         str,

@@ -54,14 +54,17 @@ RECENT_USE = 600.0
 # from a local origin reached 51 MiB with only the interval).
 FLUSH_INTERVAL = 1.0
 FLUSH_SHARE = 0.02
+# Versions whose cache key this process remembers having stored.
+DESCRIBED_MEMORY = 100_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Totals:
     bytes: int
     blocks: int
-    small_bytes: int = 0  # in S3-FIFO's small queue; the rest is in main
+    small_bytes: int = 0  # in S3-FIFO's small queue
     ghosts: int = 0  # blocks S3-FIFO's ghost list remembers
+    pinned_bytes: int = 0  # in the pinned queue; the rest is in main
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,6 +97,11 @@ class CacheIndex:
         self._pending: Pending = {}
         self._hits: Hits = {}
         self._pending_bytes = 0
+        # Version dir -> (cache key, size) of its object, for the index's
+        # versions table: stored with the version's next flushed use;
+        # ``_described`` are those stored.
+        self._keys: dict[str, tuple[str, int]] = {}
+        self._described: set[str] = set()
         self._reconciler: Reconciler | None = None
         self._reconcile_fd = -1
         self.last_totals = Totals(0, 0)
@@ -134,15 +142,27 @@ class CacheIndex:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, fn)
 
+    async def call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn(connection)`` on the index's thread, after a flush (what this
+        process used is in the index): one bounded job, as every job here."""
+        await self.flush()
+        return await self._run(lambda: fn(self.conn))
+
     @property
     def conn(self) -> sqlite3.Connection:
         assert self._conn is not None, "index not open"
         return self._conn
 
     # -- recording use ---------------------------------------------------
-    def record(self, version: str, index: int, nbytes: int) -> None:
+    def record(
+        self, version: str, index: int, nbytes: int, about: tuple[str, int] | None = None
+    ) -> None:
         """Note block ``index`` of version dir ``version`` (relative to the layout
-        root), ``nbytes`` on disk, written or read now; stored on the next flush."""
+        root), ``nbytes`` on disk, written or read now; stored on the next flush
+        (with ``about``, the object's cache key and size, once: the admin API
+        lists objects by them)."""
+        if about is not None and version not in self._described:
+            self._keys[version] = about
         old = self._pending.get((version, index))
         if old is not None:
             self._pending_bytes -= old[0]
@@ -178,10 +198,11 @@ class CacheIndex:
             return True
         batch, self._pending = self._pending, {}
         hits, self._hits = self._hits, {}
+        keys, self._keys = self._keys, {}
         self._pending_bytes = 0
 
         def write() -> Totals:
-            accounting.record(self.conn, batch, hits, self.stats)
+            accounting.record(self.conn, batch, hits, self.stats, keys)
             return self._totals_sync()
 
         try:
@@ -194,15 +215,23 @@ class CacheIndex:
                     self._pending_bytes += value[0]
             for key, count in hits.items():
                 self._hits[key] = self._hits.get(key, 0) + count
+            self._keys.update(keys)
             return False
+        if len(self._described) > DESCRIBED_MEMORY:
+            self._described.clear()  # at worst a key is written again
+        self._described.update(keys)
         return True
 
-    async def forget_version(self, version: str) -> None:
-        """Drop the rows of the blocks of one version dir."""
+    def forget_pending(self, version: str) -> None:
+        """Drop what this process recorded of one version dir and has not flushed."""
         for key in [k for k in self._pending if k[0] == version]:
             self._pending_bytes -= self._pending.pop(key)[0]
         for key in [k for k in self._hits if k[0] == version]:
             del self._hits[key]
+
+    async def forget_version(self, version: str) -> None:
+        """Drop the rows of the blocks of one version dir."""
+        self.forget_pending(version)
 
         def delete() -> None:
             with self.conn:
@@ -212,8 +241,8 @@ class CacheIndex:
 
     # -- size and eviction -------------------------------------------------
     def _totals_sync(self) -> Totals:
-        total, small, blocks, _, ghosts = self.conn.execute(schema.QUEUE_TOTALS).fetchone()
-        return Totals(int(total), int(blocks), int(small), int(ghosts))
+        total, small, blocks, _, ghosts, pinned = self.conn.execute(schema.QUEUE_TOTALS).fetchone()
+        return Totals(int(total), int(blocks), int(small), int(ghosts), int(pinned))
 
     async def totals(self) -> Totals:
         self.last_totals = await self._run(self._totals_sync)

@@ -125,8 +125,33 @@ class Metrics:
             self.admissions.labels(queue)
         self.queue_bytes = Gauge(
             "nwbcache_cache_queue_bytes",
-            "Cached bytes by S3-FIFO queue (main is the protected part).",
+            "Cached bytes by queue: S3-FIFO's small and main (main is the protected "
+            "part), and pinned (never evicted).",
             ["queue"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.pinned_bytes = Gauge(
+            "nwbcache_pinned_bytes",
+            "Cached bytes of pinned objects (nwbcache pin).",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.pins = Gauge(
+            "nwbcache_pins",
+            "Pinned objects.",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.pin_limit = Gauge(
+            "nwbcache_pin_limit_bytes",
+            "What pinned objects may add up to (--pin-limit); pins count objects' sizes.",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.pinned_size = Gauge(
+            "nwbcache_pinned_size_bytes",
+            "The sizes of the pinned objects, added up (what --pin-limit bounds).",
             multiprocess_mode="mostrecent",
             registry=r,
         )

@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from . import __version__
+from .adminauth import ADMIN_PREFIX
 from .appkeys import ABORTED_KEY, METRICS_KEY, REQUEST_ID_KEY, SENT_KEY, TARGETS_KEY
 from .errors import ProxyError
 from .metrics import Metrics
@@ -81,14 +82,18 @@ def text_error(request: web.Request, exc: ProxyError) -> web.Response:
     return response
 
 
-def observing(render: Renderer, infra_paths: frozenset[str] = INFRA_PATHS) -> Middleware:
+def observing(
+    render: Renderer, infra_paths: frozenset[str] = INFRA_PATHS, infra_prefix: str | None = None
+) -> Middleware:
     """The middleware of a listener whose errors ``render`` words, and whose
-    ``infra_paths`` are not client traffic (the S3 endpoint has none: its
-    ``/`` is ListBuckets)."""
+    ``infra_paths`` (and paths under ``infra_prefix``) are not client traffic
+    (the S3 endpoint has none: its ``/`` is ListBuckets)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await _observe_request(request, handler, render, request.path in infra_paths)
+        path = request.path
+        infra = path in infra_paths or (infra_prefix is not None and path.startswith(infra_prefix))
+        return await _observe_request(request, handler, render, infra)
 
     return middleware
 
@@ -171,4 +176,4 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
         response.headers["X-Request-Id"] = request_id
 
 
-observe_middleware = observing(text_error)
+observe_middleware = observing(text_error, INFRA_PATHS, ADMIN_PREFIX)

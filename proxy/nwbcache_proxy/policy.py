@@ -46,6 +46,7 @@ class Queue(enum.IntEnum):
 
     SMALL = 0
     MAIN = 1
+    PINNED = 2  # a pinned object's: outside the policy, never evicted
 
 
 class Fate(enum.Enum):
@@ -55,14 +56,19 @@ class Fate(enum.Enum):
     GHOST = "ghost"  # from small: gone, its key remembered
     TO_MAIN = "to-main"  # from small, hit meanwhile: to main's head, counter cleared
     REINSERT = "reinsert"  # from main, counter > 0: to main's head, counter - 1
+    PIN = "pin"  # its object was pinned since it entered: to the pinned queue
 
 
-def admit(index: int, *, ghost: bool) -> Queue:
+def admit(index: int, *, ghost: bool, pinned: bool = False) -> Queue:
     """The queue a newly cached block enters."""
+    if pinned:
+        return Queue.PINNED
     return Queue.MAIN if ghost or index == 0 else Queue.SMALL
 
 
-def fate(queue: Queue, freq: int) -> Fate:
+def fate(queue: Queue, freq: int, pinned: bool = False) -> Fate:
+    if pinned:
+        return Fate.PIN
     if queue is Queue.SMALL:
         return Fate.TO_MAIN if freq >= MOVE_THRESHOLD else Fate.GHOST
     return Fate.REINSERT if freq > 0 else Fate.EVICT

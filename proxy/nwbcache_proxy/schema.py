@@ -14,28 +14,37 @@ from pathlib import Path
 # Schema version, in SQLite's user_version. 1 (user_version 0) called the
 # version column "object"; 2 keyed rows by the block's path (578 B a row at a
 # million rows); 3 keys them by (version id, block index) and keeps totals per
-# version, so reports never scan the table.
-SCHEMA_VERSION = 3
+# version, so reports never scan the table; 4 adds pins (a queue eviction
+# never reads, and the pins table), and per version its cache key, last use
+# and hits, so the admin API lists and matches objects from the index alone.
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: a stale id names nothing
     name TEXT NOT NULL UNIQUE,             -- the version dir, relative to the layout root
     bytes INTEGER NOT NULL DEFAULT 0,      -- kept by the triggers below
-    blocks INTEGER NOT NULL DEFAULT 0
+    blocks INTEGER NOT NULL DEFAULT 0,
+    key TEXT,                              -- the object's cache key; NULL until a process says
+    size INTEGER,                          -- the object's size, with the key
+    last_use REAL NOT NULL DEFAULT 0,      -- the newest block use a flush stored
+    hits INTEGER NOT NULL DEFAULT 0,       -- blocks served to clients that did not fetch them
+    pinned INTEGER NOT NULL DEFAULT 0      -- 1 while its object has a row in pins
 );
 CREATE INDEX IF NOT EXISTS versions_by_bytes ON versions(bytes);
+CREATE INDEX IF NOT EXISTS versions_by_key ON versions(key);
 CREATE TABLE IF NOT EXISTS blocks (
     version INTEGER NOT NULL,              -- versions.id
     idx INTEGER NOT NULL,                  -- block index within the object
     bytes INTEGER NOT NULL,                -- file size on disk
     atime REAL NOT NULL,                   -- last use, seconds since the epoch (LRU)
-    queue INTEGER NOT NULL DEFAULT 0,      -- S3-FIFO: 0 small, 1 main (policy.Queue)
+    queue INTEGER NOT NULL DEFAULT 0,      -- 0 small, 1 main (S3-FIFO), 2 pinned (policy.Queue)
     freq INTEGER NOT NULL DEFAULT 0,       -- S3-FIFO: hits, 0 to 3
     seq INTEGER NOT NULL DEFAULT 0,        -- S3-FIFO: order of entry into its queue
     PRIMARY KEY (version, idx)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blocks_by_atime ON blocks(atime);
+-- LRU's order, pinned blocks left out: eviction never walks past them.
+CREATE INDEX IF NOT EXISTS blocks_by_atime_unpinned ON blocks(atime) WHERE queue < 2;
 CREATE INDEX IF NOT EXISTS blocks_by_queue ON blocks(queue, seq);
 -- S3-FIFO's ghost list: blocks evicted from the small queue, by policy.ghost_key.
 CREATE TABLE IF NOT EXISTS ghosts (key INTEGER PRIMARY KEY, seq INTEGER NOT NULL);
@@ -47,9 +56,20 @@ CREATE TABLE IF NOT EXISTS totals (
     small_bytes INTEGER NOT NULL DEFAULT 0,  -- in the small queue
     small_blocks INTEGER NOT NULL DEFAULT 0,
     ghosts INTEGER NOT NULL DEFAULT 0,
-    seq INTEGER NOT NULL DEFAULT 0           -- the last queue position handed out
+    seq INTEGER NOT NULL DEFAULT 0,          -- the last queue position handed out
+    pinned_bytes INTEGER NOT NULL DEFAULT 0, -- in the pinned queue
+    pinned_blocks INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO totals(id, bytes, blocks) VALUES (0, 0, 0);
+-- Objects kept whatever the policy says (nwbcache pin), by object dir.
+CREATE TABLE IF NOT EXISTS pins (
+    odir TEXT PRIMARY KEY,                 -- objects/<kh[0:2]>/<kh>, relative to the layout root
+    key TEXT NOT NULL,                     -- the object's cache key
+    size INTEGER NOT NULL,                 -- the object's size when pinned: what --pin-limit counts
+    created REAL NOT NULL,
+    expires REAL                           -- NULL: until unpinned
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pins_by_expiry ON pins(expires) WHERE expires IS NOT NULL;
 -- Work in progress that must survive a crash: the reconciler's cursor.
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Totals kept by triggers: the cache's size, a version's and a queue's are
@@ -58,13 +78,17 @@ CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TRIGGER IF NOT EXISTS blocks_ins AFTER INSERT ON blocks BEGIN
     UPDATE totals SET bytes = bytes + NEW.bytes, blocks = blocks + 1,
         small_bytes = small_bytes + NEW.bytes * (NEW.queue = 0),
-        small_blocks = small_blocks + (NEW.queue = 0) WHERE id = 0;
+        small_blocks = small_blocks + (NEW.queue = 0),
+        pinned_bytes = pinned_bytes + NEW.bytes * (NEW.queue = 2),
+        pinned_blocks = pinned_blocks + (NEW.queue = 2) WHERE id = 0;
     UPDATE versions SET bytes = bytes + NEW.bytes, blocks = blocks + 1 WHERE id = NEW.version;
 END;
 CREATE TRIGGER IF NOT EXISTS blocks_del AFTER DELETE ON blocks BEGIN
     UPDATE totals SET bytes = bytes - OLD.bytes, blocks = blocks - 1,
         small_bytes = small_bytes - OLD.bytes * (OLD.queue = 0),
-        small_blocks = small_blocks - (OLD.queue = 0) WHERE id = 0;
+        small_blocks = small_blocks - (OLD.queue = 0),
+        pinned_bytes = pinned_bytes - OLD.bytes * (OLD.queue = 2),
+        pinned_blocks = pinned_blocks - (OLD.queue = 2) WHERE id = 0;
     UPDATE versions SET bytes = bytes - OLD.bytes, blocks = blocks - 1 WHERE id = OLD.version;
     DELETE FROM versions WHERE id = OLD.version AND blocks <= 0;
 END;
@@ -72,7 +96,9 @@ CREATE TRIGGER IF NOT EXISTS blocks_queue AFTER UPDATE OF queue ON blocks
 WHEN OLD.queue != NEW.queue BEGIN
     UPDATE totals SET
         small_bytes = small_bytes + NEW.bytes * (NEW.queue = 0) - OLD.bytes * (OLD.queue = 0),
-        small_blocks = small_blocks + (NEW.queue = 0) - (OLD.queue = 0) WHERE id = 0;
+        small_blocks = small_blocks + (NEW.queue = 0) - (OLD.queue = 0),
+        pinned_bytes = pinned_bytes + NEW.bytes * (NEW.queue = 2) - OLD.bytes * (OLD.queue = 2),
+        pinned_blocks = pinned_blocks + (NEW.queue = 2) - (OLD.queue = 2) WHERE id = 0;
 END;
 CREATE TRIGGER IF NOT EXISTS ghosts_ins AFTER INSERT ON ghosts BEGIN
     UPDATE totals SET ghosts = ghosts + 1 WHERE id = 0;
@@ -111,8 +137,35 @@ UPDATE totals SET seq = (SELECT count(*) FROM blocks) WHERE id = 0;
 DROP TABLE blocks_2;
 """
 
-ENSURE_VERSION = "INSERT INTO versions(name) VALUES (?) ON CONFLICT(name) DO NOTHING"
-VERSION_ID = "SELECT id FROM versions WHERE name = ?"
+# Schema 3 -> 4: new columns, the pins table, pinned totals in the triggers
+# (dropped here, created again by SCHEMA) and LRU's index without pinned rows.
+# Nothing is pinned yet, so no total needs computing; cache keys are learnt as
+# processes use the versions, or from meta.json when a report needs them.
+MIGRATE_3_TO_4 = """
+DROP TRIGGER IF EXISTS blocks_ins;
+DROP TRIGGER IF EXISTS blocks_del;
+DROP TRIGGER IF EXISTS blocks_queue;
+DROP INDEX IF EXISTS blocks_by_atime;
+ALTER TABLE versions ADD COLUMN key TEXT;
+ALTER TABLE versions ADD COLUMN size INTEGER;
+ALTER TABLE versions ADD COLUMN last_use REAL NOT NULL DEFAULT 0;
+ALTER TABLE versions ADD COLUMN hits INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE versions ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN pinned_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE totals ADD COLUMN pinned_blocks INTEGER NOT NULL DEFAULT 0;
+"""
+
+# A new version of a pinned object is pinned from its first block.
+ENSURE_VERSION = (
+    "INSERT INTO versions(name, pinned) VALUES (?, EXISTS(SELECT 1 FROM pins WHERE odir = ?)) "
+    "ON CONFLICT(name) DO NOTHING"
+)
+VERSION_ID = "SELECT id, pinned FROM versions WHERE name = ?"
+# What a flush learnt of a version besides its blocks.
+VERSION_USE = (
+    "UPDATE versions SET last_use = max(last_use, ?), hits = hits + ?, key = coalesce(key, ?), "
+    "size = coalesce(size, ?) WHERE id = ?"
+)
 VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
 # A block written or read: a new row enters its queue at the given place; an
 # existing one only records the use.
@@ -127,10 +180,13 @@ INSERT_FOUND = (
 )
 # Hands out ``?`` queue positions: the last one is returned.
 TAKE_SEQ = "UPDATE totals SET seq = seq + ? WHERE id = 0 RETURNING seq"
-QUEUE_TOTALS = "SELECT bytes, small_bytes, blocks, small_blocks, ghosts FROM totals WHERE id = 0"
-# S3-FIFO: the oldest blocks of one queue, with their version dir.
+QUEUE_TOTALS = (
+    "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes FROM totals WHERE id = 0"
+)
+# S3-FIFO: the oldest blocks of one queue, with their version dir and whether
+# it is pinned (a block pinned since it entered the queue moves, never goes).
 QUEUE_TAIL = (
-    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, b.freq FROM blocks AS b "
+    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, b.freq, v.pinned FROM blocks AS b "
     "JOIN versions AS v ON v.id = b.version WHERE b.queue = ? ORDER BY b.seq LIMIT ?"
 )
 MOVE = "UPDATE blocks SET queue = ?, freq = ?, seq = ? WHERE version = ? AND idx = ?"
@@ -147,11 +203,15 @@ DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WH
 DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
 ROWS_IN = "SELECT idx, atime FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
 TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
-# The least recently used blocks, with their version dir (eviction candidates).
+# The least recently used blocks not in the pinned queue, with their version
+# dir and whether it is pinned (eviction candidates). ``queue < 2`` lets SQLite
+# use the partial index.
 OLDEST = (
-    "SELECT b.version, v.name, b.idx, b.bytes, b.atime FROM blocks AS b "
-    "JOIN versions AS v ON v.id = b.version ORDER BY b.atime LIMIT ?"
+    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, v.pinned FROM blocks AS b "
+    "INDEXED BY blocks_by_atime_unpinned JOIN versions AS v ON v.id = b.version "
+    "WHERE b.queue < 2 ORDER BY b.atime LIMIT ?"
 )
+TO_PINNED = "UPDATE blocks SET queue = 2 WHERE version = ? AND idx = ?"
 TOP_VERSIONS = "SELECT name, bytes, blocks FROM versions ORDER BY bytes DESC LIMIT ?"
 GET_STATE = "SELECT value FROM state WHERE key = ?"
 SET_STATE = "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)"
@@ -190,6 +250,11 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if version == SCHEMA_VERSION:
             return
+        if version == 3:  # the files and rows agree as before: no reconcile
+            run_script(conn, MIGRATE_3_TO_4)
+            run_script(conn, SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
         columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
         if "object" in columns:
             run_script(conn, MIGRATE_1_TO_2)
@@ -226,10 +291,22 @@ def _statements(script: str) -> list[str]:
 
 def version_id(conn: sqlite3.Connection, name: str, *, create: bool) -> int | None:
     """The id of version dir ``name``; created if asked (inside a transaction)."""
+    row = version_row(conn, name, create=create)
+    return None if row is None else row[0]
+
+
+def version_row(conn: sqlite3.Connection, name: str, *, create: bool) -> tuple[int, bool] | None:
+    """(id, pinned) of version dir ``name``; created if asked (inside a
+    transaction), pinned from the start when its object is."""
     if create:
-        conn.execute(ENSURE_VERSION, (name,))
+        conn.execute(ENSURE_VERSION, (name, object_dir_of(name)))
     row = conn.execute(VERSION_ID, (name,)).fetchone()
-    return None if row is None else int(row[0])
+    return None if row is None else (int(row[0]), bool(row[1]))
+
+
+def object_dir_of(version_name: str) -> str:
+    """The object dir (``objects/<kh[0:2]>/<kh>``) of a version dir's name."""
+    return version_name.rpartition("/")[0]
 
 
 def totals(conn: sqlite3.Connection) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from nwbcache.urls import UpstreamURL
 
-from . import __version__, conditional, httprange, status
+from . import __version__, adminserver, conditional, httprange, status
 from .appkeys import (
     ABORTED_KEY,
     ALLOW_KEY,
@@ -364,4 +364,5 @@ def build_routes(app: web.Application, node_name: str = "") -> None:
     app.router.add_get("/status.json", status_json)
     app.router.add_get("/favicon.ico", no_favicon)
     app.router.add_route("*", "/dandi/{tail:.+}", dandi)
+    adminserver.add_routes(app)
     app.router.add_route("*", "/{tail:.+}", proxy)

@@ -68,6 +68,9 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 "nwbcache_coalesced_requests_total",
                 "nwbcache_cache_size_bytes",
                 "nwbcache_cache_capacity_bytes",
+                "nwbcache_pins",
+                "nwbcache_pin_limit_bytes",
+                "nwbcache_pinned_size_bytes",
                 "nwbcache_cache_blocks",
                 "nwbcache_inflight_requests",
                 "nwbcache_upstream_breakers_open",
@@ -159,6 +162,12 @@ class StatusTracker:
                 "protected": _ratio(
                     v.get("cache_queue_bytes_main", 0.0), v.get("cache_size_bytes", 0.0)
                 ),
+                # Pinned objects (nwbcache pin): cached bytes kept whatever the
+                # policy says, how many, and their sizes against --pin-limit.
+                "pinned_bytes": v.get("cache_queue_bytes_pinned", 0.0),
+                "pins": v.get("pins", 0.0),
+                "pinned_size_bytes": v.get("pinned_size_bytes", 0.0),
+                "pin_limit_bytes": v.get("pin_limit_bytes", 0.0),
                 # After an unclean stop, sizes are approximate until this is done.
                 "reconciling": v.get("reconciling", 0.0) > 0,
             },
@@ -230,6 +239,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"{_pct(cache.get('protected'))} protected; "
         f"{_n(report['inflight_requests'])} requests in flight",
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
+        f"pinned  {_b(cache.get('pinned_bytes', 0))} cached of {_n(cache.get('pins', 0))} "
+        f"objects ({_b(cache.get('pinned_size_bytes', 0))} of "
+        f"{_b(cache.get('pin_limit_bytes', 0))} --pin-limit)",
         *(
             ["reconciling the index with the files after an unclean stop: sizes approximate"]
             if cache.get("reconciling")
@@ -296,7 +308,11 @@ of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))
 protected (reused, kept through scans); {e(_n(report["inflight_requests"]))} requests in flight;
 up {report["uptime_seconds"] / 60:.0f} min.
 Upstream hosts cut off (failing, circuit open):
-<b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.{reconciling}</p>
+<b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.
+Pinned: <b id=pinned>{e(_b(cache.get("pinned_bytes", 0)))}</b> cached of
+<span id=pins>{e(_n(cache.get("pins", 0)))}</span> objects
+({e(_b(cache.get("pinned_size_bytes", 0)))} of {e(_b(cache.get("pin_limit_bytes", 0)))}
+allowed by --pin-limit).{reconciling}</p>
 <div class=bar><div style="width:{min(fill, 1.0) * 100:.1f}%"></div></div>
 <h2>Traffic</h2>
 <table id=traffic><tr><th></th><th>last minute</th><th>last hour</th></tr>{rows}</table>

@@ -142,7 +142,10 @@ class Upkeep:
         self.metrics.cache_size.set(totals.bytes)
         self.metrics.cache_blocks.set(totals.blocks)
         self.metrics.queue_bytes.labels("small").set(totals.small_bytes)
-        self.metrics.queue_bytes.labels("main").set(totals.bytes - totals.small_bytes)
+        main = totals.bytes - totals.small_bytes - totals.pinned_bytes
+        self.metrics.queue_bytes.labels("main").set(main)
+        self.metrics.queue_bytes.labels("pinned").set(totals.pinned_bytes)
+        self.metrics.pinned_bytes.set(totals.pinned_bytes)
         await self._report_policy()
 
     async def _report_policy(self) -> None:

@@ -29,6 +29,11 @@ class Version:
     # Whether upstream refuses it without credentials (None: not known yet).
     private: bool | None = None
 
+    @property
+    def about(self) -> tuple[str, int]:
+        """(cache key, size): what the index notes of a version's object."""
+        return self.key, self.remote.size
+
     @classmethod
     def of(cls, layout: Layout, meta: ObjectMeta, block_size: int) -> Version:
         path = layout.version_dir(key_hash(meta.cache_key), meta.digest, block_size)

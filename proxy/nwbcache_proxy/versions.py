@@ -374,6 +374,11 @@ class Versions:
         still holding the old version revalidates instead of serving it again."""
         self._changed.put(v.key, True)
 
+    def forget_object(self, key: str) -> None:
+        """Forget what this process knows of an object evicted by hand: its next
+        request reads meta.json afresh (gone: a discovery)."""
+        self._known.pop(key)
+
     async def drop(self, v: Version) -> None:
         """Forget one version: metadata, blocks, open fds and index rows."""
         known = self._known.get(v.key)

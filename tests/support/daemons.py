@@ -22,6 +22,8 @@ from typing import Any
 
 from aiohttp import web
 
+from nwbcache_proxy.admin import Admin
+from nwbcache_proxy.adminserver import ADMIN_KEY
 from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s3
 from nwbcache_proxy.appkeys import CACHE_KEY, S3_ENDPOINT_KEY
 from nwbcache_proxy.cache import BlockCache
@@ -32,8 +34,11 @@ from tests.support.helpers import REPO
 class DaemonThread:
     """The daemon's aiohttp app served from a background thread's own loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bind: str | None = None) -> None:
+        """``bind``: the address to serve on, when not ``settings.host`` (a test
+        of a daemon that believes it listens beyond loopback stays on it)."""
         self.settings = settings
+        self.bind = bind or settings.host
         self.url = ""
         self.s3_url = ""  # the S3 endpoint's, when settings.s3_listen is on
         self._loop = asyncio.new_event_loop()
@@ -56,6 +61,11 @@ class DaemonThread:
         assert self._app is not None
         return self._app[CACHE_KEY]
 
+    @property
+    def admin(self) -> Admin:
+        assert self._app is not None
+        return self._app[ADMIN_KEY]
+
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the daemon's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
@@ -75,10 +85,10 @@ class DaemonThread:
         await runner.setup()
         s3_runner = await start_s3(self._app, self.settings)
         try:
-            site = web.TCPSite(runner, self.settings.host, self.settings.port)
+            site = web.TCPSite(runner, self.bind, self.settings.port)
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self.url = f"http://{self.settings.host}:{port}"
+            self.url = f"http://{self.bind}:{port}"
             if s3_runner is not None:
                 self.s3_url = self._app[S3_ENDPOINT_KEY].url
             self._ready.set()
