@@ -6,6 +6,7 @@ request), with bytes compared against the origin's."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -35,10 +36,11 @@ def call(
     token: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> requests.Response:
-    h = dict(headers or {})
+    h = {"Content-Type": "application/json", **(headers or {})}
     if token is not None:
         h["Authorization"] = f"Bearer {token}"
-    return requests.request(method, f"{daemon.url}{path}", json=body, headers=h, timeout=30)
+    data = None if body is None else json.dumps(body)  # NaN and all, as a client may send
+    return requests.request(method, f"{daemon.url}{path}", data=data, headers=h, timeout=30)
 
 
 def upstream_url(origin: S3Emulator, key: str) -> str:
@@ -176,6 +178,8 @@ def test_pins_beyond_the_limit_are_refused_all_or_nothing(
         ({"urls": ["not a url"]}, 400, "not an object URL"),
         ({"urls": ["http://{host}/lab/p.nwb"], "ttl": -1}, 400, "ttl"),
         ({"urls": ["http://{host}/lab/p.nwb"], "ttl": "30d"}, 400, "ttl"),
+        ({"urls": ["http://{host}/lab/p.nwb"], "ttl": float("nan")}, 400, "ttl"),
+        ({"urls": ["http://{host}/lab/p.nwb"], "ttl": float("inf")}, 400, "ttl"),
     ],
 )
 def test_bad_pins_get_a_clear_error_and_pin_nothing(
@@ -195,7 +199,11 @@ def test_bad_pins_get_a_clear_error_and_pin_nothing(
     r = call(daemon, "POST", "/admin/pins", body)
     assert r.status_code == status and words in r.json()["error"], r.text
     assert call(daemon, "GET", "/admin/pins").json()["pins"] == []
-    r = requests.post(f"{daemon.url}/admin/pins", data=b"{not json", timeout=10)
+    json_type = {"Content-Type": "application/json"}
+    r = requests.post(f"{daemon.url}/admin/pins", data=b"{not json", headers=json_type, timeout=10)
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
+    deep = b"[" * 100_000 + b"]" * 100_000
+    r = requests.post(f"{daemon.url}/admin/pins", data=deep, headers=json_type, timeout=10)
     assert r.status_code == 400 and "not JSON" in r.json()["error"]
 
 
@@ -213,6 +221,7 @@ def test_a_pin_expires(origin: S3Emulator, make_daemon: Callable[..., DaemonThre
     assert call(daemon, "GET", "/admin/pins").json()["pins"] == []
     [obj] = call(daemon, "GET", "/admin/objects").json()["objects"]
     assert not obj["pinned"]
+    assert daemon.call(daemon.cache.index.totals()).pinned_bytes == 0  # its blocks left too
 
 
 def test_evict_by_url_and_prefix_skips_pins_unless_asked(
@@ -310,6 +319,34 @@ def test_without_a_token_admin_calls_need_loopback_alone_and_no_relay(
         local.stop()
 
 
+def test_no_web_page_can_drive_the_api(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """What a page in the user's browser could send: a form-like POST to
+    127.0.0.1, or any request through a name it rebinds to 127.0.0.1."""
+    origin.put("/lab/keep.nwb", b"k" * 100)
+    daemon = make_daemon(block_size=BS)
+    assert read(daemon, origin, "/lab/keep.nwb").status_code == 200
+    body = json.dumps({"prefix": upstream_url(origin, "/")})
+    attempts = [
+        {"Content-Type": "text/plain", "Origin": "https://evil.example"},
+        {"Content-Type": "text/plain"},
+        {"Content-Type": "application/json", "Origin": "https://evil.example"},
+        {"Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"},
+        {"Content-Type": "application/json", "Host": "evil.example"},
+    ]
+    for headers in attempts:
+        r = requests.post(f"{daemon.url}/admin/evict", data=body, headers=headers, timeout=10)
+        assert r.status_code in (403, 415), (headers, r.text)
+    assert cached(daemon, origin, "/lab/keep.nwb")
+    rebound = requests.get(f"{daemon.url}/admin/objects", headers={"Host": "evil.example:80"})
+    assert rebound.status_code == 403 and "loopback address" in rebound.json()["error"]
+    ok = requests.post(
+        f"{daemon.url}/admin/evict", data=body, headers={"Content-Type": "application/json"}
+    )
+    assert ok.status_code == 200 and ok.json()["objects"] == 1
+
+
 def test_a_short_token_file_stops_the_daemon_with_a_reason(tmp_path: Path) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("short\n")
@@ -317,5 +354,6 @@ def test_a_short_token_file_stops_the_daemon_with_a_reason(tmp_path: Path) -> No
         Settings(admin_token_file=token_file).validate()
     with pytest.raises(ValueError, match="cannot read"):
         Settings(admin_token_file=tmp_path / "absent").validate()
-    with pytest.raises(ValueError, match="--pin-limit"):
-        Settings(block_size=BS, cache_size=10 * BS, pin_limit=11 * BS).validate()
+    with pytest.raises(ValueError, match="--pin-limit must be between 0 and 90%"):
+        Settings(block_size=BS, cache_size=10 * BS, pin_limit=10 * BS).validate()
+    Settings(block_size=BS, cache_size=10 * BS, pin_limit=9 * BS).validate()

@@ -237,14 +237,59 @@ async def test_drop_step_deletes_a_version_a_span_at_a_time(index: CacheIndex) -
     await _publish(index, 1, range(0, 2 * pins.MOVE_SPAN + 1, 4096))
     [(vid, name, nbytes)] = await index.call(functools.partial(catalog.versions_of, odir=_odir(1)))
     assert (name, nbytes) == (_v(1), 5 * B)
+    last = await index.call(functools.partial(catalog.last_index, vid=vid))
+    assert last == 2 * pins.MOVE_SPAN
     at: int | None = 0
     steps = 0
     while at is not None:
-        at = await index.call(functools.partial(catalog.drop_step, vid=vid, start=at))
+        at = await index.call(functools.partial(catalog.drop_step, vid=vid, start=at, last=last))
         steps += 1
+        # A reader's use of a low block recorded meanwhile (an fd held on the
+        # file) cannot keep the drop going: its end was fixed when it began.
+        index.record(_v(1), 5, B)
+        await index.flush()
     assert steps == 3
-    assert await index.call(functools.partial(catalog.versions_of, odir=_odir(1))) == []
-    assert (await index.totals()).bytes == 0
+    assert [
+        v[1] for v in await index.call(functools.partial(catalog.versions_of, odir=_odir(1)))
+    ] == [_v(1)]
+    assert (await index.totals()).bytes == B  # that one row, until eviction takes it
+
+
+async def test_a_pins_moves_after_an_unpin_move_nothing(index: CacheIndex, tmp_path: Path) -> None:
+    """Pin, then an unpin (another worker, an expiry) before the pin's moves ran:
+    the moves must not leave blocks in the pinned queue of an unpinned version."""
+    await _publish(index, 1, range(4))
+    [(_, [vid])] = await index.call(
+        functools.partial(pins.pin, objects=[(_odir(1), _key(1), 4 * B)], expires=None, limit=10**9)
+    )
+    await index.call(functools.partial(pins.unpin, odir=_odir(1)))
+    await index.call(functools.partial(pins.move_step, vid=vid, start=0, to_pinned=True))
+    assert Queue.PINNED not in _queues(Layout(tmp_path)).values()
+    # And the other way: an unpin's moves after a new pin move nothing out.
+    await _pin(index, 1)
+    await index.call(functools.partial(pins.move_step, vid=vid, start=0, to_pinned=False))
+    assert set(_queues(Layout(tmp_path)).values()) == {Queue.PINNED}
+    await index.evict_to(0, 4 * B)
+    assert len(_queues(Layout(tmp_path))) == 4
+
+
+async def test_a_key_is_never_lost(index: CacheIndex, tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    # Learnt while meta.json was gone: marked unknown, then a use brings it.
+    index.record(_v(1), 0, B)
+    await index.flush()
+    assert await index.call(functools.partial(catalog.learn_keys, layout=layout)) == 1
+    assert [e.url for e in await index.call(catalog.entries)] == [None]
+    index.record(_v(1), 1, B, (_key(1), 2 * B))
+    await index.flush()
+    assert [e.url for e in await index.call(catalog.entries)] == [_key(1)]
+    # A version's row goes with its last block; when it comes back, its key
+    # comes with it.
+    await index.evict_to(0, 2 * B)
+    assert await index.call(catalog.entries) == []
+    index.record(_v(1), 0, B, (_key(1), 2 * B))
+    await index.flush()
+    assert [e.url for e in await index.call(catalog.entries)] == [_key(1)]
 
 
 def test_a_schema_3_index_is_migrated_in_place_without_a_reconcile(tmp_path: Path) -> None:

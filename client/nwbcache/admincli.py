@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode
@@ -31,6 +31,7 @@ ENV_ADMIN_TOKEN_FILE = "NWBCACHE_ADMIN_TOKEN_FILE"  # also the daemon's --admin-
 # DANDISET[@VERSION][/GLOB]; "DANDI:" in front is allowed, as DANDI writes ids.
 _DANDI_TARGET = re.compile(r"(?:DANDI:)?(\d{6})(?:@([^/\s]+))?(?:/(.+))?", re.IGNORECASE)
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+ZARR_SKIP = "a Zarr asset: only HDF5 files are cached"
 # Asset URLs looked up at once (each follows the API's redirect).
 _LOOKUPS = 8
 COMMANDS = ("pin", "unpin", "evict", "ls")
@@ -48,6 +49,7 @@ class AdminError(Exception):
 class Target:
     url: str  # the object's upstream URL
     label: str  # what the user knows it by (an asset path, or the URL)
+    skip: str | None = None  # why it is listed but not a file to act on (a Zarr asset)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -72,8 +74,8 @@ def parse_dandi_target(text: str) -> DandiSet | None:
     return DandiSet(m.group(1), m.group(2) or "draft", m.group(3))
 
 
-def add_commands(sub: Any) -> None:
-    """The admin subcommands of ``nwbcache``."""
+def common_options() -> argparse.ArgumentParser:
+    """The options every admin command takes: where the daemon is, the token."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--proxy", help=f"the daemon's base URL (default ${env.ENV_URL})")
     common.add_argument(
@@ -82,6 +84,12 @@ def add_commands(sub: Any) -> None:
     )  # fmt: skip
     common.add_argument("--dandi-api-url", help="the DANDI API for DANDISET targets")
     common.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+    return common
+
+
+def add_commands(sub: Any) -> None:
+    """The admin subcommands of ``nwbcache``."""
+    common = common_options()
     targets_help = "URL, proxied URL, or DANDISET[@VERSION][/GLOB] (e.g. 000006/sub-*/*.nwb)"
     pin = sub.add_parser(
         "pin",
@@ -130,10 +138,14 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(
+    args: argparse.Namespace, handler: Callable[[Api, argparse.Namespace], int] | None = None
+) -> int:
+    """Run an admin command (``handler``, else this module's): its errors as
+    one line on stderr and an exit status."""
     try:
         api = Api(_daemon(args.proxy), _token(args.token_file))
-        return _COMMANDS[args.command](api, args)
+        return (handler or _COMMANDS[args.command])(api, args)
     except AdminError as exc:
         sys.stderr.write(f"nwbcache {args.command}: {exc}\n")
         return exc.status
@@ -152,8 +164,8 @@ class Api:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base}{path}", data=data, method=method)
         request.add_header("Content-Type", "application/json")
-        if self.token:
-            request.add_header("Authorization", f"Bearer {self.token}")
+        if self.token:  # never to where a redirect points
+            request.add_unredirected_header("Authorization", f"Bearer {self.token}")
         try:
             with self.opener.open(request, timeout=600) as resp:
                 answer: dict[str, Any] = json.loads(resp.read())
@@ -189,13 +201,16 @@ def _token(path: str | None) -> str | None:
         raise AdminError(f"cannot read the admin token: {exc}", 2) from None
 
 
-def resolve(texts: Sequence[str], base: str, api_url: str | None) -> list[Target]:
-    """The objects the TARGETs name (a DANDI asset set through the DANDI API)."""
+def resolve(
+    texts: Sequence[str], base: str, api_url: str | None, *, keep_skipped: bool = False
+) -> list[Target]:
+    """The objects the TARGETs name (a DANDI asset set through the DANDI API);
+    with ``keep_skipped``, Zarr assets too, marked, for the job's report."""
     found: list[Target] = []
     for text in texts:
         dandi = parse_dandi_target(text)
         if dandi is not None:
-            found += _assets(dandi, api_url)
+            found += [t for t in _assets(dandi, api_url) if keep_skipped or t.skip is None]
             continue
         try:
             if text.startswith(base + "/"):
@@ -219,9 +234,9 @@ def _assets(target: DandiSet, api_url: str | None) -> list[Target]:
             assets = list(
                 dandiset.get_assets_by_glob(target.glob) if target.glob else dandiset.get_assets()
             )
-            zarrs = [a.path for a in assets if a.asset_type is AssetType.ZARR]
-            for path in zarrs:
-                sys.stderr.write(f"skipped {path}: a Zarr asset (only HDF5 files are cached)\n")
+            zarrs = [a for a in assets if a.asset_type is AssetType.ZARR]
+            for a in zarrs:
+                sys.stderr.write(f"skipped {a.path}: a Zarr asset (only HDF5 files are cached)\n")
             files = [a for a in assets if a.asset_type is not AssetType.ZARR]
 
             def url_of(asset: Any) -> Target:
@@ -230,7 +245,9 @@ def _assets(target: DandiSet, api_url: str | None) -> list[Target]:
                 )
 
             with ThreadPoolExecutor(_LOOKUPS) as pool:
-                return list(pool.map(url_of, files))
+                targets = list(pool.map(url_of, files))
+            skipped = [Target(a.api_url, a.path, ZARR_SKIP) for a in zarrs]
+            return targets + skipped
     except AdminError:
         raise
     except Exception as exc:  # the DANDI client's: not found, HTTP, connection
@@ -251,8 +268,8 @@ def _pin(api: Api, args: argparse.Namespace) -> int:
     for p in answer["pinned"]:
         until = "" if p["expires"] is None else f" until {_when(p['expires'])}"
         state = "pinned" if p["new"] else "pinned already, renewed"
-        print(f"{state}: {labels.get(p['url'], p['url'])} ({_size(p['size'])}){until}")
-    print(f"pinned in all: {_size(answer['pinned_bytes'])}")
+        print(f"{state}: {labels.get(p['url'], p['url'])} ({size_text(p['size'])}){until}")
+    print(f"pinned in all: {size_text(answer['pinned_bytes'])}")
     return 0
 
 
@@ -278,7 +295,7 @@ def _evict(api: Api, args: argparse.Namespace) -> int:
     answer = api.call("POST", "/admin/evict", body)
     if args.json:
         return _print_json(answer)
-    print(f"evicted {answer['objects']} objects, {_size(answer['bytes'])}")
+    print(f"evicted {answer['objects']} objects, {size_text(answer['bytes'])}")
     for key in answer["skipped_pinned"]:
         print(f"skipped (pinned; --unpin to evict it too): {key}")
     return 0
@@ -300,16 +317,16 @@ def _ls(api: Api, args: argparse.Namespace) -> int:
         f"{'CACHED':>10} {'SIZE':>10} {'BLOCKS':>8} {'PIN':>3} {'LAST USE':>16} {'HITS':>8}  OBJECT"
     )
     for o in objects:
-        size = "?" if o["size"] is None else _size(o["size"])
+        size = "?" if o["size"] is None else size_text(o["size"])
         pinned = "yes" if o["pinned"] else ""
         name = o.get("label") or o["url"] or "(metadata gone)"
         print(
-            f"{_size(o['cached_bytes']):>10} {size:>10} {o['blocks']:>8} {pinned:>3} "
+            f"{size_text(o['cached_bytes']):>10} {size:>10} {o['blocks']:>8} {pinned:>3} "
             f"{_when(o['last_use']):>16} {o['hits']:>8}  {name}"
         )
     print(
-        f"{len(objects)} objects; pinned {_size(answer['pinned_bytes'])} of "
-        f"{_size(answer['pin_limit'])} (--pin-limit)"
+        f"{len(objects)} objects; pinned {size_text(answer['pinned_bytes'])} of "
+        f"{size_text(answer['pin_limit'])} (--pin-limit)"
     )
     return 0
 
@@ -326,7 +343,7 @@ def _print_json(answer: dict[str, Any]) -> int:
     return 0
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -3,7 +3,8 @@
 ``nwbcache serve`` runs the daemon; ``nwbcache url`` prints the proxied URL
 of an S3 object or a DANDI asset; ``nwbcache run -- CMD`` runs a command in
 transparent mode, and ``nwbcache env`` prints the variables that turn it on;
-``pin``, ``unpin``, ``evict`` and ``ls`` use the admin API (admincli.py).
+``pin``, ``unpin``, ``evict``, ``ls`` (admincli.py), ``warm`` and ``jobs``
+(warmcli.py) use the daemon's admin API.
 The daemon's modules are imported only by ``serve``, so the other commands
 stay as light as the client library.
 """
@@ -16,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from . import __version__, admincli, env
+from . import __version__, admincli, env, warmcli
 from .urls import DANDI_API_URL, InvalidURL, _proxy, proxied_url
 
 
@@ -170,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="the daemon's base URL")
     status.add_argument("--json", action="store_true", help="print the raw JSON report")
     admincli.add_commands(sub)
+    warmcli.add_commands(sub)
     return parser
 
 
@@ -190,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args)
     if args.command in admincli.COMMANDS:
         return admincli.run(args)
+    if args.command in warmcli.COMMANDS:
+        return admincli.run(args, warmcli.run)
     parser.error(f"unknown command {args.command}")
 
 

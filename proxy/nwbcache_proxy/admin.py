@@ -180,7 +180,15 @@ class Admin:
 
     async def _evict_object(self, odir: str) -> int | None:
         """Drop one object; the bytes the index counted for it, or None when
-        there was nothing of it."""
+        there was nothing of it.
+
+        The files go first, out of sight at once (the object dir renamed into
+        trash): a reader in any process then finds no file and fetches again,
+        never a wrong byte. Then the rows, a span at a time up to the last
+        index there was. A block another process publishes meanwhile is a new,
+        valid block with its own row; a use recorded meanwhile from an fd held
+        on a trashed file leaves a row without a file, which only makes the
+        size imprecise until eviction takes it (as after a crash)."""
         meta_path = self.layout.root / odir / "meta.json"
         raw = await self.cache.disk.run(lambda: store.read_meta(meta_path))
         key = raw.get("cache_key") if raw else None
@@ -189,17 +197,18 @@ class Admin:
             return None
         if isinstance(key, str):
             self.cache.versions.forget_object(key)
+        await self.cache.disk.run(lambda: store.drop_dir(self.layout, self.layout.root / odir))
         freed = 0
         for vid, name, nbytes in versions:
             self.cache.blocks.table.drop_version(name)  # this process's fds
             self.index.forget_pending(name)
-            at: int | None = 0
-            while at is not None:
-                at = await self.index.call(functools.partial(catalog.drop_step, vid=vid, start=at))
+            last = await self.index.call(functools.partial(catalog.last_index, vid=vid))
+            at: int | None = 0 if last is not None else None
+            while at is not None and last is not None:
+                at = await self.index.call(
+                    functools.partial(catalog.drop_step, vid=vid, start=at, last=last)
+                )
             freed += nbytes
-        # Out of sight at once (renamed into trash), then deleted: a reader in
-        # another process finds no file and fetches again, never a wrong byte.
-        await self.cache.disk.run(lambda: store.drop_dir(self.layout, self.layout.root / odir))
         return freed
 
     def _odir(self, key: str) -> str:

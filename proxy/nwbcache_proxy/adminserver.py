@@ -5,6 +5,10 @@
     POST   /admin/pins    {"urls": [...], "ttl": SECONDS}   pin (all or nothing)
     DELETE /admin/pins    {"urls": [...]}                   unpin
     POST   /admin/evict   {"urls": [...]} or {"prefix": P}, "unpin": false
+    POST   /admin/warm    {"files": [{"url": U, "label": L, "skip": WHY}] or "urls": [...],
+                           "mode": "metadata"|"full", "jobs": N}        a job (202)
+    GET    /admin/jobs[/ID]                                    jobs, or one with its files
+    DELETE /admin/jobs/ID                                      cancel
 
 Who may call it is adminauth.py's rule; what the calls do is admin.py's.
 Refusals and errors are JSON too: ``{"error": "..."}``. What changes the cache
@@ -17,17 +21,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, key_of, parse_upstream_url, redact_url
+from nwbcache.urls import (
+    AllowList,
+    InvalidURL,
+    UpstreamURL,
+    cache_key,
+    key_of,
+    parse_upstream_url,
+    redact_url,
+)
 
 from . import adminauth
 from .admin import Admin, Order, PinLimit
 from .errors import ProxyError
+from .jobs import FileState, Mode, WarmFile
 from .sizes import format_size
+from .warming import MAX_JOBS, Loopback, Warming
 
 log = logging.getLogger("nwbcache.admin")
 
@@ -35,6 +50,8 @@ log = logging.getLogger("nwbcache.admin")
 MAX_BODY = 8 * 1024 * 1024
 # Objects listed when the request does not say.
 DEFAULT_LIMIT = 100
+# Files a warm-up job reads at once when the request does not say.
+DEFAULT_WARM_JOBS = 4
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +64,9 @@ class Gate:
 
 
 ADMIN_KEY: web.AppKey[Admin] = web.AppKey("admin", Admin)
+WARMING_KEY: web.AppKey[Warming] = web.AppKey("warming", Warming)
+# Where the daemon listens, for its warm-up workers: set once it does.
+LOOPBACK_KEY: web.AppKey[Loopback] = web.AppKey("loopback", Loopback)
 GATE_KEY: web.AppKey[Gate] = web.AppKey("admin_gate", Gate)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,13 +85,19 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/pins", _guarded(pin))
     app.router.add_delete("/admin/pins", _guarded(unpin))
     app.router.add_post("/admin/evict", _guarded(evict))
+    app.router.add_post("/admin/warm", _guarded(warm))
+    app.router.add_get("/admin/jobs", _guarded(list_jobs))
+    app.router.add_get("/admin/jobs/{id}", _guarded(get_job))
+    app.router.add_delete("/admin/jobs/{id}", _guarded(cancel_job))
     app.router.add_route("*", "/admin/{tail:.*}", _guarded(not_found))
 
 
 def _guarded(handler: Handler) -> Handler:
     async def guarded(request: web.Request) -> web.StreamResponse:
         gate = request.app[GATE_KEY]
-        refusal = adminauth.authorize(gate.token, request.headers, listen_hosts=gate.listen_hosts)
+        refusal = adminauth.authorize(
+            gate.token, request.headers, listen_hosts=gate.listen_hosts, method=request.method
+        )
         if refusal is not None:
             log.warning(
                 "refused %s %s from %s: %s",
@@ -137,7 +163,9 @@ async def pin(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     urls = [_allowed(request, u) for u in _urls(body)]
     ttl = body.get("ttl")
-    if ttl is not None and (not isinstance(ttl, int | float) or isinstance(ttl, bool) or ttl <= 0):
+    if ttl is not None and (
+        not isinstance(ttl, int | float) or isinstance(ttl, bool) or not 0 < ttl < math.inf
+    ):
         raise AdminError(400, "ttl must be a positive number of seconds (or absent: no expiry)")
     admin = request.app[ADMIN_KEY]
     try:
@@ -145,9 +173,10 @@ async def pin(request: web.Request) -> web.StreamResponse:
     except PinLimit as exc:
         raise AdminError(409, str(exc), pin_limit=exc.limit, pinned_bytes=exc.pinned) from None
     except ProxyError as exc:
+        # Upstream's 401/403 is not an answer about the admin token: 502, saying whose.
+        status = exc.status if exc.status in (400, 404, 410, 416) else 502
         raise AdminError(
-            exc.status if 400 <= exc.status < 600 else 502,
-            f"nothing pinned: {exc.message}",
+            status, f"nothing pinned: {exc.message}", upstream_status=exc.status
         ) from None
     pinned, _ = await admin.pin_totals()
     for p in done:
@@ -197,6 +226,57 @@ def _log_eviction(which: str, objects: int, nbytes: int) -> None:
     log.info("evicted by hand: %d objects %s, %s", objects, which, format_size(nbytes))
 
 
+async def warm(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    try:
+        mode = Mode(body.get("mode", Mode.METADATA.value))
+    except ValueError:
+        raise AdminError(400, "mode must be metadata or full") from None
+    jobs = body.get("jobs", DEFAULT_WARM_JOBS)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or not 1 <= jobs <= MAX_JOBS:
+        raise AdminError(400, f"jobs must be a whole number from 1 to {MAX_JOBS}")
+    files = []
+    if "files" in body:
+        entries = body["files"]
+        if not isinstance(entries, list) or not entries:
+            raise AdminError(400, 'give "files": a non-empty list of {"url": ..., "label": ...}')
+        for entry in entries:
+            if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+                raise AdminError(400, 'each of "files" needs a "url"')
+            files.append(_warm_file(request, entry["url"], entry.get("label"), entry.get("skip")))
+    else:
+        files = [_warm_file(request, u, None, None) for u in _urls(body)]
+    job = request.app[WARMING_KEY].submit(files, mode, jobs)
+    return _json(job.to_json(), 202, {"Location": f"/admin/jobs/{job.id}"})
+
+
+def _warm_file(request: web.Request, url: str, label: Any, skip: Any) -> WarmFile:
+    if skip is not None:  # listed by the client, not warmed (a Zarr asset): kept for the report
+        return WarmFile(url, str(label or url), FileState.SKIPPED, str(skip))
+    parsed = _allowed(request, url)
+    return WarmFile(cache_key(parsed), str(label) if label else cache_key(parsed))
+
+
+async def list_jobs(request: web.Request) -> web.StreamResponse:
+    found = request.app[WARMING_KEY].all()
+    return _json({"jobs": [j.to_json(files=False) for j in found]})
+
+
+async def get_job(request: web.Request) -> web.StreamResponse:
+    job = request.app[WARMING_KEY].get(request.match_info["id"])
+    if job is None:
+        raise AdminError(404, f"no job {request.match_info['id']}")
+    return _json(job.to_json())
+
+
+async def cancel_job(request: web.Request) -> web.StreamResponse:
+    job = request.app[WARMING_KEY].cancel(request.match_info["id"])
+    if job is None:
+        raise AdminError(404, f"no job {request.match_info['id']}")
+    log.info("warm-up job %s: cancel asked", job.id)
+    return _json(job.to_json(files=False))
+
+
 async def not_found(request: web.Request) -> web.StreamResponse:
     raise AdminError(404, f"no admin call {request.method} {request.path}; see the README")
 
@@ -212,7 +292,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         value = json.loads(b"".join(chunks) or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise AdminError(400, f"the body is not JSON: {exc}") from None
     if not isinstance(value, dict):
         raise AdminError(400, "the body must be a JSON object")
@@ -244,6 +324,6 @@ def _allowed(request: web.Request, url: str) -> UpstreamURL:
 
 
 def _int(text: str, name: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise AdminError(400, f"{name} must be a whole number, got {text!r}")
     return int(text)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from .admin import Admin
-from .adminserver import ADMIN_KEY, GATE_KEY, Gate
+from .adminserver import ADMIN_KEY, GATE_KEY, LOOPBACK_KEY, WARMING_KEY, Gate
 from .appkeys import (
     ALLOW_KEY,
     CACHE_KEY,
@@ -37,6 +37,7 @@ from .cache import BlockCache
 from .config import Settings, describe
 from .dandi_resolver import DandiResolver
 from .index import CacheIndex
+from .jobs import JobStore
 from .layout import Layout
 from .metrics import Metrics
 from .observe import observe_middleware
@@ -48,6 +49,7 @@ from .session import make_session
 from .status import StatusTracker
 from .targets import Targets
 from .upstream import Upstream
+from .warming import Loopback, Warming
 
 log = logging.getLogger("nwbcache")
 
@@ -69,6 +71,7 @@ def build_app(settings: Settings, node_id: str | None = None) -> web.Application
     app[NODE_ID_KEY] = node_id or new_node_id(settings.node_name)
     app[S3_ENDPOINT_KEY] = S3Endpoint()
     app[GATE_KEY] = Gate(settings.admin_token(), (settings.host,), settings.allow_list)
+    app[LOOPBACK_KEY] = Loopback()
     app.cleanup_ctx.append(_cache_context)
     build_routes(app, settings.node_name)
     return app
@@ -123,6 +126,9 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     app[DANDI_KEY] = DandiResolver(session, settings.dandi_api_url, settings.allow_list)
     admin = Admin(cache, app[METRICS_KEY], pin_limit=settings.pin_bytes)
     app[ADMIN_KEY] = admin
+    warming = Warming(cache, JobStore(layout), app[METRICS_KEY], app[LOOPBACK_KEY])
+    app[WARMING_KEY] = warming
+    warming.start()
     tracker = StatusTracker(app[METRICS_KEY], index, layout)
     app[STATUS_KEY] = tracker
     snapshots = asyncio.create_task(tracker.run())
@@ -132,6 +138,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
     finally:
         snapshots.cancel()
         pin_upkeep.cancel()
+        await warming.close()
         await cache.close()
         await session.close()
         await index.close()
@@ -186,6 +193,7 @@ async def serve_forever(
         if s3_runner is not None:
             _announce(f"{S3_READY_PREFIX}{app[S3_ENDPOINT_KEY].url}")
         host, port = bound_address(site)
+        app[LOOPBACK_KEY].set(host, port)
         _announce(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})")
         log.info("nwbcache %s: %s", __version__, describe(settings))
         await stop.wait()

@@ -147,13 +147,17 @@ def versions_of(conn: sqlite3.Connection, odir: str) -> list[tuple[int, str, int
     return [(int(i), str(n), int(b)) for i, n, b in rows]
 
 
-def drop_step(conn: sqlite3.Connection, vid: int, start: int) -> int | None:
+def last_index(conn: sqlite3.Connection, vid: int) -> int | None:
+    row = conn.execute(pins.MAX_INDEX, (vid,)).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def drop_step(conn: sqlite3.Connection, vid: int, start: int, last: int) -> int | None:
     """Delete the rows of version ``vid``'s blocks [start, start + MOVE_SPAN);
-    where the next step starts, or None when none is left (the version's row
-    went with its last block)."""
+    where the next step starts, or None past ``last`` (the last index when the
+    drop began: a bound, so that rows added meanwhile cannot keep it going)."""
+    end = start + pins.MOVE_SPAN
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        end = start + pins.MOVE_SPAN
         conn.execute(DROP_SPAN, (vid, start, end))
-        row = conn.execute(pins.MAX_INDEX, (vid,)).fetchone()
-    return None if row is None or row[0] is None else end
+    return None if end > last else end

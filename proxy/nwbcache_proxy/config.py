@@ -51,6 +51,8 @@ DEFAULT_S3_LISTEN = "127.0.0.1:8081"
 # Its buckets when none are given: DANDI's, at the URL its proxied URLs use, so
 # an object read both ways is one cache entry.
 DEFAULT_S3_BUCKETS: tuple[str, ...] = ("dandiarchive=https://dandiarchive.s3.amazonaws.com",)
+# --pin-limit's largest share of --cache-size.
+MAX_PIN_SHARE = 0.9
 # The shortest admin token accepted: a guessable token is no protection.
 MIN_TOKEN_BYTES = 16
 # --s3-listen values that turn the endpoint off ("" cannot be said in a variable).
@@ -204,10 +206,13 @@ class Settings:
         self.immutable_list  # noqa: B018
         self.s3_address  # noqa: B018
         self.s3_buckets  # noqa: B018
-        if not 0 <= self.pin_bytes <= self.cache_size:
+        if not 0 <= self.pin_bytes <= self.cache_size * MAX_PIN_SHARE:
             raise ValueError(
-                f"--pin-limit must be between 0 and --cache-size "
-                f"({format_size(self.cache_size)}), got {format_size(self.pin_bytes)}"
+                f"--pin-limit must be between 0 and {MAX_PIN_SHARE:.0%} of --cache-size "
+                f"({format_size(int(self.cache_size * MAX_PIN_SHARE))}), got "
+                f"{format_size(self.pin_bytes)}: pinned objects keep their block headers "
+                "and a new version of them beside the old, and the rest of the cache "
+                "needs room to work"
             )
         self.admin_token()
 

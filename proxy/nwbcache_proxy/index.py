@@ -54,8 +54,6 @@ RECENT_USE = 600.0
 # from a local origin reached 51 MiB with only the interval).
 FLUSH_INTERVAL = 1.0
 FLUSH_SHARE = 0.02
-# Versions whose cache key this process remembers having stored.
-DESCRIBED_MEMORY = 100_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -98,10 +96,9 @@ class CacheIndex:
         self._hits: Hits = {}
         self._pending_bytes = 0
         # Version dir -> (cache key, size) of its object, for the index's
-        # versions table: stored with the version's next flushed use;
-        # ``_described`` are those stored.
+        # versions table: stored with each flush where it has none (a row
+        # made again after its last block went gets them back at once).
         self._keys: dict[str, tuple[str, int]] = {}
-        self._described: set[str] = set()
         self._reconciler: Reconciler | None = None
         self._reconcile_fd = -1
         self.last_totals = Totals(0, 0)
@@ -159,9 +156,9 @@ class CacheIndex:
     ) -> None:
         """Note block ``index`` of version dir ``version`` (relative to the layout
         root), ``nbytes`` on disk, written or read now; stored on the next flush
-        (with ``about``, the object's cache key and size, once: the admin API
-        lists objects by them)."""
-        if about is not None and version not in self._described:
+        (with ``about``, the object's cache key and size: the admin API lists
+        objects by them)."""
+        if about is not None:
             self._keys[version] = about
         old = self._pending.get((version, index))
         if old is not None:
@@ -217,9 +214,6 @@ class CacheIndex:
                 self._hits[key] = self._hits.get(key, 0) + count
             self._keys.update(keys)
             return False
-        if len(self._described) > DESCRIBED_MEMORY:
-            self._described.clear()  # at worst a key is written again
-        self._described.update(keys)
         return True
 
     def forget_pending(self, version: str) -> None:

@@ -9,6 +9,7 @@
         reconcile.lock                                   one process reconciles at a time
         check.cursor                                     where an interrupted check resumes
         fetch.claims                                     locks: who fetches what (claims.py)
+        jobs/<id>.json, <id>.lock, <id>.cancel           warm-up jobs (jobs.py)
         staging/<pid>-<token>/                           a live process's temp files
         staging/<pid>-<token>/.lock                      flock held while it lives
         trash/                                           version dirs being deleted
@@ -53,6 +54,7 @@ class Layout:
         self.reconcile_lock = self.root / "reconcile.lock"
         self.check_cursor = self.root / "check.cursor"
         self.claims_path = self.root / "fetch.claims"
+        self.jobs = self.root / "jobs"
 
     def object_dir(self, kh: str) -> Path:
         return self.objects / kh[:2] / kh

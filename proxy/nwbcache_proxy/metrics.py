@@ -149,6 +149,33 @@ class Metrics:
             multiprocess_mode="mostrecent",
             registry=r,
         )
+        self.warm_jobs_total = Counter(
+            "nwbcache_warm_jobs_submitted_total",
+            "Warm-up jobs submitted to this daemon.",
+            registry=r,
+        )
+        self.warm_jobs = Gauge(
+            "nwbcache_warm_jobs",
+            "Warm-up jobs on record, by state (queued, running, done, cancelled).",
+            ["state"],
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
+        self.warm_files = Counter(
+            "nwbcache_warm_files_total",
+            "Files a warm-up job finished, by result (done, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.warm_fetched_bytes = Counter(
+            "nwbcache_warm_fetched_bytes_total",
+            "Bytes warm-up jobs added to the cache.",
+            registry=r,
+        )
+        for state in ("queued", "running", "done", "cancelled"):
+            self.warm_jobs.labels(state)
+        for result in ("done", "failed"):
+            self.warm_files.labels(result)
         self.pinned_size = Gauge(
             "nwbcache_pinned_size_bytes",
             "The sizes of the pinned objects, added up (what --pin-limit bounds).",

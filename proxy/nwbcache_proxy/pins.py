@@ -36,14 +36,19 @@ EXPIRED = "SELECT odir FROM pins WHERE expires IS NOT NULL AND expires <= ? LIMI
 VERSIONS_OF = "SELECT id, name, bytes FROM versions WHERE name > ? || '/' AND name < ? || '0'"
 MARK_PINNED = "UPDATE versions SET pinned = ? WHERE name > ? || '/' AND name < ? || '0'"
 MAX_INDEX = "SELECT max(idx) FROM blocks WHERE version = ?"
+# Each move checks the version's mark in its own transaction: an unpin (or a
+# pin) that landed between two steps of the other wins, and no block of an
+# unpinned version is moved into the pinned queue after its unpin.
 TO_PINNED_SPAN = (
-    "UPDATE blocks SET queue = 2 WHERE version = ? AND idx >= ? AND idx < ? AND queue < 2"
+    "UPDATE blocks SET queue = 2 WHERE version = ?1 AND idx >= ?2 AND idx < ?3 AND queue < 2 "
+    "AND (SELECT pinned FROM versions WHERE id = ?1) = 1"
 )
 # Unpinned blocks re-enter main at its head (they were being kept: a
 # working set, as a migrated cache's blocks are), in index order.
 FROM_PINNED_SPAN = (
-    "UPDATE blocks SET queue = 1, freq = 0, seq = ? + idx "
-    "WHERE version = ? AND idx >= ? AND idx < ? AND queue = 2"
+    "UPDATE blocks SET queue = 1, freq = 0, seq = ?4 + idx "
+    "WHERE version = ?1 AND idx >= ?2 AND idx < ?3 AND queue = 2 "
+    "AND (SELECT pinned FROM versions WHERE id = ?1) = 0"
 )
 UNPINNING = "SELECT key, value FROM state WHERE key LIKE 'unpin:%'"
 
@@ -125,7 +130,7 @@ def move_step(conn: sqlite3.Connection, vid: int, start: int, *, to_pinned: bool
                 conn.execute(TO_PINNED_SPAN, (vid, start, end))
             else:
                 first = schema.take_seq(conn, MOVE_SPAN)
-                conn.execute(FROM_PINNED_SPAN, (first - start, vid, start, end))
+                conn.execute(FROM_PINNED_SPAN, (vid, start, end, first - start))
         done = last is None or end > last
         if not to_pinned:
             if done:

@@ -163,8 +163,8 @@ ENSURE_VERSION = (
 VERSION_ID = "SELECT id, pinned FROM versions WHERE name = ?"
 # What a flush learnt of a version besides its blocks.
 VERSION_USE = (
-    "UPDATE versions SET last_use = max(last_use, ?), hits = hits + ?, key = coalesce(key, ?), "
-    "size = coalesce(size, ?) WHERE id = ?"
+    "UPDATE versions SET last_use = max(last_use, ?), hits = hits + ?, "
+    "key = coalesce(nullif(key, ''), ?), size = coalesce(size, ?) WHERE id = ?"
 )
 VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
 # A block written or read: a new row enters its queue at the given place; an

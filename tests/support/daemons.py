@@ -23,11 +23,12 @@ from typing import Any
 from aiohttp import web
 
 from nwbcache_proxy.admin import Admin
-from nwbcache_proxy.adminserver import ADMIN_KEY
+from nwbcache_proxy.adminserver import ADMIN_KEY, LOOPBACK_KEY, WARMING_KEY
 from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s3
 from nwbcache_proxy.appkeys import CACHE_KEY, S3_ENDPOINT_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
+from nwbcache_proxy.warming import Warming
 from tests.support.helpers import REPO
 
 
@@ -62,6 +63,11 @@ class DaemonThread:
         return self._app[CACHE_KEY]
 
     @property
+    def warming(self) -> Warming:
+        assert self._app is not None
+        return self._app[WARMING_KEY]
+
+    @property
     def admin(self) -> Admin:
         assert self._app is not None
         return self._app[ADMIN_KEY]
@@ -89,6 +95,7 @@ class DaemonThread:
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.url = f"http://{self.bind}:{port}"
+            self._app[LOOPBACK_KEY].set(self.bind, port)
             if s3_runner is not None:
                 self.s3_url = self._app[S3_ENDPOINT_KEY].url
             self._ready.set()

@@ -1,0 +1,327 @@
+"""Warm-up jobs run in the daemon: a dandiset's metadata, or every byte, fetched ahead of readers.
+
+A job (jobs.py) is a list of files and a mode. Each process runs the jobs it
+was given or took over, one at a time, ``job.jobs`` files at once:
+
+- **metadata**: a worker process (``python -m nwbcache_proxy.warmfile``) opens
+  the file through this daemon's own port with h5py and PyNWB (warmfile.py
+  says what it reads). Processes, not threads: h5py holds the GIL, and a
+  crash or a hang in a reader costs one file, not the daemon. When no worker
+  can be started, the file is read on a thread instead (with a warning).
+- **full**: the file's bytes as parallel 16 MiB ranged reads, drained.
+
+Both go through the daemon's HTTP port like any reader, so single flight,
+parents, retries and privacy apply unchanged, and blocks already cached cost
+nothing. Errors stay with their file (404, 403, not HDF5, a timeout); the
+job goes on. The job's file is rewritten as it goes, so any process can
+report it and a restarted daemon resumes it (files done are not read again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+from nwbcache.urls import cache_key, parse_upstream_url, proxied_url
+
+from . import catalog
+from .cache import BlockCache
+from .jobs import FileState, Job, JobStore, Mode, State, WarmFile, new_id
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# How long one file may take before its worker is stopped.
+FILE_TIMEOUT = 900.0
+# A full warm's ranges, and how many of one file are read at once.
+FULL_RANGE = 16 * 1024 * 1024
+FULL_PARALLEL = 4
+# Files warmed at once, at most (a job asks for its own number up to this).
+MAX_JOBS = 16
+# A job's file is rewritten at most this often while files are running.
+SAVE_INTERVAL = 0.5
+
+
+@dataclasses.dataclass
+class Loopback:
+    """This daemon's own base URL, as its workers reach it: known once it listens."""
+
+    url: str = ""
+    known: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def set(self, host: str, port: int) -> None:
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+        self.url = f"http://{host}:{port}"
+        self.known.set()
+
+
+class Warming:
+    def __init__(
+        self, cache: BlockCache, store: JobStore, metrics: Metrics, loopback: Loopback
+    ) -> None:
+        self.cache = cache
+        self.store = store
+        self.metrics = metrics
+        self.loopback = loopback
+        self._queue: asyncio.Queue[tuple[Job, int]] = asyncio.Queue()
+        self._runner: asyncio.Task[None] | None = None
+        self._locks: dict[str, int] = {}  # job id -> lock fd, while this process has it
+        self._in_process = False  # set once a worker process could not be started
+        self._session: aiohttp.ClientSession | None = None
+        self._last_save = 0.0
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run())
+        self.report()
+
+    def report(self) -> None:
+        """The jobs-by-state gauge, from the jobs on record (every process's)."""
+        counts = {s: 0 for s in State}
+        for job in self.store.all():
+            counts[job.state] += 1
+        for state, n in counts.items():
+            self.metrics.warm_jobs.labels(state.value).set(n)
+
+    async def close(self) -> None:
+        """Stop; jobs under way stay "running" on disk and are resumed at the next start."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._session is not None:
+            await self._session.close()
+        for fd in self._locks.values():
+            os.close(fd)
+        self._locks.clear()
+
+    # -- what the admin API asks -------------------------------------------
+    def submit(self, files: list[WarmFile], mode: Mode, jobs: int) -> Job:
+        job = Job(new_id(), mode, max(1, min(MAX_JOBS, jobs)), files, time.time())
+        fd = self.store.lock(job.id)
+        assert fd is not None  # a new id: nobody else has it
+        self._locks[job.id] = fd
+        self.store.save(job)
+        self._queue.put_nowait((job, fd))
+        self.metrics.warm_jobs_total.inc()
+        self.report()
+        log.info("warm-up job %s: %d files, %s", job.id, len(files), mode.value)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.store.load(job_id)
+
+    def all(self) -> list[Job]:
+        return self.store.all()
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Ask the job's runner (whichever process) to stop after the files running now."""
+        job = self.store.load(job_id)
+        if job is None or job.state.final:
+            return job
+        self.store.request_cancel(job_id)
+        if not self.store.held(job_id):  # left by a stopped daemon: nobody will see the mark
+            job.state, job.finished = State.CANCELLED, time.time()
+            self.store.save(job)
+        return job
+
+    # -- running ---------------------------------------------------------------
+    async def _run(self) -> None:
+        await self.loopback.known.wait()
+        self._resume_left_over()
+        while True:
+            job, fd = await self._queue.get()
+            try:
+                await self._run_job(job)
+            except Exception:
+                log.exception("warm-up job %s failed", job.id)
+            finally:
+                self._locks.pop(job.id, None)
+                os.close(fd)
+            self.store.prune()
+            self.report()
+
+    def _resume_left_over(self) -> None:
+        """Take up the jobs a stopped process left unfinished (whose lock is free)."""
+        for job in self.store.all():
+            if job.state.final or job.id in self._locks:
+                continue
+            fd = self.store.lock(job.id)
+            if fd is None:
+                continue  # another live process runs it
+            job.resumed += 1
+            for f in job.files:
+                if f.state is FileState.RUNNING:
+                    f.state = FileState.QUEUED
+            self._locks[job.id] = fd
+            self.store.save(job)
+            self._queue.put_nowait((job, fd))
+            log.info("warm-up job %s resumed after a restart", job.id)
+
+    async def _run_job(self, job: Job) -> None:
+        if self.store.cancel_requested(job.id):
+            job.state, job.finished = State.CANCELLED, time.time()
+            self.store.save(job)
+            return
+        job.state = State.RUNNING
+        job.started = job.started or time.time()
+        self.store.save(job)
+        todo = [f for f in job.files if f.state is FileState.QUEUED]
+        slots = asyncio.Semaphore(job.jobs)
+
+        async def one(f: WarmFile) -> None:
+            async with slots:
+                if self.store.cancel_requested(job.id):
+                    return
+                await self._warm(job, f)
+
+        await asyncio.gather(*(one(f) for f in todo))
+        cancelled = self.store.cancel_requested(job.id)
+        job.state = State.CANCELLED if cancelled else State.DONE
+        job.finished = time.time()
+        self.store.save(job)
+        summary = job.summary()
+        log.info(
+            "warm-up job %s %s: %d done, %d failed, %d skipped, %d bytes fetched",
+            job.id, job.state.value, summary["done"], summary["failed"],
+            summary["skipped"], summary["fetched_bytes"],
+        )  # fmt: skip
+
+    async def _warm(self, job: Job, f: WarmFile) -> None:
+        f.state = FileState.RUNNING
+        self._save_soon(job)
+        started = time.monotonic()
+        key = cache_key(parse_upstream_url(f.url))
+        before = await self._cached_bytes(key)
+        url = proxied_url(f.url, self.loopback.url)
+        try:
+            size = await self._head(url)
+            if job.mode is Mode.FULL:
+                f.detail = await self._read_all(url, size)
+            else:
+                f.detail = await self._metadata(url)
+            f.state = FileState.DONE
+            f.error = None
+        except WarmError as exc:
+            f.state, f.error = FileState.FAILED, str(exc)
+        f.seconds = round(time.monotonic() - started, 3)
+        f.fetched_bytes = max(0, await self._cached_bytes(key) - before)
+        self.metrics.warm_files.labels(f.state.value).inc()
+        self.metrics.warm_fetched_bytes.inc(f.fetched_bytes)
+        self._save_soon(job, force=True)
+
+    def _save_soon(self, job: Job, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._last_save >= SAVE_INTERVAL:
+            self._last_save = now
+            self.store.save(job)
+
+    async def _cached_bytes(self, key: str) -> int:
+        entries = await self.cache.index.call(lambda conn: catalog.entries(conn, key=key))
+        return sum(e.cached_bytes for e in entries)
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=FILE_TIMEOUT)
+            self._session = aiohttp.ClientSession(timeout=timeout, auto_decompress=False)
+        return self._session
+
+    async def _head(self, url: str) -> int:
+        """The file's size, or its error as the daemon words it (404, 403...)."""
+        try:
+            async with self._client().head(url) as resp:
+                if resp.status >= 400:
+                    raise WarmError(_http_error(resp.status))
+                return int(resp.headers.get("Content-Length", "0"))
+        except aiohttp.ClientError as exc:
+            raise WarmError(f"the daemon did not answer: {exc}") from None
+
+    async def _read_all(self, url: str, size: int) -> dict[str, Any]:
+        starts = list(range(0, size, FULL_RANGE))
+        slots = asyncio.Semaphore(FULL_PARALLEL)
+
+        async def part(start: int) -> None:
+            end = min(size, start + FULL_RANGE) - 1
+            async with (
+                slots,
+                self._client().get(url, headers={"Range": f"bytes={start}-{end}"}) as r,
+            ):
+                if r.status >= 400:
+                    raise WarmError(_http_error(r.status))
+                async for _ in r.content.iter_chunked(1 << 20):
+                    pass
+
+        try:
+            await asyncio.gather(*(part(s) for s in starts))
+        except aiohttp.ClientError as exc:
+            raise WarmError(f"reading the file failed: {exc}") from None
+        return {"ranges": len(starts), "bytes": size}
+
+    async def _metadata(self, url: str) -> dict[str, Any]:
+        if not self._in_process:
+            try:
+                return await self._in_worker(url)
+            except _NoWorker as exc:
+                log.warning("cannot start a warm-up worker (%s): files are read in-process", exc)
+                self._in_process = True
+        from . import warmfile  # h5py and PyNWB load only when this path is taken
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(None, warmfile.warm, url), FILE_TIMEOUT
+            )
+        except TimeoutError:
+            raise WarmError(f"timed out after {FILE_TIMEOUT:.0f} s") from None
+        except Exception as exc:
+            raise WarmError(warmfile.describe(exc)) from None
+
+    async def _in_worker(self, url: str) -> dict[str, Any]:
+        # The worker reads the proxied URL it is given: none of the user's
+        # NWBCACHE_* settings (transparent mode) applies to it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("NWBCACHE_")}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nwbcache_proxy.warmfile", url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+            )  # fmt: skip
+        except Exception as exc:  # no fork, no exec, a sandbox: read in-process
+            raise _NoWorker(str(exc)) from None
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), FILE_TIMEOUT)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            proc.kill()
+            await proc.wait()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise WarmError(f"timed out after {FILE_TIMEOUT:.0f} s") from None
+        lines = out.decode(errors="replace").strip().splitlines()
+        try:
+            result: dict[str, Any] = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise WarmError(f"the warm-up worker failed ({proc.returncode}): {tail[0]}") from None
+        if not result.pop("ok", False):
+            raise WarmError(str(result.get("error", "failed")))
+        return result
+
+
+class WarmError(Exception):
+    """One file's warm-up failed: the message goes to the job."""
+
+
+class _NoWorker(Exception):
+    pass
+
+
+def _http_error(status: int) -> str:
+    words = {404: "not found upstream", 403: "refused upstream (private?)", 416: "empty"}
+    return f"HTTP {status}: {words.get(status, 'the daemon could not read it')}"
