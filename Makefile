@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing bench-s3
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-sharing: $(STAMP) test-deps
 ## warm and cold, on the quick-scale files (~5 min); bench/results-s3clients.json
 bench-s3: $(STAMP) test-deps
 	$(BIN)/python -m bench.s3clients $(ARGS)
+
+## bench-warm: `nwbcache warm` of a 20-file dandiset against 20 cold PyNWB opens, then
+## io.read() after it (origin requests, time against fully warm); bench/results-warm.json
+bench-warm: $(STAMP)
+	$(BIN)/python -m bench.warm $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check client proxy tests bench

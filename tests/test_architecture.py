@@ -72,6 +72,7 @@ LAYERS: dict[str, set[str]] = {
         "versions",
         "warmfile",
         "warming",
+        "warmworkers",
     },
     "http": {"adminserver", "appkeys", "observe", "s3server", "sending", "server", "targets"},
     "process": {"__main__", "app", "check", "runner"},

@@ -21,6 +21,7 @@ import requests
 
 from nwbcache_proxy.jobs import FileState, Job, JobStore, Mode, State, WarmFile
 from nwbcache_proxy.layout import Layout
+from tests.support.client_support import NWB_FILES, PYNWB_FILES
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import origin_host, proxied, wait_until
 from tests.support.s3emu import S3Emulator
@@ -100,13 +101,13 @@ def test_after_a_metadata_warm_io_read_asks_upstream_for_nothing(
 ) -> None:
     origin.put("/ds/sub-1/a.nwb", nwb_file)
     daemon = make_daemon(block_size=BS, readahead=BS)
+    daemon.warming.whole_below = 0  # a file this small is otherwise fetched whole
     job = submit(daemon, {"files": [{"url": upstream(origin, "/ds/sub-1/a.nwb"),
                                      "label": "sub-1/a.nwb"}]})  # fmt: skip
     assert job["mode"] == "metadata" and job["state"] in ("queued", "running")
     done = finished(daemon, job["id"])
     [f] = done["files"]
     assert (done["state"], f["state"], f["label"]) == ("done", "done", "sub-1/a.nwb"), f
-    assert f["detail"]["pynwb"] == "ok"
     assert f["detail"]["datasets"] >= 10 and f["detail"]["attributes"] >= 20
     # Metadata only: a fraction of the file, the big dataset left cold.
     assert 0 < f["fetched_bytes"] < len(nwb_file) / 2
@@ -131,6 +132,58 @@ def test_after_a_metadata_warm_io_read_asks_upstream_for_nothing(
     metrics = requests.get(f"{daemon.url}/metrics", timeout=10).text
     assert 'nwbcache_warm_files_total{result="done"} 1.0' in metrics
     assert 'nwbcache_warm_jobs{state="done"} 1.0' in metrics
+
+
+def test_every_real_nwb_file_then_io_read_asks_upstream_for_nothing(
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    gc_in_main_thread_only: None,
+) -> None:
+    """The shared NWB files (PyNWB's back-compat files, MatNWB's): each warmed by
+    its metadata alone, then PyNWB's io.read() of those PyNWB reads goes to no
+    origin; the MatNWB ones (NWB 2.0b) are warmed too, h5py reads them."""
+    for path in NWB_FILES:
+        origin.put_file(f"/real/{path.name}", path)
+    daemon = make_daemon(block_size=4096, readahead=4096)
+    daemon.warming.whole_below = 0
+    body = {"urls": [upstream(origin, f"/real/{p.name}") for p in NWB_FILES]}
+    done = finished(daemon, submit(daemon, body)["id"])
+    assert [f["state"] for f in done["files"]] == ["done"] * len(NWB_FILES), done["files"]
+    fetched = {f["url"].rpartition("/")[2]: f["fetched_bytes"] for f in done["files"]}
+    origin.wait_idle()
+    origin.clear_log()
+    import h5py
+    from pynwb import NWBHDF5IO
+
+    for path in PYNWB_FILES:
+        handle = remfile.File(proxied(daemon.url, origin, f"/real/{path.name}"))
+        try:
+            with h5py.File(handle, "r") as f, NWBHDF5IO(file=f, mode="r") as io:
+                assert io.read().identifier
+        finally:
+            handle.close()
+        origin.wait_idle()
+        assert origin.log == [], f"io.read() of {path.name} after its warm-up went upstream"
+        assert fetched[path.name] < path.stat().st_size * 1.2  # blocks, headers
+
+
+def test_a_small_file_is_fetched_whole_then_visited(
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    nwb_file: bytes,
+    gc_in_main_thread_only: None,
+) -> None:
+    origin.put("/ds/small.nwb", nwb_file)
+    daemon = make_daemon(block_size=BS)
+    done = finished(daemon, submit(daemon, {"urls": [upstream(origin, "/ds/small.nwb")]})["id"])
+    [f] = done["files"]
+    assert f["state"] == "done" and f["detail"]["fetched_whole"] == len(nwb_file)
+    assert f["detail"]["datasets"] >= 10
+    origin.wait_idle()
+    origin.clear_log()
+    r = requests.get(proxied(daemon.url, origin, "/ds/small.nwb"), headers=OFFLINE, timeout=30)
+    assert (r.status_code, r.content) == (200, nwb_file)
+    assert origin.log == []
 
 
 def test_each_file_fails_alone_and_says_why(

@@ -57,7 +57,7 @@ def test_warm_in_worker_processes_then_fresh_pynwb_readers_ask_upstream_for_noth
         assert done.returncode == 0, done.stderr
         job = json.loads(done.stdout)
         assert job["state"] == "done" and job["summary"]["done"] == 3
-        assert all(f["detail"]["pynwb"] == "ok" for f in job["files"])
+        assert all(f["detail"]["datasets"] >= 10 for f in job["files"])
         assert "read in-process" not in log.read_text()  # worker processes did it
         origin.wait_idle()
         origin.clear_log()

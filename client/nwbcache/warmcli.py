@@ -17,7 +17,7 @@ from typing import Any
 from .admincli import AdminError, Api, common_options, resolve, size_text
 
 # How often a followed job is asked for its progress.
-POLL = 0.5
+POLL = 0.2
 COMMANDS = ("warm", "jobs")
 
 

@@ -58,6 +58,10 @@ def summarize(exposition: bytes) -> dict[str, float]:
                     out["upstream_errors"] += s.value
             elif name == "nwbcache_cache_queue_bytes":
                 out[f"cache_queue_bytes_{labels.get('queue', '')}"] += s.value
+            elif name == "nwbcache_warm_jobs":
+                # Every process reports the jobs on record (one dir): the largest.
+                key = f"warm_jobs_{labels.get('state', '')}"
+                out[key] = max(out[key], s.value)
             elif name in (
                 "nwbcache_cache_admissions_total",
                 "nwbcache_cache_promotions_total",
@@ -168,6 +172,9 @@ class StatusTracker:
                 "pins": v.get("pins", 0.0),
                 "pinned_size_bytes": v.get("pinned_size_bytes", 0.0),
                 "pin_limit_bytes": v.get("pin_limit_bytes", 0.0),
+                # Warm-up jobs (nwbcache warm) under way.
+                "warm_jobs_running": v.get("warm_jobs_running", 0.0),
+                "warm_jobs_queued": v.get("warm_jobs_queued", 0.0),
                 # After an unclean stop, sizes are approximate until this is done.
                 "reconciling": v.get("reconciling", 0.0) > 0,
             },
@@ -241,7 +248,9 @@ def render_text(report: dict[str, Any]) -> str:
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
         f"pinned  {_b(cache.get('pinned_bytes', 0))} cached of {_n(cache.get('pins', 0))} "
         f"objects ({_b(cache.get('pinned_size_bytes', 0))} of "
-        f"{_b(cache.get('pin_limit_bytes', 0))} --pin-limit)",
+        f"{_b(cache.get('pin_limit_bytes', 0))} --pin-limit); warm-up jobs: "
+        f"{_n(cache.get('warm_jobs_running', 0))} running, "
+        f"{_n(cache.get('warm_jobs_queued', 0))} queued",
         *(
             ["reconciling the index with the files after an unclean stop: sizes approximate"]
             if cache.get("reconciling")
@@ -312,7 +321,10 @@ Upstream hosts cut off (failing, circuit open):
 Pinned: <b id=pinned>{e(_b(cache.get("pinned_bytes", 0)))}</b> cached of
 <span id=pins>{e(_n(cache.get("pins", 0)))}</span> objects
 ({e(_b(cache.get("pinned_size_bytes", 0)))} of {e(_b(cache.get("pin_limit_bytes", 0)))}
-allowed by --pin-limit).{reconciling}</p>
+allowed by --pin-limit). Warm-up jobs:
+<span id=warm-running>{e(_n(cache.get("warm_jobs_running", 0)))}</span> running,
+<span id=warm-queued>{e(_n(cache.get("warm_jobs_queued", 0)))}</span> queued
+(<code>nwbcache jobs</code>).{reconciling}</p>
 <div class=bar><div style="width:{min(fill, 1.0) * 100:.1f}%"></div></div>
 <h2>Traffic</h2>
 <table id=traffic><tr><th></th><th>last minute</th><th>last hour</th></tr>{rows}</table>

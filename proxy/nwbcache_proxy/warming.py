@@ -3,11 +3,11 @@
 A job (jobs.py) is a list of files and a mode. Each process runs the jobs it
 was given or took over, one at a time, ``job.jobs`` files at once:
 
-- **metadata**: a worker process (``python -m nwbcache_proxy.warmfile``) opens
-  the file through this daemon's own port with h5py and PyNWB (warmfile.py
-  says what it reads). Processes, not threads: h5py holds the GIL, and a
-  crash or a hang in a reader costs one file, not the daemon. When no worker
-  can be started, the file is read on a thread instead (with a warning).
+- **metadata**: a worker process (warmworkers.py: a pool of ``job.jobs``,
+  each importing h5py and PyNWB once) opens the file through this daemon's
+  own port with h5py and PyNWB (warmfile.py says what it reads). Processes,
+  not threads: h5py holds the GIL, and a crash or a hang in a reader costs
+  one file, not the daemon.
 - **full**: the file's bytes as parallel 16 MiB ranged reads, drained.
 
 Both go through the daemon's HTTP port like any reader, so single flight,
@@ -22,10 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
@@ -37,6 +35,7 @@ from . import catalog
 from .cache import BlockCache
 from .jobs import FileState, Job, JobStore, Mode, State, WarmFile, new_id
 from .metrics import Metrics
+from .warmworkers import WarmError, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +44,8 @@ FILE_TIMEOUT = 900.0
 # A full warm's ranges, and how many of one file are read at once.
 FULL_RANGE = 16 * 1024 * 1024
 FULL_PARALLEL = 4
+# A metadata warm fetches a file of at most this many bytes whole first.
+WHOLE_BELOW = 16 * 1024 * 1024
 # Files warmed at once, at most (a job asks for its own number up to this).
 MAX_JOBS = 16
 # A job's file is rewritten at most this often while files are running.
@@ -75,9 +76,9 @@ class Warming:
         self._queue: asyncio.Queue[tuple[Job, int]] = asyncio.Queue()
         self._runner: asyncio.Task[None] | None = None
         self._locks: dict[str, int] = {}  # job id -> lock fd, while this process has it
-        self._in_process = False  # set once a worker process could not be started
         self._session: aiohttp.ClientSession | None = None
         self._last_save = 0.0
+        self.whole_below = WHOLE_BELOW
 
     def start(self) -> None:
         self._runner = asyncio.create_task(self._run())
@@ -176,14 +177,18 @@ class Warming:
         self.store.save(job)
         todo = [f for f in job.files if f.state is FileState.QUEUED]
         slots = asyncio.Semaphore(job.jobs)
+        workers = WorkerPool(min(job.jobs, len(todo)) or 1, FILE_TIMEOUT)
 
         async def one(f: WarmFile) -> None:
             async with slots:
                 if self.store.cancel_requested(job.id):
                     return
-                await self._warm(job, f)
+                await self._warm(job, f, workers)
 
-        await asyncio.gather(*(one(f) for f in todo))
+        try:
+            await asyncio.gather(*(one(f) for f in todo))
+        finally:
+            await workers.close()
         cancelled = self.store.cancel_requested(job.id)
         job.state = State.CANCELLED if cancelled else State.DONE
         job.finished = time.time()
@@ -195,7 +200,7 @@ class Warming:
             summary["skipped"], summary["fetched_bytes"],
         )  # fmt: skip
 
-    async def _warm(self, job: Job, f: WarmFile) -> None:
+    async def _warm(self, job: Job, f: WarmFile, workers: WorkerPool) -> None:
         f.state = FileState.RUNNING
         self._save_soon(job)
         started = time.monotonic()
@@ -206,8 +211,14 @@ class Warming:
             size = await self._head(url)
             if job.mode is Mode.FULL:
                 f.detail = await self._read_all(url, size)
+            elif size <= self.whole_below:
+                # A small file is mostly metadata (an icephys file: 97 %):
+                # fetched whole in one round trip, then visited from the
+                # cache, instead of hundreds of round trips upstream.
+                whole = await self._read_all(url, size)
+                f.detail = {**await workers.warm(url), "fetched_whole": whole["bytes"]}
             else:
-                f.detail = await self._metadata(url)
+                f.detail = await workers.warm(url)
             f.state = FileState.DONE
             f.error = None
         except WarmError as exc:
@@ -264,62 +275,6 @@ class Warming:
         except aiohttp.ClientError as exc:
             raise WarmError(f"reading the file failed: {exc}") from None
         return {"ranges": len(starts), "bytes": size}
-
-    async def _metadata(self, url: str) -> dict[str, Any]:
-        if not self._in_process:
-            try:
-                return await self._in_worker(url)
-            except _NoWorker as exc:
-                log.warning("cannot start a warm-up worker (%s): files are read in-process", exc)
-                self._in_process = True
-        from . import warmfile  # h5py and PyNWB load only when this path is taken
-
-        loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(None, warmfile.warm, url), FILE_TIMEOUT
-            )
-        except TimeoutError:
-            raise WarmError(f"timed out after {FILE_TIMEOUT:.0f} s") from None
-        except Exception as exc:
-            raise WarmError(warmfile.describe(exc)) from None
-
-    async def _in_worker(self, url: str) -> dict[str, Any]:
-        # The worker reads the proxied URL it is given: none of the user's
-        # NWBCACHE_* settings (transparent mode) applies to it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NWBCACHE_")}
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nwbcache_proxy.warmfile", url,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
-            )  # fmt: skip
-        except Exception as exc:  # no fork, no exec, a sandbox: read in-process
-            raise _NoWorker(str(exc)) from None
-        try:
-            out, err = await asyncio.wait_for(proc.communicate(), FILE_TIMEOUT)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            proc.kill()
-            await proc.wait()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise WarmError(f"timed out after {FILE_TIMEOUT:.0f} s") from None
-        lines = out.decode(errors="replace").strip().splitlines()
-        try:
-            result: dict[str, Any] = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise WarmError(f"the warm-up worker failed ({proc.returncode}): {tail[0]}") from None
-        if not result.pop("ok", False):
-            raise WarmError(str(result.get("error", "failed")))
-        return result
-
-
-class WarmError(Exception):
-    """One file's warm-up failed: the message goes to the job."""
-
-
-class _NoWorker(Exception):
-    pass
 
 
 def _http_error(status: int) -> str:

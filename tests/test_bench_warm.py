@@ -1,0 +1,39 @@
+"""The warm-up benchmark (bench/warm.py) on three smoke files: every phase runs, the
+warm-up job finishes, and no io.read() after it reaches the origin (no timing is
+asserted: that is the benchmark's to report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.helpers import REPO
+
+pytestmark = pytest.mark.slow  # the emulator, daemons, the CLI and readers as processes
+
+
+def test_warm_bench_runs_on_smoke_files(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = ["--scale", "smoke", "--files", "3", "--runs", "1", "--jobs", "2", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.warm", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    summary = report["summary"]
+    assert summary["read_upstream_requests"] == 0
+    assert summary["cold_opens_seconds"] > 0 and summary["warm_seconds"] > 0
+    assert summary["cold_read_bytes"] > 0 and summary["warm_bytes"] > 0
+    [run] = report["runs"]
+    assert len(run["cold"]["per_file"]) == 3 and len(run["warm"]["after"]) == 3
+    assert set(summary["by_kind"]) == {"ecephys", "imaging", "icephys"}
+    assert out.with_suffix(".md").read_text().startswith("# Warm-up against cold opens")
