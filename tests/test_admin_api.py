@@ -319,6 +319,60 @@ def test_without_a_token_admin_calls_need_loopback_alone_and_no_relay(
         local.stop()
 
 
+# Every admin call, with a body it accepts.
+EVERY_CALL = [
+    ("GET", "/admin/objects", None),
+    ("GET", "/admin/pins", None),
+    ("POST", "/admin/pins", {"urls": ["http://{host}/lab/e.nwb"]}),
+    ("DELETE", "/admin/pins", {"urls": ["http://{host}/lab/e.nwb"]}),
+    ("POST", "/admin/evict", {"urls": ["http://{host}/lab/e.nwb"]}),
+    ("POST", "/admin/warm", {"mode": "full", "urls": ["http://{host}/lab/e.nwb"]}),
+    ("GET", "/admin/jobs", None),
+    ("GET", "/admin/jobs/1-abc", None),
+    ("DELETE", "/admin/jobs/1-abc", None),
+]
+
+
+def _body(body: Any, origin: S3Emulator) -> Any:
+    return (
+        None
+        if body is None
+        else json.loads(json.dumps(body).replace("{host}", origin_host(origin)))
+    )
+
+
+def test_every_call_needs_the_token_and_works_with_it(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    origin.put("/lab/e.nwb", b"e" * 100)
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    daemon = make_daemon(block_size=BS, admin_token_file=token_file)
+    for method, path, body in EVERY_CALL:
+        body = _body(body, origin)
+        assert call(daemon, method, path, body).status_code == 401, (method, path)
+        assert call(daemon, method, path, body, token="x" * 32).status_code == 401, (method, path)
+        r = call(daemon, method, path, body, token=TOKEN)
+        assert r.status_code not in (401, 403), (method, path, r.text)
+        assert r.status_code < 500 and r.json() is not None
+
+
+def test_beyond_loopback_without_a_token_every_call_is_refused(
+    origin: S3Emulator, tmp_path: Path
+) -> None:
+    settings = Settings(
+        host="0.0.0.0", port=0, cache_dir=tmp_path / "cache",
+        allow_upstream=(origin_host(origin),), s3_listen="off",
+    )  # fmt: skip
+    daemon = DaemonThread(settings, bind="127.0.0.1").start()
+    try:
+        for method, path, body in EVERY_CALL:
+            r = call(daemon, method, path, _body(body, origin))
+            assert r.status_code == 403 and "--admin-token-file" in r.json()["error"], path
+    finally:
+        daemon.stop()
+
+
 def test_no_web_page_can_drive_the_api(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
 ) -> None:

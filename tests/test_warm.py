@@ -19,6 +19,7 @@ import pytest
 import remfile
 import requests
 
+from nwbcache_proxy import warming
 from nwbcache_proxy.jobs import FileState, Job, JobStore, Mode, State, WarmFile
 from nwbcache_proxy.layout import Layout
 from tests.support.client_support import NWB_FILES, PYNWB_FILES
@@ -194,9 +195,12 @@ def test_each_file_fails_alone_and_says_why(
 ) -> None:
     origin.put("/ds/good.nwb", nwb_file)
     origin.put("/ds/notes.txt", b"not an HDF5 file at all\n" * 100)
+    origin.put("/embargoed/e.nwb", nwb_file)
+    origin.require_signature("/embargoed/")
     daemon = make_daemon(block_size=BS)
     job = submit(daemon, {"jobs": 2, "files": [
         {"url": upstream(origin, "/ds/missing.nwb")},
+        {"url": upstream(origin, "/embargoed/e.nwb")},
         {"url": upstream(origin, "/ds/notes.txt")},
         {"url": upstream(origin, "/ds/good.nwb")},
         {"url": upstream(origin, "/ds/table.zarr"), "label": "table.zarr", "skip": "a Zarr asset"},
@@ -206,10 +210,11 @@ def test_each_file_fails_alone_and_says_why(
     assert states["missing.nwb"] == ("failed", "HTTP 404: not found upstream")
     assert states["notes.txt"][0] == "failed" and "not an HDF5 file" in states["notes.txt"][1]
     assert states["good.nwb"] == ("done", None)
+    assert states["e.nwb"] == ("failed", "HTTP 403: refused upstream (private?)")
     assert states["table.zarr"] == ("skipped", "a Zarr asset")
     assert done["state"] == "done"
     assert (done["summary"]["done"], done["summary"]["failed"], done["summary"]["skipped"]) == (
-        1, 2, 1,
+        1, 3, 1,
     )  # fmt: skip
 
 
@@ -253,6 +258,48 @@ def test_cancel_stops_after_the_files_running(
     listed = requests.get(f"{daemon.url}/admin/jobs", timeout=10).json()["jobs"]
     assert [(j["id"], j["state"]) for j in listed] == [(job["id"], "cancelled")]
     assert "files" not in listed[0] and listed[0]["summary"]["files"] == 30
+
+
+def test_cancel_stops_a_full_warm_between_ranges(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warming, "FULL_RANGE", BS)  # 200 ranges
+    origin.put("/ds/big.bin", os.urandom(200 * BS))
+    origin.latency = 0.02
+    daemon = make_daemon(block_size=BS)
+    job = submit(daemon, {"mode": "full", "urls": [upstream(origin, "/ds/big.bin")]})
+    wait_until(lambda: len(origin.requests("/ds/big.bin")) >= 8, 30, "ranges under way")
+    assert requests.delete(f"{daemon.url}/admin/jobs/{job['id']}", timeout=10).ok
+    done = finished(daemon, job["id"])
+    assert done["state"] == "cancelled"
+    assert done["files"][0]["state"] == "queued"  # not read: never "done"
+    origin.wait_idle()
+    assert len(origin.requests("/ds/big.bin")) < 100  # it stopped, far from the end
+
+
+def test_a_daemon_stopping_mid_job_leaves_it_to_resume_with_no_file_failed(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    for n in range(12):
+        origin.put(f"/ds/s{n:02d}.bin", os.urandom(8 * BS))
+    origin.latency = 0.05
+    daemon = make_daemon(block_size=BS)
+    urls = [upstream(origin, f"/ds/s{n:02d}.bin") for n in range(12)]
+    job = submit(daemon, {"mode": "full", "jobs": 2, "urls": urls})
+
+    def some_done() -> bool:
+        files = requests.get(f"{daemon.url}/admin/jobs/{job['id']}", timeout=10).json()["files"]
+        return bool(sum(f["state"] == "done" for f in files) >= 2)
+
+    wait_until(some_done, 30, "two files warmed")
+    daemon.stop()  # a clean stop, as on SIGTERM
+    left = JobStore(Layout(daemon.settings.cache_dir)).load(job["id"])
+    assert left is not None and left.state is State.RUNNING
+    assert {f.state for f in left.files} <= {FileState.DONE, FileState.QUEUED}
+    again = make_daemon(block_size=BS)
+    done = finished(again, job["id"])
+    assert (done["state"], done["resumed"]) == ("done", 1)
+    assert [f["state"] for f in done["files"]] == ["done"] * 12
 
 
 def test_a_job_left_by_a_stopped_daemon_is_resumed_without_rereading_what_is_done(

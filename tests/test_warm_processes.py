@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.support.daemons import DaemonProcess, Spawn
+from nwbcache_proxy.warmworkers import WarmError, WorkerPool
+from tests.support.daemons import DaemonProcess, DaemonThread, Spawn
 from tests.support.helpers import REPO, origin_host, proxied, wait_until
 from tests.support.s3emu import S3Emulator
 from tests.test_warm import make_nwb
@@ -46,6 +48,9 @@ def test_warm_in_worker_processes_then_fresh_pynwb_readers_ask_upstream_for_noth
         ["--cache-dir", str(tmp_path / "cache"), "--allow-upstream", origin_host(origin),
          "--block-size", "16K", "--readahead", "16K", "--log-level", "info"],
         stderr_path=log,
+        # A proxy of the environment (a cluster's): the workers' reads of the
+        # daemon's own port must not go through it.
+        env={"HTTP_PROXY": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"},
     ).start()  # fmt: skip
     try:
         urls = [f"http://{origin_host(origin)}{k}" for k in keys]
@@ -127,3 +132,25 @@ def test_a_daemon_killed_during_a_job_resumes_it_after_a_restart(
         assert (got.status_code, got.content) == (200, data)
     assert origin.log == []
     assert daemon.terminate() == 0
+
+
+async def test_a_worker_that_died_fails_its_file_and_is_replaced(
+    origin: S3Emulator, tmp_path: Path, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    origin.put("/ds/a.nwb", make_nwb(tmp_path / "a.nwb"))
+    daemon = make_daemon(block_size=16 * 1024)
+    url = proxied(daemon.url, origin, "/ds/a.nwb")
+    pool = WorkerPool(1, timeout=60)
+    try:
+        first = await pool.warm(url)
+        assert first["datasets"] >= 10
+        [worker] = pool._idle
+        worker.kill()  # the OOM killer, while it waits for a file
+        await worker.wait()
+        with pytest.raises(WarmError, match="worker died"):
+            await pool.warm(url)
+        again = await pool.warm(url)  # a new worker
+        assert again["datasets"] == first["datasets"]
+        assert pool._idle and pool._idle[0].pid != worker.pid
+    finally:
+        await pool.close()

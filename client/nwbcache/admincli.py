@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from . import env
-from .urls import InvalidURL, _proxy, key_of, original_url, parse_upstream_url
+from .urls import InvalidURL, _proxy, key_of, original_url, parse_upstream_url, redact_url
 
 ENV_ADMIN_TOKEN = "NWBCACHE_ADMIN_TOKEN"
 ENV_ADMIN_TOKEN_FILE = "NWBCACHE_ADMIN_TOKEN_FILE"  # also the daemon's --admin-token-file
@@ -221,7 +221,7 @@ def resolve(
             raise AdminError(
                 f"{text!r} is neither a URL nor DANDISET[@VERSION][/GLOB]: {exc}", 2
             ) from None
-        found.append(Target(url, text))
+        found.append(Target(url, redact_url(text)))  # a label: no signature in it
     return found
 
 

@@ -112,7 +112,7 @@ def _follow(api: Api, job_id: str, *, as_json: bool) -> int:
     bar = None
     try:
         while True:
-            job = api.call("GET", f"/admin/jobs/{job_id}")
+            job = api.call("GET", f"/admin/jobs/{job_id}?files=0")
             s = job["summary"]
             if bar is None:
                 bar = tqdm(total=s["files"], unit="file", desc=f"warm {job_id}",
@@ -136,6 +136,7 @@ def _follow(api: Api, job_id: str, *, as_json: bool) -> int:
         )
         return 130
     bar.close()
+    job = api.call("GET", f"/admin/jobs/{job_id}")  # with its files, once
     if as_json:
         print(json.dumps(job, indent=2))
     else:

@@ -40,7 +40,7 @@ from nwbcache.urls import (
 from . import adminauth
 from .admin import Admin, Order, PinLimit
 from .errors import ProxyError
-from .jobs import FileState, Mode, WarmFile
+from .jobs import MAX_FILES, FileState, Mode, WarmFile
 from .sizes import format_size
 from .warming import MAX_JOBS, Loopback, Warming
 
@@ -246,15 +246,20 @@ async def warm(request: web.Request) -> web.StreamResponse:
             files.append(_warm_file(request, entry["url"], entry.get("label"), entry.get("skip")))
     else:
         files = [_warm_file(request, u, None, None) for u in _urls(body)]
+    if len(files) > MAX_FILES:
+        raise AdminError(413, f"{len(files)} files: a job takes at most {MAX_FILES}; split it")
     job = request.app[WARMING_KEY].submit(files, mode, jobs)
     return _json(job.to_json(), 202, {"Location": f"/admin/jobs/{job.id}"})
 
 
 def _warm_file(request: web.Request, url: str, label: Any, skip: Any) -> WarmFile:
+    """A file of the job: its cache key (never a signature: job files are kept
+    a week and shown to every admin), and a label redacted likewise."""
+    name = redact_url(str(label)) if label else None
     if skip is not None:  # listed by the client, not warmed (a Zarr asset): kept for the report
-        return WarmFile(url, str(label or url), FileState.SKIPPED, str(skip))
-    parsed = _allowed(request, url)
-    return WarmFile(cache_key(parsed), str(label) if label else cache_key(parsed))
+        return WarmFile(redact_url(url), name or redact_url(url), FileState.SKIPPED, str(skip))
+    key = cache_key(_allowed(request, url))
+    return WarmFile(key, name or key)
 
 
 async def list_jobs(request: web.Request) -> web.StreamResponse:
@@ -266,7 +271,8 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     job = request.app[WARMING_KEY].get(request.match_info["id"])
     if job is None:
         raise AdminError(404, f"no job {request.match_info['id']}")
-    return _json(job.to_json())
+    # ?files=0: the summary alone (what a progress bar polls for).
+    return _json(job.to_json(files=request.query.get("files") != "0"))
 
 
 async def cancel_job(request: web.Request) -> web.StreamResponse:

@@ -198,6 +198,10 @@ async def serve_forever(
         log.info("nwbcache %s: %s", __version__, describe(settings))
         await stop.wait()
     finally:
+        # Warm-up reads go through this daemon's own port: stopped while it
+        # still listens, so that no file fails for the stop (its job resumes).
+        if WARMING_KEY in app:
+            await app[WARMING_KEY].close()
         if s3_runner is not None:
             await s3_runner.cleanup()
         await runner.cleanup()

@@ -78,6 +78,7 @@ class Warming:
         self._locks: dict[str, int] = {}  # job id -> lock fd, while this process has it
         self._session: aiohttp.ClientSession | None = None
         self._last_save = 0.0
+        self._stopping = False
         self.whole_below = WHOLE_BELOW
 
     def start(self) -> None:
@@ -93,13 +94,18 @@ class Warming:
             self.metrics.warm_jobs.labels(state.value).set(n)
 
     async def close(self) -> None:
-        """Stop; jobs under way stay "running" on disk and are resumed at the next start."""
+        """Stop, before the daemon stops listening (its reads go through its own
+        port): the job under way stays "running" on disk, its unfinished files
+        queued, and the next start resumes it. Idempotent."""
+        self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+            self._runner = None
         if self._session is not None:
             await self._session.close()
+            self._session = None
         for fd in self._locks.values():
             os.close(fd)
         self._locks.clear()
@@ -124,14 +130,22 @@ class Warming:
         return self.store.all()
 
     def cancel(self, job_id: str) -> Job | None:
-        """Ask the job's runner (whichever process) to stop after the files running now."""
+        """Ask the job's runner (whichever process) to stop: no file starts
+        after it, and a full warm stops between ranges."""
         job = self.store.load(job_id)
         if job is None or job.state.final:
             return job
         self.store.request_cancel(job_id)
-        if not self.store.held(job_id):  # left by a stopped daemon: nobody will see the mark
-            job.state, job.finished = State.CANCELLED, time.time()
-            self.store.save(job)
+        fd = self.store.lock(job_id)
+        if fd is None:
+            return job  # a live process runs it and will see the mark
+        try:  # left by a stopped daemon: nobody else will see the mark
+            job = self.store.load(job_id)  # as it is now, under the lock
+            if job is not None and not job.state.final:
+                job.state, job.finished = State.CANCELLED, time.time()
+                self.store.save(job)
+        finally:
+            os.close(fd)
         return job
 
     # -- running ---------------------------------------------------------------
@@ -152,12 +166,16 @@ class Warming:
 
     def _resume_left_over(self) -> None:
         """Take up the jobs a stopped process left unfinished (whose lock is free)."""
-        for job in self.store.all():
-            if job.state.final or job.id in self._locks:
+        for listed in self.store.all():
+            if listed.state.final or listed.id in self._locks:
                 continue
-            fd = self.store.lock(job.id)
+            fd = self.store.lock(listed.id)
             if fd is None:
                 continue  # another live process runs it
+            job = self.store.load(listed.id)  # as it is now, under the lock
+            if job is None or job.state.final:
+                os.close(fd)
+                continue
             job.resumed += 1
             for f in job.files:
                 if f.state is FileState.RUNNING:
@@ -168,10 +186,6 @@ class Warming:
             log.info("warm-up job %s resumed after a restart", job.id)
 
     async def _run_job(self, job: Job) -> None:
-        if self.store.cancel_requested(job.id):
-            job.state, job.finished = State.CANCELLED, time.time()
-            self.store.save(job)
-            return
         job.state = State.RUNNING
         job.started = job.started or time.time()
         self.store.save(job)
@@ -181,16 +195,25 @@ class Warming:
 
         async def one(f: WarmFile) -> None:
             async with slots:
-                if self.store.cancel_requested(job.id):
-                    return
-                await self._warm(job, f, workers)
+                if not self.store.cancel_requested(job.id):
+                    await self._warm(job, f, workers)
 
         try:
-            await asyncio.gather(*(one(f) for f in todo))
+            async with asyncio.TaskGroup() as group:
+                for f in todo:
+                    group.create_task(one(f))
+        except BaseException:
+            # Stopping (or a bug): what did not finish is queued again, and
+            # the job stays "running" on disk for the next start to resume.
+            for f in job.files:
+                if f.state is FileState.RUNNING:
+                    f.state = FileState.QUEUED
+            self.store.save(job)
+            raise
         finally:
             await workers.close()
-        cancelled = self.store.cancel_requested(job.id)
-        job.state = State.CANCELLED if cancelled else State.DONE
+        left = any(f.state is FileState.QUEUED for f in job.files)
+        job.state = State.CANCELLED if left else State.DONE
         job.finished = time.time()
         self.store.save(job)
         summary = job.summary()
@@ -210,28 +233,38 @@ class Warming:
         try:
             size = await self._head(url)
             if job.mode is Mode.FULL:
-                f.detail = await self._read_all(url, size)
+                f.detail = await self._read_all(url, size, job.id)
             elif size <= self.whole_below:
                 # A small file is mostly metadata (an icephys file: 97 %):
                 # fetched whole in one round trip, then visited from the
                 # cache, instead of hundreds of round trips upstream.
-                whole = await self._read_all(url, size)
+                whole = await self._read_all(url, size, job.id)
                 f.detail = {**await workers.warm(url), "fetched_whole": whole["bytes"]}
             else:
                 f.detail = await workers.warm(url)
-            f.state = FileState.DONE
-            f.error = None
+            f.state, f.error = FileState.DONE, None
         except WarmError as exc:
             f.state, f.error = FileState.FAILED, str(exc)
+            if self._stopping:  # refused by this daemon going away: not the file's fault
+                f.state, f.error = FileState.QUEUED, None
+                return
+        except _Cancelled:
+            f.state = FileState.QUEUED  # not read: the job was cancelled meanwhile
+            return
+        except Exception as exc:  # never the job's end: this file failed
+            log.warning("warm-up of %s failed", f.url, exc_info=True)
+            f.state, f.error = FileState.FAILED, f"{type(exc).__name__}: {exc}"[:300]
         f.seconds = round(time.monotonic() - started, 3)
         f.fetched_bytes = max(0, await self._cached_bytes(key) - before)
         self.metrics.warm_files.labels(f.state.value).inc()
         self.metrics.warm_fetched_bytes.inc(f.fetched_bytes)
-        self._save_soon(job, force=True)
+        self._save_soon(job)
 
-    def _save_soon(self, job: Job, *, force: bool = False) -> None:
+    def _save_soon(self, job: Job) -> None:
+        """Rewrite the job's file at most every SAVE_INTERVAL (a job of many files
+        would otherwise rewrite it after each); _run_job saves at its end."""
         now = time.monotonic()
-        if force or now - self._last_save >= SAVE_INTERVAL:
+        if now - self._last_save >= SAVE_INTERVAL:
             self._last_save = now
             self.store.save(job)
 
@@ -252,29 +285,42 @@ class Warming:
                 if resp.status >= 400:
                     raise WarmError(_http_error(resp.status))
                 return int(resp.headers.get("Content-Length", "0"))
-        except aiohttp.ClientError as exc:
-            raise WarmError(f"the daemon did not answer: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise WarmError(f"the daemon did not answer: {exc!r}") from None
 
-    async def _read_all(self, url: str, size: int) -> dict[str, Any]:
+    async def _read_all(self, url: str, size: int, job_id: str) -> dict[str, Any]:
+        """Every byte, FULL_PARALLEL ranges at a time; a failed range stops the
+        others, and so does a cancel of the job (between ranges)."""
         starts = list(range(0, size, FULL_RANGE))
         slots = asyncio.Semaphore(FULL_PARALLEL)
 
         async def part(start: int) -> None:
             end = min(size, start + FULL_RANGE) - 1
-            async with (
-                slots,
-                self._client().get(url, headers={"Range": f"bytes={start}-{end}"}) as r,
-            ):
-                if r.status >= 400:
-                    raise WarmError(_http_error(r.status))
-                async for _ in r.content.iter_chunked(1 << 20):
-                    pass
+            async with slots:
+                if self.store.cancel_requested(job_id):
+                    raise _Cancelled
+                ranged = {"Range": f"bytes={start}-{end}"}
+                async with self._client().get(url, headers=ranged) as r:
+                    if r.status >= 400:
+                        raise WarmError(_http_error(r.status))
+                    async for _ in r.content.iter_chunked(1 << 20):
+                        pass
 
         try:
-            await asyncio.gather(*(part(s) for s in starts))
-        except aiohttp.ClientError as exc:
-            raise WarmError(f"reading the file failed: {exc}") from None
+            async with asyncio.TaskGroup() as group:
+                for start in starts:
+                    group.create_task(part(start))
+        except* _Cancelled:
+            raise _Cancelled from None
+        except* WarmError as group_error:
+            raise group_error.exceptions[0] from None
+        except* (aiohttp.ClientError, TimeoutError) as group_error:
+            raise WarmError(f"reading the file failed: {group_error.exceptions[0]!r}") from None
         return {"ranges": len(starts), "bytes": size}
+
+
+class _Cancelled(Exception):
+    """The job was cancelled in the middle of a file."""
 
 
 def _http_error(status: int) -> str:

@@ -79,10 +79,12 @@ class WorkerPool:
             self._freed.notify()
 
     async def _start(self) -> asyncio.subprocess.Process:
-        # Workers read the proxied URLs they are given: none of the user's
-        # NWBCACHE_* settings (transparent mode) applies to them. Their
-        # stderr (PyNWB's warnings) is not read, so it must not fill a pipe.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NWBCACHE_")}
+        # Workers read the proxied URLs they are given, on this machine: none
+        # of the user's NWBCACHE_* settings (transparent mode) nor a proxy of
+        # the environment (requests, under remfile, sends even 127.0.0.1
+        # through HTTP_PROXY without NO_PROXY) applies. Their stderr (h5py's
+        # warnings) is not read, so it must not fill a pipe.
+        env = {k: v for k, v in os.environ.items() if not _not_for_workers(k)}
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "nwbcache_proxy.warmfile", "--serve",
@@ -101,7 +103,10 @@ class WorkerPool:
         except TimeoutError:
             await self._discard(worker)
             raise WarmError(f"timed out after {self.timeout:.0f} s") from None
-        except (OSError, asyncio.CancelledError):
+        except OSError as exc:  # it died while idle (the OOM killer, a stray kill)
+            await self._discard(worker)
+            raise WarmError(f"the warm-up worker died ({exc})") from None
+        except asyncio.CancelledError:
             await self._discard(worker)
             raise
         if not line:  # it died (a crash in HDF5, the OOM killer)
@@ -129,9 +134,16 @@ class WorkerPool:
                 loop.run_in_executor(None, warmfile.warm, url), self.timeout
             )
         except TimeoutError:
+            # The thread reads on until h5py returns: it cannot be stopped.
             raise WarmError(f"timed out after {self.timeout:.0f} s") from None
         except Exception as exc:
             raise WarmError(warmfile.describe(exc)) from None
+
+
+def _not_for_workers(name: str) -> bool:
+    return name.startswith("NWBCACHE_") or name.lower() in (
+        "http_proxy", "https_proxy", "all_proxy", "no_proxy"
+    )  # fmt: skip
 
 
 async def _stop(worker: asyncio.subprocess.Process) -> None:

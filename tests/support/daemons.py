@@ -101,6 +101,8 @@ class DaemonThread:
             self._ready.set()
             await self._stop.wait()
         finally:
+            if WARMING_KEY in self._app:  # as the daemon does (app.serve_forever)
+                await self._app[WARMING_KEY].close()
             if s3_runner is not None:
                 await s3_runner.cleanup()
             await runner.cleanup()
