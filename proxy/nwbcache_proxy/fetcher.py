@@ -96,6 +96,11 @@ class Fetcher:
         await self._plans.close()
         await self._fetches.close(SHUTDOWN_GRACE)
 
+    @property
+    def fetching(self) -> int:
+        """Blocks of this process on their way from upstream, or to disk, now."""
+        return len(self._inflight)
+
     # -- what readers ask ------------------------------------------------------
     def inflight(self, v: Version, index: int) -> InflightBlock | None:
         return self._inflight.get((v.name, index))
