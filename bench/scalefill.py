@@ -31,6 +31,7 @@ from nwbcache_proxy import blockfile, schema, store
 from nwbcache_proxy.blockfile import HEADER_SIZE
 from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout, block_relpath, shard_of
 from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
+from nwbcache_proxy.staging import Staging
 from nwbcache_proxy.version import Version
 
 # URL path prefix of the bulk objects on the (emulated) upstream host.
@@ -139,7 +140,7 @@ def fill(
     now = time.time()
     metas: list[ObjectMeta] = []
     versions: list[Version] = []
-    staging = store.Staging(layout)
+    staging = Staging(layout)
     try:
         for n, count in enumerate(object_sizes(blocks, per_object)):
             meta = bulk_meta(upstream, first_object + n, count, block_size, now)

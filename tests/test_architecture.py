@@ -48,6 +48,7 @@ LAYERS: dict[str, set[str]] = {
         "pins",
         "reconcile",
         "schema",
+        "staging",
         "store",
         "trace",
         "unlinker",

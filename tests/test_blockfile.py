@@ -1,11 +1,11 @@
-"""Tests of nwbcache_proxy.blockfile: the block header format, its checks, the CRC
-and the version digest. Tables of cases plus properties; no files touched."""
+"""Tests of nwbcache_proxy.blockfile: the block header format, its checks, the
+checksums (CRC-32C for format 2, zlib's CRC-32 for format 1, still read) and the
+version digest. Tables of cases plus properties; no files touched."""
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 
 import pytest
 from hypothesis import given
@@ -19,6 +19,7 @@ from nwbcache_proxy.blockfile import (
     CorruptBlock,
     check_data,
     check_header,
+    checksum,
     decode_header,
     encode_header,
     version_digest,
@@ -41,23 +42,79 @@ def patched(raw: bytes, offset: int, value: bytes) -> bytes:
 
 def test_constants_are_the_documented_format() -> None:
     assert MAGIC == b"NWBCBLK\x00"
-    assert FORMAT_VERSION == 1
+    assert FORMAT_VERSION == 2
     assert HEADER_SIZE == 64
 
 
 def test_header_bytes_are_pinned() -> None:
-    """Format version 1, byte for byte: a change here breaks every cache on disk."""
+    """Format version 2, byte for byte: a change here breaks every cache on disk."""
     want = bytes.fromhex(
         "4e574243424c4b00"  # magic
-        "0100"  # format version 1
+        "0200"  # format version 2
         "4000"  # header length 64
         "00000000"  # flags
         "0700000000000000"  # index 7
         "05000000"  # data length 5
-        "86a61036"  # CRC-32 of b"hello", 0x3610a686
+        "4cbb719a"  # CRC-32C of b"hello", 0x9a71bb4c
         "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"  # digest
     )
     assert encode_header(7, DATA, DIGEST) == want
+
+
+# A block written by a daemon of format 1 (before CRC-32C), byte for byte.
+V1_HEADER = bytes.fromhex(
+    "4e574243424c4b00"  # magic
+    "0100"  # format version 1
+    "4000"  # header length 64
+    "00000000"  # flags
+    "0700000000000000"  # index 7
+    "05000000"  # data length 5
+    "86a61036"  # CRC-32 (zlib) of b"hello", 0x3610a686
+    "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"  # digest
+)
+
+
+def test_a_format_1_block_is_still_read_and_checked_with_zlibs_crc() -> None:
+    header = decode_header(V1_HEADER + DATA)
+    assert header == BlockHeader(
+        index=7, length=5, checksum=0x3610A686, version_digest=DIGEST, version=1
+    )
+    check_header(header, index=7, length=5, digest=DIGEST, file_size=HEADER_SIZE + 5)
+    check_data(header, DATA)
+    with pytest.raises(CorruptBlock, match=r"^checksum mismatch$"):
+        check_data(header, b"hellO")
+
+
+@pytest.mark.parametrize(("version", "other"), [(1, 2), (2, 1)])
+def test_each_format_is_checked_with_its_own_checksum(version: int, other: int) -> None:
+    """A header of one format carrying the other format's checksum is refused."""
+    raw = patched(V1_HEADER, 8, version.to_bytes(2, "little"))
+    raw = patched(raw, 28, checksum(other, [DATA]).to_bytes(4, "little"))
+    with pytest.raises(CorruptBlock, match=r"^checksum mismatch$"):
+        check_data(decode_header(raw), DATA)
+
+
+@pytest.mark.parametrize(
+    ("version", "data", "value"),
+    [
+        # The check values of the CRC catalogue (reveng.sourceforge.io):
+        # CRC-32/ISCSI (CRC-32C) and CRC-32/ISO-HDLC (zlib's) of "123456789".
+        (2, b"123456789", 0xE3069283),
+        (1, b"123456789", 0xCBF43926),
+        (2, b"", 0),
+        (1, b"", 0),
+    ],
+)
+def test_checksums_are_the_standard_ones(version: int, data: bytes, value: int) -> None:
+    assert checksum(version, [data]) == value
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from([1, 2]))
+def test_checksum_of_parts_is_that_of_their_bytes_joined(parts: list[bytes], version: int) -> None:
+    """A fill hands a block over in the pieces it arrived in (InflightBlock.parts)."""
+    views = [memoryview(b"." + part + b".")[1:-1] for part in parts]
+    assert checksum(version, views) == checksum(version, [b"".join(parts)])
+    assert encode_header(3, views, DIGEST) == encode_header(3, b"".join(parts), DIGEST)
 
 
 @pytest.mark.parametrize(
@@ -69,7 +126,7 @@ def test_header_bytes_are_pinned() -> None:
         (12, 4, 0),
         (16, 8, 0x0102030405060708),
         (24, 4, len(DATA)),
-        (28, 4, zlib.crc32(DATA)),
+        (28, 4, 0x9A71BB4C),  # CRC-32C
         (32, 32, int.from_bytes(DIGEST, "little")),
     ],
 )
@@ -99,7 +156,7 @@ def test_round_trip(index: int, data: bytes | bytearray | memoryview) -> None:
     raw = encode_header(index, data, DIGEST)
     header = decode_header(raw)
     assert header == BlockHeader(
-        index=index, length=len(data), crc32=zlib.crc32(data), version_digest=DIGEST
+        index=index, length=len(data), checksum=checksum(2, [data]), version_digest=DIGEST
     )
     check_header(
         header, index=index, length=len(data), digest=DIGEST, file_size=len(raw) + len(data)
@@ -157,14 +214,17 @@ GOOD = encode_header(9, DATA, DIGEST)
         pytest.param(patched(GOOD, 0, b"NWBCIDX\x00"), "^bad magic$", id="another magic"),
         pytest.param(DATA * 13, "^bad magic$", id="data where the header should be"),
         pytest.param(patched(GOOD, 8, b"\x00\x00"), "^unsupported block format 0$", id="v0"),
-        pytest.param(patched(GOOD, 8, b"\x02\x00"), "^unsupported block format 2$", id="v2"),
+        pytest.param(patched(GOOD, 8, b"\x03\x00"), "^unsupported block format 3$", id="v3"),
         pytest.param(patched(GOOD, 8, b"\x00\x01"), "^unsupported block format 256$", id="v256"),
         pytest.param(patched(GOOD, 8, b"\xff\xff"), "^unsupported block format 65535$", id="vmax"),
         # A wrong header length is reported as the (good) format version.
-        pytest.param(patched(GOOD, 10, b"\x00\x00"), "^unsupported block format 1$", id="hlen 0"),
-        pytest.param(patched(GOOD, 10, b"\x3f\x00"), "^unsupported block format 1$", id="hlen 63"),
-        pytest.param(patched(GOOD, 10, b"\x41\x00"), "^unsupported block format 1$", id="hlen 65"),
-        pytest.param(patched(GOOD, 10, b"\x00\x40"), "^unsupported block format 1$", id="hlen BE"),
+        pytest.param(patched(GOOD, 10, b"\x00\x00"), "^unsupported block format 2$", id="hlen 0"),
+        pytest.param(patched(GOOD, 10, b"\x3f\x00"), "^unsupported block format 2$", id="hlen 63"),
+        pytest.param(patched(GOOD, 10, b"\x41\x00"), "^unsupported block format 2$", id="hlen 65"),
+        pytest.param(patched(GOOD, 10, b"\x00\x40"), "^unsupported block format 2$", id="hlen BE"),
+        pytest.param(
+            patched(V1_HEADER, 10, b"\x00\x00"), "^unsupported block format 1$", id="v1 hlen 0"
+        ),
     ],
 )
 def test_decode_refuses(raw: bytes, message: str) -> None:
@@ -186,7 +246,7 @@ def test_flags_are_reserved_and_not_checked(flags: bytes) -> None:
 
 # -- check_header: every field against the block wanted -------------------------------
 
-HEADER = BlockHeader(index=9, length=100, crc32=0, version_digest=DIGEST)
+HEADER = BlockHeader(index=9, length=100, checksum=0, version_digest=DIGEST)
 FILE = HEADER_SIZE + 100
 
 
@@ -255,7 +315,7 @@ def test_check_header_accepts_the_block_wanted(
     check_header(header, index=index, length=length, digest=DIGEST, file_size=HEADER_SIZE + length)
 
 
-# -- check_data: the CRC ----------------------------------------------------------------
+# -- check_data: the checksum ----------------------------------------------------------------
 
 # 1 KiB with no repeats, so no rearrangement of it gives the same bytes.
 BLOCK = b"".join(hashlib.sha256(bytes([i])).digest() for i in range(32))

@@ -20,6 +20,7 @@ from nwbcache_proxy import schema, store
 from nwbcache_proxy.check import CheckError, CheckOptions, CheckReport, check_cache, url_key
 from nwbcache_proxy.layout import Layout, block_relpath, key_hash
 from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
+from nwbcache_proxy.staging import Staging
 
 BS = 64
 
@@ -30,7 +31,7 @@ class Cache:
     def __init__(self, cache_dir: Path) -> None:
         self.dir = cache_dir
         self.layout = Layout(cache_dir)
-        self.staging = store.Staging(self.layout)
+        self.staging = Staging(self.layout)
         self.conn = schema.connect(self.layout.index_path)
 
     def close(self) -> None:
@@ -49,7 +50,7 @@ class Cache:
         for i in range(blocks):
             data = i.to_bytes(4, "big") * (bs // 4)
             size, fd = store.publish_block(
-                self.staging, vdir / block_relpath(i), i, data, meta.digest, fsync=False
+                self.staging, vdir / block_relpath(i), i, [data], meta.digest, fsync=False
             )
             os.close(fd)
             rows.append((i, size, time.time()))

@@ -27,6 +27,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,7 +39,8 @@ import requests
 from nwbcache_proxy.blockfile import HEADER_SIZE, CorruptBlock, check_data, decode_header
 from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, block_count, block_span
-from nwbcache_proxy.store import Staging, open_block
+from nwbcache_proxy.staging import Staging
+from nwbcache_proxy.store import open_block
 from tests.support.daemons import Spawn
 from tests.support.helpers import (
     REPO,
@@ -335,6 +337,60 @@ def test_restart_serves_warm_cache_without_upstream(
     assert second.terminate() == 0
     check = verify_blocks(cache_dir, by_cache_key(origin, {key: data}))
     assert (check.verified, check.orphans) == (nblocks, 0)
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a block file as a daemon before block format 2 wrote it: the same
+    header but for the version (1) and the checksum (zlib's CRC-32); see the
+    pinned format-1 header in test_blockfile.py."""
+    raw = bytearray(path.read_bytes())
+    raw[8:10] = (1).to_bytes(2, "little")
+    raw[28:32] = zlib.crc32(raw[HEADER_SIZE:]).to_bytes(4, "little")
+    path.write_bytes(raw)
+
+
+def test_a_cache_of_block_format_1_is_served_and_checked(
+    origin: S3Emulator, spawn: Spawn, tmp_path: Path
+) -> None:
+    """Blocks written before CRC-32C (format 1) are served as they are, byte-exact
+    and without asking upstream; one of them rotted is caught by its own CRC-32,
+    dropped and fetched again; ``nwbcache check`` finds the rest sound."""
+    cache_dir = tmp_path / "cache"
+    [(key, data)] = put_objects(origin, "old", [1_000_003]).items()
+    nblocks = block_count(len(data), K64)
+    first = spawn(cache_dir, "--block-size", "64K")
+    assert get_all(proxied(first.url, origin, key))[0] == data
+    wait_until(lambda: len(blk_files(cache_dir)) == nblocks, 10, f"{nblocks} blocks on disk")
+    assert first.terminate() == 0
+    files = sorted(blk_files(cache_dir), key=lambda p: int(p.stem))
+    for path in files:
+        _as_format_1(path)
+    assert {decode_header(p.read_bytes()).version for p in files} == {1}
+    rotted = files[3]
+    raw = bytearray(rotted.read_bytes())
+    raw[HEADER_SIZE + 100] ^= 0x01
+    rotted.write_bytes(raw)
+
+    since = time.monotonic()
+    second = spawn(cache_dir, "--block-size", "64K")
+    url = proxied(second.url, origin, key)
+    for index in range(nblocks):
+        start, end = block_span(index, len(data), K64)
+        r = get_range(url, start, end - 1, timeout=TIMEOUT)
+        assert r.content == data[start:end], f"block {index} differs"
+        assert r.headers["X-Cache"] == ("MISS" if index == 3 else "HIT"), index
+    start, end = block_span(3, len(data), K64)
+    asked = requests_since(origin, since, key)
+    assert [(r.method, r.range) for r in asked] == [("GET", f"bytes={start}-{end - 1}")]
+    assert second.terminate() == 0
+    assert decode_header(rotted.read_bytes()).version == 2, "fetched again: the new format"
+    check = verify_blocks(cache_dir, by_cache_key(origin, {key: data}))
+    assert (check.verified, check.orphans) == (nblocks, 0)
+    done = subprocess.run(
+        [sys.executable, "-m", "nwbcache_proxy", "check", "--cache-dir", str(cache_dir)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_kill9_during_fetches_leaves_only_whole_blocks(

@@ -49,6 +49,21 @@ def _fd_is_open_on(fd: int, path: Path) -> bool:
     return target in (str(path), f"{path} (deleted)")
 
 
+def _file_id(path: str | Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _fd_is_open_on_file(fd: int, file_id: tuple[int, int, int]) -> bool:
+    """Whether fd number ``fd`` is open on the file ``_file_id`` described.
+    For the daemon's own block files: it writes them unnamed (O_TMPFILE) and
+    links them in, so /proc names them ``#<inode> (deleted)`` all along."""
+    try:
+        return _file_id(f"/proc/self/fd/{fd}") == file_id
+    except FileNotFoundError:
+        return False
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> Iterator[Callable[[bytes], tuple[int, Path]]]:
     """Open fresh files read-only: (fd, path). Fds the table did not close are
@@ -503,15 +518,15 @@ def test_a_new_version_retires_the_old_versions_fds(
     old_meta = _resolve(daemon, url)
     old = _held(daemon, old_meta)
     assert len(old) == BLOCKS
-    old_paths = {i: old_meta.block_path(i) for i in old}
+    old_files = {i: _file_id(old_meta.block_path(i)) for i in old}
     old_fds = {i: s.fd for i, s in old.items()}
-    assert all(_fd_is_open_on(old_fds[i], old_paths[i]) for i in old)
+    assert all(_fd_is_open_on_file(old_fds[i], old_files[i]) for i in old)
 
     new = os.urandom(len(data))
     origin.put("/b/ver", new)  # a new version upstream, same size
     daemon.call(daemon.cache.drop_version(old_meta))
     assert all(_closed(s) for s in old.values())
-    assert not any(_fd_is_open_on(old_fds[i], old_paths[i]) for i in old)
+    assert not any(_fd_is_open_on_file(old_fds[i], old_files[i]) for i in old)
     assert _held(daemon, old_meta) == {}
 
     for _round in ("cold", "warm: the new version's fds"):

@@ -12,15 +12,16 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
 
 from . import store
 from .aio import Disk
+from .blockfile import Parts
 from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .lru import BoundedLRU
 from .openblocks import OpenBlocks, SharedFd, pread_nowait
-from .store import OpenBlock, Staging
+from .staging import Staging
+from .store import OpenBlock
 from .version import Version
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Blocks:
 
     async def close(self, *, keep_staging: bool = False) -> None:
         """``keep_staging``: leave the staging dir as a crash would, so the next
-        start reconciles the index (store.sweep_leftovers)."""
+        start reconciles the index (staging.sweep_leftovers)."""
         if self._staging is not None:
             staging = self._staging
             await self.disk.run(staging.release if keep_staging else staging.close)
@@ -127,7 +128,7 @@ class Blocks:
         self, v: Version, index: int, *, need_data: bool, span: tuple[int, int] | None
     ) -> OpenBlock | None:
         path = v.block_path(index)
-        verify = need_data or self._verified.get(str(path)) is None
+        verify = need_data or self._verified.get(path) is None
         length = v.block_length(index)
         piece = span if not verify else None
         opened = await self.disk.run(
@@ -138,7 +139,7 @@ class Blocks:
         if opened is None:
             return None
         if verify:
-            self._verified.put(str(path), 1)
+            self._verified.put(path, 1)
         opened.owner = self.table.adopt(v.name, index, opened.fd, opened.file_size)
         self.touch(v, index, opened.file_size)
         return opened
@@ -201,13 +202,13 @@ class Blocks:
     async def publish(self, v: Version, index: int, data: bytes | memoryview) -> bool:
         """Write a fetched block to disk; False when it could not be (disk full):
         the caller still has the bytes to serve, so nothing is lost but the caching."""
-        (written,) = await asyncio.shield(self.publish_group(v, [(index, data)]))
+        (written,) = await asyncio.shield(self.publish_group(v, [(index, [data])]))
         return written
 
     def publish_group(
-        self, v: Version, group: Sequence[tuple[int, bytes | memoryview]]
+        self, v: Version, group: Sequence[tuple[int, Parts]]
     ) -> asyncio.Future[list[bool]]:
-        """Start writing fetched blocks (index, data) to disk, all in one disk
+        """Start writing fetched blocks (index, their bytes in parts) to disk, all in one disk
         thread job: a fill pays one thread hand-off per group, not per block.
         The future says which were written; await it through asyncio.shield.
         The bookkeeping (fds kept, the index told) is done when the job ends,
@@ -244,14 +245,14 @@ class Blocks:
         return done
 
     def _published(
-        self, v: Version, path: Path, index: int, result: tuple[int, int] | OSError
+        self, v: Version, path: str, index: int, result: tuple[int, int] | OSError
     ) -> bool:
         if isinstance(result, OSError):
             log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
         size, fd = result
-        self._verified.put(str(path), 1)
+        self._verified.put(path, 1)
         # Held open from now: its first reader needs no open (eviction forgets it).
         self.table.adopt(v.name, index, fd, size).release()
         self.touch(v, index, size)

@@ -127,7 +127,7 @@ class BlockCache:
         if self.trace is not None:
             await self.trace.flush()
         # Flushed before the staging dir goes: a process without one stopped
-        # cleanly, and its use is in the index (store.sweep_leftovers). If the
+        # cleanly, and its use is in the index (staging.sweep_leftovers). If the
         # index cannot be written, the staging dir stays: the next start then
         # reconciles, as after a crash.
         clean = await self.index.flush()

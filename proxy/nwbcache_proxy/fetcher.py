@@ -342,7 +342,7 @@ class Fetcher:
         """Write a group of complete blocks; each is unregistered once its file
         exists (or could not be written), even if the run is cancelled meanwhile
         (the callback runs after publish_group's own bookkeeping)."""
-        job = self.blocks.publish_group(v, [(b.index, b.data) for b in group])
+        job = self.blocks.publish_group(v, [(b.index, b.parts) for b in group])
         for block in group:
             block.writing = True
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import store
+from . import staging
 from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
 from .layout import Layout
@@ -69,7 +69,7 @@ class Upkeep:
         self._wakeup.set()
 
     async def _sweep_and_reconcile(self) -> None:
-        swept = await self.disk.run(lambda: store.sweep_leftovers(self.layout))
+        swept = await self.disk.run(lambda: staging.sweep_leftovers(self.layout))
         if swept.dead or swept.trash:
             log.info(
                 "swept the leftovers of earlier runs: %d dead processes' temp dirs, %d in trash",
