@@ -24,7 +24,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nwbcache_proxy import store
+from nwbcache_proxy import publish, store
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied, scrape, value
 from tests.support.s3emu import Fault, S3Emulator
@@ -107,7 +107,7 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     disk threads, as on a slow or busy disk): a lookup that finds no file then
     returns after a publish that started later has finished."""
     delays = {"open": 0.0, "publish": 0.0}
-    real_open, real_publish = store.open_block, store.publish_block
+    real_open, real_publish = store.open_block, publish.publish_block
 
     def open_block(*args: Any, **kwargs: Any) -> Any:
         found = real_open(*args, **kwargs)
@@ -119,7 +119,7 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
         return real_publish(*args, **kwargs)
 
     monkeypatch.setattr(store, "open_block", open_block)
-    monkeypatch.setattr(store, "publish_block", publish_block)
+    monkeypatch.setattr(publish, "publish_block", publish_block)
     return delays
 
 

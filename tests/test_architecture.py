@@ -46,6 +46,7 @@ LAYERS: dict[str, set[str]] = {
         "jobs",
         "openblocks",
         "pins",
+        "publish",
         "reconcile",
         "schema",
         "staging",

@@ -16,7 +16,7 @@ import pytest
 
 from nwbcache.cli import main
 from nwbcache.urls import cache_key, parse_upstream_url
-from nwbcache_proxy import schema, store
+from nwbcache_proxy import publish, schema, store
 from nwbcache_proxy.check import CheckError, CheckOptions, CheckReport, check_cache, url_key
 from nwbcache_proxy.layout import Layout, block_relpath, key_hash
 from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
@@ -49,7 +49,7 @@ class Cache:
         rows = []
         for i in range(blocks):
             data = i.to_bytes(4, "big") * (bs // 4)
-            size, fd = store.publish_block(
+            size, fd = publish.publish_block(
                 self.staging, vdir / block_relpath(i), i, [data], meta.digest, fsync=False
             )
             os.close(fd)

@@ -200,6 +200,7 @@ async def serve_forever(
         # What start-up made lives as long as the process: out of the
         # collector's sight, its full passes stop walking it (they were a few
         # per cent of the event loop in a cold fill, perf).
+        gc.collect()  # start-up's garbage first, or it would never be freed
         gc.freeze()
         await stop.wait()
     finally:

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
-from . import store
+from . import publish, store
 from .aio import Disk
 from .blockfile import Parts
 from .index import FLUSH_SHARE, CacheIndex
@@ -217,7 +217,7 @@ class Blocks:
         staging = self.staging
         items = [(v.block_path(i), i, data) for i, data in group]
         job = self.disk.start(
-            lambda: store.publish_blocks(staging, items, v.digest, fsync=self.fsync)
+            lambda: publish.publish_blocks(staging, items, v.digest, fsync=self.fsync)
         )
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
 

@@ -77,11 +77,16 @@ class InflightBlock:
 
     def append(self, chunk: bytes | bytearray | memoryview) -> None:
         """The next bytes of the block. A read-only chunk (bytes, or a view of
-        bytes) of KEEP_MIN or more is kept, not copied: it must not change."""
+        bytes) of KEEP_MIN or more is kept, not copied: it must not change.
+        ValueError if the block cannot hold it (a fetch's bug: the loop of
+        gathering would not end)."""
         view = memoryview(chunk)
-        assert self.filled + len(view) <= self.length, "more bytes than the block holds"
-        if len(view) >= KEEP_MIN:
-            # A writable piece is copied: its owner may change it.
+        if self.filled + len(view) > self.length:
+            raise ValueError(f"{self.filled + len(view)} bytes for a block of {self.length}")
+        if len(view) >= KEEP_MIN and len(view) > self._gather_room:
+            # Kept (a writable piece copied: its owner may change it); a
+            # piece that fits the open gathering buffer goes there instead, or
+            # pieces of mixed sizes would leave a buffer's room unused each.
             self._add_part(view if view.readonly else memoryview(bytearray(view)), len(view))
             self._gather_room = 0
             self.filled += len(view)

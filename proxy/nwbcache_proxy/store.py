@@ -1,4 +1,4 @@
-"""Block files on disk: publish atomically, open and verify, drop versions.
+"""Block files on disk: open and verify, read, meta.json, drop versions (publish.py writes them).
 
 Every function here is blocking and is called through an executor by the
 async layer. Presence of a block is the existence of its file: nothing here
@@ -16,13 +16,12 @@ import logging
 import os
 import secrets
 import shutil
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 from . import blockfile
-from .blockfile import HEADER_SIZE, Buffer, CorruptBlock, Parts
+from .blockfile import HEADER_SIZE, CorruptBlock
 from .layout import Layout
 from .openblocks import SharedFd
 from .staging import Staging, scandir
@@ -82,146 +81,6 @@ def adopt_legacy_root(layout: Layout) -> bool:
             return False
         raise
     return True
-
-
-_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes at most
-
-
-def publish_blocks(
-    staging: Staging,
-    blocks: Sequence[tuple[str | Path, int, Parts]],
-    digest: bytes,
-    *,
-    fsync: bool,
-) -> list[tuple[int, int] | OSError]:
-    """publish_block for each (target, index, parts), in one call: a fill hands a
-    group of blocks to one disk thread. One block failing (ENOSPC) does not
-    stop the others; its entry is the error."""
-    done: list[tuple[int, int] | OSError] = []
-    for target, index, data in blocks:
-        try:
-            done.append(publish_block(staging, target, index, data, digest, fsync=fsync))
-        except OSError as exc:
-            done.append(exc)
-    return done
-
-
-def publish_block(
-    staging: Staging,
-    target: str | Path,
-    index: int,
-    data: Parts,
-    digest: bytes,
-    *,
-    fsync: bool,
-) -> tuple[int, int]:
-    """Write a block (its bytes in parts, in order) so that it appears at
-    ``target`` whole or not at all. Returns the file size and an fd of the
-    published file, open for reading: the caller owns it (the first reader of
-    a block just fetched, often a moment away, then needs no open in a
-    thread: 80 % of a cold fill's blocks go out that way).
-
-    The file is written unnamed (O_TMPFILE, in the target's dir) and linked
-    in whole: one directory entry per block instead of a temp name made in
-    the staging dir and renamed away from it (a fifth less system time in a
-    cold fill, measured), and a crash mid-write leaves nothing to sweep. A
-    file already at ``target`` (a block fetched again after failing a check)
-    is replaced atomically: the new one is linked under a temp name, then
-    renamed over it. Where the filesystem has no O_TMPFILE, a named temp file
-    in the staging dir is renamed into place.
-
-    Raises OSError (ENOSPC...) without leaving anything visible at ``target``.
-    """
-    header = blockfile.encode_header(index, data, digest)
-    tmp: Path | None = None
-    fd = _unnamed_file(os.path.dirname(target))
-    if fd is None:
-        tmp = staging.temp_path()
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-    try:
-        _write_all(fd, header, *data)
-        if fsync:
-            os.fsync(fd)
-        if tmp is None:
-            try:
-                # linkat(AT_SYMLINK_FOLLOW) of /proc/<pid>/fd/<fd>: names the open file.
-                os.link(str(fd), target, src_dir_fd=_own_fds())
-            except FileExistsError:
-                tmp = staging.temp_path()
-                os.link(str(fd), tmp, src_dir_fd=_own_fds())
-        if tmp is not None:
-            try:
-                os.replace(tmp, target)
-            except FileNotFoundError:  # the version's first block in this shard
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                os.replace(tmp, target)
-        if fsync:
-            _fsync_dir(Path(target).parent)
-    except BaseException:
-        os.close(fd)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        raise
-    return HEADER_SIZE + sum(len(part) for part in data), fd
-
-
-def _unnamed_file(directory: str) -> int | None:
-    """An O_TMPFILE fd in ``directory`` (made if missing); None where the
-    filesystem (or /proc, needed to link it) does not allow one."""
-    for attempt in range(2):
-        try:
-            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644) if _own_fds() else None
-        except FileNotFoundError:
-            if attempt:
-                raise
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                return None
-            raise
-    return None
-
-
-_fds_dir: tuple[int, int] = (-1, -1)  # (pid, fd of /proc/<pid>/fd)
-_fds_dir_lock = threading.Lock()
-
-
-def _own_fds() -> int:
-    """An fd of this process's /proc/<pid>/fd dir, or 0 without /proc. Per pid,
-    not /proc/self: a forked child must not name its parent's fds."""
-    global _fds_dir
-    pid = os.getpid()
-    if _fds_dir[0] != pid:
-        with _fds_dir_lock:
-            if _fds_dir[0] != pid:
-                try:
-                    fd = os.open(f"/proc/{pid}/fd", os.O_RDONLY | os.O_DIRECTORY)
-                except OSError:
-                    fd = 0
-                _fds_dir = (pid, fd)
-    return _fds_dir[1]
-
-
-def _write_all(fd: int, *parts: Buffer) -> None:
-    """All of ``parts``, in one writev where the kernel takes it all (and
-    IOV_MAX allows: a block gathers small pieces, so it has few parts)."""
-    views = [memoryview(p) for p in parts]
-    while views:
-        written = os.writev(fd, views[:_IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_block(
