@@ -14,7 +14,12 @@ and touched once, and checks its sha256 against the origin's:
 - ``origin``: the emulator directly, no cache (the ceiling);
 - ``nginx``: Debian's nginx-light with ``slice 256k`` + ``proxy_cache``
   (bench/harness.py's configuration, slice size aside), a fresh cache per run;
-- ``nwbcache``: ``nwbcache serve --block-size 256K``, a fresh cache dir per run.
+- ``nwbcache``: ``nwbcache serve --block-size 256K``, a fresh cache dir per run;
+- ``baseline`` (with ``--baseline REV``): the same daemon at git revision REV
+  (a worktree in the scratch dir, on PYTHONPATH), so that a change to the
+  write path is measured against what it changes in the same sitting: the
+  report adds this checkout's MB/s and CPU over the baseline's, medians of
+  the per-run ratios (this VM's speed moves by a third from hour to hour).
 
 Figures per system and stream count, medians of ``--runs`` runs: wall-clock
 MB/s (10**6 bytes) of the read; the server's CPU seconds per GiB read
@@ -80,10 +85,12 @@ from tests.support.helpers import REPO
 BENCH = Path(__file__).resolve().parent
 SYSTEMS = ("origin", "nginx", "nwbcache")
 CACHING = ("nginx", "nwbcache")
+BASELINE = "baseline"  # nwbcache at --baseline REV
 LABELS = {
     "origin": "origin (direct, no cache)",
     "nginx": "nginx slice cache",
     "nwbcache": "nwbcache",
+    BASELINE: "nwbcache at the baseline",
 }
 OBJECT = "coldfill.bin"
 GIB = 1024**3
@@ -213,8 +220,39 @@ class ColdFill:
         self.runs: list[Run] = []
         self.problems: list[str] = []
         self._serial = 0
+        self.baseline_source: Path | None = None
 
     # -- set-up --------------------------------------------------------------
+    def check_out_baseline(self, rev: str) -> str:
+        """A worktree of ``rev`` in the scratch dir, for the baseline daemon; its
+        short commit hash."""
+        source = self.work / "baseline-src"
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet", str(source), rev],
+            check=True,
+        )
+        self.baseline_source = source
+        done = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    def drop_baseline(self) -> None:
+        if self.baseline_source is not None:
+            subprocess.run(
+                [
+                    "git",
+                    "-C",
+                    str(REPO),
+                    "worktree",
+                    "remove",
+                    "--force",
+                    str(self.baseline_source),
+                ],
+                check=False,
+            )
+
     def write_object(self) -> None:
         """The random object, written once; its sha256."""
         digest = hashlib.sha256()
@@ -258,12 +296,14 @@ class ColdFill:
                 workers=self.args.workers,
             )
         else:
+            source = self.baseline_source if system == BASELINE else None
             srv = Nwbcache(
                 cache,
                 self.emulator.host,
                 log_path=self.logs / f"{name}.log",
                 block_size=self.args.block_size,
                 workers=self.args.workers,
+                env=None if source is None else {"PYTHONPATH": f"{source}/proxy:{source}/client"},
             )
         try:
             srv.start()
@@ -384,17 +424,18 @@ class ColdFill:
 
     def all_runs(self) -> None:
         streams_list: list[int] = self.args.streams_list
+        caching = [*CACHING, BASELINE] if self.baseline_source else list(CACHING)
         if self.args.warmup:
             print("warm-up (not counted):", flush=True)
-            for order, system in enumerate(CACHING):
+            for order, system in enumerate(caching):
                 self.attempt(system, max(streams_list), -1, order)
         for run in range(self.args.runs):
             print(f"run {run + 1} of {self.args.runs}:", flush=True)
             for streams in streams_list:
-                # nginx and nwbcache swap places every run; the origin alone
-                # goes first, as it writes no cache.
-                pair = list(CACHING) if run % 2 == 0 else list(reversed(CACHING))
-                for order, system in enumerate(["origin", *pair]):
+                # The caches take turns going first, one place on every run;
+                # the origin alone goes first, as it writes no cache.
+                turn = run % len(caching)
+                for order, system in enumerate(["origin", *caching[turn:], *caching[:turn]]):
                     self.attempt(system, streams, run, order)
         self.drop_old_caches(None)
 
@@ -407,12 +448,14 @@ def _median(values: Sequence[float | int | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
-def summarize(runs: list[Run], streams_list: Sequence[int]) -> dict[str, dict[str, Any]]:
+def summarize(
+    runs: list[Run], streams_list: Sequence[int], systems: Sequence[str] = SYSTEMS
+) -> dict[str, dict[str, Any]]:
     """Medians per (streams, system), keyed "<streams>" -> system -> figures."""
     out: dict[str, dict[str, Any]] = {}
     for streams in streams_list:
         row: dict[str, Any] = {}
-        for system in SYSTEMS:
+        for system in systems:
             mine = [r for r in runs if r.system == system and r.streams == streams]
             row[system] = {
                 "runs": len(mine),
@@ -435,8 +478,25 @@ def summarize(runs: list[Run], streams_list: Sequence[int]) -> dict[str, dict[st
         row["ratio_cpu_per_gib"] = _ratio(
             row["nwbcache"]["server_cpu_s_per_gib"], row["nginx"]["server_cpu_s_per_gib"]
         )
+        if BASELINE in systems:
+            row["vs_baseline"] = _paired(runs, streams, "nwbcache", BASELINE)
         out[str(streams)] = row
     return out
+
+
+def _paired(runs: list[Run], streams: int, system: str, other: str) -> dict[str, Any]:
+    """``system`` over ``other``, run by run (each run is one sitting): medians
+    of the ratios of MB/s and of server CPU per GiB."""
+    mine = {r.run: r for r in runs if r.system == system and r.streams == streams}
+    theirs = {r.run: r for r in runs if r.system == other and r.streams == streams}
+    both = sorted(set(mine) & set(theirs))
+    return {
+        "pairs": len(both),
+        "mb_per_s": _median([_ratio(mine[k].mb_per_s, theirs[k].mb_per_s) for k in both]),
+        "cpu_per_gib": _median(
+            [_ratio(mine[k].server_cpu_s_per_gib, theirs[k].server_cpu_s_per_gib) for k in both]
+        ),
+    }
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -480,12 +540,12 @@ def table(report: dict[str, Any]) -> list[str]:
     ]
     for streams, row in report["summary"].items():
         nginx = row["nginx"]
-        for system in SYSTEMS:
+        for system in (s for s in (*SYSTEMS, BASELINE) if s in row):
             f = row[system]
             speed = _ratio(f["mb_per_s"], nginx["mb_per_s"]) if system != "nginx" else None
             cpu = (
                 _ratio(f["server_cpu_s_per_gib"], nginx["server_cpu_s_per_gib"])
-                if system == "nwbcache"
+                if system in ("nwbcache", BASELINE)
                 else None
             )
             split = (
@@ -494,13 +554,30 @@ def table(report: dict[str, Any]) -> list[str]:
                 else f" ({f['server_user_s']:.2f} + {f['server_sys_s']:.2f})"
             )
             cached = None if f["cached_bytes"] is None else f["cached_bytes"] / 1e6
+            label = LABELS[system]
+            if system == BASELINE:
+                label = f"nwbcache at {report['settings'].get('baseline')}"
             lines.append(
-                f"| {streams} | {LABELS[system]} | {_num(f['mb_per_s'], '{:.0f}')} "
+                f"| {streams} | {label} | {_num(f['mb_per_s'], '{:.0f}')} "
                 f"| {_num(speed, '{:.2f}')} "
                 f"| {_num(f['server_cpu_s_per_gib'], '{:.2f}')}{split} | {_num(cpu, '{:.2f}')} "
                 f"| {_num(f['origin_cpu_s_per_gib'], '{:.2f}')} "
                 f"| {_num(f['upstream_bytes'] / 1e6 if f['runs'] else None, '{:.0f}')} "
                 f"| {_num(cached, '{:.0f}')} | {f['sha_ok']}/{f['runs']} ok |"
+            )
+    return lines
+
+
+def baseline_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for streams, row in report["summary"].items():
+        if "vs_baseline" in row:
+            b = row["vs_baseline"]
+            lines.append(
+                f"This checkout against nwbcache at {report['settings'].get('baseline')} "
+                f"({streams} stream(s), medians of {b['pairs']} per-run ratios): "
+                f"MB/s × {_num(b['mb_per_s'], '{:.2f}')}, "
+                f"server CPU per GiB × {_num(b['cpu_per_gib'], '{:.2f}')}."
             )
     return lines
 
@@ -541,6 +618,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"{row['paired_runs']} paired runs ({streams} stream(s))."
             for streams, row in report["summary"].items()
         ),
+        *baseline_lines(report),
         "",
         *target_lines(report),
         "",
@@ -610,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs)")
     ap.add_argument("--out", type=Path, help="JSON results (default bench/results-coldfill.json)")
     ap.add_argument("--profile", type=Path, help="py-spy the daemon into DIR (skews its figures)")
+    ap.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run nwbcache at git revision REV, interleaved, and compare run by run",
+    )
     args = ap.parse_args(argv)
     args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
     args.range_bytes = args.range
@@ -626,6 +709,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     bench = ColdFill(args, work)
     try:
+        if args.baseline:
+            args.baseline_commit = bench.check_out_baseline(args.baseline)
         bench.write_object()
         bench.start_origin()
         print(
@@ -638,12 +723,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if bench.emu is not None:
             bench.emu.stop()
+        bench.drop_baseline()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
-    summary = summarize(bench.runs, args.streams_list)
+    systems = (*SYSTEMS, BASELINE) if args.baseline else SYSTEMS
+    summary = summarize(bench.runs, args.streams_list, systems)
     for streams, row in summary.items():
-        for system in SYSTEMS:
+        for system in systems:
             if row[system]["runs"] < args.runs:
                 bench.problems.append(
                     f"{system} x{streams}: {row[system]['runs']} of {args.runs} runs measured"
@@ -665,6 +752,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "free": args.free,
             "warmup": args.warmup,
             "profiled": bool(args.profile),
+            "baseline": getattr(args, "baseline_commit", None),
         },
         "origin_sha256": bench.want,
         "elapsed_seconds": time.time() - started,

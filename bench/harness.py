@@ -149,7 +149,8 @@ class Emulator:
 
 
 class Nwbcache:
-    """The daemon from this checkout (tests/support/daemons.py starts it), logging to a file."""
+    """The daemon from this checkout (tests/support/daemons.py starts it), logging to a
+    file; another checkout's with ``env={"PYTHONPATH": ...}`` naming its sources."""
 
     def __init__(
         self,
@@ -161,6 +162,7 @@ class Nwbcache:
         readahead: str | None = None,
         workers: int | str = 1,
         extra: Sequence[str] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         args = ["--cache-dir", str(cache_dir), "--allow-upstream", upstream_host]
         args += ["--workers", str(workers), *extra]
@@ -168,7 +170,7 @@ class Nwbcache:
             args += ["--block-size", block_size]
         if readahead:
             args += ["--readahead", readahead]
-        self.daemon = DaemonProcess(args, stderr_path=log_path)
+        self.daemon = DaemonProcess(args, stderr_path=log_path, env=env)
         self.url = ""
 
     def start(self, timeout: float = 60) -> Nwbcache:

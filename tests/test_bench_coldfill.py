@@ -107,6 +107,73 @@ def test_summary_medians_ratios_and_targets() -> None:
     assert "in 1 of 3 paired runs" in md
 
 
+def test_a_baseline_is_compared_run_by_run() -> None:
+    """Per-run ratios, not ratios of medians: each run is one sitting."""
+    runs = [
+        _run("nginx", 0, 400, 0.25),
+        _run("nwbcache", 0, 300, 0.5),
+        _run("baseline", 0, 200, 1.0),
+        _run("nginx", 1, 800, 0.25),
+        _run("nwbcache", 1, 600, 1.0),
+        _run("baseline", 1, 500, 1.0),
+        _run("nginx", 2, 600, 0.25),
+        _run("nwbcache", 2, 100, 2.0),  # a slow moment for both
+        _run("baseline", 2, 100, 2.5),
+        _run("origin", 0, 1000, None),
+        _run("origin", 1, 1000, None),
+        _run("origin", 2, 1000, None),
+    ]
+    summary = coldfill.summarize(runs, [4], (*coldfill.SYSTEMS, coldfill.BASELINE))
+    row = summary["4"]
+    assert row["vs_baseline"] == {"pairs": 3, "mb_per_s": 1.2, "cpu_per_gib": 0.8}
+    assert row["baseline"]["mb_per_s"] == 200
+    assert "vs_baseline" not in coldfill.summarize(runs, [4])["4"]
+    report = {
+        "summary": summary,
+        "settings": {"baseline": "abc1234"},
+    }
+    assert any(
+        line.startswith("| 4 | nwbcache at abc1234 | 200 | 0.33 |")
+        for line in coldfill.table(report)
+    )
+    assert coldfill.baseline_lines(report) == [
+        "This checkout against nwbcache at abc1234 (4 stream(s), medians of 3 per-run "
+        "ratios): MB/s × 1.20, server CPU per GiB × 0.80."
+    ]
+
+
+@pytest.mark.slow  # the emulator, nginx and two daemons as processes
+def test_coldfill_bench_runs_a_baseline_from_a_worktree(tmp_path: Path) -> None:
+    system_tool("nginx")
+    out = tmp_path / "results.json"
+    args = ["--quick", "--size", "8M", "--runs", "2", "--streams", "1", "--settle", "0.1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.coldfill", *args, "--no-warmup", "--baseline", "HEAD~1",
+         "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=180, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    want = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD~1"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert report["settings"]["baseline"] == want
+    baseline = [r for r in report["runs"] if r["system"] == "baseline"]
+    assert len(baseline) == 2 and all(
+        r["sha_ok"] and r["cached_bytes"] >= 8 * MIB for r in baseline
+    )
+    # The caches took turns going first.
+    orders = {(r["run"], r["system"]): r["order"] for r in report["runs"]}
+    assert orders[(0, "nginx")] == 1 and orders[(1, "nwbcache")] == 1
+    assert report["summary"]["1"]["vs_baseline"]["pairs"] == 2
+    assert "This checkout against nwbcache at" in out.with_suffix(".md").read_text()
+    worktrees = subprocess.run(
+        ["git", "-C", str(REPO), "worktree", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    assert str(tmp_path) not in worktrees, "the baseline's worktree is removed"
+
+
 @pytest.mark.slow  # the emulator, nginx and the daemon as processes
 def test_coldfill_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     system_tool("nginx")
