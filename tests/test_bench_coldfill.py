@@ -148,14 +148,14 @@ def test_coldfill_bench_runs_a_baseline_from_a_worktree(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     args = ["--quick", "--size", "8M", "--runs", "2", "--streams", "1", "--settle", "0.1"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.coldfill", *args, "--no-warmup", "--baseline", "HEAD~1",
+        [sys.executable, "-m", "bench.coldfill", *args, "--no-warmup", "--baseline", "HEAD",
          "--work", str(tmp_path), "--out", str(out)],
         capture_output=True, text=True, timeout=180, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     want = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD~1"],
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     assert report["settings"]["baseline"] == want
