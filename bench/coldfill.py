@@ -90,7 +90,6 @@ LABELS = {
     "origin": "origin (direct, no cache)",
     "nginx": "nginx slice cache",
     "nwbcache": "nwbcache",
-    BASELINE: "nwbcache at the baseline",
 }
 OBJECT = "coldfill.bin"
 GIB = 1024**3
@@ -240,18 +239,8 @@ class ColdFill:
 
     def drop_baseline(self) -> None:
         if self.baseline_source is not None:
-            subprocess.run(
-                [
-                    "git",
-                    "-C",
-                    str(REPO),
-                    "worktree",
-                    "remove",
-                    "--force",
-                    str(self.baseline_source),
-                ],
-                check=False,
-            )
+            source = str(self.baseline_source)
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", source])
 
     def write_object(self) -> None:
         """The random object, written once; its sha256."""
@@ -469,10 +458,8 @@ def summarize(
                 "upstream_bytes": _median([r.upstream_bytes for r in mine]),
                 "cached_bytes": _median([r.cached_bytes for r in mine]),
             }
-        nwb = {r.run: r for r in runs if r.system == "nwbcache" and r.streams == streams}
-        ngx = {r.run: r for r in runs if r.system == "nginx" and r.streams == streams}
-        paired = sorted(set(nwb) & set(ngx))
-        row["nwbcache_faster_runs"] = sum(nwb[k].mb_per_s >= ngx[k].mb_per_s for k in paired)
+        paired = _pairs(runs, streams, "nwbcache", "nginx")
+        row["nwbcache_faster_runs"] = sum(a.mb_per_s >= b.mb_per_s for a, b in paired)
         row["paired_runs"] = len(paired)
         row["ratio_mb_per_s"] = _ratio(row["nwbcache"]["mb_per_s"], row["nginx"]["mb_per_s"])
         row["ratio_cpu_per_gib"] = _ratio(
@@ -484,17 +471,22 @@ def summarize(
     return out
 
 
+def _pairs(runs: list[Run], streams: int, system: str, other: str) -> list[tuple[Run, Run]]:
+    """(``system``'s run, ``other``'s run) of each run both measured."""
+    mine = {r.run: r for r in runs if r.system == system and r.streams == streams}
+    theirs = {r.run: r for r in runs if r.system == other and r.streams == streams}
+    return [(mine[k], theirs[k]) for k in sorted(set(mine) & set(theirs))]
+
+
 def _paired(runs: list[Run], streams: int, system: str, other: str) -> dict[str, Any]:
     """``system`` over ``other``, run by run (each run is one sitting): medians
     of the ratios of MB/s and of server CPU per GiB."""
-    mine = {r.run: r for r in runs if r.system == system and r.streams == streams}
-    theirs = {r.run: r for r in runs if r.system == other and r.streams == streams}
-    both = sorted(set(mine) & set(theirs))
+    pairs = _pairs(runs, streams, system, other)
     return {
-        "pairs": len(both),
-        "mb_per_s": _median([_ratio(mine[k].mb_per_s, theirs[k].mb_per_s) for k in both]),
+        "pairs": len(pairs),
+        "mb_per_s": _median([_ratio(a.mb_per_s, b.mb_per_s) for a, b in pairs]),
         "cpu_per_gib": _median(
-            [_ratio(mine[k].server_cpu_s_per_gib, theirs[k].server_cpu_s_per_gib) for k in both]
+            [_ratio(a.server_cpu_s_per_gib, b.server_cpu_s_per_gib) for a, b in pairs]
         ),
     }
 
@@ -554,9 +546,11 @@ def table(report: dict[str, Any]) -> list[str]:
                 else f" ({f['server_user_s']:.2f} + {f['server_sys_s']:.2f})"
             )
             cached = None if f["cached_bytes"] is None else f["cached_bytes"] / 1e6
-            label = LABELS[system]
-            if system == BASELINE:
-                label = f"nwbcache at {report['settings'].get('baseline')}"
+            label = (
+                f"nwbcache at {report['settings'].get('baseline')}"
+                if system == BASELINE
+                else LABELS[system]
+            )
             lines.append(
                 f"| {streams} | {label} | {_num(f['mb_per_s'], '{:.0f}')} "
                 f"| {_num(speed, '{:.2f}')} "

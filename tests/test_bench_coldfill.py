@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -142,18 +143,27 @@ def test_a_baseline_is_compared_run_by_run() -> None:
     ]
 
 
-@pytest.mark.slow  # the emulator, nginx and two daemons as processes
-def test_coldfill_bench_runs_a_baseline_from_a_worktree(tmp_path: Path) -> None:
+def _bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
+    """A quick one-stream run of the bench in ``tmp_path``; its report
+    (results.json there, with results.md beside it)."""
     system_tool("nginx")
     out = tmp_path / "results.json"
-    args = ["--quick", "--size", "8M", "--runs", "2", "--streams", "1", "--settle", "0.1"]
     done = subprocess.run(
-        [sys.executable, "-m", "bench.coldfill", *args, "--no-warmup", "--baseline", "HEAD",
-         "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=180, cwd=REPO,
+        [sys.executable, "-m", "bench.coldfill", "--quick", "--streams", "1", "--settle", "0.1",
+         *args, "--work", str(tmp_path), "--out", str(out)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+@pytest.mark.slow  # the emulator, nginx and two daemons as processes
+def test_coldfill_bench_runs_a_baseline_from_a_worktree(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    report = _bench(
+        tmp_path, "--size", "8M", "--runs", "2", "--no-warmup", "--baseline", "HEAD", timeout=180
+    )
     want = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
         capture_output=True, text=True, check=True,
@@ -176,18 +186,8 @@ def test_coldfill_bench_runs_a_baseline_from_a_worktree(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # the emulator, nginx and the daemon as processes
 def test_coldfill_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
-    system_tool("nginx")
     out = tmp_path / "results.json"
-    args = ["--quick", "--size", "16M", "--runs", "1", "--streams", "1", "--settle", "0.1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.coldfill", *args, "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _bench(tmp_path, "--size", "16M", "--runs", "1", timeout=120)
     assert report["problems"] == []
     size = 16 * MIB
     assert report["settings"]["size"] == size

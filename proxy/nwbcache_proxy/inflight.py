@@ -31,8 +31,6 @@ class InflightBlock:
     __slots__ = (
         "__weakref__",
         "_event",
-        "_gather_room",
-        "_lens",
         "_parts",
         "_starts",
         "claimed",
@@ -55,14 +53,13 @@ class InflightBlock:
         self.from_upstream = False
         # Handed to a disk job, which unregisters it once the file exists.
         self.writing = False
-        # Part i holds the block's bytes [_starts[i], _starts[i] + _lens[i]).
-        # Only the last part may still grow, and only when it is a gathering
-        # buffer of this block's own (_gather_room bytes left in it); bytes
-        # below ``filled`` are never written again, so views of them stay valid.
+        # Part i holds the block's bytes from _starts[i] up to the next part's
+        # start (the last: up to ``filled``). Only the last part may still
+        # grow, and only when it is a gathering buffer of this block's own
+        # with room left; bytes below ``filled`` are never written again, so
+        # views of them stay valid. A kept piece is exactly its bytes long.
         self._parts: list[memoryview] = []
         self._starts: list[int] = []
-        self._lens: list[int] = []
-        self._gather_room = 0
         self._event = asyncio.Event()
 
     @property
@@ -73,7 +70,11 @@ class InflightBlock:
     def parts(self) -> list[memoryview]:
         """The whole block's bytes, in order (for one writev)."""
         assert self.complete
-        return [part[:n] for part, n in zip(self._parts, self._lens, strict=True)]
+        ends = [*self._starts[1:], self.filled]
+        return [
+            part[: end - start]
+            for part, start, end in zip(self._parts, self._starts, ends, strict=True)
+        ]
 
     def append(self, chunk: bytes | bytearray | memoryview) -> None:
         """The next bytes of the block. A read-only chunk (bytes, or a view of
@@ -83,31 +84,32 @@ class InflightBlock:
         view = memoryview(chunk)
         if self.filled + len(view) > self.length:
             raise ValueError(f"{self.filled + len(view)} bytes for a block of {self.length}")
-        if len(view) >= KEEP_MIN and len(view) > self._gather_room:
+        if len(view) >= KEEP_MIN and len(view) > self._room():
             # Kept (a writable piece copied: its owner may change it); a
             # piece that fits the open gathering buffer goes there instead, or
             # pieces of mixed sizes would leave a buffer's room unused each.
-            self._add_part(view if view.readonly else memoryview(bytearray(view)), len(view))
-            self._gather_room = 0
+            self._add_part(view if view.readonly else memoryview(bytearray(view)))
             self.filled += len(view)
         else:
             while view:
-                if not self._gather_room:
-                    self._gather_room = min(GATHER_BYTES, self.length - self.filled)
-                    self._add_part(memoryview(bytearray(self._gather_room)), 0)
-                n = min(len(view), self._gather_room)
-                used = self._lens[-1]
+                room = self._room()
+                if not room:
+                    room = min(GATHER_BYTES, self.length - self.filled)
+                    self._add_part(memoryview(bytearray(room)))
+                n = min(len(view), room)
+                used = self.filled - self._starts[-1]
                 self._parts[-1][used : used + n] = view[:n]
-                self._lens[-1] = used + n
-                self._gather_room -= n
                 self.filled += n
                 view = view[n:]
         self._wake()
 
-    def _add_part(self, part: memoryview, length: int) -> None:
+    def _room(self) -> int:
+        """Bytes the last part can still take (0 unless it is a gathering buffer)."""
+        return len(self._parts[-1]) - (self.filled - self._starts[-1]) if self._parts else 0
+
+    def _add_part(self, part: memoryview) -> None:
         self._parts.append(part)
         self._starts.append(self.filled)
-        self._lens.append(length)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None and not self.complete:
@@ -137,7 +139,8 @@ class InflightBlock:
             if self.filled > pos:
                 i = bisect.bisect_right(self._starts, pos) - 1
                 first = self._starts[i]
-                upto = min(first + self._lens[i], end)
+                last = self._starts[i + 1] if i + 1 < len(self._starts) else self.filled
+                upto = min(last, end)
                 # No copy: a transport may keep this view (see _parts).
                 yield self._parts[i][pos - first : upto - first]
                 pos = upto

@@ -13,14 +13,16 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from . import blockfile
 from .blockfile import HEADER_SIZE, Buffer, Parts
 from .staging import Staging
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one writev takes at most
 
@@ -71,6 +73,7 @@ def publish_block(
     Raises OSError (ENOSPC...) without leaving anything visible at ``target``.
     """
     header = blockfile.encode_header(index, data, digest)
+    size = HEADER_SIZE + sum(len(part) for part in data)
     fd = _unnamed_file(os.path.dirname(target))
     if fd is not None:
         try:
@@ -85,15 +88,16 @@ def publish_block(
             os.close(fd)
             raise
         if linked:
-            return HEADER_SIZE + sum(len(part) for part in data), fd
+            return size, fd
         os.close(fd)  # linking refused here: the named way, from now on
-    return _publish_named(staging, target, header, data, fsync=fsync)
+    return size, _publish_named(staging, target, header, data, fsync=fsync)
 
 
 def _publish_named(
     staging: Staging, target: str | Path, header: bytes, data: Parts, *, fsync: bool
-) -> tuple[int, int]:
-    """publish_block through a temp file in the staging dir, renamed into place."""
+) -> int:
+    """publish_block through a temp file in the staging dir, renamed into place;
+    the published file's fd."""
     tmp = staging.temp_path()
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
     try:
@@ -108,7 +112,7 @@ def _publish_named(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return HEADER_SIZE + sum(len(part) for part in data), fd
+    return fd
 
 
 def _link(staging: Staging, fd: int, target: str | Path) -> bool:
@@ -118,11 +122,12 @@ def _link(staging: Staging, fd: int, target: str | Path) -> bool:
     global _tmpfile_ok
     name = str(fd)  # in /proc/self/fd: linkat(AT_SYMLINK_FOLLOW) names the open file
     try:
-        try:
-            os.link(name, target, src_dir_fd=_own_fds(), follow_symlinks=True)
-        except FileNotFoundError:  # its shard dir, empty, was pruned meanwhile
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.link(name, target, src_dir_fd=_own_fds(), follow_symlinks=True)
+        # Its shard dir, empty (an unnamed file does not count), may have
+        # been pruned meanwhile by another process's eviction.
+        _making_dir(
+            os.path.dirname(target),
+            lambda: os.link(name, target, src_dir_fd=_own_fds(), follow_symlinks=True),
+        )
     except FileExistsError:
         tmp = staging.temp_path()
         os.link(name, tmp, src_dir_fd=_own_fds(), follow_symlinks=True)
@@ -142,11 +147,17 @@ def _link(staging: Staging, fd: int, target: str | Path) -> bool:
 
 
 def _replace(tmp: Path, target: str | Path) -> None:
+    # The version's first block in this shard, or its dir pruned meanwhile.
+    _making_dir(os.path.dirname(target), lambda: os.replace(tmp, target))
+
+
+def _making_dir(directory: str, op: Callable[[], T]) -> T:
+    """``op()``, once more after making ``directory`` if it was missing."""
     try:
-        os.replace(tmp, target)
-    except FileNotFoundError:  # the version's first block in this shard, or pruned
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        os.replace(tmp, target)
+        return op()
+    except FileNotFoundError:
+        os.makedirs(directory, exist_ok=True)
+        return op()
 
 
 def _unnamed_file(directory: str) -> int | None:
@@ -155,19 +166,13 @@ def _unnamed_file(directory: str) -> int | None:
     global _tmpfile_ok
     if not _tmpfile_ok or _own_fds() < 0:
         return None
-    for attempt in range(2):
-        try:
-            return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644)
-        except FileNotFoundError:
-            if attempt:
-                raise
-            os.makedirs(directory, exist_ok=True)
-        except OSError as exc:
-            if exc.errno not in _REFUSED and exc.errno != errno.EISDIR:  # EISDIR: Linux < 3.11
-                raise
-            _tmpfile_ok = False
-            return None
-    return None
+    try:
+        return _making_dir(directory, lambda: os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644))
+    except OSError as exc:
+        if exc.errno not in _REFUSED and exc.errno != errno.EISDIR:  # EISDIR: Linux < 3.11
+            raise
+        _tmpfile_ok = False
+        return None
 
 
 # What a filesystem or sandbox without O_TMPFILE (or links to it) answers:
