@@ -85,9 +85,14 @@ def test_scale_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     [size] = report["sizes"]
     assert size["blocks"] == 3000
     for figure in scale.FIGURES:
-        if "in reconcile, ms" in figure.label:
-            continue  # at this size the reconcile may be over before the first hit
+        if "in reconcile, ms" in figure.label or "in eviction, ms" in figure.label:
+            # At this size the reconcile, or the cut (a few hundred blocks),
+            # may be over before the hit client's first timed request: it
+            # failed so once with the slow tests on both cores.
+            continue
         assert figure.get(size) is not None, figure.label
+    # The hit client ran during the cut all the same, and never failed.
+    assert size["evict_hits"]["error_count"] == 0
     assert size["fill_verified"] == {
         "blocks": scale.VERIFY_BLOCKS,
         "exact_hits": scale.VERIFY_BLOCKS,

@@ -1,10 +1,12 @@
-"""Tests of nwbcache_proxy.inflight: a block in flight keeps its bytes as the
-pieces they arrived in; readers and the disk write see exactly the bytes appended,
-in order, however they were cut."""
+"""Tests of nwbcache_proxy.inflight: a block in flight is filled in place (a sink's
+``space`` then ``advance``) or appended to; readers and the disk write see exactly
+the bytes put in, in order, however they were cut; buffers are reused only once
+nothing refers to them."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nwbcache_proxy.blockfile import checksum
-from nwbcache_proxy.inflight import GATHER_BYTES, KEEP_MIN, InflightBlock
+from nwbcache_proxy.inflight import POOL_MAX, POOL_MIN, BufferPool, InflightBlock
 
 
 def cuts(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -25,6 +27,13 @@ def cuts(data: bytes, sizes: list[int]) -> list[bytes]:
     return pieces
 
 
+def fill_in_place(block: InflightBlock, piece: bytes) -> None:
+    """What a connection does: receive into the block's space, then advance."""
+    space = block.space()
+    space[: len(piece)] = piece
+    block.advance(len(piece))
+
+
 async def read_all(block: InflightBlock, start: int, end: int) -> bytes:
     return b"".join([bytes(c) async for c in block.chunks(start, end)])
 
@@ -35,44 +44,29 @@ async def read_all(block: InflightBlock, start: int, end: int) -> bytes:
         pytest.param([256 * 1024], id="one piece"),
         pytest.param([100 * 1024, 156 * 1024], id="two large"),
         pytest.param([1460], id="packets"),
-        pytest.param([KEEP_MIN - 1, KEEP_MIN, 1, 70_000], id="mixed"),
-        pytest.param([GATHER_BYTES, 3], id="a gathering buffer exactly full"),
     ],
 )
-async def test_readers_and_parts_see_the_bytes_appended(sizes: list[int]) -> None:
+async def test_readers_and_parts_see_the_bytes_received(sizes: list[int]) -> None:
     data = os.urandom(256 * 1024)
     block = InflightBlock(0, len(data))
     for piece in cuts(data, sizes):
-        block.append(memoryview(piece))
-    assert block.complete
-    assert b"".join(bytes(p) for p in block.parts) == data
+        fill_in_place(block, piece)
     assert await read_all(block, 0, len(data)) == data
-    assert await read_all(block, 12_345, 200_001) == data[12_345:200_001]
-
-
-async def test_large_read_only_pieces_are_kept_not_copied() -> None:
-    big = os.urandom(KEEP_MIN)
-    block = InflightBlock(0, 2 * KEEP_MIN)
-    block.append(big)
-    block.append(memoryview(b"x" + big)[1:])
-    parts = block.parts
-    assert len(parts) == 2
-    assert parts[0].obj is big  # the caller's bytes themselves
-
-
-async def test_small_pieces_are_gathered_into_few_parts() -> None:
-    """A slow upstream trickles packets: a 256 KiB block in 1460-byte pieces
-    is 180 pieces, held as four gathering buffers, not 180 parts."""
-    data = os.urandom(256 * 1024)
-    block = InflightBlock(0, len(data))
-    for piece in cuts(data, [1460]):
-        block.append(piece)
-    assert len(block.parts) == len(data) // GATHER_BYTES
     assert b"".join(bytes(p) for p in block.parts) == data
+    assert await read_all(block, 1000, 70_000) == data[1000:70_000]
+
+
+async def test_a_whole_read_only_block_is_kept_not_copied() -> None:
+    """A block read from disk (another fetch published it) is appended whole."""
+    data = os.urandom(10_000)
+    block = InflightBlock(0, len(data))
+    block.append(data)
+    assert block.complete
+    assert block.parts[0].obj is data
 
 
 async def test_a_writable_piece_is_copied_so_later_changes_do_not_show() -> None:
-    buf = bytearray(os.urandom(KEEP_MIN * 2))
+    buf = bytearray(os.urandom(20_000))
     want = bytes(buf)
     block = InflightBlock(0, len(buf))
     block.append(buf)
@@ -81,31 +75,31 @@ async def test_a_writable_piece_is_copied_so_later_changes_do_not_show() -> None
 
 
 async def test_views_handed_out_stay_valid_while_the_block_fills() -> None:
-    """A transport may keep a view of bytes it was given: appending more must
-    not move or change them (a gathering buffer only fills its tail)."""
-    data = os.urandom(GATHER_BYTES)
+    """A transport may keep a view of bytes it was given: receiving more must
+    not change them."""
+    data = os.urandom(64 * 1024)
     block = InflightBlock(0, len(data))
-    block.append(data[:100])
-    early = [c async for c in block.chunks(0, 100)]
-    for piece in cuts(data[100:], [1000]):
-        block.append(piece)
-    assert b"".join(bytes(c) for c in early) == data[:100]
+    fill_in_place(block, data[:100])
+    first = [c async for c in block.chunks(0, 100)][0]
+    for piece in cuts(data[100:], [1448]):
+        fill_in_place(block, piece)
+    assert bytes(first) == data[:100]
 
 
 async def test_a_reader_waits_for_bytes_still_to_come() -> None:
-    data = os.urandom(3 * KEEP_MIN)
+    data = os.urandom(48 * 1024)
     block = InflightBlock(0, len(data))
-    reader = asyncio.create_task(read_all(block, KEEP_MIN, 3 * KEEP_MIN))
-    for piece in cuts(data, [KEEP_MIN // 2]):
+    reader = asyncio.create_task(read_all(block, 16 * 1024, len(data)))
+    for piece in cuts(data, [8 * 1024]):
         await asyncio.sleep(0)
-        block.append(piece)
-    assert await reader == data[KEEP_MIN:]
+        fill_in_place(block, piece)
+    assert await reader == data[16 * 1024 :]
 
 
 async def test_a_failed_fill_fails_its_waiting_readers() -> None:
-    block = InflightBlock(0, 2 * KEEP_MIN)
-    block.append(os.urandom(KEEP_MIN))
-    reader = asyncio.create_task(read_all(block, 0, 2 * KEEP_MIN))
+    block = InflightBlock(0, 20_000)
+    fill_in_place(block, os.urandom(10_000))
+    reader = asyncio.create_task(read_all(block, 0, 20_000))
     await asyncio.sleep(0)
     block.fail(ConnectionResetError("cut"))
     with pytest.raises(ConnectionResetError):
@@ -117,19 +111,18 @@ def test_more_bytes_than_the_block_holds_is_a_bug() -> None:
     block.append(b"x" * 4)
     with pytest.raises(ValueError, match="11 bytes for a block of 10"):
         block.append(b"x" * 7)
+    with pytest.raises(ValueError, match="4 \\+ 7 bytes for a block of 10"):
+        block.advance(7)
     assert block.filled == 4
 
 
-def test_pieces_of_mixed_sizes_leave_little_room_unused() -> None:
-    """Packets and 16 KiB reads alternating (plain HTTP on a slow link): the
-    block's own buffers add at most one gathering buffer to its length."""
-    data = os.urandom(256 * 1024)
-    block = InflightBlock(0, len(data))
-    for piece in cuts(data, [1448, KEEP_MIN]):
-        block.append(piece)
-    owned = sum(len(p.obj) for p in block.parts if isinstance(p.obj, bytearray))
-    assert owned <= len(data) + GATHER_BYTES
-    assert b"".join(bytes(p) for p in block.parts) == data
+def test_the_space_offered_is_what_the_block_still_lacks() -> None:
+    """A connection receives at most this much: never past the block's end,
+    even when the buffer behind it is larger (a short last block)."""
+    block = InflightBlock(0, 100_000)
+    assert len(block.space()) == 100_000
+    fill_in_place(block, b"a" * 30_000)
+    assert len(block.space()) == 70_000
 
 
 @settings(max_examples=60, deadline=None)
@@ -138,14 +131,81 @@ def test_pieces_of_mixed_sizes_leave_little_room_unused() -> None:
     st.lists(st.integers(1, 70_000), min_size=1, max_size=6),
     st.booleans(),
 )
-def test_any_cutting_gives_the_same_block(data: bytes, sizes: list[int], writable: bool) -> None:
+def test_any_cutting_gives_the_same_block(data: bytes, sizes: list[int], in_place: bool) -> None:
     async def fill() -> tuple[bytes, list[memoryview]]:
         block = InflightBlock(3, len(data))
         for piece in cuts(data, sizes):
-            block.append(bytearray(piece) if writable else piece)
+            if in_place:
+                fill_in_place(block, piece)
+            else:
+                block.append(bytearray(piece))
         return await read_all(block, 0, len(data)), block.parts
 
     read, parts = asyncio.run(fill())
     assert read == data
     assert b"".join(bytes(p) for p in parts) == data
     assert checksum(2, parts) == checksum(2, [data])
+
+
+# -- the buffer pool -----------------------------------------------------------
+
+
+def test_a_buffer_is_reused_once_nothing_refers_to_it() -> None:
+    pool = BufferPool()
+    first = pool.take(256 * 1024)
+    first_id = id(first)
+    assert id(pool.take(256 * 1024)) != first_id  # still held
+    del first
+    gc.collect()
+    assert id(pool.take(256 * 1024)) == first_id
+
+
+def test_a_buffer_a_view_still_refers_to_is_not_reused() -> None:
+    """A transport or a disk job may still hold a view of a block's bytes after
+    the block itself is gone: those bytes must not be written over."""
+    pool = BufferPool()
+    buf = pool.take(256 * 1024)
+    view = memoryview(buf)[10:20]
+    buf_id = id(buf)
+    del buf
+    taken = [pool.take(256 * 1024) for _ in range(3)]
+    assert buf_id not in {id(b) for b in taken}
+    del view, taken
+    assert id(pool.take(256 * 1024)) == buf_id
+
+
+def test_blocks_return_their_buffers_to_the_pool() -> None:
+    """Blocks filled one after another, each dropped when done, reuse one buffer."""
+    seen = set()
+    for _ in range(5):
+        block = InflightBlock(0, 256 * 1024)
+        space = block.space()
+        seen.add(id(space.obj))
+        del space
+        fill_in_place(block, bytes(256 * 1024))
+        del block
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("size", "capacity"),
+    [
+        pytest.param(1, POOL_MIN, id="tiny: the smallest class"),
+        pytest.param(POOL_MIN + 1, 2 * POOL_MIN, id="the class above"),
+        pytest.param(256 * 1024, 256 * 1024, id="a power of two: its own"),
+        pytest.param(POOL_MAX + 1, POOL_MAX + 1, id="too large: not pooled, exact"),
+    ],
+)
+def test_size_classes(size: int, capacity: int) -> None:
+    assert len(BufferPool().take(size)) == capacity
+
+
+def test_the_pool_keeps_at_most_its_bytes() -> None:
+    pool = BufferPool(keep_bytes=2 * POOL_MIN)
+    held = [pool.take(POOL_MIN) for _ in range(4)]  # all in use: four buffers
+    for buf in held:
+        buf[0] = 1  # a pooled buffer keeps its content; a new one is zeroed
+    del held, buf
+    again = [pool.take(POOL_MIN) for _ in range(4)]
+    # Only the first two were kept; the other two were let go.
+    assert sorted(b[0] for b in again) == [0, 0, 1, 1]

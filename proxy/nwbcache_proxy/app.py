@@ -46,7 +46,7 @@ from .parents import Parents, new_node_id
 from .retry import RetryBudget, RetryPolicy
 from .s3server import build_s3_app
 from .server import build_routes
-from .session import make_session
+from .session import make_session, make_wire
 from .status import StatusTracker
 from .targets import Targets
 from .upstream import Upstream
@@ -90,8 +90,14 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
+    wire = make_wire(
+        max_connections=settings.max_upstream_connections,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+    )
     upstream = Upstream(
         session,
+        wire,
         settings.allow_list,
         RetryPolicy(max_attempts=settings.retry_attempts, base_delay=settings.retry_base_delay),
         RetryBudget(),
@@ -142,6 +148,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         await warming.close()
         await cache.close()
         await session.close()
+        await wire.close()
         await index.close()
 
 

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from typing import Protocol, TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -24,10 +25,13 @@ from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url
 
 from .breaker import Breakers
 from .errors import NotAllowed, RetryableFault, UpstreamDown, UpstreamProtocolError
+from .httphead import HeadError
 from .metrics import Metrics
 from .parents import Parents, parent_unwell, parents_own
 from .retry import RetryReason, parse_retry_after, reason_for_status
 from .validate import check_status
+from .wire import ConnectFailed, Response, WireClient
+from .wireconn import WireError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +42,25 @@ PARENT_PATIENCE = 2
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
+class _Answer(Protocol):
+    """What both clients' responses have: an object's bytes come on wire.py's
+    connections, listings on aiohttp's."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def close(self) -> None: ...
+
+
+A = TypeVar("A", bound=_Answer)
+
+
 class Exchange:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        wire: WireClient,
         allow: AllowList,
         breakers: Breakers,
         parents: Parents,
@@ -50,6 +69,7 @@ class Exchange:
         metrics: Metrics,
     ) -> None:
         self._session = session
+        self._wire = wire
         self._allow = allow
         self.breakers = breakers
         self.parents = parents
@@ -65,7 +85,7 @@ class Exchange:
         *,
         not_modified: bool = False,
         offset: int = 0,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[Response]:
         """GET from the parent (parents.py) of the byte at ``offset`` while one is up,
         else from upstream, with redirects followed only to allowed hosts; faults
         mapped to RetryableFault. A parent that fails is passed over at once, for
@@ -120,11 +140,22 @@ class Exchange:
         """One GET of ``url`` from upstream itself, for what is not an object's
         bytes (an S3 listing): never a parent, no redirect followed. 5xx and 429
         are RetryableFault; any other status is the caller's to read."""
-        resp = await self._send(url, {})
+        resp = await self._send_session(url)
         async with self._answer(resp, passthrough=True):
             yield resp
 
-    async def _send(self, current: UpstreamURL, sent: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _send(self, current: UpstreamURL, sent: dict[str, str]) -> Response:
+        """A GET of an object's bytes, on a wire.py connection (see ``_guarded``)."""
+        return await self._guarded(current, lambda: self._wire.get(current.url, sent))
+
+    async def _send_session(self, url: UpstreamURL) -> aiohttp.ClientResponse:
+        """A GET of what is not an object's bytes, on aiohttp's session."""
+        return await self._guarded(
+            url,
+            lambda: self._session.get(URL(url.url, encoded=True), allow_redirects=False),
+        )
+
+    async def _guarded(self, current: UpstreamURL, send: Callable[[], Awaitable[A]]) -> A:
         """One request to upstream under its host's breaker, faults mapped to RetryableFault."""
         host = current.netloc
         wait = self.breakers.before(host)
@@ -136,9 +167,7 @@ class Exchange:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self._first_byte_timeout):
-                resp = await self._session.get(
-                    URL(current.url, encoded=True), headers=sent, allow_redirects=False
-                )
+                resp = await send()
         except TimeoutError:
             self.breakers.record(host, ok=False)
             raise RetryableFault(
@@ -149,7 +178,10 @@ class Exchange:
             raise RetryableFault(
                 f"cannot connect: {exc.os_error}", reason=RetryReason.CONNECT
             ) from None
-        except aiohttp.ClientError as exc:
+        except ConnectFailed as exc:
+            self.breakers.record(host, ok=False)
+            raise RetryableFault(str(exc), reason=RetryReason.CONNECT) from None
+        except (aiohttp.ClientError, WireError, HeadError) as exc:
             self.breakers.record(host, ok=False)
             raise RetryableFault(
                 f"request failed: {type(exc).__name__}", reason=RetryReason.RESET
@@ -161,7 +193,7 @@ class Exchange:
 
     async def _ask_parent(
         self, parent: int, url: UpstreamURL, headers: dict[str, str], authorization: str | None
-    ) -> aiohttp.ClientResponse | None:
+    ) -> Response | None:
         """Parent ``parent``'s response, or None when it gave none this request
         can use: no answer or a 5xx/429 (it is then skipped for a while), or a
         refusal of its own (parents.py; it stays in rotation for others)."""
@@ -172,12 +204,8 @@ class Exchange:
         try:
             # A parent asks upstream (with retries) before it answers: longer.
             async with asyncio.timeout(self._first_byte_timeout * PARENT_PATIENCE):
-                resp = await self._session.get(
-                    URL(self.parents.target(parent, url), encoded=True),
-                    headers=sent,
-                    allow_redirects=False,
-                )
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                resp = await self._wire.get(self.parents.target(parent, url), sent)
+        except (TimeoutError, WireError, HeadError) as exc:
             failure, unwell = type(exc).__name__, True
         else:
             unwell = parent_unwell(resp.status)
@@ -199,8 +227,8 @@ class Exchange:
 
     @contextlib.asynccontextmanager
     async def _answer(
-        self, resp: aiohttp.ClientResponse, not_modified: bool = False, *, passthrough: bool = False
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        self, resp: A, not_modified: bool = False, *, passthrough: bool = False
+    ) -> AsyncIterator[A]:
         """A response whose status is an answer, its body's faults mapped to RetryableFault.
         ``passthrough``: only faults worth another attempt raise (``ask``)."""
         try:
@@ -215,7 +243,12 @@ class Exchange:
             elif not (not_modified and resp.status == 304):
                 check_status(resp.status, resp.headers, _retry_after(resp))
             yield resp
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        except (
+            aiohttp.ClientPayloadError,
+            aiohttp.ClientConnectionError,
+            WireError,
+            HeadError,
+        ) as exc:
             raise RetryableFault(
                 f"body failed: {type(exc).__name__}", reason=RetryReason.RESET
             ) from None
@@ -234,5 +267,5 @@ class Exchange:
         return target
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+def _retry_after(resp: _Answer) -> float | None:
     return parse_retry_after(resp.headers.get("Retry-After"), datetime.now(UTC))

@@ -26,7 +26,6 @@ reader can find the file without finding the mark.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 import weakref
@@ -38,6 +37,7 @@ from .aio import Tasks
 from .blocks import Blocks
 from .claims import CLAIM_PATIENCE, CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
 from .errors import UpstreamUnavailable, VersionChanged
+from .filling import RunFill
 from .inflight import InflightBlock
 from .lru import BoundedLRU
 from .metrics import Metrics
@@ -53,11 +53,6 @@ log = logging.getLogger(__name__)
 # in flight: S3 caps throughput per connection, and parallel ranged GETs are
 # AWS's own advice for reading one large object fast.
 MAX_RUN_BYTES = 4 * 1024 * 1024
-# A fill writes its complete blocks to disk in groups of this many bytes
-# (at least one block), one disk thread job each: 4 blocks of the default
-# 256 KiB. Handing blocks one by one to the disk threads measured ~50
-# futex calls per block on two cores (GIL hand-offs, pool wake-ups).
-PUBLISH_GROUP_BYTES = 1024 * 1024
 # On shutdown, fetches under way get this long to finish (their blocks are
 # then written and indexed) before cancellation.
 SHUTDOWN_GRACE = 5.0
@@ -293,50 +288,22 @@ class Fetcher:
     async def _stream_into(
         self, v: Version, url: UpstreamURL, run: list[InflightBlock], auth: str | None
     ) -> None:
-        """One upstream request for consecutive blocks, published in groups.
-
-        Blocks complete into a group; a group goes to disk as one thread job
-        (blocks.Blocks.publish_group) while the stream goes on. At most one
-        job per run is under way: a full group waits for the one before (the
-        stream pauses meanwhile), which bounds the memory held to two groups.
-        Readers do not wait for any of it: they stream from the in-flight
-        buffers, which stay registered until their file exists.
-        """
+        """One upstream request for consecutive blocks, received straight into
+        them and published in groups (filling.py)."""
         start = run[0].index * v.block_size
         end = start + sum(b.length for b in run)
-        pending = collections.deque(run)
+
+        def completed(block: InflightBlock) -> None:
+            if not block.claimed:
+                # Before the file exists: see "Fresh marks" above.
+                self._fresh.put((v.name, block.index), True)
+
+        fill = RunFill(run, v.block_size, lambda group: self._publish(v, group), completed)
         del run  # published blocks leave with their last reader (see _fetch_run)
-        for block in pending:
-            block.from_upstream = True
-        group: list[InflightBlock] = []
-        writing: asyncio.Future[list[bool]] | None = None
         try:
-            async for chunk in self.upstream.stream(url, start, end, v.remote, authorization=auth):
-                view = memoryview(chunk)
-                while view:
-                    block = pending[0]
-                    take = min(len(view), block.length - block.filled)
-                    block.append(view[:take])
-                    view = view[take:]
-                    if not block.complete:
-                        continue
-                    pending.popleft()
-                    if not block.claimed:
-                        # Before the file exists: see "Fresh marks" above.
-                        self._fresh.put((v.name, block.index), True)
-                    group.append(block)
-                    if len(group) * v.block_size >= PUBLISH_GROUP_BYTES or not pending:
-                        if writing is not None:
-                            await asyncio.shield(writing)
-                        writing, group = self._publish(v, group), []
+            await self.upstream.fill(url, start, end, v.remote, fill, authorization=auth)
         finally:
-            # Blocks completed before a failure are whole: they are published too.
-            if group:
-                if writing is not None:
-                    await asyncio.shield(writing)
-                writing = self._publish(v, group)
-            if writing is not None:
-                await asyncio.shield(writing)
+            await fill.close()
 
     def _publish(self, v: Version, group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
         """Write a group of complete blocks; each is unregistered once its file

@@ -1,38 +1,70 @@
-"""A block being fetched: its bytes so far, and the readers waiting on them.
+"""A block being fetched: its buffer, the bytes in it so far, and the readers waiting on them.
 
 Single-flight: while a block is in flight every reader of it streams from
 this one buffer as bytes arrive, so concurrent misses on a block cost one
 upstream fetch. A reader going away never affects the fetch.
 
-The bytes are kept as the pieces they arrived in, not copied into one
-buffer: a large piece of an upstream response (an immutable ``bytes``) is
-kept by reference, and readers and the disk write (one ``writev``) take
-views of it. Copying each block into a fresh buffer of its own cost a
-quarter of the event loop's time in a cold fill (the copy, the zeroing
-of the new buffer, and its page faults: perf, 256 KiB blocks). Small
-pieces (a slow upstream trickling packets) are gathered into buffers of
-this block's own, so a block is never hundreds of tiny parts.
+Upstream's bytes are received straight into the block's buffer (the sink of
+wire.py: ``space`` then ``advance``), so the kernel's copy is the only one.
+Buffers come from a pool and go back to it once nothing refers to them:
+a fresh 256 KiB buffer per block cost the zeroing of it and the page
+faults of new memory, every block (perf of a cold fill).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
+import sys
 from collections.abc import AsyncIterator
 
-# Pieces at least this long are kept by reference; shorter ones are copied
-# into a gathering buffer of GATHER_BYTES (or what is left of the block).
-KEEP_MIN = 16 * 1024
-GATHER_BYTES = 64 * 1024
+# Bytes of buffers the pool keeps per size class: the blocks of several
+# concurrent fetch runs (128 of the default 256 KiB blocks); more blocks in
+# flight at once get buffers of their own, freed as usual.
+POOL_BYTES = 32 * 1024 * 1024
+# Size classes are powers of two from this up (a last, shorter block takes
+# a buffer of the class above its length); larger blocks are not pooled.
+POOL_MIN = 64 * 1024
+POOL_MAX = 16 * 1024 * 1024
+# References to a pooled buffer that no block or view holds: the pool's
+# list, the loop's variable and getrefcount's argument.
+_FREE_REFS = 3
+
+
+class BufferPool:
+    """Buffers reused once free: a buffer is free when only the pool refers to
+    it (no block holds it, and no view of it lives on in a transport or a
+    disk job), which ``sys.getrefcount`` tells exactly in CPython."""
+
+    def __init__(self, keep_bytes: int = POOL_BYTES) -> None:
+        self._keep_bytes = keep_bytes
+        self._buffers: dict[int, list[bytearray]] = {}
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes, of unspecified content."""
+        if size > POOL_MAX:
+            return bytearray(size)
+        cap = max(POOL_MIN, 1 << (size - 1).bit_length())
+        buffers = self._buffers.setdefault(cap, [])
+        # The first free one: the earliest buffers are reused the most, and
+        # stay warm in the CPU's caches and the process's memory.
+        for buf in buffers:
+            if sys.getrefcount(buf) == _FREE_REFS:
+                return buf
+        buf = bytearray(cap)
+        if (len(buffers) + 1) * cap <= self._keep_bytes:
+            buffers.append(buf)
+        return buf
+
+
+POOL = BufferPool()
 
 
 class InflightBlock:
     # __weakref__: a fetch run refers to its blocks weakly (fetcher._fetch_run).
     __slots__ = (
         "__weakref__",
+        "_buf",
         "_event",
-        "_parts",
-        "_starts",
         "claimed",
         "error",
         "filled",
@@ -53,13 +85,10 @@ class InflightBlock:
         self.from_upstream = False
         # Handed to a disk job, which unregisters it once the file exists.
         self.writing = False
-        # Part i holds the block's bytes from _starts[i] up to the next part's
-        # start (the last: up to ``filled``). Only the last part may still
-        # grow, and only when it is a gathering buffer of this block's own
-        # with room left; bytes below ``filled`` are never written again, so
-        # views of them stay valid. A kept piece is exactly its bytes long.
-        self._parts: list[memoryview] = []
-        self._starts: list[int] = []
+        # Taken when the first bytes come (a block waiting in a run holds
+        # none). Bytes below ``filled`` are never written again, so views of
+        # them stay valid: a transport may hold one.
+        self._buf: memoryview | None = None
         self._event = asyncio.Event()
 
     @property
@@ -68,48 +97,39 @@ class InflightBlock:
 
     @property
     def parts(self) -> list[memoryview]:
-        """The whole block's bytes, in order (for one writev)."""
-        assert self.complete
-        ends = [*self._starts[1:], self.filled]
-        return [
-            part[: end - start]
-            for part, start, end in zip(self._parts, self._starts, ends, strict=True)
-        ]
+        """The whole block's bytes (for one writev)."""
+        assert self.complete and self._buf is not None
+        return [self._buf]
 
-    def append(self, chunk: bytes | bytearray | memoryview) -> None:
-        """The next bytes of the block. A read-only chunk (bytes, or a view of
-        bytes) of KEEP_MIN or more is kept, not copied: it must not change.
-        ValueError if the block cannot hold it (a fetch's bug: the loop of
-        gathering would not end)."""
-        view = memoryview(chunk)
-        if self.filled + len(view) > self.length:
-            raise ValueError(f"{self.filled + len(view)} bytes for a block of {self.length}")
-        if len(view) >= KEEP_MIN and len(view) > self._room():
-            # Kept (a writable piece copied: its owner may change it); a
-            # piece that fits the open gathering buffer goes there instead, or
-            # pieces of mixed sizes would leave a buffer's room unused each.
-            self._add_part(view if view.readonly else memoryview(bytearray(view)))
-            self.filled += len(view)
-        else:
-            while view:
-                room = self._room()
-                if not room:
-                    room = min(GATHER_BYTES, self.length - self.filled)
-                    self._add_part(memoryview(bytearray(room)))
-                n = min(len(view), room)
-                used = self.filled - self._starts[-1]
-                self._parts[-1][used : used + n] = view[:n]
-                self.filled += n
-                view = view[n:]
+    def space(self) -> memoryview:
+        """Where the block's next bytes go (a sink's ``space``): write there, then
+        ``advance``."""
+        if self._buf is None:
+            self._buf = memoryview(POOL.take(self.length))[: self.length]
+        return self._buf[self.filled :]
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes were written at the start of ``space()``."""
+        if n <= 0 or self.filled + n > self.length:
+            raise ValueError(f"{self.filled} + {n} bytes for a block of {self.length}")
+        self.filled += n
         self._wake()
 
-    def _room(self) -> int:
-        """Bytes the last part can still take (0 unless it is a gathering buffer)."""
-        return len(self._parts[-1]) - (self.filled - self._starts[-1]) if self._parts else 0
-
-    def _add_part(self, part: memoryview) -> None:
-        self._parts.append(part)
-        self._starts.append(self.filled)
+    def append(self, chunk: bytes | bytearray | memoryview) -> None:
+        """The next bytes of the block, copied in; all of a block at once, if
+        read-only, is kept as it is (a block read from disk)."""
+        view = memoryview(chunk).cast("B")
+        if self.filled == 0 and len(view) == self.length and view.readonly:
+            self._buf = view
+            self.filled = self.length
+            self._wake()
+            return
+        space = self.space()
+        if len(view) > len(space):
+            raise ValueError(f"{self.filled + len(view)} bytes for a block of {self.length}")
+        space[: len(view)] = view
+        if view:
+            self.advance(len(view))
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None and not self.complete:
@@ -137,12 +157,10 @@ class InflightBlock:
         pos = start
         while pos < end:
             if self.filled > pos:
-                i = bisect.bisect_right(self._starts, pos) - 1
-                first = self._starts[i]
-                last = self._starts[i + 1] if i + 1 < len(self._starts) else self.filled
-                upto = min(last, end)
-                # No copy: a transport may keep this view (see _parts).
-                yield self._parts[i][pos - first : upto - first]
+                upto = min(self.filled, end)
+                assert self._buf is not None
+                # No copy: a transport may keep this view (see _buf).
+                yield self._buf[pos:upto]
                 pos = upto
                 continue
             if self.error is not None:

@@ -1,10 +1,28 @@
-"""The HTTP client session for upstream and parents: its pool, timeouts, and bytes as stored."""
+"""The HTTP clients for upstream and parents: their pools, timeouts, and bytes as stored.
+
+An object's bytes come on wire.py's connections (received straight into
+block buffers); everything else (listings, DANDI's API) on aiohttp's session.
+"""
 
 from __future__ import annotations
 
 import aiohttp
 
 from .upstream import USER_AGENT
+from .wire import WireClient
+
+# identity: a server that compresses on the fly would change the bytes and
+# make Content-Range count compressed ones.
+HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+
+
+def make_wire(*, max_connections: int, connect_timeout: float, read_timeout: float) -> WireClient:
+    return WireClient(
+        max_connections=max_connections,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        headers=HEADERS,
+    )
 
 
 def make_session(
@@ -22,9 +40,7 @@ def make_session(
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
-        # identity: a server that compresses on the fly would change the bytes
-        # and make Content-Range count compressed ones.
-        headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        headers=HEADERS,
         auto_decompress=False,  # bytes must reach the cache exactly as stored upstream
         raise_for_status=False,
         read_bufsize=1024 * 1024,  # reading pauses at 2x: 64 KiB paused it at every recv

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiohttp
@@ -38,6 +38,8 @@ from .objectmeta import ObjectVersion
 from .parents import Parents
 from .retry import RetryBudget, RetryPolicy, RetryReason
 from .validate import accept_range_response, version_from_headers
+from .wire import Response, WireClient
+from .wireconn import Sink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -61,6 +63,7 @@ class Upstream:
     def __init__(
         self,
         session: aiohttp.ClientSession,
+        wire: WireClient,
         allow: AllowList,
         policy: RetryPolicy,
         budget: RetryBudget,
@@ -75,6 +78,7 @@ class Upstream:
         self.breakers = breakers if breakers is not None else Breakers()
         exchange = Exchange(
             session,
+            wire,
             allow,
             self.breakers,
             self.parents,
@@ -108,16 +112,18 @@ class Upstream:
             url, lambda: self._discover_once(url, first_len, authorization, revalidate)
         )
 
-    async def stream(
+    async def fill(
         self,
         url: UpstreamURL,
         start: int,
         end: int,
         expected: ObjectVersion,
+        sink: Sink,
         *,
         authorization: str | None = None,
-    ) -> AsyncIterator[bytes]:
-        """Bytes [start, end) of ``expected``'s version, resumed across faults."""
+    ) -> None:
+        """Bytes [start, end) of ``expected``'s version into ``sink`` as they arrive
+        (wireconn.Sink), resumed across faults from the first byte not received."""
         pos = start
         retries = 0
         tries = 0
@@ -133,10 +139,11 @@ class Upstream:
                 }
                 async with self._get(url, headers, authorization, offset=pos) as resp:
                     accepted = accept_range_response(resp.status, resp.headers, pos, end, expected)
-                    async for chunk in _body(resp, accepted.skip, accepted.length):
-                        pos += len(chunk)
-                        self.metrics.upstream_bytes.inc(len(chunk))
-                        yield chunk
+                    try:
+                        await resp.deliver(sink, accepted.skip, accepted.length)
+                    finally:
+                        self.metrics.upstream_bytes.inc(resp.delivered)
+                        pos += resp.delivered
                     if pos < end:
                         raise RetryableFault(
                             f"body ended at {pos}, {end - pos} bytes short",
@@ -244,17 +251,15 @@ class Upstream:
             if resp.status == 416:
                 return await self._discover_empty(url, resp, authorization)
             accepted = accept_range_response(resp.status, resp.headers, 0, first_len, None)
-            data = bytearray()
-            async for chunk in _body(resp, accepted.skip, accepted.length):
-                data += chunk
+            data = await resp.read(accepted.skip, accepted.length)
             self.metrics.upstream_bytes.inc(len(data))
             if len(data) < accepted.length:
                 raise RetryableFault("first block cut short", reason=RetryReason.SHORT_BODY)
             self.metrics.upstream_requests.labels("ok").inc()
-            return accepted.version, bytes(data)
+            return accepted.version, data
 
     async def _discover_empty(
-        self, url: UpstreamURL, resp: aiohttp.ClientResponse, authorization: str | None
+        self, url: UpstreamURL, resp: Response, authorization: str | None
     ) -> tuple[ObjectVersion, bytes]:
         # S3 answers 416 to `bytes=0-N` on an empty object; a plain GET then
         # gives 200 with the validators.
@@ -312,21 +317,3 @@ class Upstream:
         if fault.reason == RetryReason.TIMEOUT:
             return UpstreamTimeout(message)
         return UpstreamUnavailable(message)
-
-
-async def _body(resp: aiohttp.ClientResponse, skip: int, length: int) -> AsyncIterator[bytes]:
-    """The ``length`` bytes after the first ``skip`` of a response body."""
-    remaining = length
-    async for chunk, _ in resp.content.iter_chunks():  # iter_any joins buffers: a copy
-        if skip:
-            if len(chunk) <= skip:
-                skip -= len(chunk)
-                continue
-            chunk = chunk[skip:]
-            skip = 0
-        chunk = chunk[:remaining]  # the same object when all of it is wanted
-        if chunk:
-            remaining -= len(chunk)
-            yield chunk
-        if remaining == 0:
-            return

@@ -1,0 +1,354 @@
+"""Tests of nwbcache_proxy.wire and wireconn: upstream GETs on the daemon's own HTTP/1.1
+connections, bodies received straight into a sink.
+
+The servers are real ones on 127.0.0.1 port 0: the S3 emulator, and a
+scripted server for what the emulator does not do on purpose (chunked and
+close-framed bodies, a body after a pause, bytes past the body, a close while
+idle). Bytes are compared with what the server sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import trustme
+
+from nwbcache_proxy.httphead import HeadError
+from nwbcache_proxy.wire import BytesSink, ConnectFailed, WireClient
+from nwbcache_proxy.wireconn import WireError
+from tests.support.s3emu import Fault, S3Emulator
+
+# One step of a scripted answer: bytes to send, seconds to wait, or "close".
+Step = bytes | float | str
+Script = Callable[[int, bytes], list[Step]]
+
+
+class Scripted:
+    """An HTTP/1.1 server that answers the n-th request with script(n, request)."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    request = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                self.requests.append(request)
+                for step in self.script(len(self.requests) - 1, request):
+                    if step == "close":
+                        writer.close()
+                        return
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        assert isinstance(step, bytes)
+                        writer.write(step)
+                        await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def answer(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class Recording(BytesSink):
+    """A sink that also counts its calls, and may hold the connection paused."""
+
+    def __init__(self, size: int, *, hold: asyncio.Future[Any] | None = None) -> None:
+        super().__init__(size)
+        self.calls = 0
+        self.hold = hold
+
+    def received(self, n: int) -> asyncio.Future[Any] | None:  # type: ignore[override]
+        super().received(n)
+        self.calls += 1
+        return self.hold
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[WireClient]:
+    c = WireClient(max_connections=4, connect_timeout=2, read_timeout=0.5, headers={"X-A": "1"})
+    yield c
+    await c.close()
+
+
+async def fetch(client: WireClient, url: str, skip: int = 0, want: int = 1 << 20) -> bytes:
+    resp = await client.get(url, {})
+    try:
+        sink = BytesSink(want)
+        n = await resp.deliver(sink, skip, want)
+        return bytes(sink.buffer[:n])
+    finally:
+        resp.close()
+
+
+# -- against the S3 emulator ------------------------------------------------------
+
+
+async def test_ranged_gets_from_the_emulator_are_exact_and_share_one_connection(
+    client: WireClient,
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    with S3Emulator() as emu:
+        emu.put("/b/k", data)
+        for start, end in [(0, 1), (10, 70_000), (1024 * 1024, len(data))]:
+            resp = await client.get(f"{emu.url}/b/k", {"Range": f"bytes={start}-{end - 1}"})
+            assert resp.status == 206
+            assert resp.headers["content-range"] == f"bytes {start}-{end - 1}/{len(data)}"
+            sink = BytesSink(end - start)
+            assert await resp.deliver(sink, 0, end - start) == end - start
+            resp.close()
+            assert bytes(sink.buffer) == data[start:end]
+        peers = {r.peer for r in emu.requests("/b/k")}
+    assert len(peers) == 1  # kept alive and reused
+    assert all(r.headers.get("X-A") == "1" for r in emu.requests("/b/k"))
+
+
+async def test_a_body_cut_by_the_server_fails_after_the_bytes_that_came(
+    client: WireClient,
+) -> None:
+    data = os.urandom(1024 * 1024)
+    with S3Emulator() as emu:
+        emu.put("/b/k", data)
+        emu.inject(Fault.RESET_MID_BODY, path="/b/k", after_bytes=300_000)
+        resp = await client.get(f"{emu.url}/b/k", {})
+        sink = BytesSink(len(data))
+        with pytest.raises(WireError):
+            await resp.deliver(sink, 0, len(data))
+        assert 0 < resp.delivered <= 300_000
+        assert bytes(sink.buffer[: resp.delivered]) == data[: resp.delivered]
+
+
+# -- framing --------------------------------------------------------------------------
+
+
+async def test_a_chunked_body_is_decoded_and_the_connection_reused(client: WireClient) -> None:
+    body = os.urandom(100_000)
+    framed = b"".join(
+        b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in (body[:1], body[1:70_000], body[70_000:])
+    )
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\nT: 1\r\n\r\n"
+    # Sent in odd pieces, with pauses: the decoder sees every cut.
+    steps: list[Step] = []
+    for i in range(0, len(raw), 7001):
+        steps += [raw[i : i + 7001], 0.001]
+    async with Scripted(lambda n, r: steps) as server:
+        assert await fetch(client, server.url) == body
+        assert await fetch(client, server.url) == body
+    assert server.connections == 1
+
+
+async def test_a_body_framed_by_the_close_is_read_to_the_close(client: WireClient) -> None:
+    body = os.urandom(50_000)
+
+    def script(n: int, request: bytes) -> list[Step]:
+        return [b"HTTP/1.1 200 OK\r\n\r\n" + body[:1000], 0.01, body[1000:], "close"]
+
+    async with Scripted(script) as server:
+        assert await fetch(client, server.url) == body
+        assert await fetch(client, server.url) == body
+    assert server.connections == 2  # such a connection cannot carry another answer
+
+
+async def test_skip_then_want_takes_the_middle_and_drops_the_connection(
+    client: WireClient,
+) -> None:
+    body = os.urandom(200_000)
+    async with Scripted(lambda n, r: [answer(body)]) as server:
+        assert await fetch(client, server.url, skip=100, want=1000) == body[100:1100]
+        assert await fetch(client, server.url, skip=150_000, want=10**6) == body[150_000:]
+    # The first body was left unread: its connection was closed, not reused.
+    assert server.connections == 2
+
+
+async def test_an_error_body_that_comes_after_its_head_is_not_taken_for_the_next_answer(
+    client: WireClient,
+) -> None:
+    """A response closed unread (a 403) whose body had not come yet: the
+    connection must not be reused, or that body would be read as the next
+    response's head."""
+    error = b"<Error>AccessDenied</Error>"
+
+    def script(n: int, request: bytes) -> list[Step]:
+        if n == 0:
+            head = f"HTTP/1.1 403 Forbidden\r\nContent-Length: {len(error)}\r\n\r\n"
+            return [head.encode(), 0.05, error]
+        return [answer(b"fine")]
+
+    async with Scripted(script) as server:
+        resp = await client.get(server.url, {})
+        assert resp.status == 403
+        resp.close()
+        await asyncio.sleep(0.1)
+        assert await fetch(client, server.url) == b"fine"
+
+
+async def test_a_small_body_that_came_with_its_head_keeps_the_connection(
+    client: WireClient,
+) -> None:
+    async with Scripted(lambda n, r: [answer(b"x", status="206 Partial Content")]) as server:
+        for _ in range(3):
+            resp = await client.get(server.url, {})
+            await asyncio.sleep(0.01)
+            resp.close()  # unread, but it was all there
+    assert server.connections == 1
+
+
+async def test_bytes_past_the_body_make_the_connection_unusable(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [answer(b"abc") + b"GARBAGE"]) as server:
+        assert await fetch(client, server.url) == b"abc"
+        assert await fetch(client, server.url) == b"abc"
+    assert server.connections == 2
+
+
+# -- connections ----------------------------------------------------------------------
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_once(
+    client: WireClient,
+) -> None:
+    async with Scripted(lambda n, r: [answer(b"ok%d" % n), 0.01, "close"]) as server:
+        assert await fetch(client, server.url) == b"ok0"
+        await asyncio.sleep(0.05)  # the server has closed it meanwhile
+        assert await fetch(client, server.url) == b"ok1"
+    assert server.connections == 2
+
+
+async def test_a_stalled_body_times_out_with_what_came(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [answer(b"x" * 1000)[:-600], 5.0]) as server:
+        resp = await client.get(server.url, {})
+        sink = BytesSink(1000)
+        with pytest.raises(TimeoutError, match=r"no bytes from upstream for 0\.5 s"):
+            await resp.deliver(sink, 0, 1000)
+        assert resp.delivered == 400
+
+
+async def test_a_head_that_never_comes_times_out(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [b"HTTP/1.1 200 OK\r\n", 5.0]) as server:
+        with pytest.raises(TimeoutError):
+            await client.get(server.url, {})
+
+
+async def test_a_sink_that_holds_the_connection_pauses_it(client: WireClient) -> None:
+    """A sink's future pauses reading (a disk write under way) and does not
+    count against the read timeout."""
+    body = os.urandom(4 * 1024 * 1024)
+    async with Scripted(lambda n, r: [answer(body)]) as server:
+        resp = await client.get(server.url, {})
+        hold: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        sink = Recording(len(body), hold=hold)
+        reading = asyncio.ensure_future(resp.deliver(sink, 0, len(body)))
+        await asyncio.sleep(0.8)  # longer than the read timeout
+        assert sink.calls == 1 and not reading.done()
+        sink.hold = None
+        hold.set_result(None)
+        assert await reading == len(body)
+        assert bytes(sink.buffer) == body
+        resp.close()
+
+
+async def test_a_head_longer_than_the_limit_is_refused(client: WireClient) -> None:
+    huge = b"HTTP/1.1 200 OK\r\n" + b"X: " + b"a" * 70_000 + b"\r\n\r\n"
+    async with Scripted(lambda n, r: [huge]) as server:
+        with pytest.raises(WireError, match="longer than"):
+            await client.get(server.url, {})
+
+
+async def test_not_http_is_refused(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [b"SSH-2.0-OpenSSH\r\n\r\n"]) as server:
+        with pytest.raises(HeadError):
+            await client.get(server.url, {})
+
+
+async def test_nothing_listening_is_a_connect_failure(client: WireClient) -> None:
+    async with Scripted(lambda n, r: []) as server:
+        url = server.url
+    with pytest.raises(ConnectFailed):
+        await client.get(url, {})
+
+
+async def test_a_header_that_would_split_the_request_is_never_sent(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [answer(b"x")]) as server:
+        with pytest.raises(ValueError, match="cannot be sent"):
+            await client.get(server.url, {"X": "1\r\nInjected: yes"})
+    assert server.connections == 0
+
+
+async def test_at_most_max_connections_are_in_use() -> None:
+    limited = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
+    async with Scripted(lambda n, r: [0.2, answer(b"x")]) as server:
+        started = asyncio.get_running_loop().time()
+        await asyncio.gather(*(fetch(limited, server.url) for _ in range(4)))
+        took = asyncio.get_running_loop().time() - started
+    await limited.close()
+    assert server.connections == 2
+    assert took >= 0.4  # two rounds of two
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+async def test_https_upstream_is_verified_and_read_into_the_sink(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """Real S3 is HTTPS: the sink's buffers fill through the TLS layer too, and
+    the server's certificate is checked against the system's trust (here a
+    test CA, through SSL_CERT_FILE as OpenSSL reads it)."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server_ctx)
+    body = os.urandom(2 * 1024 * 1024)
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(answer(body))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    untrusting = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
+    with pytest.raises(ConnectFailed, match="certificate verify failed"):
+        await fetch(untrusting, f"https://localhost:{port}/k")
+    await untrusting.close()
+
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    trusting = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
+    assert await fetch(trusting, f"https://localhost:{port}/k", want=len(body)) == body
+    assert await fetch(trusting, f"https://localhost:{port}/k", skip=5, want=100) == body[5:105]
+    await trusting.close()
+    server.close()
