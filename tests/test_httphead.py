@@ -34,8 +34,8 @@ def head(*lines: str, status: str = "HTTP/1.1 206 Partial Content") -> bytes:
             head("Transfer-Encoding: chunked", "Content-Length: 9"),
             Framing.CHUNKED,
             None,
-            True,
-            id="chunked wins over a length",
+            False,
+            id="chunked wins over a length, and the connection is not reused",
         ),
         pytest.param(head("Server: x"), Framing.CLOSE, None, False, id="until the close"),
         pytest.param(head(status="HTTP/1.1 204 No Content"), Framing.NONE, 0, True, id="204"),
@@ -93,6 +93,7 @@ def test_the_status_reason_and_fields_are_read_case_insensitively() -> None:
         pytest.param(head("Content-Length: 5, 6"), "invalid Content-Length", id="two lengths"),
         pytest.param(head("Content-Length: -1"), "invalid Content-Length", id="negative"),
         pytest.param(head("Content-Length: 0x10"), "invalid Content-Length", id="hex"),
+        pytest.param(head("Content-Length: ²"), "invalid Content-Length", id="not ASCII digits"),
         pytest.param(
             head("Transfer-Encoding: gzip, chunked"), "unsupported Transfer-Encoding", id="gzip"
         ),

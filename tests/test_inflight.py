@@ -1,12 +1,11 @@
 """Tests of nwbcache_proxy.inflight: a block in flight is filled in place (a sink's
 ``space`` then ``advance``) or appended to; readers and the disk write see exactly
 the bytes put in, in order, however they were cut; buffers are reused only once
-nothing refers to them."""
+no view of them lives on."""
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 
 import pytest
@@ -80,7 +79,7 @@ async def test_views_handed_out_stay_valid_while_the_block_fills() -> None:
     data = os.urandom(64 * 1024)
     block = InflightBlock(0, len(data))
     fill_in_place(block, data[:100])
-    first = [c async for c in block.chunks(0, 100)][0]
+    [first] = [c async for c in block.chunks(0, 100)]
     for piece in cuts(data[100:], [1448]):
         fill_in_place(block, piece)
     assert bytes(first) == data[:100]
@@ -150,28 +149,30 @@ def test_any_cutting_gives_the_same_block(data: bytes, sizes: list[int], in_plac
 # -- the buffer pool -----------------------------------------------------------
 
 
-def test_a_buffer_is_reused_once_nothing_refers_to_it() -> None:
+def test_a_buffer_is_reused_once_no_view_of_it_lives_on() -> None:
+    """What a block does: keep only a view of the buffer it took."""
     pool = BufferPool()
-    first = pool.take(256 * 1024)
-    first_id = id(first)
-    assert id(pool.take(256 * 1024)) != first_id  # still held
+    first = memoryview(pool.take(256 * 1024))
+    second = memoryview(pool.take(256 * 1024))
+    assert first.obj is not second.obj  # the first is still viewed
+    first_buffer = first.obj
     del first
-    gc.collect()
-    assert id(pool.take(256 * 1024)) == first_id
+    assert pool.take(256 * 1024) is first_buffer
+    del second
 
 
-def test_a_buffer_a_view_still_refers_to_is_not_reused() -> None:
+def test_a_buffer_a_transport_or_disk_job_still_views_is_not_reused() -> None:
     """A transport or a disk job may still hold a view of a block's bytes after
     the block itself is gone: those bytes must not be written over."""
     pool = BufferPool()
-    buf = pool.take(256 * 1024)
-    view = memoryview(buf)[10:20]
-    buf_id = id(buf)
-    del buf
-    taken = [pool.take(256 * 1024) for _ in range(3)]
-    assert buf_id not in {id(b) for b in taken}
-    del view, taken
-    assert id(pool.take(256 * 1024)) == buf_id
+    block_view = memoryview(pool.take(256 * 1024))
+    kept = block_view[10:20]  # a slice handed on, as a reader's chunk is
+    buffer = block_view.obj
+    del block_view
+    taken = [memoryview(pool.take(256 * 1024)) for _ in range(3)]
+    assert all(t.obj is not buffer for t in taken)
+    del kept, taken
+    assert pool.take(256 * 1024) is buffer
 
 
 def test_blocks_return_their_buffers_to_the_pool() -> None:
@@ -200,12 +201,25 @@ def test_size_classes(size: int, capacity: int) -> None:
     assert len(BufferPool().take(size)) == capacity
 
 
+def test_checking_a_buffer_never_moves_it() -> None:
+    """The check tries a byte more: pooled buffers have room for it, so their
+    memory never moves (a view taken before a check stays valid)."""
+    pool = BufferPool()
+    buf = pool.take(256 * 1024)
+    allocated = buf.__alloc__()
+    view = memoryview(buf)
+    del view
+    for _ in range(3):
+        assert pool.take(256 * 1024) is buf
+    assert buf.__alloc__() == allocated and len(buf) == 256 * 1024
+
+
 def test_the_pool_keeps_at_most_its_bytes() -> None:
     pool = BufferPool(keep_bytes=2 * POOL_MIN)
-    held = [pool.take(POOL_MIN) for _ in range(4)]  # all in use: four buffers
-    for buf in held:
-        buf[0] = 1  # a pooled buffer keeps its content; a new one is zeroed
-    del held, buf
-    again = [pool.take(POOL_MIN) for _ in range(4)]
+    held = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]  # all in use: four
+    for view in held:
+        view[0] = 1  # a pooled buffer keeps its content; a new one is zeroed
+    del held, view
+    again = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]
     # Only the first two were kept; the other two were let go.
     assert sorted(b[0] for b in again) == [0, 0, 1, 1]

@@ -227,6 +227,21 @@ def test_an_authorization_header_is_a_credential_too(
     assert all(e.headers.get("Authorization") == auth["Authorization"] for e in fetched)
 
 
+def test_an_authorization_that_cannot_be_sent_upstream_is_a_400(
+    private: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """A header value with bytes outside visible ASCII would be re-encoded, or
+    split the request, on its way upstream: the client is told, and nothing
+    is asked upstream."""
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, private, KEY)
+    r = requests.get(url, headers={"Authorization": "S3EMU-HMAC caf\xe9"}, timeout=30)
+    assert r.status_code == 400
+    assert "cannot be sent upstream" in r.text and "caf" not in r.text
+    private.wait_idle()
+    assert private.requests(KEY) == []
+
+
 def test_public_objects_cost_no_check(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
 ) -> None:

@@ -10,8 +10,12 @@ idle). Bytes are compared with what the server sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import ssl
+import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -81,10 +85,17 @@ def answer(body: bytes, *extra: str, status: str = "200 OK") -> bytes:
 class Recording(BytesSink):
     """A sink that also counts its calls, and may hold the connection paused."""
 
-    def __init__(self, size: int, *, hold: asyncio.Future[Any] | None = None) -> None:
+    def __init__(
+        self, size: int, *, hold: asyncio.Future[Any] | None = None, cap: int | None = None
+    ) -> None:
         super().__init__(size)
         self.calls = 0
         self.hold = hold
+        self.cap = cap  # the most space offered at a time (a block's remaining space)
+
+    def space(self) -> memoryview:
+        space = super().space()
+        return space if self.cap is None else space[: self.cap]
 
     def received(self, n: int) -> asyncio.Future[Any] | None:  # type: ignore[override]
         super().received(n)
@@ -228,6 +239,71 @@ async def test_bytes_past_the_body_make_the_connection_unusable(client: WireClie
     assert server.connections == 2
 
 
+async def test_interim_answers_are_passed_over_for_the_final_one(client: WireClient) -> None:
+    """A 100 Continue or 103 Early Hints is not the answer: taking it for one
+    would leave the real answer on the connection for the next request."""
+
+    def script(n: int, request: bytes) -> list[Step]:
+        path = request.split(b" ")[1]
+        hints = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+        return [b"HTTP/1.1 100 Continue\r\n\r\n" + hints, 0.01, answer(b"bytes of " + path)]
+
+    async with Scripted(script) as server:
+        assert await fetch(client, server.url + "/a") == b"bytes of /a"
+        resp = await client.get(server.url + "/b", {})
+        assert resp.status == 200
+        resp.close()  # unread: its body may not all be in, so the connection goes
+        assert await fetch(client, server.url + "/c") == b"bytes of /c"
+
+
+async def test_switching_protocols_is_refused(client: WireClient) -> None:
+    async with Scripted(lambda n, r: [b"HTTP/1.1 101 Switching Protocols\r\n\r\n"]) as server:
+        with pytest.raises(WireError, match="switched protocols"):
+            await client.get(server.url, {})
+
+
+class Pausing(BytesSink):
+    """A sink that asks for a pause after every piece (a disk job each), and
+    fails the test if it is given bytes while paused."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.pauses = 0
+        self.busy: asyncio.Future[Any] | None = None
+
+    def received(self, n: int) -> asyncio.Future[Any] | None:  # type: ignore[override]
+        assert self.busy is None or self.busy.done(), "bytes while paused"
+        super().received(n)
+        self.pauses += 1
+        self.busy = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.001, self.busy.set_result, None)
+        return self.busy
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+async def test_a_sink_that_pauses_is_given_nothing_until_it_is_ready(
+    client: WireClient, chunked: bool
+) -> None:
+    """Bytes waiting in the backlog (those that came with the head, and chunk
+    data decoded from one read) are handed on one pause at a time."""
+    body = os.urandom(300_000)
+    if chunked:
+        framed = b"".join(
+            b"%x\r\n%s\r\n" % (1000, body[i : i + 1000]) for i in range(0, len(body), 1000)
+        )
+        raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + framed + b"0\r\n\r\n"
+    else:
+        raw = answer(body)
+    async with Scripted(lambda n, r: [raw]) as server:
+        resp = await client.get(server.url, {})
+        await asyncio.sleep(0.05)  # all of it is on its way, much of it with the head
+        sink = Pausing(len(body))
+        assert await resp.deliver(sink, 0, len(body)) == len(body)
+        resp.close()
+    assert bytes(sink.buffer) == body
+    assert sink.pauses > 1
+
+
 # -- connections ----------------------------------------------------------------------
 
 
@@ -313,6 +389,94 @@ async def test_at_most_max_connections_are_in_use() -> None:
 
 
 # -- TLS --------------------------------------------------------------------------------
+
+
+class TLSServers:
+    """TLS servers with a certificate of a test CA the client trusts."""
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    async def start(
+        self, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+    ) -> str:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=self.context)
+        return f"https://localhost:{server.sockets[0].getsockname()[1]}"
+
+
+@pytest.fixture
+def tls_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> TLSServers:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))  # as OpenSSL reads it
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    return TLSServers(context)
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["at once", "after a pause"])
+async def test_tls_a_close_while_reading_is_paused_loses_nothing(
+    tls_server: TLSServers, pause: float
+) -> None:
+    """The server sends a whole answer and closes (a FIN right after) while
+    reading is paused, after the head or for a disk job: every byte still
+    reaches the sink, offered a block's space at a time. (Python 3.11's TLS
+    layer hands a BufferedProtocol one buffer's worth and drops the rest.)"""
+    body = os.urandom(200_000)
+    sctx = tls_server.context
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve_once() -> None:
+        raw, _ = listener.accept()
+        with sctx.wrap_socket(raw, server_side=True) as conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(answer(body, "Connection: close"))
+            socket.socket.shutdown(conn, socket.SHUT_WR)  # the FIN, not waiting for ours
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                conn.recv(1)
+
+    server = threading.Thread(target=serve_once, daemon=True)
+    server.start()
+    port = listener.getsockname()[1]
+    client = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
+    resp = await client.get(f"https://localhost:{port}/k", {})
+    await asyncio.sleep(pause)
+    sink = Recording(len(body), cap=64 * 1024)
+    assert await resp.deliver(sink, 0, len(body)) == len(body)
+    assert bytes(sink.buffer) == body
+    resp.close()
+    await client.close()
+    server.join(5)
+    listener.close()
+
+
+async def test_tls_a_reset_before_the_body_is_read_fails_at_once(
+    tls_server: TLSServers,
+) -> None:
+    """Not after the read timeout: the connection is known to be gone."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        linger = struct.pack("ii", 1, 0)  # a reset, not a close
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+
+    url = await tls_server.start(serve)
+    client = WireClient(max_connections=2, connect_timeout=2, read_timeout=30, headers={})
+    resp = await client.get(url + "/k", {})
+    await asyncio.sleep(0.3)  # checking the head, say: the reset comes meanwhile
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(WireError):
+        await resp.deliver(BytesSink(100_000), 0, 100_000)
+    assert asyncio.get_running_loop().time() - started < 5
+    await client.close()
 
 
 async def test_https_upstream_is_verified_and_read_into_the_sink(

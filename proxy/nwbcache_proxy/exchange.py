@@ -24,7 +24,13 @@ from yarl import URL
 from nwbcache.urls import AllowList, InvalidURL, UpstreamURL, parse_upstream_url
 
 from .breaker import Breakers
-from .errors import NotAllowed, RetryableFault, UpstreamDown, UpstreamProtocolError
+from .errors import (
+    BadRequest,
+    NotAllowed,
+    RetryableFault,
+    UpstreamDown,
+    UpstreamProtocolError,
+)
 from .httphead import HeadError
 from .metrics import Metrics
 from .parents import Parents, parent_unwell, parents_own
@@ -146,7 +152,13 @@ class Exchange:
 
     async def _send(self, current: UpstreamURL, sent: dict[str, str]) -> Response:
         """A GET of an object's bytes, on a wire.py connection (see ``_guarded``)."""
-        return await self._guarded(current, lambda: self._wire.get(current.url, sent))
+        return await self._guarded(current, lambda: self._wire_get(current.url, sent))
+
+    async def _wire_get(self, url: str, sent: dict[str, str]) -> Response:
+        try:
+            return await self._wire.get(url, sent)
+        except ValueError as exc:  # a header that would split the request (the client's)
+            raise BadRequest(f"this request cannot be sent upstream: {exc}") from None
 
     async def _send_session(self, url: UpstreamURL) -> aiohttp.ClientResponse:
         """A GET of what is not an object's bytes, on aiohttp's session."""
@@ -204,7 +216,7 @@ class Exchange:
         try:
             # A parent asks upstream (with retries) before it answers: longer.
             async with asyncio.timeout(self._first_byte_timeout * PARENT_PATIENCE):
-                resp = await self._wire.get(self.parents.target(parent, url), sent)
+                resp = await self._wire_get(self.parents.target(parent, url), sent)
         except (TimeoutError, WireError, HeadError) as exc:
             failure, unwell = type(exc).__name__, True
         else:

@@ -24,6 +24,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A field value a request may carry: visible ASCII, spaces and tabs, nothing
 # that could end the line (a header injected into the request).
 _SAFE_VALUE = re.compile(r"[\t\x20-\x7e]*")
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only: str.isdigit takes "²"
 
 
 class HeadError(ValueError):
@@ -87,7 +88,11 @@ def parse_head(data: bytes | bytearray | memoryview) -> ResponseHead:
         headers=CIMultiDictProxy(headers),
         framing=framing,
         length=length,
-        keep_alive=framing is not Framing.CLOSE and _persistent(minor == b"1", headers),
+        # Both framings at once is how requests are smuggled: never reused
+        # (RFC 9112 §6.3).
+        keep_alive=framing is not Framing.CLOSE
+        and not (framing is Framing.CHUNKED and "Content-Length" in headers)
+        and _persistent(minor == b"1", headers),
     )
 
 
@@ -106,7 +111,7 @@ def _framing(status: int, headers: CIMultiDict[str]) -> tuple[Framing, int | Non
     lengths = {v.strip() for v in headers.getall("Content-Length", []) for v in v.split(",")}
     if not lengths:
         return Framing.CLOSE, None
-    if len(lengths) > 1 or not next(iter(lengths)).isdigit():
+    if len(lengths) > 1 or not _DIGITS.fullmatch(next(iter(lengths))):
         raise HeadError(f"invalid Content-Length: {', '.join(sorted(lengths))}")
     return Framing.LENGTH, int(next(iter(lengths)))
 

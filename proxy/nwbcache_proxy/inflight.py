@@ -14,7 +14,7 @@ faults of new memory, every block (perf of a cold fill).
 from __future__ import annotations
 
 import asyncio
-import sys
+import collections
 from collections.abc import AsyncIterator
 
 # Bytes of buffers the pool keeps per size class: the blocks of several
@@ -25,32 +25,46 @@ POOL_BYTES = 32 * 1024 * 1024
 # a buffer of the class above its length); larger blocks are not pooled.
 POOL_MIN = 64 * 1024
 POOL_MAX = 16 * 1024 * 1024
-# References to a pooled buffer that no block or view holds: the pool's
-# list, the loop's variable and getrefcount's argument.
-_FREE_REFS = 3
+
+
+def _unviewed(buf: bytearray) -> bool:
+    """Whether no view of ``buf`` lives on: a bytearray refuses to change its
+    size while one does. (Not ``sys.getrefcount``: what it counts changes
+    between interpreter versions.) ``buf`` has room for the byte tried."""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
 
 
 class BufferPool:
-    """Buffers reused once free: a buffer is free when only the pool refers to
-    it (no block holds it, and no view of it lives on in a transport or a
-    disk job), which ``sys.getrefcount`` tells exactly in CPython."""
+    """Buffers reused once free. A block holds its buffer only through views
+    (InflightBlock._buf), and so does everything it hands the bytes to (a
+    transport's write buffer, a disk job's ``writev``): a buffer no view of
+    which lives on is free."""
 
     def __init__(self, keep_bytes: int = POOL_BYTES) -> None:
         self._keep_bytes = keep_bytes
-        self._buffers: dict[int, list[bytearray]] = {}
+        # Per size class, the least recently taken first: blocks finish about
+        # in the order they start, so the first is usually free.
+        self._buffers: dict[int, collections.deque[bytearray]] = {}
 
     def take(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes, of unspecified content."""
+        """A buffer of at least ``size`` bytes, of unspecified content. The caller
+        keeps only views of it."""
         if size > POOL_MAX:
             return bytearray(size)
         cap = max(POOL_MIN, 1 << (size - 1).bit_length())
-        buffers = self._buffers.setdefault(cap, [])
-        # The first free one: the earliest buffers are reused the most, and
-        # stay warm in the CPU's caches and the process's memory.
-        for buf in buffers:
-            if sys.getrefcount(buf) == _FREE_REFS:
+        buffers = self._buffers.setdefault(cap, collections.deque())
+        for i, buf in enumerate(buffers):
+            if _unviewed(buf):
+                del buffers[i]
+                buffers.append(buf)
                 return buf
-        buf = bytearray(cap)
+        buf = bytearray(cap + 1)  # room for _unviewed's byte: it never reallocates
+        del buf[cap:]
         if (len(buffers) + 1) * cap <= self._keep_bytes:
             buffers.append(buf)
         return buf

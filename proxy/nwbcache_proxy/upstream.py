@@ -265,6 +265,7 @@ class Upstream:
         # gives 200 with the validators.
         if resp.headers.get("Content-Range", "") != "bytes */0":
             raise UpstreamProtocolError("upstream refused the first block with 416")
+        resp.close()  # its connection is free (or closed) before another is asked for
         async with self._get(url, {}, authorization) as plain:
             if plain.status != 200 or plain.headers.get("Content-Length") != "0":
                 raise RetryableFault(

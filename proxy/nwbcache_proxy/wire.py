@@ -23,12 +23,15 @@ import time
 from urllib.parse import urlsplit
 
 from .httphead import Framing, ResponseHead, request_bytes
-from .wireconn import Connection, Sink, WireError
+from .wireconn import Connection, Sink, TLSConnection, WireError
 
 # An idle pooled connection older than this is not used again: servers close
 # theirs after 5-75 s (S3 ~20 s), and a request sent just as the server
 # closes is lost (it is sent again once, on a new connection).
 IDLE_TIMEOUT = 10.0
+
+
+AnyConnection = Connection | TLSConnection
 
 
 class ConnectFailed(WireError):
@@ -44,9 +47,8 @@ class Response:
         self,
         client: WireClient,
         key: tuple[str, str, int],
-        conn: Connection,
+        conn: AnyConnection,
         head: ResponseHead,
-        leftover: memoryview,
     ) -> None:
         self.status = head.status
         self.reason = head.reason
@@ -54,8 +56,7 @@ class Response:
         self._head = head
         self._client = client
         self._key = key
-        self._conn: Connection | None = conn
-        self._leftover = leftover
+        self._conn: AnyConnection | None = conn
         self._read = False
         self.delivered = 0  # bytes ``deliver`` handed to its sink, also when it failed
 
@@ -71,9 +72,8 @@ class Response:
         head = self._head
         if head.framing is Framing.NONE:
             return 0
-        leftover, self._leftover = self._leftover, memoryview(b"")
         try:
-            await conn.deliver(sink, head, leftover, skip, want)
+            await conn.deliver(sink, head, skip, want)
         except BaseException:
             self.close()
             raise
@@ -93,10 +93,15 @@ class Response:
         if conn is None:
             return
         head = self._head
-        unread = head.framing is Framing.NONE or (
-            head.framing is Framing.LENGTH and not self._read and len(self._leftover) == head.length
-        )
-        if head.keep_alive and conn.reusable and not conn.closed and (unread or conn.body_complete):
+        # Read to its end: by deliver, or it came whole with the head (a 1-byte
+        # check) and nothing more; a 1xx's body-less answer with no byte after.
+        if self._read:
+            done = conn.body_complete
+        elif head.framing is Framing.NONE:
+            done = conn.pending == 0
+        else:
+            done = head.framing is Framing.LENGTH and conn.pending == head.length
+        if head.keep_alive and conn.reusable and not conn.closed and done:
             conn.idle()
             self._client.put_back(self._key, conn)
         else:
@@ -136,7 +141,7 @@ class WireClient:
         self._headers = headers  # sent with every request (User-Agent...)
         self._max = max_connections
         self._slots: asyncio.Semaphore | None = None
-        self._idle: dict[tuple[str, str, int], list[Connection]] = {}
+        self._idle: dict[tuple[str, str, int], list[AnyConnection]] = {}
         self._ssl: ssl.SSLContext | None = None
 
     async def get(self, url: str, headers: dict[str, str]) -> Response:
@@ -158,7 +163,7 @@ class WireClient:
                 if conn is None:
                     conn, reused = await self._connect(key), False
                 try:
-                    head, leftover = await conn.request(data)
+                    head = await conn.request(data)
                 except WireError:
                     conn.abort()
                     if reused and not conn.received_any:
@@ -167,15 +172,19 @@ class WireClient:
                 except BaseException:
                     conn.abort()
                     raise
-                return Response(self, key, conn, head, leftover)
+                return Response(self, key, conn, head)
         except BaseException:
             self._slots.release()
             raise
 
-    def put_back(self, key: tuple[str, str, int], conn: Connection | None) -> None:
+    def put_back(self, key: tuple[str, str, int], conn: AnyConnection | None) -> None:
         """A response is done with: its connection (None: closed) is free again."""
         if conn is not None:
             idle = self._idle.setdefault(key, [])
+            # The oldest first: closed by now, or soon. A paused connection
+            # does not notice its server's close (it sits in CLOSE_WAIT).
+            while idle and (idle[0].closed or conn.idle_since - idle[0].idle_since > IDLE_TIMEOUT):
+                idle.pop(0).abort()
             if len(idle) < self._max:
                 idle.append(conn)
             else:
@@ -183,7 +192,7 @@ class WireClient:
         assert self._slots is not None
         self._slots.release()
 
-    def _pooled(self, key: tuple[str, str, int]) -> Connection | None:
+    def _pooled(self, key: tuple[str, str, int]) -> AnyConnection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
@@ -197,18 +206,20 @@ class WireClient:
             return conn
         return None
 
-    async def _connect(self, key: tuple[str, str, int]) -> Connection:
+    async def _connect(self, key: tuple[str, str, int]) -> AnyConnection:
         scheme, host, port = key
         loop = asyncio.get_running_loop()
         tls = None
+        kind: type[AnyConnection] = Connection
         if scheme == "https":
             if self._ssl is None:
+                # The system's trust store (OpenSSL honours SSL_CERT_FILE), as aiohttp.
                 self._ssl = ssl.create_default_context()
-            tls = self._ssl
+            tls, kind = self._ssl, TLSConnection
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(self._read_timeout), host, port, ssl=tls
+                    lambda: kind(self._read_timeout), host, port, ssl=tls
                 )
         except TimeoutError:
             raise ConnectFailed(
