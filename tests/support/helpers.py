@@ -103,12 +103,13 @@ def get_range(
 
 def origin_host(emu: S3Emulator) -> str:
     """The emulator's host:port, as the daemon's allow-list and URLs name it."""
-    return emu.url.removeprefix("http://")
+    return emu.url.partition("://")[2]
 
 
 def proxied(daemon_url: str, emu: S3Emulator, key: str, query: str = "") -> str:
     """The daemon URL for object ``key`` of the emulator."""
-    url = f"{daemon_url}/http/{origin_host(emu)}{key}"
+    scheme = emu.url.partition("://")[0]
+    url = f"{daemon_url}/{scheme}/{origin_host(emu)}{key}"
     return f"{url}?{query}" if query else url
 
 

@@ -8,6 +8,7 @@ processes need; ``async with`` serves on the test's own loop.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from typing import Self
 
@@ -23,6 +24,8 @@ class ServedApp:
     thread_name = "served-app"
 
     def __init__(self) -> None:
+        # Serve HTTPS with this context (set before start): real S3 is HTTPS.
+        self.tls: ssl.SSLContext | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -44,7 +47,7 @@ class ServedApp:
         runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port).start()
+            await web.TCPSite(runner, host, port, ssl_context=self.tls).start()
         except BaseException:
             await runner.cleanup()
             raise
@@ -53,7 +56,8 @@ class ServedApp:
         shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
         if ":" in shown:
             shown = f"[{shown}]"
-        self._url = f"http://{shown}:{bound_port}"
+        scheme = "https" if self.tls is not None else "http"
+        self._url = f"{scheme}://{shown}:{bound_port}"
 
     async def stop(self) -> None:
         runner, self._runner = self._runner, None
