@@ -20,7 +20,7 @@ import trustme
 
 from nwbcache_proxy.config import Settings
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import origin_host, proxied
+from tests.support.helpers import origin_host, proxied, scrape, value
 from tests.support.s3emu import Fault, S3Emulator
 
 BS = 64 * 1024
@@ -81,6 +81,10 @@ def test_an_https_object_is_read_exactly_cold_and_warm(
     # Few connections for many requests: they are kept alive over TLS too.
     peers = {e.peer for e in tls_origin.requests("/b/obj")}
     assert len(peers) < asked
+    samples = scrape(daemon.url)
+    opened = value(samples, "nwbcache_upstream_connections_total", how="opened")
+    reused = value(samples, "nwbcache_upstream_connections_total", how="reused")
+    assert opened == len(peers) and opened + reused >= asked
 
 
 def test_a_reset_mid_body_over_tls_is_resumed_byte_exact(

@@ -307,14 +307,18 @@ async def test_a_sink_that_pauses_is_given_nothing_until_it_is_ready(
 # -- connections ----------------------------------------------------------------------
 
 
-async def test_a_connection_the_server_closed_while_idle_is_replaced_once(
-    client: WireClient,
-) -> None:
+async def test_a_connection_the_server_closed_while_idle_is_replaced_once() -> None:
+    told: list[str] = []
+    client = WireClient(
+        max_connections=2, connect_timeout=2, read_timeout=2, headers={}, on_connection=told.append
+    )
     async with Scripted(lambda n, r: [answer(b"ok%d" % n), 0.01, "close"]) as server:
         assert await fetch(client, server.url) == b"ok0"
         await asyncio.sleep(0.05)  # the server has closed it meanwhile
         assert await fetch(client, server.url) == b"ok1"
+    await client.close()
     assert server.connections == 2
+    assert told == ["opened", "reused", "stale", "opened"]
 
 
 async def test_a_stalled_body_times_out_with_what_came(client: WireClient) -> None:

@@ -94,6 +94,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         max_connections=settings.max_upstream_connections,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
+        metrics=metrics,
     )
     upstream = Upstream(
         session,

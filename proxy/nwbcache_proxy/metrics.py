@@ -74,6 +74,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.upstream_connections = Counter(
+            "nwbcache_upstream_connections_total",
+            "Connections to upstream for object bytes, by how each request got one: "
+            "opened, reused (kept alive), or stale (the server had closed the pooled "
+            "one: the request went again on a new one).",
+            ["how"],
+            registry=r,
+        )
         self.upstream_first_byte = Histogram(
             "nwbcache_upstream_first_byte_seconds",
             "Time to upstream response headers.",
@@ -270,6 +278,8 @@ class Metrics:
             self.upstream_requests.labels(reason.value)
             self.upstream_retries.labels(reason.value)
         self.upstream_requests.labels("ok")
+        for how in ("opened", "reused", "stale"):
+            self.upstream_connections.labels(how)
         for result in ("accepted", "refused", "error"):
             self.auth_checks.labels(result)
         for kind in ("block", "discovery"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from .metrics import Metrics
 from .upstream import USER_AGENT
 from .wire import WireClient
 
@@ -16,12 +17,16 @@ from .wire import WireClient
 HEADERS = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
 
 
-def make_wire(*, max_connections: int, connect_timeout: float, read_timeout: float) -> WireClient:
+def make_wire(
+    *, max_connections: int, connect_timeout: float, read_timeout: float, metrics: Metrics
+) -> WireClient:
+    connections = metrics.upstream_connections
     return WireClient(
         max_connections=max_connections,
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         headers=HEADERS,
+        on_connection=lambda how: connections.labels(how).inc(),
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from .httphead import Framing, ResponseHead, request_bytes
@@ -135,7 +136,11 @@ class WireClient:
         connect_timeout: float,
         read_timeout: float,
         headers: dict[str, str],
+        on_connection: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_connection`` is told how each request got its connection:
+        "opened", "reused", or "stale" (a pooled one the server had closed)."""
+        self._on_connection = on_connection or (lambda how: None)
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._headers = headers  # sent with every request (User-Agent...)
@@ -162,11 +167,13 @@ class WireClient:
                 conn, reused = self._pooled(key), True
                 if conn is None:
                     conn, reused = await self._connect(key), False
+                self._on_connection("reused" if reused else "opened")
                 try:
                     head = await conn.request(data)
                 except WireError:
                     conn.abort()
                     if reused and not conn.received_any:
+                        self._on_connection("stale")
                         continue  # closed by the server while idle: once more, on another
                     raise
                 except BaseException:
