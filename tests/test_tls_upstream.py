@@ -36,11 +36,8 @@ def tls_origin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Em
     emu = S3Emulator()
     emu.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(emu.tls)
-    emu.start_in_thread()
-    try:
+    with emu:
         yield emu
-    finally:
-        emu.stop_thread()
 
 
 @pytest.fixture
