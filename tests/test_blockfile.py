@@ -111,7 +111,7 @@ def test_checksums_are_the_standard_ones(version: int, data: bytes, value: int) 
 
 @given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from([1, 2]))
 def test_checksum_of_parts_is_that_of_their_bytes_joined(parts: list[bytes], version: int) -> None:
-    """A fill hands a block over in the pieces it arrived in (InflightBlock.parts)."""
+    """A block may be handed over in several parts (Parts): one checksum over them all."""
     views = [memoryview(b"." + part + b".")[1:-1] for part in parts]
     assert checksum(version, views) == checksum(version, [b"".join(parts)])
     assert encode_header(3, views, DIGEST) == encode_header(3, b"".join(parts), DIGEST)

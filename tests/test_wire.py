@@ -484,15 +484,11 @@ async def test_tls_a_reset_before_the_body_is_read_fails_at_once(
 
 
 async def test_https_upstream_is_verified_and_read_into_the_sink(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    tls_server: TLSServers, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Real S3 is HTTPS: the sink's buffers fill through the TLS layer too, and
-    the server's certificate is checked against the system's trust (here a
+    the server's certificate is checked against the system's trust (here the
     test CA, through SSL_CERT_FILE as OpenSSL reads it)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost")
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(server_ctx)
     body = os.urandom(2 * 1024 * 1024)
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -505,18 +501,16 @@ async def test_https_upstream_is_verified_and_read_into_the_sink(
             await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ctx)
-    port = server.sockets[0].getsockname()[1]
+    url = await tls_server.start(serve)
+    trusted = os.environ["SSL_CERT_FILE"]
+    monkeypatch.setenv("SSL_CERT_FILE", os.devnull)  # a trust store without the test CA
     untrusting = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
     with pytest.raises(ConnectFailed, match="certificate verify failed"):
-        await fetch(untrusting, f"https://localhost:{port}/k")
+        await fetch(untrusting, url + "/k")
     await untrusting.close()
 
-    ca_file = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", trusted)
     trusting = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
-    assert await fetch(trusting, f"https://localhost:{port}/k", want=len(body)) == body
-    assert await fetch(trusting, f"https://localhost:{port}/k", skip=5, want=100) == body[5:105]
+    assert await fetch(trusting, url + "/k", want=len(body)) == body
+    assert await fetch(trusting, url + "/k", skip=5, want=100) == body[5:105]
     await trusting.close()
-    server.close()

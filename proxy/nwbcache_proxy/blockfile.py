@@ -46,7 +46,8 @@ assert _HEADER.size == HEADER_SIZE
 
 
 Buffer = bytes | bytearray | memoryview
-# A block's bytes as the pieces they arrived in (inflight.InflightBlock.parts).
+# A block's bytes in one or more parts, written with one writev (a fill hands
+# over InflightBlock.parts: the block's buffer; a test may cut it anyhow).
 Parts = Sequence[Buffer]
 
 # The checksum of each format version read: (data, checksum so far) -> checksum.

@@ -104,7 +104,7 @@ def _framing(status: int, headers: CIMultiDict[str]) -> tuple[Framing, int | Non
         c.strip().lower() for v in headers.getall("Transfer-Encoding", []) for c in v.split(",")
     ]
     if codings:
-        if codings[-1] != "chunked" or codings != ["chunked"]:
+        if codings != ["chunked"]:
             # Another coding would change the bytes: never cached as they are.
             raise HeadError(f"unsupported Transfer-Encoding: {', '.join(codings)}")
         return Framing.CHUNKED, None

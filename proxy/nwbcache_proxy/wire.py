@@ -95,14 +95,14 @@ class Response:
             return
         head = self._head
         # Read to its end: by deliver, or it came whole with the head (a 1-byte
-        # check) and nothing more; a 1xx's body-less answer with no byte after.
+        # check) and nothing more; a body-less answer (204, 304) with no byte after.
         if self._read:
             done = conn.body_complete
         elif head.framing is Framing.NONE:
             done = conn.pending == 0
         else:
             done = head.framing is Framing.LENGTH and conn.pending == head.length
-        if head.keep_alive and conn.reusable and not conn.closed and done:
+        if head.keep_alive and not conn.closed and done:
             conn.idle()
             self._client.put_back(self._key, conn)
         else:

@@ -43,8 +43,6 @@ class _Connection:
     def __init__(self, read_timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
-        # False once bytes came that this connection's answers did not frame.
-        self.reusable = True
         self.idle_since = 0.0
         self.received_any = False  # of the current request's answer
         self.delivered = 0  # bytes handed to the current sink
@@ -68,6 +66,8 @@ class _Connection:
 
     @property
     def body_complete(self) -> bool:
+        """Read to its end, and nothing past it: bytes beyond an answer's framing
+        make its connection untrustworthy for the next one."""
         return self._state == "held" and self._remaining == 0 and not self.pending
 
     @property
@@ -98,8 +98,6 @@ class _Connection:
         self._delivery += 1
         self._remaining = head.length if head.framing is Framing.LENGTH else None
         self._decoder = ChunkDecoder() if head.framing is Framing.CHUNKED else None
-        if self._remaining is not None and self.pending > self._remaining:
-            self.reusable = False  # more than the body: what follows is not to be trusted
         self._state = "body"
         self._waiter = asyncio.get_running_loop().create_future()
         self._watch()
@@ -227,7 +225,9 @@ class _Connection:
                     break  # past the body: bytes that are not this answer's
             if self._skip:
                 n = min(self._skip, len(data))
-                self._skipped(n)
+                self._skip -= n
+                if self._remaining is not None and self._decoder is None:
+                    self._remaining -= n
             else:
                 space = self._space()
                 n = min(len(space), len(data))
@@ -245,13 +245,6 @@ class _Connection:
             self._finish()
         elif self.closed:
             self._closed_while_delivering()
-
-    def _skipped(self, nbytes: int) -> None:
-        self._skip -= nbytes
-        if self._remaining is not None and self._decoder is None:
-            self._remaining -= nbytes
-            if self._remaining == 0:
-                self._finish()
 
     def _delivered(self, nbytes: int) -> None:
         self._want -= nbytes
@@ -335,8 +328,13 @@ class _Connection:
 class Connection(_Connection, asyncio.BufferedProtocol):
     """A plain TCP connection: the body is received straight into the sink's space."""
 
+    _into_sink = False  # where get_buffer sent the read buffer_updated tells of
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._direct():
+        self._into_sink = (
+            self._state == "body" and not self._skip and self._decoder is None and not self._backlog
+        )
+        if self._into_sink:
             return self._space()
         spill = memoryview(self._spill)
         if self._state == "head":
@@ -347,7 +345,7 @@ class Connection(_Connection, asyncio.BufferedProtocol):
         return spill
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._direct():
+        if self._into_sink:
             self.received_any = True
             self._activity = time.monotonic()
             try:
@@ -358,12 +356,6 @@ class Connection(_Connection, asyncio.BufferedProtocol):
         start = self._n if self._state == "head" else 0
         # Views of _spill stay in the backlog only while reading is paused.
         self._received(memoryview(self._spill)[start : start + nbytes])
-
-    def _direct(self) -> bool:
-        """Whether the next bytes go straight into the sink's space."""
-        return (
-            self._state == "body" and not self._skip and self._decoder is None and not self._backlog
-        )
 
 
 class TLSConnection(_Connection, asyncio.Protocol):
