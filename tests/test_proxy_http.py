@@ -254,6 +254,18 @@ def test_healthz(served: tuple[S3Emulator, DaemonThread, str]) -> None:
     assert r.json()["status"] == "ok"
 
 
+def test_an_empty_object_is_discovered_with_one_upstream_connection(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """S3 answers 416 to a ranged GET of an empty object, and the daemon asks
+    again without a Range: the 416's connection is given back first, or with
+    one connection allowed the second request would wait for it in vain."""
+    origin.put("/b/empty1", b"")
+    daemon = make_daemon(max_upstream_connections=1, first_byte_timeout=1.0, retry_attempts=1)
+    r = requests.get(proxied(daemon.url, origin, "/b/empty1"), timeout=30)
+    assert (r.status_code, r.content) == (200, b"")
+
+
 def test_empty_object(origin: S3Emulator, make_daemon: Callable[..., DaemonThread]) -> None:
     origin.put("/b/empty", b"")
     daemon = make_daemon()

@@ -22,12 +22,14 @@ from typing import Any
 import pytest
 import trustme
 
+from nwbcache_proxy import wire
 from nwbcache_proxy.httphead import HeadError
 from nwbcache_proxy.wire import BytesSink, ConnectFailed, WireClient
 from nwbcache_proxy.wireconn import WireError
 from tests.support.s3emu import Fault, S3Emulator
 
-# One step of a scripted answer: bytes to send, seconds to wait, or "close".
+# One step of a scripted answer: bytes to send, seconds to wait, "close", or
+# "reset" (a close that drops what is unsent: an RST).
 Step = bytes | float | str
 Script = Callable[[int, bytes], list[Step]]
 
@@ -39,6 +41,7 @@ class Scripted:
         self.script = script
         self.requests: list[bytes] = []
         self.connections = 0
+        self.closed_by_client = 0  # connections the client closed (EOF between requests)
         self.url = ""
         self._server: asyncio.Server | None = None
 
@@ -59,11 +62,19 @@ class Scripted:
                 try:
                     request = await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, ConnectionError):
+                    self.closed_by_client += 1
                     return
                 self.requests.append(request)
                 for step in self.script(len(self.requests) - 1, request):
                     if step == "close":
                         writer.close()
+                        return
+                    if step == "reset":
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                        writer.transport.abort()
                         return
                     if isinstance(step, float):
                         await asyncio.sleep(step)
@@ -186,6 +197,21 @@ async def test_a_body_framed_by_the_close_is_read_to_the_close(client: WireClien
         assert await fetch(client, server.url) == body
         assert await fetch(client, server.url) == body
     assert server.connections == 2  # such a connection cannot carry another answer
+
+
+async def test_a_body_framed_by_the_close_but_cut_by_a_reset_is_a_failure(
+    client: WireClient,
+) -> None:
+    """Only a clean close ends such a body: a reset is a fault, not its end."""
+
+    def script(n: int, request: bytes) -> list[Step]:
+        return [b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1000, 0.05, "reset"]
+
+    async with Scripted(script) as server:
+        resp = await client.get(server.url, {})
+        with pytest.raises(WireError, match="mid-body"):
+            await resp.deliver(BytesSink(10_000), 0, 10_000)
+        assert resp.delivered == 1000
 
 
 async def test_skip_then_want_takes_the_middle_and_drops_the_connection(
@@ -319,6 +345,27 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_once() -> N
     await client.close()
     assert server.connections == 2
     assert told == ["opened", "reused", "stale", "opened"]
+
+
+async def test_a_connection_left_idle_behind_busier_ones_is_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool reuses its newest connection, so an older one may sit idle past
+    the idle timeout while the newest keeps being reused: it is closed when
+    a connection goes back, not left open (in CLOSE_WAIT once its server
+    gives up on it)."""
+    monkeypatch.setattr(wire, "IDLE_TIMEOUT", 0.3)
+    client = WireClient(max_connections=2, connect_timeout=2, read_timeout=2, headers={})
+    async with Scripted(lambda n, r: [0.02, answer(b"x")]) as server:
+        await asyncio.gather(fetch(client, server.url), fetch(client, server.url))
+        assert server.connections == 2
+        for _ in range(5):  # the newest, again and again
+            await asyncio.sleep(0.1)
+            assert await fetch(client, server.url) == b"x"
+        await asyncio.sleep(0.05)
+        assert server.connections == 2
+        assert server.closed_by_client == 1  # the older one; the newest is still pooled
+    await client.close()
 
 
 async def test_a_stalled_body_times_out_with_what_came(client: WireClient) -> None:
