@@ -38,6 +38,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import json
+import os
 import random
 import statistics
 import sys
@@ -53,7 +54,9 @@ import requests
 
 from bench.harness import Emulator, Nginx, Nwbcache, git_commit, machine
 from bench.wrkrun import run_wrk
+from nwbcache.urls import cache_key, parse_upstream_url
 from nwbcache_proxy.cpus import usable_cpus
+from nwbcache_proxy.parents import rank
 from nwbcache_proxy.sizes import format_size, parse_size
 from tests.support.helpers import REPO, scrape, value
 
@@ -65,6 +68,10 @@ SMALL_OBJECTS = 64
 RANGE = 4 * MiB
 WARM_LENGTH = 4096
 KINDS = ("block", "discovery")  # of nwbcache_awaited_fetches_total
+# Other names of the big object (hard links), for the parents section: which
+# parent holds a group hangs on a hash of the parents' random ports, and at a
+# small --size (8 groups) one name in 128 puts every group on one parent.
+ALIASES = 16
 
 
 def _write_object(path: Path, size: int, seed: int) -> str:
@@ -79,6 +86,19 @@ def _write_object(path: Path, size: int, seed: int) -> str:
             digest.update(chunk)
             left -= len(chunk)
     return digest.hexdigest()
+
+
+def _shared_name(emu: Emulator, parents: list[str], size: int, group: int) -> str:
+    """The first name of the big object whose groups are on both parents (the
+    child's own rendezvous ranking), so the section measures two parents sharing
+    an object; at any real --size that is "big" itself."""
+    groups = range(-(-size // group))
+    urls = [p.rstrip("/") for p in parents]  # as the child's Parents keeps them
+    for name in ["big"] + [f"big-{n}" for n in range(1, ALIASES)]:
+        key = cache_key(parse_upstream_url(emu.url_for(name)))
+        if len({rank(urls, key, g)[0] for g in groups}) == len(parents):
+            return name
+    raise RuntimeError(f"no name of the big object puts groups on all of {parents}")
 
 
 def _awaited(url: str) -> dict[str, float]:
@@ -100,6 +120,8 @@ class Bench:
         folder = self.root
         size = self.args.size_bytes
         self.objects["big"] = (size, _write_object(folder / "big", size, 1))
+        for n in range(1, ALIASES):
+            os.link(folder / "big", folder / f"big-{n}")
         rng = random.Random(2)
         for i in range(SMALL_OBJECTS):
             n = rng.randrange(self.args.small_max // 32, self.args.small_max)
@@ -224,7 +246,7 @@ class Bench:
             direct_cache = self.work / "direct-cache"
             with self.nwbcache(emu, direct_cache, "1") as direct:
                 before = emu.wait_idle()["bytes"]
-                out["direct_seconds"] = self._scan(direct, emu, want)
+                out["direct_seconds"] = self._scan(direct, emu, want, "big")
                 out["direct_upstream_bytes"] = emu.wait_idle()["bytes"] - before
             for group in self.args.groups:
                 tag = format_size(group)
@@ -237,13 +259,14 @@ class Bench:
                     ]
                     flags = [a for p in parents for a in ("--parent", p.url)]
                     flags += ["--parent-group", str(group)]
-                    row: dict[str, Any] = {"group": group}
+                    name = _shared_name(emu, [p.url for p in parents], size, group)
+                    row: dict[str, Any] = {"group": group, "name": name}
                     before = emu.wait_idle()["bytes"]
                     for n in (1, 2):  # a cold child, then another with the parents warm
                         child = stack.enter_context(
                             self.nwbcache(emu, self.work / f"child-{tag}-{n}", "1", *flags)
                         )
-                        row[f"child{n}_seconds"] = self._scan(child, emu, want)
+                        row[f"child{n}_seconds"] = self._scan(child, emu, want, name)
                         row[f"child{n}_upstream_bytes"] = emu.wait_idle()["bytes"] - before
                     row["parent_upstream_bytes"] = [
                         value(scrape(p.url), "nwbcache_upstream_bytes_total") for p in parents
@@ -253,11 +276,11 @@ class Bench:
         out["size"] = size
         return out
 
-    def _scan(self, server: Nwbcache, emu: Emulator, want: str) -> float:
-        """Seconds to read the big object in order, in RANGE-byte requests (one
-        reader scanning a file); its sha256 checked."""
+    def _scan(self, server: Nwbcache, emu: Emulator, want: str, name: str) -> float:
+        """Seconds to read the big object (as ``name``) in order, in RANGE-byte
+        requests (one reader scanning a file); its sha256 checked."""
         size = self.objects["big"][0]
-        url = server.url_for(emu.url_for("big"))
+        url = server.url_for(emu.url_for(name))
         digest = hashlib.sha256()
         began = time.perf_counter()
         with requests.Session() as session:
