@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nwbcache_proxy import inflight
 from nwbcache_proxy.blockfile import checksum
-from nwbcache_proxy.inflight import POOL_MAX, POOL_MIN, BufferPool, InflightBlock
+from nwbcache_proxy.inflight import POOL_MAX, POOL_MIN, POOL_TRIES, BufferPool, InflightBlock
 
 
 def cuts(data: bytes, sizes: list[int]) -> list[bytes]:
@@ -171,8 +172,11 @@ def test_a_buffer_a_transport_or_disk_job_still_views_is_not_reused() -> None:
     del block_view
     taken = [memoryview(pool.take(256 * 1024)) for _ in range(3)]
     assert all(t.obj is not buffer for t in taken)
-    del kept, taken
-    assert pool.take(256 * 1024) is buffer
+    del kept
+    # Free now: the pool hands it out again within a round of its ring.
+    again = [memoryview(pool.take(256 * 1024)) for _ in range(4)]
+    assert buffer in [a.obj for a in again]
+    del taken, again
 
 
 def test_blocks_return_their_buffers_to_the_pool() -> None:
@@ -186,6 +190,42 @@ def test_blocks_return_their_buffers_to_the_pool() -> None:
         fill_in_place(block, bytes(256 * 1024))
         del block
     assert len(seen) == 1
+
+
+def test_a_take_looks_at_a_bounded_number_of_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With small blocks thousands of buffers are in flight at once: a take
+    must not look at each of them (it did, and that was most of the event
+    loop's time in a 4 KiB-block cold fill)."""
+    pool = BufferPool()
+    held = [memoryview(pool.take(4096)) for _ in range(2000)]  # all in use
+    looked = 0
+    real = inflight._unviewed
+
+    def counting(buf: bytearray) -> bool:
+        nonlocal looked
+        looked += 1
+        return real(buf)
+
+    monkeypatch.setattr(inflight, "_unviewed", counting)
+    for _ in range(10):
+        held.append(memoryview(pool.take(4096)))
+    assert looked <= 10 * POOL_TRIES
+    assert len({id(v.obj) for v in held}) == len(held)  # none handed out twice
+
+
+def test_a_buffer_held_long_is_passed_over_not_looked_at_every_take() -> None:
+    """Blocks usually finish in order, but one may be held (a slow reader):
+    the buffers behind it are reused, and it is looked at once a round."""
+    pool = BufferPool()
+    slow = memoryview(pool.take(4096))
+    quick = [memoryview(pool.take(4096)) for _ in range(3)]
+    buffers = {id(q.obj) for q in quick}
+    del quick
+    for _ in range(20):  # blocks filled one after another, each dropped when done
+        view = memoryview(pool.take(4096))
+        assert view.obj is not slow.obj
+        assert id(view.obj) in buffers  # no new buffer while free ones are there
+        del view
 
 
 @pytest.mark.parametrize(

@@ -23,8 +23,12 @@ from collections.abc import AsyncIterator
 POOL_BYTES = 32 * 1024 * 1024
 # Size classes are powers of two from this up (a last, shorter block takes
 # a buffer of the class above its length); larger blocks are not pooled.
-POOL_MIN = 64 * 1024
+POOL_MIN = 4 * 1024
 POOL_MAX = 16 * 1024 * 1024
+# Buffers a take looks at before making a new one. A look is cheap, but with
+# small blocks thousands are in flight at once: looking through all of them
+# per take made the pool most of a 4 KiB-block cold fill's event loop.
+POOL_TRIES = 8
 
 
 def _unviewed(buf: bytearray) -> bool:
@@ -47,8 +51,11 @@ class BufferPool:
 
     def __init__(self, keep_bytes: int = POOL_BYTES) -> None:
         self._keep_bytes = keep_bytes
-        # Per size class, the least recently taken first: blocks finish about
-        # in the order they start, so the first is usually free.
+        # Per size class, a ring: a take looks at the front and moves what it
+        # looked at to the back, so the buffer looked at next is the one taken
+        # (or found busy) longest ago. Blocks finish about in the order they
+        # start, so it is usually free; one held long (a slow reader's) is
+        # passed over once per round, not at every take.
         self._buffers: dict[int, collections.deque[bytearray]] = {}
 
     def take(self, size: int) -> bytearray:
@@ -57,16 +64,16 @@ class BufferPool:
         if size > POOL_MAX:
             return bytearray(size)
         cap = max(POOL_MIN, 1 << (size - 1).bit_length())
-        buffers = self._buffers.setdefault(cap, collections.deque())
-        for i, buf in enumerate(buffers):
+        ring = self._buffers.setdefault(cap, collections.deque())
+        for _ in range(min(len(ring), POOL_TRIES)):
+            buf = ring[0]
+            ring.rotate(-1)
             if _unviewed(buf):
-                del buffers[i]
-                buffers.append(buf)
                 return buf
         buf = bytearray(cap + 1)  # room for _unviewed's byte: it never reallocates
         del buf[cap:]
-        if (len(buffers) + 1) * cap <= self._keep_bytes:
-            buffers.append(buf)
+        if (len(ring) + 1) * cap <= self._keep_bytes:
+            ring.append(buf)
         return buf
 
 
