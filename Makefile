@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-sharing bench-s3 bench-warm
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-layouts bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-scale: $(STAMP)
 ## ARGS="--baseline REV" also runs the daemon at git revision REV and compares run by run
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)
+
+## bench-layouts: the storage costs of the two layouts (a file per block, the cache's own
+## publish; a sparse file per version) for writes, reads and eviction (~1 min);
+## bench/results-layouts.json
+bench-layouts: $(STAMP)
+	$(BIN)/python -m bench.layouts $(ARGS)
 
 ## bench-sharing: --workers 2 + a second daemon on one cache dir under 40 cold readers
 ## (upstream bytes / object bytes), and warm 4 KiB ranges against nginx with 1 and auto

@@ -1,0 +1,59 @@
+"""The layouts benchmark (bench/layouts.py): at a tiny size every figure is
+measured and every block written reads back as written, in both layouts; its
+check finds a block that is not."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.layouts import GROUP, FilePerBlock, FilePerVersion, verify, write_all
+from tests.support.helpers import REPO
+
+
+@pytest.mark.slow  # a process, and sync
+def test_layouts_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    args = ["--bytes", "2M", "--small-bytes", "256K", "--runs", "2", "--settle", "0"]
+    args += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.layouts", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["problems"] == []
+    assert not (tmp_path / "work").exists()  # the runs' files are gone
+    layouts = report["summary"]
+    assert set(layouts) == {"file per block", "file per version"}
+    for figures in layouts.values():
+        for work in ("write 262144", "read 262144", "write 4096", "read 4096", "evict 4096"):
+            assert figures[work]["mb_per_s"] > 0 and figures[work]["cpu_s"] >= 0, work
+    # A 4 KiB block file is its 64-byte header and its bytes: two 4 KiB disk blocks.
+    assert layouts["file per block"]["disk use 4096"] >= 1.5
+    assert 1.0 <= layouts["file per version"]["disk use 4096"] < 1.1
+    md = out.with_suffix(".md").read_text()
+    assert "| write, MB/s | 256 KiB |" in md and "| evict, 1 MiB at a time, MB/s | 4 KiB |" in md
+
+
+@pytest.mark.parametrize("make", [FilePerBlock, FilePerVersion], ids=["per block", "per version"])
+def test_the_check_finds_a_block_that_is_not_as_written(
+    tmp_path: Path, make: type[FilePerBlock] | type[FilePerVersion]
+) -> None:
+    source = memoryview(os.urandom(GROUP))
+    store = make(tmp_path, 4096)
+    try:
+        write_all(store, source, 4096, 300, 2)
+        assert verify(store, source, 4096, 300) == []
+        store.evict(7)
+        assert "block 7" in verify(store, source, 4096, 300)[0]
+    finally:
+        store.close()
