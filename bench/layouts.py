@@ -15,22 +15,29 @@ the figures are the layouts' and nothing else's:
   over), from buffers already in memory, each block's CRC-32C computed.
   ``file per block`` is the daemon's own code (``publish.publish_blocks``:
   an unnamed file per block, written with one ``writev`` and linked into its
-  shard dir). ``file per version`` is a sketch of the other family, written
-  here for the measurement and not used by the daemon: the group's blocks
-  with one ``pwritev`` at their offset in the version's data file, then
-  their map entries (checksum and length, 8 bytes a block) with one
-  ``pwrite`` into the version's map file, data first so that a crash leaves
-  a block unmapped, never mapped and unwritten.
+  shard dir). ``file per version`` is format 3's storage layer
+  (``versionfile.VersionFiles``, which the daemon does not use yet): the
+  group's blocks with one ``pwritev`` at their offset in the version's data
+  file, then their map entries (checksum and length, 8 bytes a block) with
+  one ``pwrite`` into the version's map file, data first so that a crash
+  leaves a block unmapped, never mapped and unwritten.
 - ``evict``: the first half of the small-block version's blocks removed one
   at a time, in index order: ``unlink`` of its file, against
-  ``fallocate(PUNCH_HOLE)`` of its bytes and a cleared map entry. ``evict
+  a write lock on its span, a cleared map entry and ``fallocate(PUNCH_HOLE)``
+  of its bytes. ``evict
   runs``: the second half, 1 MiB of blocks at a time (S3-FIFO's tail of a
   cold object is a run of its blocks): still an ``unlink`` per block file,
   against one punch and one map write per run.
-- ``read``: the large-block version sent into a socket in 4 MiB ranges (a
-  reader's request): ``sendfile`` per block file (open, header read,
-  ``sendfile``, close: a process's first read of each block), against one
-  ``sendfile`` of the range from the data file after one read of its map.
+- ``read``: the version sent into a socket in 4 MiB ranges (a reader's
+  request): ``sendfile`` per block file (open, header read, ``sendfile``,
+  close: a process's first read of each block; the daemon keeps fds open,
+  so this is its cold-fd case), against a read lock on the range, one read
+  of its map entries, one ``pread`` of the range and one ``send``: format 3
+  copies, because of the next item.
+- ``hazards``: whether bytes ``sendfile`` queued in a loopback TCP socket
+  are still the file's after the file is unlinked (format 2's eviction
+  relies on it: tests/test_kernel_assumptions.py), and after the range is
+  punched (Linux 6.18 here: they are not; the punch changes them in place).
 - disk use: bytes allocated on disk per byte cached.
 
 Figures per layout and block size: MB/s (10**6 bytes) of wall time and CPU
@@ -48,7 +55,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import ctypes
+import contextlib
 import json
 import os
 import resource
@@ -64,14 +71,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import crc32c
-
 from bench.harness import git_commit, machine
 from nwbcache_proxy import blockfile, publish
 from nwbcache_proxy.blockfile import HEADER_SIZE
 from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.sizes import format_size, parse_size
 from nwbcache_proxy.staging import Staging
+from nwbcache_proxy.versionfile import VersionFiles, punch_hole
 from tests.support.helpers import REPO
 
 BENCH = Path(__file__).resolve().parent
@@ -79,23 +86,8 @@ MiB = 1024 * 1024
 GROUP = MiB  # a fill's publish group (filling.PUBLISH_GROUP_BYTES)
 THREADS = 4  # writing threads, by default (the daemon has several disk threads)
 RANGE = 4 * MiB  # a reader's request, for ``read``
-MAP_ENTRY = 8  # file per version: a block's checksum and length
-MAP_HEADER = 64
 LAYOUTS = ("file per block", "file per version")
 DIGEST = bytes(32)  # the version digest in block headers: any 32 bytes
-
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-
-
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free a byte range's disk blocks, the file's size unchanged (Linux)."""
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def cpu_seconds() -> float:
@@ -168,64 +160,49 @@ class FilePerBlock:
 
 
 class FilePerVersion:
-    """The other family, sketched for this measurement: one sparse data file per
-    version, and beside it a map file of a checksum and a length per block."""
+    """Format 3's storage layer (versionfile.py; the daemon does not use it yet):
+    one sparse data file per version, and beside it a map of a checksum and a
+    length per block. Removal and reads take the span's locks, as they will
+    in the daemon (another process may be serving what eviction removes)."""
 
-    def __init__(self, root: Path, block_size: int) -> None:
+    def __init__(self, root: Path, block_size: int, blocks: int) -> None:
         self.dir = root / "objects" / "00" / ("0" * 64)
         self.dir.mkdir(parents=True)
-        name = f"{'1' * 32}.{block_size}"
-        self.data = os.open(self.dir / f"{name}.data", os.O_CREAT | os.O_RDWR, 0o644)
-        self.map = os.open(self.dir / f"{name}.map", os.O_CREAT | os.O_RDWR, 0o644)
-        os.pwrite(self.map, bytes(MAP_HEADER), 0)
+        header = MapHeader(block_size, blocks * block_size, DIGEST)
+        files = VersionFiles.open(self.dir, f"{'1' * 32}.{block_size}", header, create=True)
+        assert files is not None
+        self.files = files
         self.block_size = block_size
 
     def write_group(self, first: int, blocks: Sequence[memoryview]) -> None:
-        entries = bytearray()
-        for b in blocks:
-            entries += crc32c.crc32c(b).to_bytes(4, "little") + len(b).to_bytes(4, "little")
-        _pwritev_all(self.data, list(blocks), first * self.block_size)
-        os.pwrite(self.map, entries, MAP_HEADER + first * MAP_ENTRY)
+        self.files.write_group(first, [[b] for b in blocks])
 
     def evict(self, first: int, count: int = 1) -> None:
-        os.pwrite(self.map, bytes(MAP_ENTRY * count), MAP_HEADER + first * MAP_ENTRY)
-        punch_hole(self.data, first * self.block_size, count * self.block_size)
+        if not self.files.try_lock(first, count):
+            raise RuntimeError(f"blocks {first}+{count} locked")
+        try:
+            self.files.remove(first, count)
+        finally:
+            self.files.unlock(first, count)
 
     def read_block(self, index: int) -> bytes:
-        """Block ``index``'s bytes, its map entry's length and checksum checked."""
-        entry = os.pread(self.map, MAP_ENTRY, MAP_HEADER + index * MAP_ENTRY)
-        crc, length = int.from_bytes(entry[:4], "little"), int.from_bytes(entry[4:], "little")
-        data = os.pread(self.data, self.block_size, index * self.block_size)
-        if length != self.block_size or len(data) != length or crc32c.crc32c(data) != crc:
-            raise blockfile.CorruptBlock(f"block {index}: map entry does not match its bytes")
-        return data
+        return self.files.read_block(index)
 
     def send_range(self, sock: socket.socket, first: int, count: int) -> None:
-        entries = os.pread(self.map, count * MAP_ENTRY, MAP_HEADER + first * MAP_ENTRY)
-        lengths = memoryview(entries).cast("I")[1::2]  # (checksum, length) pairs, little-endian
-        assert len(lengths) == count and all(lengths), "a block of the range is not mapped"
-        _sendfile_all(sock, self.data, first * self.block_size, count * self.block_size)
+        # Copied out under the span's read lock, then sent: never sendfile from
+        # a data file (see hazards()).
+        data = self.files.read_span(first, count)
+        assert data is not None, "a block of the range is not mapped"
+        sock.sendall(data)
 
     def close(self) -> None:
-        os.close(self.data)
-        os.close(self.map)
+        self.files.close()
 
     def data_root(self) -> Path:
         return self.dir
 
 
 Store = FilePerBlock | FilePerVersion
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        written = os.pwritev(fd, views, offset)
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
 
 
 def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> None:
@@ -284,10 +261,10 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def make_store(layout: str, root: Path, block_size: int) -> Store:
-    return (
-        FilePerBlock(root, block_size) if layout == LAYOUTS[0] else FilePerVersion(root, block_size)
-    )
+def make_store(layout: str, root: Path, block_size: int, blocks: int) -> Store:
+    if layout == LAYOUTS[0]:
+        return FilePerBlock(root, block_size)
+    return FilePerVersion(root, block_size, blocks)
 
 
 def verify(store: Store, source: memoryview, block_size: int, blocks: int) -> list[str]:
@@ -303,6 +280,40 @@ def verify(store: Store, source: memoryview, block_size: int, blocks: int) -> li
     return []
 
 
+def hazards(work: Path) -> dict[str, bool]:
+    """Whether bytes queued by ``sendfile`` survive what eviction does to the file."""
+    out = {}
+    for what in ("unlink", "punch"):
+        path = work / f"hazard-{what}"
+        data = os.urandom(2 * MiB)
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDWR)
+        os.pread(fd, len(data), 0)
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            sender = socket.create_connection(server.getsockname())
+            receiver, _ = server.accept()
+        with sender, receiver:
+            sender.setblocking(False)
+            sent = 0
+            with contextlib.suppress(BlockingIOError):
+                while sent < len(data):
+                    sent += os.sendfile(sender.fileno(), fd, sent, len(data) - sent)
+            if what == "unlink":
+                os.unlink(path)
+            else:  # a block inside the file, as eviction punches one (not the whole file)
+                punch_hole(fd, len(data) // 4, len(data) // 2)
+            os.close(fd)
+            got = bytearray()
+            while len(got) < sent and (chunk := receiver.recv(MiB)):
+                got += chunk
+        out[f"bytes queued by sendfile kept after {what}"] = bytes(got) == data[:sent]
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return out
+
+
 def one_run(
     args: argparse.Namespace, run_dir: Path, layout: str, problems: list[str]
 ) -> dict[str, Any]:
@@ -312,7 +323,7 @@ def one_run(
         blocks = total // bs
         root = run_dir / f"{layout.replace(' ', '-')}-{bs}"
         root.mkdir(parents=True)
-        store = make_store(layout, root, bs)
+        store = make_store(layout, root, bs, blocks)
         try:
             settle(args.settle)
             w = measure(write_all, store, source, bs, blocks, args.threads)
@@ -404,6 +415,9 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{y / x if x else float('nan'):.2f} |"
             )
     lines += ["", "× is file per version over file per block.", ""]
+    lines += ["| on this kernel | |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in report["hazards"].items()]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -440,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     problems: list[str] = []
     try:
+        kernel = hazards(work)
         for run in range(args.runs):
             order = LAYOUTS if run % 2 == 0 else LAYOUTS[::-1]
             for layout in order:
@@ -464,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "elapsed_seconds": time.perf_counter() - began,
         "problems": problems,
+        "hazards": kernel,
         "runs": runs,
         "summary": summarize(runs, args),
     }

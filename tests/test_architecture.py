@@ -27,6 +27,7 @@ LAYERS: dict[str, set[str]] = {
         "httprange",
         "layout",
         "lru",
+        "mapfile",
         "objectmeta",
         "policy",
         "readahead",
@@ -54,6 +55,7 @@ LAYERS: dict[str, set[str]] = {
         "store",
         "trace",
         "unlinker",
+        "versionfile",
     },
     "engine": {
         "access",

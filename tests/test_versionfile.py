@@ -1,0 +1,306 @@
+"""Format 3's files of one version (versionfile.py), on a real filesystem: bytes read back
+as written, a crash or a failed write never maps a block it did not write whole, removal
+frees the space and is kept from a reader's span by locks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nwbcache_proxy import versionfile
+from nwbcache_proxy.blockfile import CorruptBlock
+from nwbcache_proxy.mapfile import CorruptMap, MapHeader, encode_header
+from nwbcache_proxy.versionfile import VersionFiles, drop, paths
+from tests.support.helpers import REPO
+
+BS = 4096
+DIGEST = bytes(range(32))
+STEM = f"{'ab' * 16}.{BS}"
+
+
+def block(i: int, length: int = BS) -> bytes:
+    return random.Random(i).randbytes(length)
+
+
+def header(blocks: int = 20, tail: int = 100) -> MapHeader:
+    return MapHeader(BS, (blocks - 1) * BS + tail, DIGEST)
+
+
+def expected(h: MapHeader, i: int) -> bytes:
+    return block(i, h.length_of(i))
+
+
+def open_new(tmp_path: Path, h: MapHeader) -> VersionFiles:
+    v = VersionFiles.open(tmp_path, STEM, h, create=True)
+    assert v is not None
+    return v
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_blocks_read_back_as_written_and_the_rest_are_absent(tmp_path: Path) -> None:
+    h = header()
+    v = open_new(tmp_path, h)
+    try:
+        v.write_group(2, [[expected(h, i)] for i in range(2, 6)])
+        last = expected(h, 19)
+        v.write_group(19, [[last[:10], last[10:]]])  # a short last block, in parts
+        assert v.mapped(0, 20) == [i in (2, 3, 4, 5, 19) for i in range(20)]
+        for i in (2, 3, 4, 5, 19):
+            assert v.read_block(i) == expected(h, i)
+        with pytest.raises(CorruptBlock, match="not in the map"):
+            v.read_block(0)
+        # Sparse: the data file holds what was written, not the object's size.
+        data_path, _ = paths(tmp_path, STEM)
+        assert os.path.getsize(data_path) == h.size
+        assert allocated(data_path) <= 6 * BS
+    finally:
+        v.close()
+
+
+def test_a_block_whose_bytes_came_without_its_entry_is_absent(tmp_path: Path) -> None:
+    """A crash between the bytes and the map: the block is not there."""
+    h = header()
+    v = open_new(tmp_path, h)
+    try:
+        os.pwrite(v.data_fd, expected(h, 3), h.offset_of(3))
+        assert v.mapped(3, 1) == [False]
+        with pytest.raises(CorruptBlock):
+            v.read_block(3)
+    finally:
+        v.close()
+
+
+def test_a_block_whose_bytes_changed_on_disk_is_refused(tmp_path: Path) -> None:
+    h = header()
+    v = open_new(tmp_path, h)
+    try:
+        v.write_group(0, [[expected(h, 0)], [expected(h, 1)]])
+        os.pwrite(v.data_fd, b"\x00", h.offset_of(1) + 77)  # a torn or rotten byte
+        assert v.read_block(0) == expected(h, 0)
+        with pytest.raises(CorruptBlock, match="checksum"):
+            v.read_block(1)
+    finally:
+        v.close()
+
+
+def test_a_group_of_the_wrong_length_writes_nothing(tmp_path: Path) -> None:
+    h = header()
+    v = open_new(tmp_path, h)
+    try:
+        with pytest.raises(ValueError, match="must be 4096 bytes"):
+            v.write_group(0, [[expected(h, 0)], [b"short"]])
+        assert v.mapped(0, 2) == [False, False]
+    finally:
+        v.close()
+
+
+def test_a_write_that_fails_midway_maps_nothing_and_gives_the_space_back(
+    tmp_path: Path,
+) -> None:
+    """A disk that fills mid-group (here the file-size limit: EFBIG after a
+    partial write, as ENOSPC would come): no entry of the group is written,
+    and the bytes that did land are punched out."""
+    h = header()
+    v = open_new(tmp_path, h)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN  # Python's default
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * BS + 10, hard))
+        try:
+            with pytest.raises(OSError):
+                v.write_group(0, [[expected(h, i)] for i in range(8)])
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert v.mapped(0, 8) == [False] * 8
+        assert allocated(paths(tmp_path, STEM)[0]) == 0
+        v.write_group(0, [[expected(h, i)] for i in range(8)])  # and later it works
+        assert [v.read_block(i) for i in range(8)] == [expected(h, i) for i in range(8)]
+    finally:
+        v.close()
+
+
+def test_removing_blocks_unmaps_them_frees_their_space_and_keeps_the_others(
+    tmp_path: Path,
+) -> None:
+    h = header()
+    v = open_new(tmp_path, h)
+    data_path, _ = paths(tmp_path, STEM)
+    try:
+        v.write_group(0, [[expected(h, i)] for i in range(20)])
+        before = allocated(data_path)
+        assert v.try_lock(4, 8)
+        v.remove(4, 8)
+        v.unlock(4, 8)
+        assert before - allocated(data_path) >= 8 * BS
+        assert v.mapped(0, 20) == [not 4 <= i < 12 for i in range(20)]
+        for i in (3, 12, 19):
+            assert v.read_block(i) == expected(h, i)
+        assert os.pread(v.data_fd, BS, h.offset_of(5)) == bytes(BS)  # a hole reads as zeros
+        v.remove(19, 1)  # the short last block
+        assert v.mapped(19, 1) == [False]
+    finally:
+        v.close()
+
+
+def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: Path) -> None:
+    """Two opens of the version (two processes, or two in one): the one serving
+    blocks 4-7 holds a read lock; the evicting one's write lock on a span that
+    overlaps fails without waiting, and a span beside it does not."""
+    h = header()
+    reader = open_new(tmp_path, h)
+    evictor = VersionFiles.open(tmp_path, STEM, h, create=False)
+    assert evictor is not None
+    try:
+        reader.write_group(0, [[expected(h, i)] for i in range(20)])
+        assert reader.lock_shared(4, 4)
+        assert not evictor.try_lock(7, 2)
+        assert not evictor.try_lock(0, 20)
+        assert evictor.try_lock(8, 4)  # beside it
+        assert not reader.lock_shared(8, 1)  # and a write-locked span cannot be read-locked
+        evictor.remove(8, 4)
+        evictor.unlock(8, 4)
+        reader.unlock(4, 4)
+        assert evictor.try_lock(4, 4)
+        evictor.unlock(4, 4)
+        assert reader.read_block(7) == expected(h, 7)
+    finally:
+        reader.close()
+        evictor.close()
+
+
+def test_opening(tmp_path: Path) -> None:
+    h = header()
+    assert VersionFiles.open(tmp_path, STEM, h, create=False) is None  # not there
+    _, map_path = paths(tmp_path, STEM)
+    map_path.touch()  # created by another process, its header not written yet
+    assert VersionFiles.open(tmp_path, STEM, h, create=False) is None
+    v = open_new(tmp_path, h)
+    v.write_group(0, [[expected(h, 0)]])
+    v.close()
+    again = VersionFiles.open(tmp_path, STEM, h, create=False)
+    assert again is not None and again.read_block(0) == expected(h, 0)
+    again.close()
+    with pytest.raises(CorruptMap, match="another object version"):
+        VersionFiles.open(tmp_path, STEM, MapHeader(BS, h.size, bytes(32)), create=True)
+    map_path.write_bytes(b"not a map" + bytes(100))
+    with pytest.raises(CorruptMap):
+        VersionFiles.open(tmp_path, STEM, h, create=True)
+    drop(tmp_path, STEM)
+    assert list(tmp_path.iterdir()) == []
+    drop(tmp_path, STEM)  # already gone: no error
+
+
+def test_two_creators_at_once_write_the_same_header(tmp_path: Path) -> None:
+    h = header()
+    first = open_new(tmp_path, h)
+    second = open_new(tmp_path, h)
+    first.write_group(0, [[expected(h, 0)]])
+    second.write_group(1, [[expected(h, 1)]])
+    assert paths(tmp_path, STEM)[1].read_bytes()[:64] == encode_header(h)
+    assert first.read_block(1) == expected(h, 1) and second.read_block(0) == expected(h, 0)
+    first.close()
+    second.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import random, sys
+    from pathlib import Path
+    from nwbcache_proxy.mapfile import MapHeader
+    from nwbcache_proxy.versionfile import VersionFiles
+    BS, BLOCKS = 4096, 4096
+    h = MapHeader(BS, BS * BLOCKS, bytes(range(32)))
+    v = VersionFiles.open(Path(sys.argv[1]), sys.argv[2], h, create=True)
+    print("ready", flush=True)
+    while True:
+        for first in range(0, BLOCKS, 16):
+            group = [[random.Random(i).randbytes(BS)] for i in range(first, first + 16)]
+            v.write_group(first, group)
+        for first in range(0, BLOCKS, 64):
+            v.remove(first, 64)
+    """
+)
+
+
+@pytest.mark.slow  # a writer process killed with SIGKILL
+def test_kill_9_while_writing_never_maps_a_wrong_byte(tmp_path: Path) -> None:
+    """A process writing and removing groups in a loop is killed at random
+    moments; every block the map then has reads back exactly as written."""
+    h = MapHeader(BS, BS * 4096, DIGEST)
+    mapped_seen = 0
+    for attempt in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(tmp_path), STEM],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2 + 0.15 * attempt)
+        proc.kill()
+        proc.wait(10)
+        v = VersionFiles.open(tmp_path, STEM, h, create=False)
+        assert v is not None
+        try:
+            present = v.mapped(0, 4096)
+            mapped_seen += sum(present)
+            for i, there in enumerate(present):
+                if there:
+                    assert v.read_block(i) == block(i), i
+        finally:
+            v.close()
+    assert mapped_seen > 0  # the kills did not all land before the first group
+
+
+def test_a_span_reads_whole_or_not_at_all(tmp_path: Path) -> None:
+    h = header()
+    v = open_new(tmp_path, h)
+    try:
+        v.write_group(16, [[expected(h, i)] for i in range(16, 20)])
+        assert v.read_span(16, 4) == b"".join(expected(h, i) for i in range(16, 20))
+        assert v.read_span(15, 2) is None  # block 15 is not there
+    finally:
+        v.close()
+
+
+def test_nothing_is_read_or_written_in_a_span_being_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an evictor holds a span's write lock (between unmapping and
+    punching), a reader gets nothing from it and a writer waits, then gives
+    up on caching its group: it could otherwise map bytes the punch zeroes."""
+    monkeypatch.setattr(versionfile, "WRITE_LOCK_PATIENCE", 0.2)
+    h = header()
+    v = open_new(tmp_path, h)
+    evictor = VersionFiles.open(tmp_path, STEM, h, create=False)
+    assert evictor is not None
+    try:
+        v.write_group(0, [[expected(h, i)] for i in range(4)])
+        assert evictor.try_lock(0, 8)
+        with pytest.raises(CorruptBlock, match="being removed"):
+            v.read_block(1)
+        assert v.read_span(0, 2) is None
+        with pytest.raises(OSError) as caught:
+            v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
+        assert caught.value.errno == errno.EAGAIN
+        evictor.remove(0, 8)
+        evictor.unlock(0, 8)
+        assert v.mapped(0, 8) == [False] * 8
+        v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
+        assert v.read_span(4, 4) == b"".join(expected(h, i) for i in range(4, 8))
+    finally:
+        v.close()
+        evictor.close()
