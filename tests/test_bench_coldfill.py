@@ -7,17 +7,15 @@ No timing is asserted: what a broken harness would get wrong is checked
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import coldfill
-from tests.support.helpers import REPO, system_tool
+from tests.support.helpers import REPO, run_bench, system_tool
 from tests.support.s3emu import S3Emulator
 
 MIB = 1024 * 1024
@@ -147,15 +145,8 @@ def _bench(tmp_path: Path, *args: str, timeout: float) -> dict[str, Any]:
     """A quick one-stream run of the bench in ``tmp_path``; its report
     (results.json there, with results.md beside it)."""
     system_tool("nginx")
-    out = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.coldfill", "--quick", "--streams", "1", "--settle", "0.1",
-         *args, "--work", str(tmp_path), "--out", str(out)],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report: dict[str, Any] = json.loads(out.read_text())
-    return report
+    flags = ["--quick", "--streams", "1", "--settle", "0.1", *args, "--work", str(tmp_path)]
+    return run_bench("bench.coldfill", *flags, out=tmp_path / "results.json", timeout=timeout)
 
 
 @pytest.mark.slow  # the emulator, nginx and two daemons as processes

@@ -4,32 +4,21 @@ check finds a block that is not."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.layouts import GROUP, LAYOUTS, make_store, verify, write_all
-from tests.support.helpers import REPO
+from tests.support.helpers import run_bench
 
 
 @pytest.mark.slow  # a process, and sync
 def test_layouts_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     args = ["--bytes", "2M", "--small-bytes", "256K", "--runs", "2", "--settle", "0"]
-    args += ["--work", str(tmp_path / "work"), "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.layouts", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args += ["--work", str(tmp_path / "work")]
+    report = run_bench("bench.layouts", *args, out=out, timeout=300)
     assert report["problems"] == []
     assert not (tmp_path / "work").exists()  # the runs' files are gone
     layouts = report["summary"]

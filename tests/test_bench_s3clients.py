@@ -3,32 +3,21 @@ reads the same bytes, warm runs cost the origin nothing (no timing is asserted).
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.s3clients import METHODS
-from tests.support.helpers import REPO
+from tests.support.helpers import run_bench
 
 pytestmark = pytest.mark.slow  # the emulator, a daemon and the clients as processes
 
 
 def test_s3clients_bench_runs_on_a_smoke_file(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    args = ["--scale", "smoke", "--kinds", "imaging", "--runs", "1", "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.s3clients", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args = ["--scale", "smoke", "--kinds", "imaging", "--runs", "1"]
+    report = run_bench("bench.s3clients", *args, out=out, timeout=300)
     assert report["problems"] == [] and report["not_applicable"] == []
     for phase in ("warm", "cold"):
         rows = report[phase]["imaging"]

@@ -8,9 +8,6 @@ daemon's own checks and hold what the filler wrote.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from nwbcache_proxy import store
 from nwbcache_proxy.layout import Layout, key_hash
 from nwbcache_proxy.objectmeta import ObjectMeta
 from nwbcache_proxy.version import Version
-from tests.support.helpers import REPO
+from tests.support.helpers import run_bench
 
 BLOCK_SIZE = 4096
 
@@ -58,29 +55,8 @@ def test_table_shows_growth_and_misses() -> None:
 def test_scale_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     keep = tmp_path / "keep"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.scale",
-            "--sizes",
-            "3000",
-            "--block-size",
-            "4K",
-            "--idle-seconds",
-            "0.5",
-            "--keep",
-            str(keep),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=100,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args = ["--sizes", "3000", "--block-size", "4K", "--idle-seconds", "0.5", "--keep", str(keep)]
+    report = run_bench("bench.scale", *args, out=out, timeout=100)
     assert report["problems"] == [] and report["skipped"] == []
     [size] = report["sizes"]
     assert size["blocks"] == 3000

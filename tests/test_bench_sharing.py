@@ -3,14 +3,11 @@ body the origin's, and sharing working (no timing is asserted)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import REPO, system_tool
+from tests.support.helpers import run_bench, system_tool
 
 pytestmark = pytest.mark.slow  # the emulator, nginx, wrk and daemons as processes
 
@@ -21,15 +18,7 @@ def test_sharing_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     args = ["--size", "8M", "--small-max", "256K", "--seconds", "1", "--runs", "1"]
     args += ["--groups", "1M,4M"]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.sharing", *args, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = run_bench("bench.sharing", *args, out=out, timeout=300)
     assert report["problems"] == []
     s = report["stampede"]
     assert s["object_bytes"] > 8 * 1024 * 1024

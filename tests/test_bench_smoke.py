@@ -9,17 +9,14 @@ the local file, wrk saw no errors, and the report has every section.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench import clientrun
-from tests.support.helpers import REPO, system_tool
+from tests.support.helpers import run_bench, system_tool
 
 # Slow (not in make test-fast): the benchmark suite, with nginx, wrk and a child
 # interpreter per client run.
@@ -30,25 +27,8 @@ def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
     system_tool("nginx")
     system_tool("wrk")
     out = tmp_path / "results.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.suite",
-            "--scale",
-            "smoke",
-            "--data-dir",
-            str(tmp_path / "data"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args = ["--scale", "smoke", "--data-dir", str(tmp_path / "data")]
+    report = run_bench("bench.suite", *args, out=out, timeout=600)
     assert report["problems"] == []
     for section in ("machine", "versions", "workloads", "concurrent", "raw", "rss", "sweep"):
         assert report[section], section

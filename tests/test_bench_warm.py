@@ -4,30 +4,19 @@ asserted: that is the benchmark's to report)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.helpers import REPO
+from tests.support.helpers import run_bench
 
 pytestmark = pytest.mark.slow  # the emulator, daemons, the CLI and readers as processes
 
 
 def test_warm_bench_runs_on_smoke_files(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    args = ["--scale", "smoke", "--files", "3", "--runs", "1", "--jobs", "2", "--out", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.warm", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    args = ["--scale", "smoke", "--files", "3", "--runs", "1", "--jobs", "2"]
+    report = run_bench("bench.warm", *args, out=out, timeout=600)
     assert report["problems"] == []
     summary = report["summary"]
     assert summary["read_upstream_requests"] == 0

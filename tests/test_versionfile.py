@@ -4,6 +4,7 @@ frees the space and is kept from a reader's span by locks."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,10 +42,14 @@ def expected(h: MapHeader, i: int) -> bytes:
     return block(i, h.length_of(i))
 
 
-def open_new(tmp_path: Path, h: MapHeader) -> VersionFiles:
-    v = VersionFiles.open(tmp_path, STEM, h, create=True)
+@contextlib.contextmanager
+def opened(tmp_path: Path, h: MapHeader, *, create: bool = True) -> Iterator[VersionFiles]:
+    v = VersionFiles.open(tmp_path, STEM, h, create=create)
     assert v is not None
-    return v
+    try:
+        yield v
+    finally:
+        v.close()
 
 
 def allocated(path: Path) -> int:
@@ -52,8 +58,7 @@ def allocated(path: Path) -> int:
 
 def test_blocks_read_back_as_written_and_the_rest_are_absent(tmp_path: Path) -> None:
     h = header()
-    v = open_new(tmp_path, h)
-    try:
+    with opened(tmp_path, h) as v:
         v.write_group(2, [[expected(h, i)] for i in range(2, 6)])
         last = expected(h, 19)
         v.write_group(19, [[last[:10], last[10:]]])  # a short last block, in parts
@@ -66,45 +71,34 @@ def test_blocks_read_back_as_written_and_the_rest_are_absent(tmp_path: Path) -> 
         data_path, _ = paths(tmp_path, STEM)
         assert os.path.getsize(data_path) == h.size
         assert allocated(data_path) <= 6 * BS
-    finally:
-        v.close()
 
 
 def test_a_block_whose_bytes_came_without_its_entry_is_absent(tmp_path: Path) -> None:
     """A crash between the bytes and the map: the block is not there."""
     h = header()
-    v = open_new(tmp_path, h)
-    try:
+    with opened(tmp_path, h) as v:
         os.pwrite(v.data_fd, expected(h, 3), h.offset_of(3))
         assert v.mapped(3, 1) == [False]
         with pytest.raises(CorruptBlock):
             v.read_block(3)
-    finally:
-        v.close()
 
 
 def test_a_block_whose_bytes_changed_on_disk_is_refused(tmp_path: Path) -> None:
     h = header()
-    v = open_new(tmp_path, h)
-    try:
+    with opened(tmp_path, h) as v:
         v.write_group(0, [[expected(h, 0)], [expected(h, 1)]])
         os.pwrite(v.data_fd, b"\x00", h.offset_of(1) + 77)  # a torn or rotten byte
         assert v.read_block(0) == expected(h, 0)
         with pytest.raises(CorruptBlock, match="checksum"):
             v.read_block(1)
-    finally:
-        v.close()
 
 
 def test_a_group_of_the_wrong_length_writes_nothing(tmp_path: Path) -> None:
     h = header()
-    v = open_new(tmp_path, h)
-    try:
+    with opened(tmp_path, h) as v:
         with pytest.raises(ValueError, match="must be 4096 bytes"):
             v.write_group(0, [[expected(h, 0)], [b"short"]])
         assert v.mapped(0, 2) == [False, False]
-    finally:
-        v.close()
 
 
 def test_a_write_that_fails_midway_maps_nothing_and_gives_the_space_back(
@@ -114,10 +108,9 @@ def test_a_write_that_fails_midway_maps_nothing_and_gives_the_space_back(
     partial write, as ENOSPC would come): no entry of the group is written,
     and the bytes that did land are punched out."""
     h = header()
-    v = open_new(tmp_path, h)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN  # Python's default
-    try:
+    with opened(tmp_path, h) as v:
         resource.setrlimit(resource.RLIMIT_FSIZE, (5 * BS + 10, hard))
         try:
             with pytest.raises(OSError):
@@ -128,17 +121,14 @@ def test_a_write_that_fails_midway_maps_nothing_and_gives_the_space_back(
         assert allocated(paths(tmp_path, STEM)[0]) == 0
         v.write_group(0, [[expected(h, i)] for i in range(8)])  # and later it works
         assert [v.read_block(i) for i in range(8)] == [expected(h, i) for i in range(8)]
-    finally:
-        v.close()
 
 
 def test_removing_blocks_unmaps_them_frees_their_space_and_keeps_the_others(
     tmp_path: Path,
 ) -> None:
     h = header()
-    v = open_new(tmp_path, h)
     data_path, _ = paths(tmp_path, STEM)
-    try:
+    with opened(tmp_path, h) as v:
         v.write_group(0, [[expected(h, i)] for i in range(20)])
         before = allocated(data_path)
         assert v.try_lock(4, 8)
@@ -151,8 +141,6 @@ def test_removing_blocks_unmaps_them_frees_their_space_and_keeps_the_others(
         assert os.pread(v.data_fd, BS, h.offset_of(5)) == bytes(BS)  # a hole reads as zeros
         v.remove(19, 1)  # the short last block
         assert v.mapped(19, 1) == [False]
-    finally:
-        v.close()
 
 
 def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: Path) -> None:
@@ -160,10 +148,7 @@ def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: 
     blocks 4-7 holds a read lock; the evicting one's write lock on a span that
     overlaps fails without waiting, and a span beside it does not."""
     h = header()
-    reader = open_new(tmp_path, h)
-    evictor = VersionFiles.open(tmp_path, STEM, h, create=False)
-    assert evictor is not None
-    try:
+    with opened(tmp_path, h) as reader, opened(tmp_path, h, create=False) as evictor:
         reader.write_group(0, [[expected(h, i)] for i in range(20)])
         assert reader.lock_shared(4, 4)
         assert not evictor.try_lock(7, 2)
@@ -176,9 +161,6 @@ def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: 
         assert evictor.try_lock(4, 4)
         evictor.unlock(4, 4)
         assert reader.read_block(7) == expected(h, 7)
-    finally:
-        reader.close()
-        evictor.close()
 
 
 def test_opening(tmp_path: Path) -> None:
@@ -187,12 +169,10 @@ def test_opening(tmp_path: Path) -> None:
     _, map_path = paths(tmp_path, STEM)
     map_path.touch()  # created by another process, its header not written yet
     assert VersionFiles.open(tmp_path, STEM, h, create=False) is None
-    v = open_new(tmp_path, h)
-    v.write_group(0, [[expected(h, 0)]])
-    v.close()
-    again = VersionFiles.open(tmp_path, STEM, h, create=False)
-    assert again is not None and again.read_block(0) == expected(h, 0)
-    again.close()
+    with opened(tmp_path, h) as v:
+        v.write_group(0, [[expected(h, 0)]])
+    with opened(tmp_path, h, create=False) as again:
+        assert again.read_block(0) == expected(h, 0)
     with pytest.raises(CorruptMap, match="another object version"):
         VersionFiles.open(tmp_path, STEM, MapHeader(BS, h.size, bytes(32)), create=True)
     map_path.write_bytes(b"not a map" + bytes(100))
@@ -205,14 +185,11 @@ def test_opening(tmp_path: Path) -> None:
 
 def test_two_creators_at_once_write_the_same_header(tmp_path: Path) -> None:
     h = header()
-    first = open_new(tmp_path, h)
-    second = open_new(tmp_path, h)
-    first.write_group(0, [[expected(h, 0)]])
-    second.write_group(1, [[expected(h, 1)]])
-    assert paths(tmp_path, STEM)[1].read_bytes()[:64] == encode_header(h)
-    assert first.read_block(1) == expected(h, 1) and second.read_block(0) == expected(h, 0)
-    first.close()
-    second.close()
+    with opened(tmp_path, h) as first, opened(tmp_path, h) as second:
+        first.write_group(0, [[expected(h, 0)]])
+        second.write_group(1, [[expected(h, 1)]])
+        assert paths(tmp_path, STEM)[1].read_bytes()[:64] == encode_header(h)
+        assert first.read_block(1) == expected(h, 1) and second.read_block(0) == expected(h, 0)
 
 
 WRITER = textwrap.dedent(
@@ -267,13 +244,10 @@ def test_kill_9_while_writing_never_maps_a_wrong_byte(tmp_path: Path) -> None:
 
 def test_a_span_reads_whole_or_not_at_all(tmp_path: Path) -> None:
     h = header()
-    v = open_new(tmp_path, h)
-    try:
+    with opened(tmp_path, h) as v:
         v.write_group(16, [[expected(h, i)] for i in range(16, 20)])
         assert v.read_span(16, 4) == b"".join(expected(h, i) for i in range(16, 20))
         assert v.read_span(15, 2) is None  # block 15 is not there
-    finally:
-        v.close()
 
 
 def test_nothing_is_read_or_written_in_a_span_being_removed(
@@ -284,10 +258,7 @@ def test_nothing_is_read_or_written_in_a_span_being_removed(
     up on caching its group: it could otherwise map bytes the punch zeroes."""
     monkeypatch.setattr(versionfile, "WRITE_LOCK_PATIENCE", 0.2)
     h = header()
-    v = open_new(tmp_path, h)
-    evictor = VersionFiles.open(tmp_path, STEM, h, create=False)
-    assert evictor is not None
-    try:
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as evictor:
         v.write_group(0, [[expected(h, i)] for i in range(4)])
         assert evictor.try_lock(0, 8)
         with pytest.raises(CorruptBlock, match="being removed"):
@@ -301,6 +272,3 @@ def test_nothing_is_read_or_written_in_a_span_being_removed(
         assert v.mapped(0, 8) == [False] * 8
         v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
         assert v.read_span(4, 4) == b"".join(expected(h, i) for i in range(4, 8))
-    finally:
-        v.close()
-        evictor.close()

@@ -7,13 +7,16 @@ nothing here is a fixture.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
@@ -150,3 +153,18 @@ def scrape(url: str) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """One sample of ``scrape``'s result; 0 when absent."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def run_bench(module: str, *args: str, out: Path, timeout: float) -> dict[str, Any]:
+    """``python -m <module> <args> --out <out>`` from the checkout (a benchmark as
+    its users run it): it must exit 0; its JSON report."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
