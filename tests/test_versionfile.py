@@ -139,8 +139,10 @@ def test_removing_blocks_unmaps_them_frees_their_space_and_keeps_the_others(
         for i in (3, 12, 19):
             assert v.read_block(i) == expected(h, i)
         assert os.pread(v.data_fd, BS, h.offset_of(5)) == bytes(BS)  # a hole reads as zeros
-        v.remove(19, 1)  # the short last block
+        before = allocated(data_path)
+        v.remove(19, 1)  # the short last block: its page is freed, not only zeroed
         assert v.mapped(19, 1) == [False]
+        assert before - allocated(data_path) == BS
 
 
 def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: Path) -> None:
@@ -157,7 +159,7 @@ def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: 
         assert not reader.lock_shared(8, 1)  # and a write-locked span cannot be read-locked
         evictor.remove(8, 4)
         evictor.unlock(8, 4)
-        reader.unlock(4, 4)
+        reader.unlock_shared(4, 4)
         assert evictor.try_lock(4, 4)
         evictor.unlock(4, 4)
         assert reader.read_block(7) == expected(h, 7)
@@ -237,6 +239,10 @@ def test_kill_9_while_writing_never_maps_a_wrong_byte(tmp_path: Path) -> None:
             for i, there in enumerate(present):
                 if there:
                     assert v.read_block(i) == block(i), i
+            # A group cut between its bytes and its entries left space that
+            # nothing maps: reconcile's reclaim gives it back, exactly.
+            assert v.reclaim(0, 4096)[1] == 0
+            assert allocated(paths(tmp_path, STEM)[0]) == sum(present) * BS
         finally:
             v.close()
     assert mapped_seen > 0  # the kills did not all land before the first group
@@ -272,3 +278,67 @@ def test_nothing_is_read_or_written_in_a_span_being_removed(
         assert v.mapped(0, 8) == [False] * 8
         v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
         assert v.read_span(4, 4) == b"".join(expected(h, i) for i in range(4, 8))
+
+
+def test_reclaim_punches_out_bytes_the_map_does_not_have(tmp_path: Path) -> None:
+    """What a crash between a group's bytes and its entries leaves: space no
+    row counts. Reclaim frees it, keeps every mapped block, stays within the
+    span it is given, and leaves a span being written (locked) for later."""
+    h = header()
+    data_path, _ = paths(tmp_path, STEM)
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as writer:
+        v.write_group(0, [[expected(h, i)] for i in range(4)])
+        for i in (5, 6, 7, 12, 19):  # bytes without entries
+            os.pwrite(v.data_fd, expected(h, i), h.offset_of(i))
+        assert v.reclaim(0, 10) == (3 * BS, 0)
+        assert allocated(data_path) == 4 * BS + BS + 4096  # 12, and 19's page, still there
+        assert writer.try_lock(12, 1)  # a writer between its bytes and its entries
+        # 19 is the short last block: its whole page goes, not just its 100 bytes.
+        assert v.reclaim(10, 10) == (BS, 1)
+        assert allocated(data_path) == 5 * BS
+        writer.unlock(12, 1)
+        assert v.reclaim(0, 20) == (BS, 0)
+        assert allocated(data_path) == 4 * BS
+        assert [v.read_block(i) for i in range(4)] == [expected(h, i) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("flags", "runs"),
+    [
+        ([], []),
+        ([True], [(10, 1)]),
+        ([False, True, True, False, True], [(11, 2), (14, 1)]),
+        ([True, True, True], [(10, 3)]),
+        ([False, False], []),
+    ],
+)
+def test_runs(flags: list[bool], runs: list[tuple[int, int]]) -> None:
+    assert list(versionfile._runs(10, flags)) == runs
+
+
+def test_readers_sharing_an_open_keep_their_own_locks(tmp_path: Path) -> None:
+    """Two readers of one process share its open: one letting go of blocks 4-7
+    must not let go of the blocks 6-9 the other still reads (the kernel
+    releases every lock of an open on a range it unlocks)."""
+    h = header()
+    with opened(tmp_path, h) as shared, opened(tmp_path, h, create=False) as evictor:
+        shared.write_group(0, [[expected(h, i)] for i in range(20)])
+        assert shared.lock_shared(4, 4)  # reader A
+        assert shared.lock_shared(6, 4)  # reader B
+        shared.unlock_shared(4, 4)  # A is done
+        assert not evictor.try_lock(6, 1) and not evictor.try_lock(9, 1)  # B's still
+        assert evictor.try_lock(4, 2)  # A's alone are free
+        evictor.unlock(4, 2)
+        shared.unlock_shared(6, 4)
+        assert evictor.try_lock(0, 20)
+        evictor.unlock(0, 20)
+
+
+def test_a_read_lock_refused_in_part_holds_nothing(tmp_path: Path) -> None:
+    h = header()
+    with opened(tmp_path, h) as shared, opened(tmp_path, h, create=False) as evictor:
+        assert evictor.try_lock(8, 1)
+        assert not shared.lock_shared(4, 8)  # 8 is being removed
+        evictor.unlock(8, 1)
+        assert evictor.try_lock(4, 4)  # nothing of 4-7 was kept
+        evictor.unlock(4, 4)

@@ -30,8 +30,9 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import mapfile
@@ -74,6 +75,9 @@ class VersionFiles:
         self.data_fd = data_fd
         self.map_fd = map_fd
         self.header = header
+        # Read locks held through this open: readers per block (lock_shared).
+        self._readers: dict[int, int] = {}
+        self._readers_mutex = threading.Lock()
 
     @classmethod
     def open(
@@ -172,7 +176,7 @@ class VersionFiles:
                 raise CorruptBlock(f"block {index} is not in the map")
             data = os.pread(self.data_fd, entry[1], self.header.offset_of(index))
         finally:
-            self.unlock(index, 1)
+            self.unlock_shared(index, 1)
         mapfile.check_block(entry, data, index)
         return data
 
@@ -190,7 +194,7 @@ class VersionFiles:
             end = min(self.header.size, self.header.offset_of(first + count))
             data = os.pread(self.data_fd, end - start, start)
         finally:
-            self.unlock(first, count)
+            self.unlock_shared(first, count)
         return data if len(data) == end - start else None
 
     # -- removing ----------------------------------------------------------
@@ -199,22 +203,90 @@ class VersionFiles:
         The caller holds the write lock of the span (``try_lock``), taken
         through this open before it looked at what to remove."""
         os.pwrite(self.map_fd, bytes(count * mapfile.ENTRY_SIZE), mapfile.entry_offset(first))
-        start = self.header.offset_of(first)
-        end = min(self.header.size, self.header.offset_of(first + count))
-        punch_hole(self.data_fd, start, end - start)
+        self._punch(self.header.offset_of(first), self.header.offset_of(first + count))
+
+    def _punch(self, start: int, end: int) -> int:
+        """Punch [start, end) of the data file, through the end of the file's last
+        filesystem block when ``end`` reaches the object's end (a partial block
+        is only zeroed, never freed). Returns the bytes punched."""
+        if end >= self.header.size:
+            fs_block = os.fstat(self.data_fd).st_blksize or 4096
+            end = -(-self.header.size // fs_block) * fs_block
+        if end > start:
+            punch_hole(self.data_fd, start, end - start)
+        return max(0, end - start)
+
+    def reclaim(self, first: int, count: int) -> tuple[int, int]:
+        """Punch out the bytes of blocks [first, first + count) that the map does
+        not have: a crash between a group's bytes and its entries left them, and
+        no row counts their space (reconcile calls this in bounded spans). A
+        span being written is locked: left for a later pass. Returns (bytes
+        punched, blocks left because locked). Where blocks do not end on a
+        filesystem block, a punch zeroes what it cannot free, and a later
+        pass punches those bytes again: harmless."""
+        h = self.header
+        start, end = h.offset_of(first), min(h.size, h.offset_of(first + count))
+        freed = skipped = 0
+        for a, b in list(_data_extents(self.data_fd, start, end)):
+            lo, hi = a // h.block_size, -(-b // h.block_size)
+            mapped = self.mapped(lo, hi - lo)
+            for run_first, run_count in _runs(lo, [not m for m in mapped]):
+                if not self.try_lock(run_first, run_count):
+                    skipped += run_count
+                    continue
+                try:  # looked at again under the lock: a writer may have mapped some
+                    again = self.mapped(run_first, run_count)
+                    for gone_first, gone_count in _runs(run_first, [not m for m in again]):
+                        lo_b = max(a, h.offset_of(gone_first))
+                        hi_b = min(b, h.offset_of(gone_first + gone_count))
+                        freed += self._punch(lo_b, hi_b)
+                finally:
+                    self.unlock(run_first, run_count)
+        return freed, skipped
 
     # -- locks on spans of the data file -------------------------------------
     def lock_shared(self, first: int, count: int) -> bool:
         """A read lock on blocks [first, first + count), without waiting: False
-        while another open holds a write lock on any of them."""
-        return self._lock(fcntl.F_RDLCK, first, count)
+        while another open holds a write lock on any of them. Counted per block,
+        so that the readers of a process can share this open: the kernel's lock
+        is taken for the blocks no reader holds yet, and ``unlock_shared`` lets
+        go only of those no reader holds any more (one unlock of an open
+        releases every lock of that open on the range)."""
+        with self._readers_mutex:
+            new = [i for i in range(first, first + count) if i not in self._readers]
+            taken: list[tuple[int, int]] = []
+            for run in _runs_of(new):
+                if not self._lock(fcntl.F_RDLCK, *run):
+                    for done in taken:
+                        self._lock(fcntl.F_UNLCK, *done)
+                    return False
+                taken.append(run)
+            for i in range(first, first + count):
+                self._readers[i] = self._readers.get(i, 0) + 1
+            return True
+
+    def unlock_shared(self, first: int, count: int) -> None:
+        with self._readers_mutex:
+            free = []
+            for i in range(first, first + count):
+                left = self._readers[i] - 1
+                if left:
+                    self._readers[i] = left
+                else:
+                    del self._readers[i]
+                    free.append(i)
+            for run in _runs_of(free):
+                self._lock(fcntl.F_UNLCK, *run)
 
     def try_lock(self, first: int, count: int) -> bool:
         """A write lock on blocks [first, first + count), without waiting: False
-        while another open (a reader) holds a lock on any of them."""
+        while another open (a reader) holds a lock on any of them. Take it
+        through an open no reader of this process uses: locks of one open never
+        conflict with each other, and its unlock would drop theirs."""
         return self._lock(fcntl.F_WRLCK, first, count)
 
     def unlock(self, first: int, count: int) -> None:
+        """Let go of a write lock (``try_lock``)."""
         self._lock(fcntl.F_UNLCK, first, count)
 
     def _lock(self, kind: int, first: int, count: int) -> bool:
@@ -248,3 +320,45 @@ def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+
+
+def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The byte ranges of ``fd`` within [start, end) that hold data (not holes)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data past pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
+
+
+def _runs_of(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) of each run of consecutive numbers in sorted ``indices``."""
+    n = 0
+    while n < len(indices):
+        m = n + 1
+        while m < len(indices) and indices[m] == indices[m - 1] + 1:
+            m += 1
+        yield indices[n], m - n
+        n = m
+
+
+def _runs(first: int, flags: Sequence[bool]) -> Iterator[tuple[int, int]]:
+    """(first index, count) of each run of true flags, the first flag's index ``first``."""
+    n = 0
+    while n < len(flags):
+        if not flags[n]:
+            n += 1
+            continue
+        m = n
+        while m < len(flags) and flags[m]:
+            m += 1
+        yield first + n, m - n
+        n = m
