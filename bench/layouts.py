@@ -178,12 +178,8 @@ class FilePerVersion:
         self.files.write_group(first, [[b] for b in blocks])
 
     def evict(self, first: int, count: int = 1) -> None:
-        if not self.files.try_lock(first, count):
+        if not self.files.remove(first, count):  # its write lock, unmap, punch
             raise RuntimeError(f"blocks {first}+{count} locked")
-        try:
-            self.files.remove(first, count)
-        finally:
-            self.files.unlock(first, count)
 
     def read_block(self, index: int) -> bytes:
         return self.files.read_block(index)

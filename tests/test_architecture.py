@@ -51,6 +51,7 @@ LAYERS: dict[str, set[str]] = {
         "publish",
         "reconcile",
         "schema",
+        "spanlocks",
         "staging",
         "store",
         "trace",

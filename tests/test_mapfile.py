@@ -116,6 +116,7 @@ def test_a_short_read_of_entries_reads_the_whole_ones() -> None:
         pytest.param(0, [(0, 0), (2, 4096)], [False, True], id="a hole"),
         pytest.param(1, [(2, 4096), (3, 4096)], [True, False], id="last block too long"),
         pytest.param(2, [(3, 1807)], [False], id="last block too short"),
+        pytest.param(2, [(3, 1808), (4, 4096)], [True, False], id="an entry past the end"),
     ],
 )
 def test_mapped(first: int, entries: list[tuple[int, int]], want: list[bool]) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from nwbcache_proxy import versionfile
 from nwbcache_proxy.blockfile import CorruptBlock
 from nwbcache_proxy.mapfile import CorruptMap, MapHeader, encode_header
+from nwbcache_proxy.spanlocks import runs_of
 from nwbcache_proxy.versionfile import VersionFiles, drop, paths
 from tests.support.helpers import REPO
 
@@ -131,16 +133,14 @@ def test_removing_blocks_unmaps_them_frees_their_space_and_keeps_the_others(
     with opened(tmp_path, h) as v:
         v.write_group(0, [[expected(h, i)] for i in range(20)])
         before = allocated(data_path)
-        assert v.try_lock(4, 8)
-        v.remove(4, 8)
-        v.unlock(4, 8)
+        assert v.remove(4, 8)
         assert before - allocated(data_path) >= 8 * BS
         assert v.mapped(0, 20) == [not 4 <= i < 12 for i in range(20)]
         for i in (3, 12, 19):
             assert v.read_block(i) == expected(h, i)
         assert os.pread(v.data_fd, BS, h.offset_of(5)) == bytes(BS)  # a hole reads as zeros
         before = allocated(data_path)
-        v.remove(19, 1)  # the short last block: its page is freed, not only zeroed
+        assert v.remove(19, 1)  # the short last block: its page is freed, not only zeroed
         assert v.mapped(19, 1) == [False]
         assert before - allocated(data_path) == BS
 
@@ -155,10 +155,12 @@ def test_a_span_being_read_cannot_be_removed_until_the_reader_lets_go(tmp_path: 
         assert reader.lock_shared(4, 4)
         assert not evictor.try_lock(7, 2)
         assert not evictor.try_lock(0, 20)
+        assert not evictor.remove(6, 4)  # nothing of it is removed
+        assert reader.read_block(9) == expected(h, 9)
         assert evictor.try_lock(8, 4)  # beside it
         assert not reader.lock_shared(8, 1)  # and a write-locked span cannot be read-locked
-        evictor.remove(8, 4)
         evictor.unlock(8, 4)
+        assert evictor.remove(8, 4)
         reader.unlock_shared(4, 4)
         assert evictor.try_lock(4, 4)
         evictor.unlock(4, 4)
@@ -273,8 +275,9 @@ def test_nothing_is_read_or_written_in_a_span_being_removed(
         with pytest.raises(OSError) as caught:
             v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
         assert caught.value.errno == errno.EAGAIN
-        evictor.remove(0, 8)
+        assert not evictor.remove(0, 8)  # a removal of its own waits for the other
         evictor.unlock(0, 8)
+        assert evictor.remove(0, 8)
         assert v.mapped(0, 8) == [False] * 8
         v.write_group(4, [[expected(h, i)] for i in range(4, 8)])
         assert v.read_span(4, 4) == b"".join(expected(h, i) for i in range(4, 8))
@@ -303,17 +306,17 @@ def test_reclaim_punches_out_bytes_the_map_does_not_have(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize(
-    ("flags", "runs"),
+    ("indices", "runs"),
     [
         ([], []),
-        ([True], [(10, 1)]),
-        ([False, True, True, False, True], [(11, 2), (14, 1)]),
-        ([True, True, True], [(10, 3)]),
-        ([False, False], []),
+        ([10], [(10, 1)]),
+        ([11, 12, 14], [(11, 2), (14, 1)]),
+        ([10, 11, 12], [(10, 3)]),
+        ([3, 7, 8, 9, 20], [(3, 1), (7, 3), (20, 1)]),
     ],
 )
-def test_runs(flags: list[bool], runs: list[tuple[int, int]]) -> None:
-    assert list(versionfile._runs(10, flags)) == runs
+def test_runs_of(indices: list[int], runs: list[tuple[int, int]]) -> None:
+    assert list(runs_of(indices)) == runs
 
 
 def test_readers_sharing_an_open_keep_their_own_locks(tmp_path: Path) -> None:
@@ -342,3 +345,141 @@ def test_a_read_lock_refused_in_part_holds_nothing(tmp_path: Path) -> None:
         evictor.unlock(8, 1)
         assert evictor.try_lock(4, 4)  # nothing of 4-7 was kept
         evictor.unlock(4, 4)
+
+
+def test_a_failed_write_leaves_the_blocks_mapped_before_as_they_were(tmp_path: Path) -> None:
+    """A group written again (another fetch of it) that fails: the blocks the
+    map already had keep their bytes; only what this write added goes."""
+    h = header()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    with opened(tmp_path, h) as v:
+        v.write_group(0, [[expected(h, i)] for i in range(8)])
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12 * BS + 10, hard))
+        try:
+            with pytest.raises(OSError):
+                v.write_group(0, [[expected(h, i)] for i in range(16)])
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        assert v.mapped(0, 16) == [True] * 8 + [False] * 8
+        assert v.read_span(0, 8) == b"".join(expected(h, i) for i in range(8))
+        assert allocated(paths(tmp_path, STEM)[0]) == 8 * BS
+
+
+def test_a_writer_and_the_readers_of_one_process_keep_each_others_locks(
+    tmp_path: Path,
+) -> None:
+    h = header()
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as other:
+        v.write_group(0, [[expected(h, i)] for i in range(8)])
+        assert v.lock_shared(4, 4)  # a reader of this process
+        assert not v.try_lock(4, 1)  # this process's writer cannot take its blocks
+        v.write_group(8, [[expected(h, i)] for i in range(8, 12)])  # beside them
+        assert not other.try_lock(4, 4)  # the reader's lock survived the writer's
+        assert not other.remove(7, 2)
+        v.unlock_shared(4, 4)
+        assert other.remove(4, 8)
+
+
+def test_spans_of_no_blocks_lock_nothing(tmp_path: Path) -> None:
+    """A lock of length 0 would reach the end of the file."""
+    h = header()
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as other:
+        assert other.try_lock(5, 1)
+        started = time.monotonic()
+        v.write_group(3, [])
+        assert time.monotonic() - started < 1  # it did not wait for block 5
+        assert v.lock_shared(3, 0) and v.try_lock(3, 0)
+        v.unlock_shared(3, 0)
+        v.unlock(3, 0)
+        assert not v.try_lock(5, 1)  # other's lock still there
+        other.unlock(5, 1)
+
+
+def test_letting_go_of_blocks_not_held_changes_nothing(tmp_path: Path) -> None:
+    h = header()
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as other:
+        assert v.lock_shared(4, 2)
+        with pytest.raises(ValueError, match="not all read-locked"):
+            v.unlock_shared(4, 4)
+        assert not other.try_lock(4, 2)  # still held
+        v.unlock_shared(4, 2)
+        assert other.try_lock(4, 2)
+        with pytest.raises(ValueError, match="not all write-locked"):
+            other.unlock(4, 3)
+        other.unlock(4, 2)
+
+
+def test_half_a_version_is_no_version(tmp_path: Path) -> None:
+    """A creator between its two files, or a drop between its two unlinks."""
+    h = header()
+    data_path, map_path = paths(tmp_path, STEM)
+    with opened(tmp_path, h) as v:
+        v.write_group(0, [[expected(h, 0)]])
+    data_path.rename(tmp_path / "aside")
+    assert VersionFiles.open(tmp_path, STEM, h, create=False) is None  # a map, no data
+    (tmp_path / "aside").rename(data_path)
+    map_path.unlink()
+    assert VersionFiles.open(tmp_path, STEM, h, create=False) is None  # data, no map
+
+
+@pytest.mark.parametrize("block_size", [1000, 6000])
+def test_blocks_that_do_not_end_on_a_page_keep_their_neighbours(
+    tmp_path: Path, block_size: int
+) -> None:
+    """Punches zero what they cannot free: never a byte of a mapped neighbour."""
+    h = MapHeader(block_size, 20 * block_size - 7, DIGEST)
+    want = {i: random.Random(i).randbytes(h.length_of(i)) for i in range(20)}
+    with opened(tmp_path, h) as v:
+        v.write_group(0, [[want[i]] for i in range(20)])
+        assert v.remove(5, 1) and v.remove(12, 3) and v.remove(19, 1)
+        for i in (5, 13):  # bytes without entries again, beside mapped blocks
+            os.pwrite(v.data_fd, want[i], h.offset_of(i))
+        assert v.reclaim(0, 20)[1] == 0
+        v.reclaim(0, 20)  # again: zeroes the same partial pages again, harmlessly
+        kept = [i for i in range(20) if i not in (5, 12, 13, 14, 19)]
+        assert v.mapped(0, 20) == [i in kept for i in range(20)]
+        for i in kept:
+            assert v.read_block(i) == want[i], i
+
+
+def test_a_locked_block_across_two_extents_is_left_once(tmp_path: Path) -> None:
+    h = MapHeader(4 * BS, 4 * 4 * BS, DIGEST)  # 16 KiB blocks
+    with opened(tmp_path, h) as v, opened(tmp_path, h, create=False) as writer:
+        os.pwrite(v.data_fd, b"x" * BS, h.offset_of(1))  # block 1's first page
+        os.pwrite(v.data_fd, b"y" * BS, h.offset_of(1) + 3 * BS)  # and its last
+        assert writer.try_lock(1, 1)
+        assert v.reclaim(0, 4) == (0, 1)
+        writer.unlock(1, 1)
+        assert v.reclaim(0, 4) == (4 * BS, 0)
+
+
+def test_creators_racing_write_one_header(tmp_path: Path) -> None:
+    """Processes (here threads, each its own opens) creating one version at once."""
+    h = header()
+    for attempt in range(20):
+        where = tmp_path / str(attempt)
+        barrier = threading.Barrier(4)
+        opened_files: list[VersionFiles] = []
+
+        def create(
+            where: Path = where,
+            barrier: threading.Barrier = barrier,
+            opened_files: list[VersionFiles] = opened_files,
+        ) -> None:
+            barrier.wait()
+            v = VersionFiles.open(where, STEM, h, create=True)
+            assert v is not None
+            opened_files.append(v)
+
+        threads = [threading.Thread(target=create) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert len(opened_files) == 4
+        for n, v in enumerate(opened_files):
+            v.write_group(n, [[expected(h, n)]])
+        for v in opened_files:
+            assert v.read_span(0, 4) == b"".join(expected(h, i) for i in range(4))
+            v.close()
+        assert paths(where, STEM)[1].read_bytes()[:64] == encode_header(h)

@@ -112,9 +112,11 @@ def decode_entries(raw: bytes) -> list[tuple[int, int]]:
 
 def mapped(h: MapHeader, first: int, entries: Sequence[tuple[int, int]]) -> list[bool]:
     """Per entry of blocks ``first``, ``first + 1``..., whether it says its block is
-    there (the bytes are still to be checked against its checksum)."""
+    there (the bytes are still to be checked against its checksum). An entry
+    past the version's last block (a corrupt map) says no."""
     return [
-        length > 0 and length == h.length_of(first + n) for n, (_, length) in enumerate(entries)
+        length > 0 and first + n < h.blocks and length == h.length_of(first + n)
+        for n, (_, length) in enumerate(entries)
     ]
 
 

@@ -146,14 +146,17 @@ def read_meta(path: Path) -> dict[str, Any] | None:
 
 
 @contextlib.contextmanager
-def object_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on the directory holding ``path`` (an object's meta.json):
-    read-modify-writes of meta.json by several processes take turns, so a
-    refreshed ``validated_at`` never undoes another process's ``private``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def object_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """An exclusive flock on the directory holding ``path`` (an object's meta.json,
+    or a format-3 version's files): read-modify-writes of meta.json by several
+    processes take turns, so a refreshed ``validated_at`` never undoes another
+    process's ``private``. ``shared``: a lock for reading, which only waits
+    for exclusive ones; the directory is not made (FileNotFoundError)."""
+    if not shared:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -4,15 +4,13 @@ and punched (docs/format-3-design.md). Blocking: called in disk threads.
 Not used by the daemon yet, which writes format 2 (a file per block); this
 is the storage layer the format-3 sessions build on, tested on its own.
 
-Order and locks are what make it safe without a file per block. Locks are
-open file description locks (``F_OFD_SETLK``) on spans of the data file:
-released by the kernel when a process dies, and, unlike ``lockf``,
-conflicting between two opens of the file in one process too (but never
-between two locks taken through one open: each party opens the files itself).
+Order and span locks (spanlocks.py) are what make it safe without a file
+per block:
 
-- A writer holds the write lock of its group's span, writes the bytes, then
-  the map entries: a crash between the two leaves blocks unmapped (absent),
-  never mapped and unwritten.
+- A writer holds the write lock of its group's span, writes the bytes of
+  the blocks the map does not have yet, then their entries: a crash between
+  the two leaves blocks unmapped (absent), never mapped and unwritten; a
+  failed write punches out only what it wrote.
 - An evictor holds the write lock of the span, unmaps it, then punches it:
   no writer puts a block back between the two, and no reader is reading.
 - A reader holds a read lock while it looks at the entries and copies the
@@ -20,6 +18,9 @@ between two locks taken through one open: each party opens the files itself).
   punched later changes bytes already handed to a socket (measured on Linux
   6.18, ``bench/layouts.py``'s hazard check), where an unlinked block file,
   in format 2, keeps its pages for whoever holds them.
+- Opening and dropping a version's two files take the object dir's lock
+  (``store.object_lock``; shared to open, exclusive to create or drop), so
+  nobody pairs one version's map with another's data file.
 """
 
 from __future__ import annotations
@@ -27,22 +28,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import os
-import struct
-import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import mapfile
 from .blockfile import CorruptBlock, Parts
 from .mapfile import MapHeader
+from .spanlocks import SpanLocks, runs_of
+from .store import object_lock
 
 DATA_SUFFIX = ".data"
 MAP_SUFFIX = ".map"
-# struct flock on Linux (64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
-_FLOCK = struct.Struct("hhxxxxqqi4x")
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -69,88 +66,97 @@ def paths(directory: Path, stem: str) -> tuple[Path, Path]:
 
 
 class VersionFiles:
-    """A version's data and map files, open for reading and writing."""
+    """A version's data and map files, open for reading and writing (the data
+    file twice: once for readers, once for writers' locks)."""
 
-    def __init__(self, data_fd: int, map_fd: int, header: MapHeader) -> None:
+    def __init__(self, data_fd: int, lock_fd: int, map_fd: int, header: MapHeader) -> None:
         self.data_fd = data_fd
         self.map_fd = map_fd
         self.header = header
-        # Read locks held through this open: readers per block (lock_shared).
-        self._readers: dict[int, int] = {}
-        self._readers_mutex = threading.Lock()
+        self._lock_fd = lock_fd
+        self.locks = SpanLocks(data_fd, lock_fd, header.block_size)
 
     @classmethod
     def open(
         cls, directory: Path, stem: str, header: MapHeader, *, create: bool
     ) -> VersionFiles | None:
-        """Open the version's files: None if they are not there (or their map has
-        no header yet) and ``create`` is false. CorruptMap if the map is another
-        version's, or not a map: the caller drops both files. Creating is safe
-        against another process creating them at the same moment: both write
-        the same header."""
+        """Open the version's files: None if they are not both there with a
+        header (and ``create`` is false). CorruptMap if the map is another
+        version's, or not a map: the caller drops both files."""
         data_path, map_path = paths(directory, stem)
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fds: list[int] = []
         try:
-            map_fd = os.open(map_path, flags, 0o644)
+            with object_lock(map_path, shared=not create):
+                fds.append(os.open(map_path, flags, 0o644))
+                raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
+                if not raw and create:
+                    os.pwrite(fds[0], mapfile.encode_header(header), 0)
+                    raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
+                if not raw:  # a creator's header is on its way (it held the lock before us)
+                    raise FileNotFoundError(map_path)
+                mapfile.check_header(mapfile.decode_header(raw), header)
+                fds.append(os.open(data_path, flags, 0o644))
+                fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
+            _close_all(fds)
+            if create:
+                raise
             return None
-        try:
-            raw = os.pread(map_fd, mapfile.HEADER_SIZE, 0)
-            if not raw:  # just created, by this open or another process's
-                if not create:
-                    os.close(map_fd)
-                    return None  # its header is on its way: not there yet
-                os.pwrite(map_fd, mapfile.encode_header(header), 0)
-                raw = os.pread(map_fd, mapfile.HEADER_SIZE, 0)
-            mapfile.check_header(mapfile.decode_header(raw), header)
-            data_fd = os.open(data_path, flags, 0o644)
         except BaseException:
-            os.close(map_fd)
+            _close_all(fds)
             raise
-        return cls(data_fd, map_fd, header)
+        return cls(fds[1], fds[2], fds[0], header)
 
     def close(self) -> None:
-        for fd in (self.data_fd, self.map_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.data_fd = self.map_fd = -1
+        _close_all([self.data_fd, self._lock_fd, self.map_fd])
+        self.data_fd = self._lock_fd = self.map_fd = -1
 
     # -- writing -----------------------------------------------------------
     def write_group(self, first: int, blocks: Sequence[Parts], *, fsync: bool = False) -> None:
-        """Blocks ``first``, ``first + 1``... (each its bytes in parts): their bytes,
-        then their entries. On an error (ENOSPC) the group's entries are not
-        written, so none of it is present, and the space it took is given back."""
+        """Blocks ``first``, ``first + 1``... (each its bytes in parts): the bytes
+        of those the map does not have, then their entries. On an error (ENOSPC)
+        none of those is mapped and the bytes written are punched out again;
+        blocks mapped before are left as they were."""
         for n, parts in enumerate(blocks):
             want = self.header.length_of(first + n)
             if sum(len(p) for p in parts) != want:
                 raise ValueError(f"block {first + n} must be {want} bytes")
+        if not blocks:
+            return
+        self.locks.wait_exclusive(first, len(blocks), WRITE_LOCK_PATIENCE)
+        try:
+            absent = [
+                first + n for n, there in enumerate(self.mapped(first, len(blocks))) if not there
+            ]
+            for run_first, run_count in runs_of(absent):
+                self._write_run(
+                    run_first, blocks[run_first - first : run_first - first + run_count], fsync
+                )
+        finally:
+            self.locks.release_exclusive(first, len(blocks))
+
+    def _write_run(self, first: int, blocks: Sequence[Parts], fsync: bool) -> None:
         offset = self.header.offset_of(first)
         views = [memoryview(p).cast("B") for parts in blocks for p in parts]
-        length = sum(len(v) for v in views)
-        self._wait_lock(first, len(blocks))
         try:
-            try:
-                _pwritev_all(self.data_fd, views, offset)
-                if fsync:
-                    os.fdatasync(self.data_fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    punch_hole(self.data_fd, offset, length)
-                raise
-            os.pwrite(self.map_fd, mapfile.encode_entries(blocks), mapfile.entry_offset(first))
+            _pwritev_all(self.data_fd, views, offset)
+            if fsync:
+                os.fdatasync(self.data_fd)
+            entries = mapfile.encode_entries(blocks)
+            if os.pwrite(self.map_fd, entries, mapfile.entry_offset(first)) != len(entries):
+                raise OSError(errno.ENOSPC, "short write of map entries")
             if fsync:
                 os.fdatasync(self.map_fd)
-        finally:
-            self.unlock(first, len(blocks))
-
-    def _wait_lock(self, first: int, count: int) -> None:
-        deadline = time.monotonic() + WRITE_LOCK_PATIENCE
-        pause = 0.001
-        while not self.try_lock(first, count):
-            if time.monotonic() > deadline:
-                raise OSError(errno.EAGAIN, f"blocks {first}-{first + count - 1} stay locked")
-            time.sleep(pause)
-            pause = min(0.05, pause * 2)
+        except OSError:
+            # Unmapped first, and punched only once surely unmapped: a block must
+            # never be mapped over zeros. Bytes left behind are whole where an
+            # entry maps them, and reclaim() finds the others.
+            zeros = bytes(len(blocks) * mapfile.ENTRY_SIZE)
+            with contextlib.suppress(OSError):
+                if os.pwrite(self.map_fd, zeros, mapfile.entry_offset(first)) == len(zeros):
+                    self._punch(offset, self.header.offset_of(first + len(blocks)))
+            raise
 
     # -- reading -----------------------------------------------------------
     def entries(self, first: int, count: int) -> list[tuple[int, int]]:
@@ -166,9 +172,8 @@ class VersionFiles:
     def read_block(self, index: int) -> bytes:
         """Block ``index``'s bytes, checked against its entry: CorruptBlock if the
         map does not have it or its bytes do not match (a torn write after a
-        power cut, a disk error). None of it while the block is being removed
-        or written: a read lock on it, without waiting (CorruptBlock if taken)."""
-        if not self.lock_shared(index, 1):
+        power cut, a disk error), or while it is being removed or written."""
+        if not self.locks.shared(index, 1):
             raise CorruptBlock(f"block {index} is being removed or written")
         try:
             (entry,) = self.entries(index, 1)
@@ -176,7 +181,7 @@ class VersionFiles:
                 raise CorruptBlock(f"block {index} is not in the map")
             data = os.pread(self.data_fd, entry[1], self.header.offset_of(index))
         finally:
-            self.unlock_shared(index, 1)
+            self.locks.release_shared(index, 1)
         mapfile.check_block(entry, data, index)
         return data
 
@@ -185,7 +190,7 @@ class VersionFiles:
         lock, if the map has every one of them (their checksums unchecked: the
         caller checks a block the first time it serves it); None if not, or
         while any of them is being removed or written."""
-        if not self.lock_shared(first, count):
+        if not self.locks.shared(first, count):
             return None
         try:
             if not all(self.mapped(first, count)):
@@ -194,16 +199,58 @@ class VersionFiles:
             end = min(self.header.size, self.header.offset_of(first + count))
             data = os.pread(self.data_fd, end - start, start)
         finally:
-            self.unlock_shared(first, count)
+            self.locks.release_shared(first, count)
         return data if len(data) == end - start else None
 
     # -- removing ----------------------------------------------------------
-    def remove(self, first: int, count: int) -> None:
-        """Blocks [first, first + count) out of the map, then their space freed.
-        The caller holds the write lock of the span (``try_lock``), taken
-        through this open before it looked at what to remove."""
-        os.pwrite(self.map_fd, bytes(count * mapfile.ENTRY_SIZE), mapfile.entry_offset(first))
-        self._punch(self.header.offset_of(first), self.header.offset_of(first + count))
+    def remove(self, first: int, count: int, *, fsync: bool = False) -> bool:
+        """Blocks [first, first + count) out of the map (made durable first with
+        ``fsync``), then their space freed. False, doing nothing, while anyone
+        reads or writes any of them."""
+        if not self.locks.exclusive(first, count):
+            return False
+        try:
+            os.pwrite(self.map_fd, bytes(count * mapfile.ENTRY_SIZE), mapfile.entry_offset(first))
+            if fsync:
+                os.fdatasync(self.map_fd)
+            self._punch(self.header.offset_of(first), self.header.offset_of(first + count))
+        finally:
+            self.locks.release_exclusive(first, count)
+        return True
+
+    def reclaim(self, first: int, count: int) -> tuple[int, int]:
+        """Punch out the bytes of blocks [first, first + count) that the map does
+        not have: a crash between a group's bytes and its entries left them, and
+        no row counts their space (reconcile calls this in bounded spans). A
+        span being written is locked: left for a later pass. Returns (bytes
+        punched, blocks left because locked). Where blocks do not end on a
+        filesystem block, a punch zeroes what it cannot free, and a later
+        pass punches those bytes again: harmless."""
+        h = self.header
+        start, end = h.offset_of(first), min(h.size, h.offset_of(first + count))
+        holding: set[int] = set()  # blocks with bytes on disk, each once
+        for a, b in list(_data_extents(self.data_fd, start, end)):
+            holding.update(range(a // h.block_size, -(-b // h.block_size)))
+        candidates = sorted(holding)
+        mapped = dict(zip(candidates, self._mapped_at(candidates), strict=True))
+        punched = skipped = 0
+        for run in runs_of([i for i in candidates if not mapped[i]]):
+            if not self.locks.exclusive(*run):
+                skipped += run[1]
+                continue
+            try:  # looked at again under the lock: a writer may have mapped some
+                again = self.mapped(*run)
+                for gone in runs_of([run[0] + n for n, m in enumerate(again) if not m]):
+                    punched += self._punch(h.offset_of(gone[0]), h.offset_of(gone[0] + gone[1]))
+            finally:
+                self.locks.release_exclusive(*run)
+        return punched, skipped
+
+    def _mapped_at(self, indices: list[int]) -> list[bool]:
+        out: list[bool] = []
+        for run in runs_of(indices):
+            out += self.mapped(*run)
+        return out
 
     def _punch(self, start: int, end: int) -> int:
         """Punch [start, end) of the data file, through the end of the file's last
@@ -216,97 +263,35 @@ class VersionFiles:
             punch_hole(self.data_fd, start, end - start)
         return max(0, end - start)
 
-    def reclaim(self, first: int, count: int) -> tuple[int, int]:
-        """Punch out the bytes of blocks [first, first + count) that the map does
-        not have: a crash between a group's bytes and its entries left them, and
-        no row counts their space (reconcile calls this in bounded spans). A
-        span being written is locked: left for a later pass. Returns (bytes
-        punched, blocks left because locked). Where blocks do not end on a
-        filesystem block, a punch zeroes what it cannot free, and a later
-        pass punches those bytes again: harmless."""
-        h = self.header
-        start, end = h.offset_of(first), min(h.size, h.offset_of(first + count))
-        freed = skipped = 0
-        for a, b in list(_data_extents(self.data_fd, start, end)):
-            lo, hi = a // h.block_size, -(-b // h.block_size)
-            mapped = self.mapped(lo, hi - lo)
-            for run_first, run_count in _runs(lo, [not m for m in mapped]):
-                if not self.try_lock(run_first, run_count):
-                    skipped += run_count
-                    continue
-                try:  # looked at again under the lock: a writer may have mapped some
-                    again = self.mapped(run_first, run_count)
-                    for gone_first, gone_count in _runs(run_first, [not m for m in again]):
-                        lo_b = max(a, h.offset_of(gone_first))
-                        hi_b = min(b, h.offset_of(gone_first + gone_count))
-                        freed += self._punch(lo_b, hi_b)
-                finally:
-                    self.unlock(run_first, run_count)
-        return freed, skipped
-
-    # -- locks on spans of the data file -------------------------------------
-    def lock_shared(self, first: int, count: int) -> bool:
-        """A read lock on blocks [first, first + count), without waiting: False
-        while another open holds a write lock on any of them. Counted per block,
-        so that the readers of a process can share this open: the kernel's lock
-        is taken for the blocks no reader holds yet, and ``unlock_shared`` lets
-        go only of those no reader holds any more (one unlock of an open
-        releases every lock of that open on the range)."""
-        with self._readers_mutex:
-            new = [i for i in range(first, first + count) if i not in self._readers]
-            taken: list[tuple[int, int]] = []
-            for run in _runs_of(new):
-                if not self._lock(fcntl.F_RDLCK, *run):
-                    for done in taken:
-                        self._lock(fcntl.F_UNLCK, *done)
-                    return False
-                taken.append(run)
-            for i in range(first, first + count):
-                self._readers[i] = self._readers.get(i, 0) + 1
-            return True
-
-    def unlock_shared(self, first: int, count: int) -> None:
-        with self._readers_mutex:
-            free = []
-            for i in range(first, first + count):
-                left = self._readers[i] - 1
-                if left:
-                    self._readers[i] = left
-                else:
-                    del self._readers[i]
-                    free.append(i)
-            for run in _runs_of(free):
-                self._lock(fcntl.F_UNLCK, *run)
-
+    # -- locks, for callers that compose (and tests) ----------------------------
     def try_lock(self, first: int, count: int) -> bool:
-        """A write lock on blocks [first, first + count), without waiting: False
-        while another open (a reader) holds a lock on any of them. Take it
-        through an open no reader of this process uses: locks of one open never
-        conflict with each other, and its unlock would drop theirs."""
-        return self._lock(fcntl.F_WRLCK, first, count)
+        return self.locks.exclusive(first, count)
 
     def unlock(self, first: int, count: int) -> None:
-        """Let go of a write lock (``try_lock``)."""
-        self._lock(fcntl.F_UNLCK, first, count)
+        self.locks.release_exclusive(first, count)
 
-    def _lock(self, kind: int, first: int, count: int) -> bool:
-        start = self.header.offset_of(first)
-        length = self.header.block_size * count
-        request = _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
-        try:
-            fcntl.fcntl(self.data_fd, fcntl.F_OFD_SETLK, request)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+    def lock_shared(self, first: int, count: int) -> bool:
+        return self.locks.shared(first, count)
+
+    def unlock_shared(self, first: int, count: int) -> None:
+        self.locks.release_shared(first, count)
 
 
 def drop(directory: Path, stem: str) -> None:
-    """Remove a version's files (the whole version at once: two unlinks)."""
-    for path in paths(directory, stem):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+    """Remove a version's files, the map first: an open that comes between the
+    two unlinks finds no version, never a map without its bytes."""
+    data_path, map_path = paths(directory, stem)
+    with object_lock(map_path):
+        for path in (map_path, data_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
@@ -337,28 +322,3 @@ def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         hole = os.lseek(fd, data, os.SEEK_HOLE)
         yield data, min(hole, end)
         pos = hole
-
-
-def _runs_of(indices: Sequence[int]) -> Iterator[tuple[int, int]]:
-    """(first, count) of each run of consecutive numbers in sorted ``indices``."""
-    n = 0
-    while n < len(indices):
-        m = n + 1
-        while m < len(indices) and indices[m] == indices[m - 1] + 1:
-            m += 1
-        yield indices[n], m - n
-        n = m
-
-
-def _runs(first: int, flags: Sequence[bool]) -> Iterator[tuple[int, int]]:
-    """(first index, count) of each run of true flags, the first flag's index ``first``."""
-    n = 0
-    while n < len(flags):
-        if not flags[n]:
-            n += 1
-            continue
-        m = n
-        while m < len(flags) and flags[m]:
-            m += 1
-        yield first + n, m - n
-        n = m
