@@ -296,6 +296,8 @@ def hazards(work: Path) -> dict[str, bool]:
             with contextlib.suppress(BlockingIOError):
                 while sent < len(data):
                     sent += os.sendfile(sender.fileno(), fd, sent, len(data) - sent)
+            if sent < 256 * 1024:  # too little queued to tell anything
+                raise RuntimeError(f"the socket took {sent} bytes of sendfile")
             if what == "unlink":
                 os.unlink(path)
             else:  # a block inside the file, as eviction punches one (not the whole file)

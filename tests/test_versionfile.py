@@ -54,6 +54,19 @@ def opened(tmp_path: Path, h: MapHeader, *, create: bool = True) -> Iterator[Ver
         v.close()
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Writes past ``limit`` fail (EFBIG after a partial write, as a disk that
+    fills midway fails them): Python ignores SIGXFSZ."""
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -110,15 +123,9 @@ def test_a_write_that_fails_midway_maps_nothing_and_gives_the_space_back(
     partial write, as ENOSPC would come): no entry of the group is written,
     and the bytes that did land are punched out."""
     h = header()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN  # Python's default
     with opened(tmp_path, h) as v:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * BS + 10, hard))
-        try:
-            with pytest.raises(OSError):
-                v.write_group(0, [[expected(h, i)] for i in range(8)])
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        with file_size_limit(5 * BS + 10), pytest.raises(OSError):
+            v.write_group(0, [[expected(h, i)] for i in range(8)])
         assert v.mapped(0, 8) == [False] * 8
         assert allocated(paths(tmp_path, STEM)[0]) == 0
         v.write_group(0, [[expected(h, i)] for i in range(8)])  # and later it works
@@ -351,15 +358,10 @@ def test_a_failed_write_leaves_the_blocks_mapped_before_as_they_were(tmp_path: P
     """A group written again (another fetch of it) that fails: the blocks the
     map already had keep their bytes; only what this write added goes."""
     h = header()
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     with opened(tmp_path, h) as v:
         v.write_group(0, [[expected(h, i)] for i in range(8)])
-        resource.setrlimit(resource.RLIMIT_FSIZE, (12 * BS + 10, hard))
-        try:
-            with pytest.raises(OSError):
-                v.write_group(0, [[expected(h, i)] for i in range(16)])
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        with file_size_limit(12 * BS + 10), pytest.raises(OSError):
+            v.write_group(0, [[expected(h, i)] for i in range(16)])
         assert v.mapped(0, 16) == [True] * 8 + [False] * 8
         assert v.read_span(0, 8) == b"".join(expected(h, i) for i in range(8))
         assert allocated(paths(tmp_path, STEM)[0]) == 8 * BS
