@@ -23,6 +23,9 @@ from tests.support.helpers import run_bench, system_tool
 pytestmark = pytest.mark.slow
 
 
+# The whole suite at smoke size: ~60-100 s, past the default 120 s when the VM
+# is slow (CI failed twice so). The bench's own limit is the one that counts.
+@pytest.mark.timeout(660)
 def test_suite_runs_end_to_end_at_smoke_size(tmp_path: Path) -> None:
     system_tool("nginx")
     system_tool("wrk")
