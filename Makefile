@@ -41,7 +41,7 @@ bench-quick: $(STAMP) test-deps
 	$(BIN)/python -m bench.suite --scale quick $(ARGS)
 
 ## bench-scale: the daemon at 100k..2M cached blocks of 4 KiB (fill, start-up, reconcile,
-## eviction, status, check; ~20 GB of disk, ~1 h); bench/results-scale.json
+## eviction, status, check; ~10 GB of disk, ~1 h); bench/results-scale.json
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.scale $(ARGS)
 

@@ -13,10 +13,10 @@ the figures are the layouts' and nothing else's:
 - ``write``: a version's blocks written by four threads (the daemon's disk
   threads) in groups of 1 MiB (one disk job per group, as a fill hands them
   over), from buffers already in memory, each block's CRC-32C computed.
-  ``file per block`` is the daemon's own code (``publish.publish_blocks``:
-  an unnamed file per block, written with one ``writev`` and linked into its
-  shard dir). ``file per version`` is format 3's storage layer
-  (``versionfile.VersionFiles``, which the daemon does not use yet): the
+  ``file per block`` is format 2's daemon code (``bench/fileperblock.py``,
+  its ``publish.py``: an unnamed file per block, written with one ``writev``
+  and linked into its shard dir). ``file per version`` is format 3's storage
+  layer (``versionfile.VersionFiles``, the daemon's since format 3): the
   group's blocks with one ``pwritev`` at their offset in the version's data
   file, then their map entries (checksum and length, 8 bytes a block) with
   one ``pwrite`` into the version's map file, data first so that a crash
@@ -71,14 +71,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench import fileperblock
 from bench.harness import git_commit, machine
-from nwbcache_proxy import blockfile, publish
+from nwbcache_proxy import blockfile
 from nwbcache_proxy.blockfile import HEADER_SIZE
-from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.layout import DATA_SUFFIX, MAP_SUFFIX, Layout, block_relpath
 from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.sizes import format_size, parse_size
+from nwbcache_proxy.sparse import punch_hole
 from nwbcache_proxy.staging import Staging
-from nwbcache_proxy.versionfile import VersionFiles, punch_hole
+from nwbcache_proxy.versionfile import VersionFiles
 from tests.support.helpers import REPO
 
 BENCH = Path(__file__).resolve().parent
@@ -108,7 +110,7 @@ def allocated(path: Path) -> int:
 
 
 class FilePerBlock:
-    """nwbcache's format 2: the daemon's own publish and paths."""
+    """nwbcache's format 2: its daemon's publish and paths."""
 
     def __init__(self, root: Path, block_size: int) -> None:
         self.layout = Layout(root)
@@ -117,11 +119,11 @@ class FilePerBlock:
         self.block_size = block_size
 
     def path(self, index: int) -> str:
-        return str(self.layout.block_path(self.version, index))
+        return f"{self.layout.root}/{self.version}/{block_relpath(index)}"
 
     def write_group(self, first: int, blocks: Sequence[memoryview]) -> None:
         items = [(self.path(first + n), first + n, [b]) for n, b in enumerate(blocks)]
-        for done in publish.publish_blocks(self.staging, items, DIGEST, fsync=False):
+        for done in fileperblock.publish_blocks(self.staging, items, DIGEST, fsync=False):
             if isinstance(done, OSError):
                 raise done
             os.close(done[1])  # the daemon keeps it for the block's first reader
@@ -160,7 +162,7 @@ class FilePerBlock:
 
 
 class FilePerVersion:
-    """Format 3's storage layer (versionfile.py; the daemon does not use it yet):
+    """Format 3's storage layer (versionfile.py):
     one sparse data file per version, and beside it a map of a checksum and a
     length per block. Removal and reads take the span's locks, as they will
     in the daemon (another process may be serving what eviction removes)."""
@@ -169,7 +171,13 @@ class FilePerVersion:
         self.dir = root / "objects" / "00" / ("0" * 64)
         self.dir.mkdir(parents=True)
         header = MapHeader(block_size, blocks * block_size, DIGEST)
-        files = VersionFiles.open(self.dir, f"{'1' * 32}.{block_size}", header, create=True)
+        stem = self.dir / f"{'1' * 32}.{block_size}"
+        files = VersionFiles.open(
+            stem.with_name(stem.name + DATA_SUFFIX),
+            stem.with_name(stem.name + MAP_SUFFIX),
+            header,
+            create=True,
+        )
         assert files is not None
         self.files = files
         self.block_size = block_size

@@ -5,9 +5,11 @@
     .venv/bin/python -m bench.scale --sizes 100k,1M --block-size 4K --keep /data/scale
 
 At each size N the cache is filled to N blocks with bench/scalefill.py
-(valid blocks, metadata and index rows written directly, in seconds rather
-than hours of proxying) plus a few "probe" objects read through the daemon
-from the S3 emulator; then, with ``nwbcache serve`` as a child process:
+(format 3: each version's data file and map written in large runs through
+versionfile.VersionFiles, metadata and index rows written directly, in
+seconds rather than hours of proxying) plus a few "probe" objects read
+through the daemon from the S3 emulator; then, with ``nwbcache serve`` as a
+child process:
 
 1. start-up: spawn to ``/healthz`` 200 on a clean cache, median of 3;
 2. after ``kill -9`` (an unclean stop: the dead process's staging dir is
@@ -18,7 +20,8 @@ from the S3 emulator; then, with ``nwbcache serve`` as a child process:
    until the index totals at most 95 % of it, blocks/s, hits meanwhile;
 4. ``/status.json`` (median of 5) and ``nwbcache status``;
 5. ``nwbcache check``: wall time and peak RSS;
-6. index bytes per block row, and the most entries in any one directory.
+6. index bytes per block row, disk bytes per block (the versions' data
+   files and maps, as allocated), and the most entries in any one directory.
 
 Sizes that do not fit on the disk are skipped, saying so. Each filled cache
 is deleted after its size unless ``--keep DIR``. The table is printed with
@@ -57,8 +60,8 @@ from typing import Any
 from bench.harness import Emulator, git_commit, machine
 from bench.scalefill import BULK_PREFIX, block_data, bulk_url, fill
 from nwbcache_proxy import schema
-from nwbcache_proxy.blockfile import HEADER_SIZE
-from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.layout import DATA_SUFFIX, MAP_SUFFIX, Layout
+from nwbcache_proxy.mapfile import ENTRY_SIZE
 from nwbcache_proxy.objectmeta import ObjectMeta
 from nwbcache_proxy.sizes import format_size, parse_size
 from tests.support.daemons import DaemonProcess
@@ -107,11 +110,17 @@ def count_label(n: int) -> str:
     return str(n)
 
 
+# Index bytes per block row, with its indexes and the WAL: a margin over the
+# ~70 measured (bench/results-scale.md).
+INDEX_ROW_BYTES = 150
+
+
 def disk_need(blocks: int, block_size: int, frsize: int) -> int:
-    """Bytes on disk a cache of ``blocks`` blocks takes: each file in whole
-    filesystem blocks, index rows, metadata and directories, plus a margin."""
-    per_file = -(-(HEADER_SIZE + block_size) // frsize) * frsize
-    return int(blocks * (per_file + 200) * 1.1) + (1 << 30)
+    """Bytes on disk a cache of ``blocks`` blocks takes: each block's bytes in
+    whole filesystem blocks (in its version's data file; no header), its map
+    entry and index row, plus a margin for metadata and directories."""
+    per_block = -(-block_size // frsize) * frsize + ENTRY_SIZE + INDEX_ROW_BYTES
+    return int(blocks * per_block * 1.1) + (1 << 30)
 
 
 # --------------------------------------------------------------------------- process figures
@@ -272,6 +281,24 @@ def index_totals(path: Path) -> tuple[int, int]:
 
 def index_file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in (path, path.with_name(path.name + "-wal")) if p.exists())
+
+
+def version_files_bytes(objects: Path) -> int:
+    """Bytes allocated on disk to the versions' data files and maps under
+    ``objects`` (``<kh[:2]>/<kh>/<vd>.<bs>.data``, ``.map``): holes take none."""
+    total = 0
+    for prefix in os.scandir(objects):
+        if not prefix.is_dir(follow_symlinks=False):
+            continue
+        for odir in os.scandir(prefix.path):
+            if not odir.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(odir.path):
+                if entry.name.endswith((DATA_SUFFIX, MAP_SUFFIX)) and entry.is_file(
+                    follow_symlinks=False
+                ):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+    return total
 
 
 def largest_dir(root: Path) -> tuple[int, str, int]:
@@ -435,12 +462,15 @@ class SizeBench:
             self.problems.append(f"index has {rows} rows after the fill, not {self.blocks}")
 
     def at_rest(self) -> None:
-        """Index bytes per row and directory sizes, with no daemon running."""
+        """Index bytes per row, disk bytes per block and directory sizes, with
+        no daemon running."""
         bytes_, rows = index_totals(self.layout.index_path)
         self.figures["filled_bytes"] = bytes_
         self.figures["index_rows"] = rows
         self.figures["index_bytes"] = index_file_bytes(self.layout.index_path)
         self.figures["index_bytes_per_row"] = self.figures["index_bytes"] / max(rows, 1)
+        self.figures["disk_bytes"] = version_files_bytes(self.layout.objects)
+        self.figures["disk_bytes_per_block"] = self.figures["disk_bytes"] / max(rows, 1)
         started = time.perf_counter()
         most, where, files = largest_dir(self.cache)
         self.figures.update(
@@ -765,6 +795,7 @@ FIGURES = [
     Figure("nwbcache check, s", _at("check_s"), "{:.1f}"),
     Figure("nwbcache check peak RSS, MB", _at("check_rss_mb"), "{:.0f}", "≤ 200", _le(200)),
     Figure("index bytes per block row", _at("index_bytes_per_row"), "{:.0f}"),
+    Figure("disk bytes per block (data + map)", _at("disk_bytes_per_block"), "{:,.0f}"),
     Figure("most entries in one dir", _at("max_dir_entries"), "{:,.0f}", "≤ 10,000", _le(10_000)),
 ]
 

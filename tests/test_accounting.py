@@ -10,21 +10,28 @@ response a HIT, and the origin sees nothing new. Read-ahead publishing a
 block while a client looks for it used to leave the block marked "not yet
 served" in some interleavings: the next read of it said MISS and counted its
 bytes from upstream a second time.
+
+The index counts what the cache holds the same way: the blocks' own bytes
+(format 3 has no per-block header), each block once.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nwbcache_proxy import publish, store
+from nwbcache_proxy import blockio
+from nwbcache_proxy.blockfile import Parts
+from nwbcache_proxy.index import Totals
+from nwbcache_proxy.openversions import SharedVersion
+from nwbcache_proxy.version import Version
+from nwbcache_proxy.versionfile import VersionFiles
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied, scrape, value
 from tests.support.s3emu import Fault, S3Emulator
@@ -38,6 +45,14 @@ def served(daemon_url: str) -> dict[str, float]:
     return {
         s: value(samples, "nwbcache_served_bytes_total", source=s) for s in ("cache", "upstream")
     }
+
+
+def indexed(daemon: DaemonThread) -> Totals:
+    """The index's totals once this daemon's records are in it."""
+    index = daemon.cache.index
+    assert daemon.call(index.flush())
+    totals: Totals = daemon.call(index.totals())
+    return totals
 
 
 def read(url: str, start: int, end: int) -> tuple[bytes, str]:
@@ -59,6 +74,7 @@ def test_sequential_reads_with_readahead_and_503s_count_each_byte_once(
     daemon = make_daemon(block_size=MiB)
     url = proxied(daemon.url, origin, "/acct/seq")
     before = served(daemon.url)
+    held = indexed(daemon)
     outcomes: list[list[str]] = []
     for _pass in range(2):
         seen = []
@@ -76,6 +92,8 @@ def test_sequential_reads_with_readahead_and_503s_count_each_byte_once(
     assert after["cache"] - before["cache"] == len(data)
     ok = [r for r in origin.requests("/acct/seq") if r.status == 206]
     assert sum(r.bytes_sent for r in ok) == len(data)  # every block fetched once
+    now = indexed(daemon)
+    assert (now.bytes - held.bytes, now.blocks - held.blocks) == (len(data), 8)
 
 
 BS = 16 * 1024
@@ -103,23 +121,43 @@ def daemon(make_daemon: Callable[..., DaemonThread]) -> DaemonThread:
 
 @pytest.fixture
 def slow_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
-    """Seconds that opening and publishing a block file take (in the daemon's
-    disk threads, as on a slow or busy disk): a lookup that finds no file then
-    returns after a publish that started later has finished."""
-    delays = {"open": 0.0, "publish": 0.0}
-    real_open, real_publish = store.open_block, publish.publish_block
+    """Seconds that looking a block up and publishing one take (in the daemon's
+    disk threads, as on a slow or busy disk): a lookup that finds no block then
+    returns after a publish that started later has finished.
 
-    def open_block(*args: Any, **kwargs: Any) -> Any:
-        found = real_open(*args, **kwargs)
-        time.sleep(delays["open"])
+    "open": after each lookup of a version's files and of a block in them
+    (blockio.open_version, blockio.read); with a delay, a read on the event loop
+    finds nothing in the page cache and goes to a disk thread (as on a busy
+    disk), so the loop is never stalled. "publish": before each block of a
+    group is written (blockio.write)."""
+    delays = {"open": 0.0, "publish": 0.0}
+    real_open, real_read, real_write = blockio.open_version, blockio.read, blockio.write
+
+    def open_(v: Version, *, create: bool) -> VersionFiles | None:
+        found = real_open(v, create=create)
+        if not create:
+            time.sleep(delays["open"])
         return found
 
-    def publish_block(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(delays["publish"])
-        return real_publish(*args, **kwargs)
+    def read_(
+        files: VersionFiles, index: int, lo: int, hi: int, verify: bool, *, nowait: bool = False
+    ) -> bytes | bytearray | memoryview | None:
+        if nowait and delays["open"]:
+            raise blockio.Miss
+        found = real_read(files, index, lo, hi, verify, nowait=nowait)
+        if not nowait:
+            time.sleep(delays["open"])
+        return found
 
-    monkeypatch.setattr(store, "open_block", open_block)
-    monkeypatch.setattr(publish, "publish_block", publish_block)
+    def write_(
+        v: Version, held: SharedVersion | None, items: Sequence[tuple[int, Parts]], fsync: bool
+    ) -> tuple[VersionFiles | None, list[OSError | None]]:
+        time.sleep(delays["publish"] * len(items))
+        return real_write(v, held, items, fsync)
+
+    monkeypatch.setattr(blockio, "open_version", open_)
+    monkeypatch.setattr(blockio, "read", read_)
+    monkeypatch.setattr(blockio, "write", write_)
     return delays
 
 
@@ -153,6 +191,7 @@ def test_any_read_order_counts_each_byte_once(
     origin.put(key, data)
     url = proxied(daemon.url, origin, key)
     before = served(daemon.url)
+    held = indexed(daemon)
     for _pass in ("cold", "warm"):
         outcomes = []
         for a, b in order:
@@ -172,3 +211,5 @@ def test_any_read_order_counts_each_byte_once(
             assert outcomes == ["HIT"] * len(order)
             assert now["upstream"] - before["upstream"] == len(data)
             assert now["cache"] - before["cache"] == len(data)
+    after = indexed(daemon)  # every block held once, its own bytes only
+    assert (after.bytes - held.bytes, after.blocks - held.blocks) == (len(data), BLOCKS)

@@ -24,7 +24,7 @@ import requests
 from nwbcache.urls import cache_key, upstream_from_proxy_path
 from nwbcache_proxy import fetcher
 from nwbcache_proxy.claims import Claims, discovery_offset
-from nwbcache_proxy.layout import key_hash
+from nwbcache_proxy.layout import Layout, key_hash
 from nwbcache_proxy.version import Version
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import get_range, proxied, scrape, value, wait_until
@@ -37,7 +37,7 @@ BS = 64 * 1024
 @pytest.fixture
 def other_process(tmp_path: Path) -> Iterator[Claims]:
     """Claims of a process that is not a daemon: it takes work and never does it."""
-    claims = Claims(tmp_path / "cache" / "v2" / "fetch.claims")
+    claims = Claims(Layout(tmp_path / "cache").claims_path)
     yield claims
     claims.close()
 

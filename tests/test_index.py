@@ -1,16 +1,26 @@
 """index and schema: accounting in SQLite (per version and in all), eviction in slices,
-the migrations from every older schema, and the helpers `nwbcache check` shares."""
+the migrations from every older schema, and the helpers `nwbcache check` shares.
+
+Eviction is checked on format-3 versions written by versionfile.py: an evicted
+block is out of its version's map and its bytes are a hole in the data file
+(its space freed); every other block reads back as written."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import random
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import schema
+from nwbcache_proxy import schema, unlinker
 from nwbcache_proxy.index import (
     EVICT_BATCH,
     UNLINK_GROUP,
@@ -19,12 +29,24 @@ from nwbcache_proxy.index import (
     Totals,
     _unlink_groups,
 )
-from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout
+from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.policy import Eviction
 from nwbcache_proxy.reconcile import is_needed
+from nwbcache_proxy.spanlocks import runs_of
+from nwbcache_proxy.versionfile import VersionFiles
+from tests.support.helpers import blocks_holding
 
-V1 = "objects/aa/aaaa/0123.16"
-V2 = "objects/bb/bbbb/4567.16"
+# A filesystem block: an evicted block's space is freed, not only zeroed.
+BS = 4096
+V1 = f"objects/aa/aaaa/0123.{BS}"
+V2 = f"objects/bb/bbbb/4567.{BS}"
+# Every version here has this many blocks (its files are sparse: only the
+# blocks written take space).
+VERSION_BLOCKS = 10_000
+# What a data file may take beyond its mapped blocks' bytes: the filesystem's
+# own blocks for the extents of a file full of holes.
+EXTENT_SLACK = 16 * BS
 
 
 @pytest.fixture
@@ -62,6 +84,52 @@ def _versions(layout: Layout) -> dict[str, tuple[int, int]]:
         return {n: (b, c) for n, b, c in conn.execute("SELECT name, bytes, blocks FROM versions")}
     finally:
         conn.close()
+
+
+# -- format-3 versions on disk ----------------------------------------------------
+def _header(version: str) -> MapHeader:
+    assert Layout.block_size_of(version) == BS
+    return MapHeader(BS, VERSION_BLOCKS * BS, hashlib.sha256(version.encode()).digest())
+
+
+def _block(version: str, n: int) -> bytes:
+    return random.Random(f"{version}/{n}").randbytes(BS)
+
+
+def _write(layout: Layout, version: str, indices: Iterable[int]) -> None:
+    """Blocks of a version written (and mapped) as the daemon writes them."""
+    files = VersionFiles.open(
+        layout.data_path(version), layout.map_path(version), _header(version), create=True
+    )
+    assert files is not None
+    try:
+        for first, count in runs_of(sorted(indices)):
+            files.write_group(first, [[_block(version, first + k)] for k in range(count)])
+    finally:
+        files.close()
+
+
+def _cached(layout: Layout, version: str) -> list[int] | None:
+    """The blocks the version's map has, or None when both its files are gone.
+    Each is read back and compared with what was written; the data file holds
+    bytes at exactly those blocks (every other one a hole) and takes the
+    space of those only."""
+    data_path, map_path = layout.data_path(version), layout.map_path(version)
+    if not data_path.exists() and not map_path.exists():
+        return None
+    files = VersionFiles.open_existing(data_path, map_path)
+    assert files is not None, f"half a version left of {version}"
+    try:
+        h = files.header
+        mapped = [i for i, there in enumerate(files.mapped(0, h.blocks)) if there]
+        for i in mapped:
+            assert files.read_block(i) == _block(version, i)
+        assert blocks_holding(files.data_fd, h.size, BS) == mapped
+    finally:
+        files.close()
+    allocated = os.stat(data_path).st_blocks * 512
+    assert len(mapped) * BS <= allocated <= len(mapped) * BS + EXTENT_SLACK
+    return mapped
 
 
 @pytest.mark.parametrize(
@@ -117,13 +185,11 @@ async def test_forget_version_drops_its_rows_flushed_or_not(
     assert _bb(await index.totals()) == (20, 1)
 
 
-async def _fill(index: CacheIndex, layout: Layout, version: str, count: int, size: int) -> None:
-    """``count`` block files of ``size`` bytes with rows, each used after the last."""
+async def _fill(index: CacheIndex, layout: Layout, version: str, count: int) -> None:
+    """Blocks 0..count-1 of a version written, with rows, each used after the last."""
     for n in range(count):
-        path = layout.block_path(version, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x" * size)
-        index.record(version, n, size)
+        _write(layout, version, [n])
+        index.record(version, n, BS)
         await index.flush()  # one flush per block: distinct, increasing access times
         await asyncio.sleep(0.002)
 
@@ -132,13 +198,14 @@ async def test_evict_removes_least_recent_first_and_only_what_it_must(
     index: CacheIndex, tmp_path: Path
 ) -> None:
     layout = Layout(tmp_path)
-    await _fill(index, layout, V1, 10, 10)
-    done = await index.evict_to(65)
-    assert (done.blocks, done.bytes, done.recent) == (4, 40, 4)  # 100 -> 60: blocks 0-3
+    await _fill(index, layout, V1, 10)
+    done = await index.evict_to(65 * BS // 10)
+    assert (done.blocks, done.bytes, done.recent) == (4, 4 * BS, 4)  # 10 -> 6 blocks: 0-3
     assert sorted(_rows(layout)) == [(V1, n) for n in range(4, 10)]
-    assert [n for n in range(10) if layout.block_path(V1, n).exists()] == list(range(4, 10))
-    assert _versions(layout) == {V1: (60, 6)}
-    assert await index.evict_to(1000) == Evicted()
+    assert _cached(layout, V1) == list(range(4, 10))
+    assert _versions(layout) == {V1: (6 * BS, 6)}
+    assert await index.evict_to(1000 * BS) == Evicted()
+    assert _cached(layout, V1) == list(range(4, 10))
 
 
 @pytest.mark.slow  # slices this big go to the eviction helper (a process)
@@ -164,10 +231,12 @@ async def test_eviction_takes_whole_versions_out_of_the_versions_table(
     index: CacheIndex, tmp_path: Path
 ) -> None:
     layout = Layout(tmp_path)
-    await _fill(index, layout, V1, 3, 10)
-    await _fill(index, layout, V2, 3, 10)
-    await index.evict_to(30)
-    assert _versions(layout) == {V2: (30, 3)}
+    await _fill(index, layout, V1, 3)
+    await _fill(index, layout, V2, 3)
+    await index.evict_to(3 * BS)
+    assert _versions(layout) == {V2: (3 * BS, 3)}
+    assert _cached(layout, V1) is None  # its files went with its last block
+    assert _cached(layout, V2) == [0, 1, 2]
 
 
 async def test_top_versions(index: CacheIndex) -> None:
@@ -238,7 +307,7 @@ async def test_an_old_index_is_migrated_with_every_row_and_its_last_use(
         assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         assert "blocks_2" not in tables and "blocks_by_version" not in tables
-        # A migrated index is reconciled: format 1's blocks must move into shards.
+        # A migrated index is reconciled: format 1's blocks must move into data files.
         assert is_needed(conn)
     finally:
         conn.close()
@@ -266,7 +335,7 @@ def test_connect_is_idempotent_and_a_new_index_asks_for_a_reconcile(tmp_path: Pa
     try:
         assert not is_needed(conn)
         assert schema.version_id(conn, V1, create=False) == vid
-        assert schema.rows_in(conn, vid, range(0, 10)) == {0: 1.0}
+        assert schema.rows_in(conn, vid, range(0, 10)) == {0: (1.0, 5)}
         schema.delete_older(conn, vid, [0], than=0.5)  # the row is newer: kept
         assert schema.totals(conn) == (5, 1)
         schema.delete_older(conn, vid, [0], than=2.0)
@@ -298,98 +367,173 @@ async def test_a_failed_flush_keeps_its_records_for_the_next(
 async def test_an_object_with_nothing_cached_leaves_nothing_on_disk(
     index: CacheIndex, tmp_path: Path
 ) -> None:
-    """Evicting a version's last block removes its dirs; its object's meta.json and
-    dir go too once no other version of it is left."""
+    """Evicting a version's last block removes its data file and map; its object's
+    meta.json and dir go too once no other version of it is left."""
     layout = Layout(tmp_path)
-    other_version = "objects/aa/aaaa/9999.16"  # the same object, another version
+    other_version = f"objects/aa/aaaa/9999.{BS}"  # the same object, another version
     for version in (V1, other_version, V2):
         layout.meta_path_of_version(version).parent.mkdir(parents=True, exist_ok=True)
         layout.meta_path_of_version(version).write_text("{}")
-    await _fill(index, layout, V1, 3, 10)
-    await _fill(index, layout, other_version, 1, 10)
-    await _fill(index, layout, V2, 1, 10)
-    await index.evict_to(20)  # LRU: V1's three blocks
-    assert not layout.version_path(V1).exists()
-    assert layout.meta_path_of_version(V1).exists()  # other_version is still cached
-    await index.evict_to(10)
-    assert not layout.version_path(other_version).exists()
-    assert not layout.meta_path_of_version(V1).parent.exists()  # the object is gone
-    assert layout.block_path(V2, 0).exists() and layout.meta_path_of_version(V2).exists()
+    await _fill(index, layout, V1, 3)
+    await _fill(index, layout, other_version, 1)
+    await _fill(index, layout, V2, 1)
+    obj = layout.meta_path_of_version(V1).parent
+    await index.evict_to(2 * BS)  # LRU: V1's three blocks
+    assert _cached(layout, V1) is None
+    # other_version is still cached: its files and the object's meta.json stay
+    assert sorted(p.name for p in obj.iterdir()) == [
+        f"9999.{BS}.data",
+        f"9999.{BS}.map",
+        "meta.json",
+    ]
+    assert _cached(layout, other_version) == [0]
+    await index.evict_to(BS)
+    assert not obj.exists()  # the object is gone
+    assert obj.parent.is_dir()  # (its kh[:2] dir is shared: left)
+    assert _cached(layout, V2) == [0]
+    assert layout.meta_path_of_version(V2).exists()
 
 
-def test_unlink_groups_cover_every_victim_once_a_dir_per_group(tmp_path: Path) -> None:
+def test_unlink_groups_cover_every_victim_once_as_runs_taking_turns(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
-    shard = BLOCKS_PER_DIR
-    victims = [(V1, i, 0.0) for i in range(300)]  # one dir, three groups
-    victims += [(V1, shard + i, 0.0) for i in range(5)]  # a second shard dir of V1
-    victims += [(V2, i, 0.0) for i in range(0, 40, 2)]  # another version
+    v3 = f"objects/cc/cccc/89ab.{BS}"
+    victims = [(V1, i, 0.0) for i in range(2 * UNLINK_GROUP + 100)]  # three groups
+    victims += [(V2, i, 0.0) for i in (7, 4, 3, 5, 10, 9, 20)]  # unsorted, with gaps
+    victims += [(v3, 5000 + i, 0.0) for i in range(UNLINK_GROUP + 1)]  # two groups
     groups = _unlink_groups(layout, victims)
-    dirs = {
-        layout.shard_dir(V1, 0): (V1, 0),
-        layout.shard_dir(V1, 1): (V1, 1),
-        layout.shard_dir(V2, 0): (V2, 0),
-    }
-    flat = []
-    for shard_dir, indices in groups:
-        name, s = dirs[shard_dir]
-        assert 0 < len(indices) <= UNLINK_GROUP
-        assert {i // shard for i in indices} == {s}  # every index in the group's dir
-        flat += [(name, i) for i in indices]
+    names = {str(layout.version_path(v)): v for v in (V1, V2, v3)}
+    assert all(Path(stem).is_absolute() for stem, _ in groups)
+    flat: list[tuple[str, int]] = []
+    for stem, runs in groups:
+        assert runs and sum(n for _, n in runs) <= UNLINK_GROUP
+        assert all(n > 0 for _, n in runs)
+        # sorted, and maximal: a gap between every two runs of a group
+        assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(runs))
+        flat += [(names[stem], first + k) for first, n in runs for k in range(n)]
     assert sorted(flat) == sorted((name, i) for name, i, _ in victims)
-    assert sorted(flat) == sorted(set(flat))
-    # the dirs take turns: every dir's first group before the big dir's second
-    assert [dirs[d] for d, _ in groups] == [(V1, 0), (V1, 1), (V2, 0), (V1, 0), (V1, 0)]
+    assert len(flat) == len(set(flat))  # each once
+    assert [runs for stem, runs in groups if names[stem] == V2] == [
+        [(3, 3), (7, 1), (9, 2), (20, 1)]
+    ]
+    # the versions take turns: every version's first group before any second one
+    assert [names[stem] for stem, _ in groups] == [V1, V2, v3, V1, v3, V1]
     assert _unlink_groups(layout, []) == []
 
 
-async def test_eviction_unlinks_exactly_its_victims_across_shard_dirs(
+async def test_eviction_removes_exactly_its_victims_across_a_version(
     index: CacheIndex, tmp_path: Path
 ) -> None:
+    """Blocks far apart in a data file (megabytes of holes between them) go exactly,
+    whether a version goes whole or in runs with gaps."""
     layout = Layout(tmp_path)
-    spread = [0, 1, BLOCKS_PER_DIR - 1, BLOCKS_PER_DIR, BLOCKS_PER_DIR + 1, 2 * BLOCKS_PER_DIR]
+    spread = [0, 1, 2, 4095, 4096, 4097, 8191, 8192]
     for version in (V1, V2):
+        _write(layout, version, spread)
         for n in spread:
-            path = layout.block_path(version, n)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"x" * 10)
-            index.record(version, n, 10)
+            index.record(version, n, BS)
         await index.flush()
         await asyncio.sleep(0.002)  # V1's blocks were used before V2's
-    done = await index.evict_to(60)  # 120 -> 60 bytes: all of V1, none of V2
-    assert (done.blocks, done.bytes) == (len(spread), 10 * len(spread))
-    assert [n for n in spread if layout.block_path(V1, n).exists()] == []
-    assert [n for n in spread if layout.block_path(V2, n).exists()] == spread
-    assert not layout.version_path(V1).exists()  # its emptied dirs pruned too
-    assert sorted(_rows(layout)) == [(V2, n) for n in spread]
+    done = await index.evict_to(len(spread) * BS)  # all of V1, none of V2
+    assert (done.blocks, done.bytes) == (len(spread), len(spread) * BS)
+    assert _cached(layout, V1) is None  # emptied: its files pruned too
+    assert _cached(layout, V2) == spread
+    keep = [0, 2, 4096, 8191]
+    await asyncio.sleep(0.002)
+    for n in keep:  # used again: the others, every one a run of its own, go next
+        index.record(V2, n, BS)
+    done = await index.evict_to(len(keep) * BS)
+    assert (done.blocks, done.bytes) == (4, 4 * BS)  # 1, 4095, 4097 and 8192
+    assert _cached(layout, V2) == keep
+    assert sorted(_rows(layout)) == [(V2, n) for n in keep]
+
+
+async def test_a_run_in_use_is_left_whole_and_its_version_kept(
+    index: CacheIndex,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run read (through another open) for longer than the remover's patience
+    stays mapped, bytes and all, for a reconcile; the other versions of the
+    slice still go, and a version whose map still has blocks is not pruned."""
+    monkeypatch.setattr(unlinker, "REMOVE_PATIENCE", 0.05)
+    layout = Layout(tmp_path)
+    await _fill(index, layout, V1, 4)
+    await _fill(index, layout, V2, 4)
+    reader = VersionFiles.open_existing(layout.data_path(V1), layout.map_path(V1))
+    assert reader is not None
+    try:
+        assert reader.lock_shared(2, 1)
+        with caplog.at_level(logging.WARNING, logger="nwbcache_proxy.unlinker"):
+            done = await index.evict_to(0)  # a small slice: removed in this process
+        assert done.blocks == 8
+        assert _cached(layout, V1) == [0, 1, 2, 3]  # the run (0, 4) was in use
+    finally:
+        reader.unlock_shared(2, 1)
+        reader.close()
+    assert _cached(layout, V2) is None
+    assert _rows(layout) == {}  # the index forgot them all the same
+    assert f"could not evict 4 blocks of {layout.version_path(V1)}" in caplog.text
+
+
+async def test_an_emptied_version_looked_at_meanwhile_goes_once_let_go(tmp_path: Path) -> None:
+    """A reader looking for a block the version does not have (a miss: its read
+    lock is taken before it finds the entry empty) when the version's last
+    cached block is evicted: the version's files and its object's dir still go,
+    once the reader has let go (here 0.3 s later, then another slice and the
+    index's close)."""
+    layout = Layout(tmp_path)
+    layout.meta_path_of_version(V1).parent.mkdir(parents=True)
+    layout.meta_path_of_version(V1).write_text("{}")
+    index = CacheIndex(layout, Eviction.LRU)
+    await index.open()
+    try:
+        await _fill(index, layout, V1, 2)
+        await _fill(index, layout, V2, 2)
+        reader = VersionFiles.open_existing(layout.data_path(V1), layout.map_path(V1))
+        assert reader is not None
+        let_go = threading.Timer(0.3, reader.unlock_shared, (5, 1))
+        try:
+            assert reader.lock_shared(5, 1)  # block 5 was never cached
+            let_go.start()
+            done = await index.evict_to(2 * BS)  # V1's two blocks
+            assert done.blocks == 2
+            assert _versions(layout) == {V2: (2 * BS, 2)}
+            let_go.join()
+            await index.evict_to(BS)  # another slice
+        finally:
+            let_go.cancel()
+            reader.close()
+    finally:
+        await index.close()
+    assert _cached(layout, V2) == [1]
+    assert _cached(layout, V1) is None
+    assert not layout.meta_path_of_version(V1).parent.exists()
 
 
 @pytest.mark.slow  # slices this big go to the eviction helper (a process)
-async def test_pipelined_slices_leave_no_file_when_done_or_closed(tmp_path: Path) -> None:
-    """A slice's files are unlinked while the next slice's rows are chosen; a
-    slice saying "no more", and closing the index, leave none behind."""
+async def test_pipelined_slices_leave_no_block_when_done_or_closed(tmp_path: Path) -> None:
+    """A slice's blocks are removed (by the helper) while the next slice's rows are
+    chosen; a slice saying "no more", and closing the index, leave none behind."""
     layout = Layout(tmp_path)
     idx = CacheIndex(layout, Eviction.LRU)
     await idx.open()
     count = 3 * EVICT_BATCH
+    _write(layout, V1, range(count))
     for n in range(count):
-        path = layout.block_path(V1, n)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"x")
-        idx.record(V1, n, 1)
+        idx.record(V1, n, BS)
     await idx.flush()
     try:
-        first = await idx.evict_slice(EVICT_BATCH, count)  # 3 -> 2 slices' worth: more
+        first = await idx.evict_slice(EVICT_BATCH * BS, count * BS)  # 3 -> 2 slices' worth
         assert (first.blocks, first.more) == (EVICT_BATCH, True)
-        last = await idx.evict_slice(EVICT_BATCH, count)  # -> 1 slice's worth: done
+        assert idx._unlinker.helper_pid is not None  # the slice went to the helper
+        last = await idx.evict_slice(EVICT_BATCH * BS, count * BS)  # -> 1 slice's worth: done
         assert (last.blocks, last.more) == (EVICT_BATCH, False)
-        assert [n for n in range(count) if layout.block_path(V1, n).exists()] == list(
-            range(2 * EVICT_BATCH, count)
-        )
-        # Half of the rest, in a slice that wants more: its files still in the
+        assert _cached(layout, V1) == list(range(2 * EVICT_BATCH, count))
+        # Half of the rest, in a slice that wants more: its blocks still in the
         # helper's hands when the index closes.
-        cut = await idx.evict_slice(0, count, batch=EVICT_BATCH // 2)
+        cut = await idx.evict_slice(0, count * BS, batch=EVICT_BATCH // 2)
         assert (cut.blocks, cut.more) == (EVICT_BATCH // 2, True)
     finally:
         await idx.close()
-    left = [n for n in range(count) if layout.block_path(V1, n).exists()]
-    assert left == list(range(2 * EVICT_BATCH + EVICT_BATCH // 2, count))
+    assert _cached(layout, V1) == list(range(2 * EVICT_BATCH + EVICT_BATCH // 2, count))

@@ -1,4 +1,5 @@
-"""layout: where blocks live (format 2), and the names the walks accept. Pure."""
+"""layout: where versions live (format 3), formats 1 and 2's names the migration reads, and the
+names the walks accept. Pure."""
 
 from __future__ import annotations
 
@@ -6,7 +7,41 @@ from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout, block_relpath, shard_of, shard_range
+from nwbcache_proxy.layout import (
+    BLOCKS_PER_DIR,
+    LAYOUT_VERSION,
+    Layout,
+    block_relpath,
+    shard_of,
+    shard_range,
+)
+
+
+def test_a_version_is_two_files_beside_its_objects_meta() -> None:
+    layout = Layout(Path("/c"))
+    stem = layout.version_stem("ab" + "c" * 62, bytes(range(32)), 262144)
+    name = layout.relative(stem)
+    assert LAYOUT_VERSION == "v3"
+    assert name == f"objects/ab/ab{'c' * 62}/{bytes(range(16)).hex()}.262144"
+    assert layout.data_path(name) == Path(f"/c/v3/{name}.data")
+    assert layout.map_path(name) == Path(f"/c/v3/{name}.map")
+    assert layout.meta_path_of_version(name) == Path(f"/c/v3/objects/ab/ab{'c' * 62}/meta.json")
+    assert [r.name for r in layout.legacy_roots] == ["v2", "v1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [
+        ("ab12.16.data", ("ab12.16", ".data")),
+        ("ab12.16.map", ("ab12.16", ".map")),
+        ("ab12.16", None),  # a format-2 version dir
+        ("meta.json", None),
+        (".map", None),
+        ("ab12.16.map.tmp", None),
+    ],
+)
+def test_stem_of(name: str, found: tuple[str, str] | None) -> None:
+    assert Layout.stem_of(name) == found
 
 
 @pytest.mark.parametrize(
@@ -18,13 +53,9 @@ from nwbcache_proxy.layout import BLOCKS_PER_DIR, Layout, block_relpath, shard_o
         (400_000, "97/400000.blk"),  # a 100 GB object in 256 KiB blocks: 98 shards
     ],
 )
-def test_block_paths_are_sharded(index: int, relpath: str) -> None:
+def test_format_2_block_paths_were_sharded(index: int, relpath: str) -> None:
     assert block_relpath(index) == relpath
     assert index in shard_range(shard_of(index))
-    layout = Layout(Path("/c"))
-    assert layout.block_path("objects/ab/abc/v.16", index) == Path(
-        f"/c/v2/objects/ab/abc/v.16/{relpath}"
-    )
 
 
 @pytest.mark.parametrize(

@@ -292,7 +292,7 @@ async def test_a_key_is_never_lost(index: CacheIndex, tmp_path: Path) -> None:
     assert [e.url for e in await index.call(catalog.entries)] == [_key(1)]
 
 
-def test_a_schema_3_index_is_migrated_in_place_without_a_reconcile(tmp_path: Path) -> None:
+def test_a_schema_3_index_is_migrated_in_place_its_rows_kept(tmp_path: Path) -> None:
     path = tmp_path / "index.sqlite3"
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(SCHEMA_3.read_text())
@@ -306,8 +306,8 @@ def test_a_schema_3_index_is_migrated_in_place_without_a_reconcile(tmp_path: Pat
     conn.close()
     conn = schema.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 4
-        assert not is_needed(conn)  # the files and rows agree as before
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 5
+        assert is_needed(conn)  # format 2's block files are to be moved into data files
         rows = conn.execute(
             "SELECT version, idx, bytes, atime, queue, freq, seq FROM blocks ORDER BY version, idx"
         ).fetchall()
@@ -322,6 +322,11 @@ def test_a_schema_3_index_is_migrated_in_place_without_a_reconcile(tmp_path: Pat
         assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (116, 16, 3, 1, 0, 36)
         conn.execute("DELETE FROM blocks WHERE version = 2")
         assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (80, 16, 2, 1, 0, 0)
+        # Schema 5's trigger keeps the totals when a row's bytes change (a moved
+        # format-2 block loses its header's 64 bytes).
+        schema.resize_rows(conn, _v(1), [(0, 0), (1, 16)])
+        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (16, 16, 2, 1, 0, 0)
+        assert conn.execute("SELECT bytes FROM versions WHERE id = 1").fetchone() == (16,)
         # LRU's index leaves pinned rows out.
         plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + schema.OLDEST, (5,)))
         assert "blocks_by_atime_unpinned" in plan

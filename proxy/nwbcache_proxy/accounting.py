@@ -29,7 +29,8 @@ class Stats:
     promoted: int = 0  # small -> main, hit while in small
 
 
-Pending = dict[tuple[str, int], tuple[int, float]]  # (version, index) -> (bytes, last use)
+# (version, index) -> (bytes, last use, written: the block was put on disk, not only read)
+Pending = dict[tuple[str, int], tuple[int, float, bool]]
 Hits = dict[tuple[str, int], int]  # (version, index) -> hits since the last flush
 Victim = tuple[str, int, float]  # (version dir, index, last use)
 
@@ -53,14 +54,20 @@ def record(
     stats: Stats,
     keys: dict[str, tuple[str, int]] | None = None,
 ) -> None:
-    """Store the use of blocks: new rows enter their queue (policy.admit), existing
-    ones get their access time, hit blocks their counter; per version, its last
+    """Store the use of blocks: new rows, of blocks written, enter their queue
+    (policy.admit), existing ones get their access time, hit blocks their
+    counter. A block only read makes no row: it may be one an eviction took
+    and has not punched out yet (a reconcile adds rows of blocks a crash left
+    without). Per version, its last
     use, its hits and (``keys``: version dir -> (cache key, object size)) its
     object's key and size if the index has none yet. One transaction."""
     keys = keys or {}
     by_version: dict[str, list[tuple[int, int, float]]] = {}
-    for (version, index), (nbytes, atime) in pending.items():
+    written: set[tuple[str, int]] = set()
+    for (version, index), (nbytes, atime, wrote) in pending.items():
         by_version.setdefault(version, []).append((index, nbytes, atime))
+        if wrote:
+            written.add((version, index))
     by_hit: dict[str, list[tuple[int, int]]] = {}
     for (version, index), count in hits.items():
         by_hit.setdefault(version, []).append((index, count))
@@ -72,7 +79,7 @@ def record(
             assert found is not None
             vid, pinned = found
             known = _existing(conn, vid, [i for i, _, _ in rows])
-            new = [r for r in rows if r[0] not in known]
+            new = [r for r in rows if r[0] not in known and (version, r[0]) in written]
             remembered = _ghosts(conn, version, [i for i, _, _ in new]) if ghosts else set()
             params = [(vid, i, b, a, 0, 0) for i, b, a in rows if i in known]
             if new:

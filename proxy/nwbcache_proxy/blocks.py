@@ -1,39 +1,66 @@
-"""This process's view of the block files: open-file table, presence, verification, use, publish.
+"""This process's view of the cached blocks: open versions, presence, verification, use, publish.
 
-Presence is always the file (store.py); what is kept here only saves work:
-fds of blocks opened and checked before (openblocks.py), and which blocks
-this process has verified the checksum of. Every use of a block is reported
-to the index, which keeps the LRU accounting.
+Presence is always the version's map file (versionfile.py); what is kept
+here only saves work: versions opened before (openversions.py), and which
+blocks this process has verified the checksum of. Every use of a block is
+reported to the index, which keeps the LRU accounting.
+
+Bytes are copied out of a data file under a read lock, never sent from it
+with ``sendfile``: a hole punched by an eviction would change bytes a
+socket had not sent yet (docs/format-3-design.md, Hazards 1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-import os
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
-from . import publish, store
+from . import blockio, mapfile
 from .aio import Disk
-from .blockfile import Parts
+from .blockfile import Buffer, CorruptBlock, Parts
 from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .lru import BoundedLRU
-from .openblocks import OpenBlocks, SharedFd, pread_nowait
+from .openversions import OpenVersions, SharedVersion
 from .staging import Staging
-from .store import OpenBlock
 from .version import Version
+from .versionfile import VersionFiles
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Blocks whose checksum this process has verified, so later hits go straight
-# to sendfile. Bounded: forgetting only costs one more verification.
+# Blocks whose checksum this process has verified, so later hits read only
+# the bytes asked for. Bounded: forgetting only costs one more verification.
 VERIFIED_MEMORY = 200_000
-# Spans up to this size are read along with the open (from the page cache on
-# the loop when it holds them), so a small read needs no sendfile set-up.
-SMALL_READ = 128 * 1024
-# How many block files a single presence check looks at.
+# How many blocks a single presence check looks at.
 PRESENCE_CHECK_LIMIT = 64
+# How long removing a corrupt block waits for its other readers.
+CORRUPT_PATIENCE = 1.0
+
+
+@dataclasses.dataclass(slots=True)
+class CachedBlock:
+    """Bytes of a block read from the cache: ``data`` from ``start`` in the block
+    (the whole block when it was read to verify it)."""
+
+    index: int
+    start: int
+    data: Buffer
+
+    def bytes_of(self, start: int, end: int) -> Buffer | None:
+        """Bytes [start, end) of the block if they were read."""
+        if start < self.start or end > self.start + len(self.data):
+            return None
+        if start == self.start and end - start == len(self.data):
+            return self.data
+        return self.data[start - self.start : end - self.start]
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0
 
 
 class Blocks:
@@ -42,7 +69,7 @@ class Blocks:
         layout: Layout,
         index: CacheIndex,
         disk: Disk,
-        table: OpenBlocks,
+        table: OpenVersions,
         *,
         capacity: int,
         fsync: bool,
@@ -56,7 +83,7 @@ class Blocks:
         self.fsync = fsync
         # Called when the cache may be over capacity or the disk refused a write.
         self._on_pressure = on_pressure
-        self._verified: BoundedLRU[str, int] = BoundedLRU(VERIFIED_MEMORY)
+        self._verified: BoundedLRU[tuple[str, int], int] = BoundedLRU(VERIFIED_MEMORY)
         self._staging: Staging | None = None
 
     async def start(self) -> None:
@@ -75,11 +102,31 @@ class Blocks:
         assert self._staging is not None, "cache not started"
         return self._staging
 
-    # -- reading ---------------------------------------------------------------
-    def held(self, v: Version, index: int) -> SharedFd | None:
-        """The block's fd if this process holds it open, acquired (release it)."""
-        return self.table.get(v.name, index)
+    # -- the version's files ----------------------------------------------------
+    async def _version(self, v: Version) -> SharedVersion | None:
+        """The version's files, open and acquired (release them), or None when
+        the version has none on disk."""
+        shared = self.table.get(v.name)
+        if shared is not None:
+            return shared
+        job = self.disk.start(lambda: blockio.open_version(v, create=False))
+        try:
+            files = await asyncio.shield(job)
+        except asyncio.CancelledError:  # the thread goes on: its files are closed after
+            job.add_done_callback(_close_unclaimed)
+            raise
+        return None if files is None else self.table.adopt(v.name, files)
 
+    async def _in_thread(self, shared: SharedVersion, fn: Callable[[], T]) -> T:
+        """``fn()`` on a disk thread, with ``shared`` held until it ends, even if
+        the caller is cancelled meanwhile: its files are never closed under
+        it (a closed fd's number may be another file's at once)."""
+        job = self.disk.start(fn)
+        shared.acquire()
+        job.add_done_callback(lambda done: _settled(done, shared))
+        return await asyncio.shield(job)
+
+    # -- reading ---------------------------------------------------------------
     async def open(
         self,
         v: Version,
@@ -87,116 +134,101 @@ class Blocks:
         *,
         need_data: bool = False,
         span: tuple[int, int] | None = None,
-    ) -> OpenBlock | None:
-        """The block, open, or None when it is not on disk.
+    ) -> CachedBlock | None:
+        """The block's bytes, or None when it is not on disk (or is being
+        written or evicted right now).
 
-        ``need_data``: with the block's bytes read (and verified). ``span``:
-        the part of the block the caller will send, read at once when small.
+        ``need_data``: the whole block. ``span``: the part of the block the
+        caller will send; the whole block is read anyway the first time this
+        process serves it, to verify its checksum.
         """
-        small = span is not None and span[1] - span[0] <= SMALL_READ
-        shared = self.table.get(v.name, index)
-        if shared is not None:  # opened and checked before: no open, no header
-            block = OpenBlock(
-                fd=shared.fd,
-                length=v.block_length(index),
-                file_size=shared.file_size,
-                data=None,
-                owner=shared,
-            )
-            complete = True
+        shared = await self._version(v)
+        if shared is None:
+            return None
+        try:
+            verify = need_data or span is None or self._verified.get((v.name, index)) is None
+            lo, hi = (0, v.block_length(index)) if verify else span  # type: ignore[misc]
+            files = shared.files
             try:
-                if need_data:
-                    block.data = await self.pread(shared.fd, block.length, block.data_offset)
-                    complete = block.data is not None
-                elif small and span is not None:
-                    piece = await self.pread(
-                        shared.fd, span[1] - span[0], block.data_offset + span[0]
+                try:
+                    data = blockio.read(files, index, lo, hi, verify, nowait=True)
+                except blockio.Miss:
+                    data = await self._in_thread(
+                        shared, lambda: blockio.read(files, index, lo, hi, verify)
                     )
-                    complete = piece is not None
-                    block.piece = None if piece is None else (span[0], piece)
-            except BaseException:
-                block.close()
-                raise
-            if complete:
-                self.touch(v, index, shared.file_size)
-                return block
-            block.close()  # a short read: the file is not what it was; look again
-            self.table.forget(v.name, index)
-        return await self._open_file(v, index, need_data=need_data, span=span if small else None)
-
-    async def _open_file(
-        self, v: Version, index: int, *, need_data: bool, span: tuple[int, int] | None
-    ) -> OpenBlock | None:
-        path = v.block_path(index)
-        verify = need_data or self._verified.get(path) is None
-        length = v.block_length(index)
-        piece = span if not verify else None
-        opened = await self.disk.run(
-            lambda: store.open_block(
-                path, index=index, length=length, digest=v.digest, verify=verify, span=piece
-            )
-        )
-        if opened is None:
+            except CorruptBlock as exc:  # from the loop's read or the thread's
+                await self._drop_corrupt(v, files, index, exc)
+                return None
+        finally:
+            shared.release()
+        if data is None:
             return None
         if verify:
-            self._verified.put(path, 1)
-        opened.owner = self.table.adopt(v.name, index, opened.fd, opened.file_size)
-        self.touch(v, index, opened.file_size)
-        return opened
+            self._verified.put((v.name, index), 1)
+        self.touch(v, index)
+        return CachedBlock(index, lo, data)
 
-    async def pread(self, fd: int, length: int, offset: int) -> bytes | None:
-        """Bytes of an open block file: from the page cache on the loop, else in
-        a thread. None when the file is shorter than it should be."""
-        data = pread_nowait(fd, length, offset)
-        if data is None:
-            data = await self.disk.run(lambda: os.pread(fd, length, offset))
-        return data if len(data) == length else None
+    async def _drop_corrupt(
+        self, v: Version, files: VersionFiles, index: int, exc: CorruptBlock
+    ) -> None:
+        """Remove a block that failed its check, waiting for its other readers. Left
+        mapped (if they outlast the wait), it is never marked verified: every
+        read checks it again, and the next write of its bytes rewrites it
+        (VersionFiles.write_group reads a mapped block back before it skips it)."""
+        log.warning("dropping corrupt block %d of %s: %s", index, v.key, exc)
+        self._verified.pop((v.name, index))
+        removed = await self.disk.run(
+            lambda: files.remove(index, 1, fsync=self.fsync, patience=CORRUPT_PATIENCE)
+        )
+        if not removed:
+            log.warning("corrupt block %d of %s stays locked; it is written again", index, v.key)
 
-    def read_held(self, v: Version, blocks: range, start: int, end: int) -> list[bytes] | None:
-        """Bytes [start, end) as one piece per block, at once, when every block
-        is held open and the page cache has the bytes (the common warm hit);
-        else None. No await, no thread."""
-        bs = v.block_size
-        shares: list[SharedFd] = []
-        pieces: list[bytes] = []
+    def read_held(self, v: Version, blocks: range, start: int, end: int) -> Buffer | None:
+        """Bytes [start, end), at once, when the version is held open, every block
+        has been verified by this process, and the page cache has the bytes
+        (the common warm hit); else None. No await, no thread."""
+        if any(self._verified.get((v.name, i)) is None for i in blocks):
+            return None
+        shared = self.table.get(v.name)
+        if shared is None:
+            return None
         try:
-            for i in blocks:
-                shared = self.table.get(v.name, i)
-                if shared is None:
-                    return None
-                shares.append(shared)
-            for i, shared in zip(blocks, shares, strict=True):
-                lo = max(start, i * bs) - i * bs
-                hi = min(end, (i + 1) * bs) - i * bs
-                piece = pread_nowait(shared.fd, hi - lo, OpenBlock.data_offset + lo)
-                if piece is None:
-                    return None
-                pieces.append(piece)
+            data = blockio.read_span(shared.files, blocks, start, end)
         finally:
-            for shared in shares:
-                shared.release()
-        for i, shared in zip(blocks, shares, strict=True):
-            self.touch(v, i, shared.file_size)
-        return pieces
+            shared.release()
+        if data is None:
+            return None
+        for i in blocks:
+            self.touch(v, i)
+        return data
 
     async def present(self, v: Version, indices: Iterable[int]) -> set[int]:
-        """Which of these blocks are on disk (held open, or a file exists)."""
-        indices = list(indices)
-        held = {i for i in indices if self.table.holds(v.name, i)}
-        paths = [(i, v.block_path(i)) for i in indices if i not in held]
-        if not paths:
-            return held
-        on_disk = await self.disk.run(lambda: {i for i, p in paths if os.path.exists(p)})
-        return held | on_disk
+        """Which of these blocks the version's map has."""
+        wanted = sorted(set(indices))
+        if not wanted:
+            return set()
+        shared = await self._version(v)
+        if shared is None:
+            return set()
+        try:
+            first, count = wanted[0], wanted[-1] + 1 - wanted[0]
+            files = shared.files
+            entries = blockio.entries_nowait(files, first, count)
+            if entries is None:
+                entries = await self._in_thread(shared, lambda: files.entries(first, count))
+        finally:
+            shared.release()
+        there = mapfile.mapped(files.header, first, entries)
+        return {i for i in wanted if there[i - first]}
 
     def hit(self, v: Version, index: int) -> None:
         """The block was served from the cache to a client whose read did not
         fetch it (the eviction policy counts these)."""
         self.index.hit(v.name, index)
 
-    def touch(self, v: Version, index: int, file_size: int) -> None:
-        """Tell the index the block was used now."""
-        self.index.record(v.name, index, file_size, v.about)
+    def touch(self, v: Version, index: int, *, written: bool = False) -> None:
+        """Tell the index the block was read (or ``written``) now."""
+        self.index.record(v.name, index, v.block_length(index), v.about, written=written)
 
     # -- writing ---------------------------------------------------------------
     async def publish(self, v: Version, index: int, data: bytes | memoryview) -> bool:
@@ -209,34 +241,36 @@ class Blocks:
         self, v: Version, group: Sequence[tuple[int, Parts]]
     ) -> asyncio.Future[list[bool]]:
         """Start writing fetched blocks (index, their bytes in parts) to disk, all in one disk
-        thread job: a fill pays one thread hand-off per group, not per block.
-        The future says which were written; await it through asyncio.shield.
-        The bookkeeping (fds kept, the index told) is done when the job ends,
-        whoever awaits the future or not, so a fetch cancelled meanwhile loses
-        no record of its blocks."""
-        staging = self.staging
-        items = [(v.block_path(i), i, data) for i, data in group]
-        job = self.disk.start(
-            lambda: publish.publish_blocks(staging, items, v.digest, fsync=self.fsync)
-        )
+        thread job: a fill pays one thread hand-off per group, not per block,
+        and one write per run of consecutive blocks. The future says which
+        were written; await it through asyncio.shield. The bookkeeping (the
+        index told) is done when the job ends, whoever awaits the future or
+        not, so a fetch cancelled meanwhile loses no record of its blocks."""
+        held = self.table.get(v.name)
+        fsync = self.fsync
+        items = sorted(group, key=lambda item: item[0])
+        job = self.disk.start(lambda: blockio.write(v, held, items, fsync))
         done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
 
-        def finish(job: asyncio.Future[list[tuple[int, int] | OSError]]) -> None:
+        def finish(job: asyncio.Future[tuple[VersionFiles | None, list[OSError | None]]]) -> None:
+            if held is not None:
+                held.release()
             if job.cancelled():  # still queued at shutdown: nothing was written
                 done.cancel()
                 return
             if (failure := job.exception()) is not None:
                 done.set_exception(failure)
                 return
-            results = job.result()
-            written: list[bool] = []
+            opened, results = job.result()
             try:
-                for (path, i, _), result in zip(items, results, strict=True):
-                    written.append(self._published(v, path, i, result))
+                if opened is not None:  # held files, if any, were dropped meanwhile
+                    self.table.forget(v.name)
+                    self.table.adopt(v.name, opened).release()
+                written = [
+                    self._published(v, i, result)
+                    for (i, _), result in zip(items, results, strict=True)
+                ]
             except Exception as exc:  # the fill must hear of it, not wait forever
-                for result in results[len(written) + 1 :]:  # fds nobody took
-                    if not isinstance(result, OSError):
-                        os.close(result[1])
                 done.set_exception(exc)
                 return
             done.set_result(written)
@@ -244,18 +278,13 @@ class Blocks:
         job.add_done_callback(finish)
         return done
 
-    def _published(
-        self, v: Version, path: str, index: int, result: tuple[int, int] | OSError
-    ) -> bool:
-        if isinstance(result, OSError):
+    def _published(self, v: Version, index: int, result: OSError | None) -> bool:
+        if result is not None:
             log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
-        size, fd = result
-        self._verified.put(path, 1)
-        # Held open from now: its first reader needs no open (eviction forgets it).
-        self.table.adopt(v.name, index, fd, size).release()
-        self.touch(v, index, size)
+        self._verified.put((v.name, index), 1)
+        self.touch(v, index, written=True)
         pending = self.index.pending_bytes
         if pending > FLUSH_SHARE * self.capacity or (
             self.index.last_totals.bytes + pending > self.capacity
@@ -264,5 +293,16 @@ class Blocks:
         return True
 
     def forget_version(self, v: Version) -> None:
-        """Close this process's fds of a version being dropped."""
-        self.table.drop_version(v.name)
+        """Close this process's files of a version being dropped."""
+        self.table.forget(v.name)
+
+
+def _settled(job: asyncio.Future[Any], shared: SharedVersion) -> None:
+    shared.release()
+    if not job.cancelled():
+        job.exception()  # retrieved: a caller cancelled meanwhile no longer asks
+
+
+def _close_unclaimed(job: asyncio.Future[VersionFiles | None]) -> None:
+    if not job.cancelled() and job.exception() is None and (files := job.result()) is not None:
+        files.close()

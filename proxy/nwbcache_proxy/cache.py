@@ -2,12 +2,12 @@
 
 - versions.py: which version of an object is current (discovery, revalidation, drop)
 - access.py: whether a request may read a private object (its credentials checked upstream)
-- blocks.py: this process's view of the block files (open fds, presence, publish)
+- blocks.py: this process's view of the cached blocks (open versions, presence, publish)
 - fetcher.py: blocks on their way from upstream (single flight, runs, fresh marks)
 - claims.py: single flight across processes (locks on one shared file)
 - reader.py: a byte range of a version as segments, its accounting and outcome
 - readahead.py: how far ahead to fetch (pure)
-- upkeep.py: index flushes, eviction, idle fds, gauges
+- upkeep.py: index flushes, eviction, idle versions, gauges
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .freshness import Policy
 from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
-from .openblocks import OpenBlocks, raise_fd_limit, table_capacity
+from .openversions import OpenVersions, raise_fd_limit, table_capacity
 from .reader import PLAIN, RangeReader, Reader, ReadFor
 from .trace import TraceWriter
 from .upkeep import Upkeep
@@ -36,6 +36,8 @@ from .version import Version
 from .versions import Resolved, Versions
 
 log = logging.getLogger(__name__)
+# The filesystem block eviction frees whole (a punched hole's granularity).
+PAGE = 4096
 
 
 class BlockCache:
@@ -58,14 +60,22 @@ class BlockCache:
         parent_group: int | None = None,
     ) -> None:
         self.layout = layout
+        if block_size % PAGE:
+            log.warning(
+                "--block-size %d is not a multiple of %d: eviction frees only the "
+                "filesystem blocks a cached block covers whole, so the disk may hold "
+                "more than --cache-size",
+                block_size,
+                PAGE,
+            )
         self.disk = Disk()
         self.trace = TraceWriter(trace, self.disk) if trace is not None else None
-        self.open_blocks = OpenBlocks(table_capacity(raise_fd_limit()))
+        self.open_versions = OpenVersions(table_capacity(raise_fd_limit()))
         self.index = index
         self.upkeep = Upkeep(
             layout,
             index,
-            self.open_blocks,
+            self.open_versions,
             self.disk,
             capacity=capacity,
             metrics=metrics,
@@ -75,7 +85,7 @@ class BlockCache:
             layout,
             index,
             self.disk,
-            self.open_blocks,
+            self.open_versions,
             capacity=capacity,
             fsync=fsync,
             on_pressure=self.upkeep.wake,

@@ -1,12 +1,14 @@
 """``nwbcache check``: verify the cached blocks and the index, streaming and resumable.
 
-A sorted walk over ``objects/<p>/<kh>/<version>/<shard>/``, one listing at a time:
-meta.json, every block read and verified (header, length, CRC; the current
-version's digest, index, length), each shard dir compared with the index
-(reconcile.py); other versions' blocks are ``stale``, format 1's flat ones
-``unmoved``; then rows of version dirs that are gone. After each object a cursor
-is saved, so an interrupted check resumes. Safe while daemons run: only blocks
-failing verification are deleted, the index is repaired in transactions.
+A sorted walk over ``objects/<p>/<kh>/``, one object dir at a time: meta.json,
+each version's map header (against meta.json for the current version), every
+block its map has read under a read lock and verified against its entry
+(length, CRC-32C), each chunk of the map compared with the index
+(reconcile.py); other versions' blocks are ``stale``, blocks of formats 1
+and 2 still in their files ``unmoved``; then rows of versions without a map.
+After each object a cursor is saved, so an interrupted check resumes. Safe
+while daemons run: only blocks failing verification are removed (under the
+write lock of their span), the index is repaired in transactions.
 """
 
 from __future__ import annotations
@@ -26,14 +28,15 @@ from tqdm import tqdm  # type: ignore[import-untyped]
 
 from nwbcache.urls import InvalidURL, key_of
 
-from . import blockfile, reconcile, schema, store
-from .blockfile import HEADER_SIZE, CorruptBlock
-from .layout import Layout, key_hash
-from .objectmeta import ObjectMeta, block_span
-from .reconcile import scan_dir
+from . import mapfile, reconcile, schema, store, wholeversions
+from .blockfile import CorruptBlock
+from .checkreport import MAX_CORRUPT, CheckReport
+from .layout import DATA_SUFFIX, MAP_SUFFIX, Layout, key_hash
+from .mapfile import MapHeader
+from .objectmeta import ObjectMeta
+from .reconcile import CHUNK_BLOCKS, scan_dir
+from .versionfile import VersionFiles
 
-MAX_CORRUPT = 1000  # corrupt paths kept in the report (all are counted)
-SHOWN_CORRUPT = 20  # of them, listed by the text summary
 VERSION_BATCH = 256  # versions rows per step of the last phase
 CURSOR_FORMAT = 1
 _VERSIONS_PHASE = "~"  # the last phase's position sorts after every object's
@@ -52,60 +55,6 @@ class CheckOptions:
     seed: int | None = None  # of the sample; None: a random one (reported)
     prefix: str | None = None  # only objects whose cache key starts with this
     key: str | None = None  # only the object of this cache key
-
-
-@dataclasses.dataclass(slots=True)
-class CheckReport:
-    objects: int = 0
-    blocks: int = 0  # block files listed
-    bytes: int = 0
-    verified: int = 0  # of them, read and verified (all unless sampling)
-    verified_bytes: int = 0
-    corrupt_count: int = 0
-    corrupt: list[str] = dataclasses.field(default_factory=list)  # the first MAX_CORRUPT
-    stale: int = 0  # blocks of another version or block size: valid, unreachable
-    unmoved: int = 0  # format-1 blocks not yet in shard dirs
-    missing_from_index: int = 0
-    index_without_file: int = 0
-    versions_without_dir: int = 0  # versions rows whose directory is gone
-    rows_dropped: int = 0  # their block rows, dropped by --repair
-    scope: str = "all objects"
-    index_phase: str = "all versions"
-    sample: float = 1.0
-    seed: int | None = None
-    repaired: bool = False
-    interrupted: bool = False
-    resumed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        bad = self.missing_from_index + self.index_without_file + self.versions_without_dir
-        return not self.corrupt_count and not bad
-
-    def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "ok": self.ok}
-
-    def summary(self) -> str:
-        sampled = f" (a {self.sample:g} sample, --seed {self.seed})" if self.sample < 1 else ""
-        fixed = self.repaired and not self.interrupted
-        lines = [
-            f"{self.blocks} blocks, {self.bytes} bytes checked; objects: {self.objects} "
-            f"({self.scope})",
-            f"read and verified: {self.verified} blocks, {self.verified_bytes} bytes{sampled}",
-            f"corrupt blocks: {self.corrupt_count}"
-            + (" (deleted)" if self.repaired and self.corrupt_count else ""),
-            f"blocks of other versions or block sizes (valid, evicted in time): {self.stale}",
-            f"index rows missing: {self.missing_from_index}; index rows without a file: "
-            f"{self.index_without_file}" + (" (reconciled)" if fixed else ""),
-            f"index versions without a directory: {self.versions_without_dir}"
-            + (f" (dropped with {self.rows_dropped} rows)" if fixed and self.rows_dropped else "")
-            + f" [{self.index_phase}]",
-            f"format-1 blocks a daemon is yet to move (index not compared): {self.unmoved}",
-        ]
-        lines += [f"  corrupt: {path}" for path in self.corrupt[:SHOWN_CORRUPT]]
-        if self.corrupt_count > SHOWN_CORRUPT:
-            lines.append(f"  ... and {self.corrupt_count - SHOWN_CORRUPT} more (see --json)")
-        return "\n".join(lines)
 
 
 def url_key(url: str, *, prefix: bool = False) -> str:
@@ -132,8 +81,9 @@ def check_cache(
         raise CheckError(f"--sample must be a fraction in (0, 1], not {options.sample:g}")
     if options.prefix is not None and options.key is not None:
         raise CheckError("give --prefix or --object, not both")
-    if not layout.root.is_dir() and layout.legacy_root.is_dir():
-        raise CheckError(f"{layout.legacy_root} is format 1: a daemon converts it at start")
+    legacy = [r for r in layout.legacy_roots if r.is_dir()]
+    if not layout.root.is_dir() and legacy:
+        raise CheckError(f"{legacy[0]} is an older format: a daemon converts it at start")
     if resume:
         options, position, report = _load_cursor(layout, options)
     else:
@@ -252,76 +202,113 @@ class _Run:
         meta = ObjectMeta.from_json(raw, key) if key is not None else None
         if meta is not None and key_hash(meta.cache_key) != kh:
             meta = None  # misplaced: trusted for no block here
-        for name in (versions := _subdirs(path)):
-            bs = Layout.block_size_of(name)
-            if bs is not None:
-                mine = meta and path / name == self.layout.version_dir(kh, meta.digest, bs)
-                self._version(path / name, meta if mine else None, bs)
-        return bool(versions or raw)
-
-    def _version(self, vdir: Path, meta: ObjectMeta | None, block_size: int) -> None:
-        name, listed_at = self.layout.relative(vdir), time.time()
-        shards: list[tuple[int, str]] = []
-        flat = 0
-        for entry in scan_dir(vdir):
-            if entry.is_dir(follow_symlinks=False):
-                shard = Layout.shard_of_dir(entry.name)
-                shards += [(shard, entry.name)] if shard is not None else []
-            elif Layout.block_index_of(entry.name) is not None:
-                flat += 1
-        self.report.unmoved += flat
-        shards.sort()
-        for shard, dirname in shards:
-            self._shard(name, shard, vdir / dirname, meta, block_size, compare=not flat)
-        if flat or self.conn is None:  # rows of flat blocks would seem orphans
-            return
-        # Rows of blocks in shards without a dir, which sync_shard never sees.
-        with self.conn:
-            self.conn.execute(self.begin)
-            self.report.index_without_file += reconcile.sync_outside(
-                self.conn, name, [s for s, _ in shards], listed_at, write=self.opts.repair
+        stems = reconcile.stems_in(path)
+        for stem in stems:
+            legacy = _legacy_indices(path / stem)
+            self.report.unmoved += len(legacy)
+            mine = meta is not None and path / stem == self.layout.version_stem(
+                kh, meta.digest, Layout.block_size_of(stem) or 0
             )
+            self._version(path, stem, meta if mine else None, legacy)
+        return bool(stems or raw)
 
-    def _shard(
-        self, name: str, shard: int, path: Path, meta: ObjectMeta | None, block_size: int,
-        *, compare: bool,
-    ) -> None:  # fmt: skip
-        report, listed_at = self.report, time.time()
-        found = reconcile.list_shard(path, shard)
-        for index in sorted(found):
-            size, file = found[index][0], f"{index}.blk"  # a str: pathlib interns names
+    def _version(self, odir: Path, stem: str, meta: ObjectMeta | None, legacy: set[int]) -> None:
+        """``legacy``: its blocks still in format-1 or -2 files (their rows are kept)."""
+        name = self.layout.relative(odir / stem)
+        data, map_ = odir / (stem + DATA_SUFFIX), odir / (stem + MAP_SUFFIX)
+        files = VersionFiles.open_existing(data, map_)
+        if files is None:
+            if map_.exists():
+                self.report.incomplete += 1
+                self._problem(self.layout.relative(map_), "no data file beside it, or not a map")
+            elif data.exists():
+                self.report.incomplete += 1
+                self._problem(self.layout.relative(data), "no map beside it")
+            if (data.exists() or map_.exists()) and self.opts.repair:
+                wholeversions.drop_incomplete(data, map_)
+            return
+        try:
+            if meta is not None and files.header != MapHeader(
+                files.header.block_size, meta.version.size, meta.digest
+            ):
+                self._problem(self.layout.relative(map_), "the map is not meta.json's version's")
+                if self.opts.repair:
+                    files.close()
+                    wholeversions.drop(data, map_)
+                return
+            chunks = -(-files.header.blocks // CHUNK_BLOCKS)
+            for chunk in range(chunks):
+                self._chunk(files, name, chunk, stale=meta is None, legacy=legacy)
+            if self.opts.repair:
+                self.report.reclaimed_bytes += files.reclaim(0, files.header.blocks)[0]
+        finally:
+            files.close()
+        if self.conn is not None:  # rows past the version's last block
+            with self.conn:
+                self.conn.execute(self.begin)
+                self.report.index_without_file += reconcile.sync_outside(
+                    self.conn, name, list(range(chunks)), time.time(), write=self.opts.repair
+                )
+
+    def _chunk(
+        self, files: VersionFiles, name: str, chunk: int, *, stale: bool, legacy: set[int]
+    ) -> None:
+        report, h, listed_at = self.report, files.header, time.time()
+        first = chunk * CHUNK_BLOCKS
+        count = min(CHUNK_BLOCKS, h.blocks - first)
+        entries = files.entries(first, count)
+        there = mapfile.mapped(h, first, entries)
+        for n in (n for n in range(count) if not there[n] and entries[n][1]):
+            index = first + n  # an entry no block has: torn, or another version's
+            self._problem(
+                f"{name} block {index}",
+                f"the map says {entries[n][1]} bytes, the block has {h.length_of(index)}",
+            )
+            if self.opts.repair and not files.remove(index, 1):
+                report.busy += 1
+        found: dict[int, tuple[int, float]] = {}
+        for n in (n for n in range(count) if there[n]):
+            index, size = first + n, entries[n][1]
             report.blocks, report.bytes = report.blocks + 1, report.bytes + size
             self.bar.update(1)
-            problem = None
-            if self._sampled(name, index):
-                report.verified += 1
-                report.verified_bytes += size
-                self.read_bytes += size
-                try:
-                    problem = _verify(path, file, index, meta, block_size)
-                except FileNotFoundError:
-                    del found[index]  # evicted while we looked
-                    continue
-            report.stale += problem is None and meta is None
+            found[index] = (size, listed_at)
+            if not self._sampled(name, index):
+                continue
+            problem = _verify(files, index)
+            if problem is _BUSY:
+                report.busy += 1
+                continue
+            if problem is _GONE:
+                del found[index]
+                continue
+            report.verified, report.verified_bytes = (
+                report.verified + 1,
+                report.verified_bytes + size,
+            )
+            self.read_bytes += size
+            report.stale += problem is None and stale
             if problem is not None:
-                report.corrupt_count += 1
-                if len(report.corrupt) < MAX_CORRUPT:
-                    report.corrupt.append(f"{self.layout.relative(path / file)}: {problem}")
-                if self.opts.repair:
-                    store.unlink_quietly(path / file)
+                self._problem(f"{name} block {index}", str(problem))
+                if self.opts.repair and files.remove(index, 1):
                     del found[index]
         rate = self.read_bytes / max(time.monotonic() - self.started, 1e-6)
         self.bar.set_postfix_str(f"{tqdm.format_sizeof(rate)}B/s read", refresh=False)
-        if not compare or self.conn is None:
-            report.missing_from_index += len(found) if compare else 0
+        if self.conn is None:
+            report.missing_from_index += len(found)
             return
         with self.conn:
             self.conn.execute(self.begin)
-            missing, gone = reconcile.sync_shard(
-                self.conn, name, shard, found, listed_at, write=self.opts.repair
+            synced = reconcile.sync_shard(
+                self.conn, name, chunk, found, listed_at, write=self.opts.repair, keep=legacy
             )
-        report.missing_from_index += missing
-        report.index_without_file += gone
+        report.missing_from_index += synced.missing
+        report.index_without_file += synced.gone
+        report.rows_wrong_size += synced.resized
+
+    def _problem(self, where: str, problem: str) -> None:
+        self.report.corrupt_count += 1
+        if len(self.report.corrupt) < MAX_CORRUPT:
+            self.report.corrupt.append(f"{where}: {problem}")
 
     def _sampled(self, name: str, index: int) -> bool:
         """Whether this block is read: the same answer for a seed, however the run goes."""
@@ -346,8 +333,8 @@ class _Run:
             self.save([_VERSIONS_PHASE, str(after)])
 
     def _gone(self, version: str) -> bool:
-        """Whether a version in the run's scope has no directory."""
-        if self.layout.version_path(version).is_dir():
+        """Whether a version in the run's scope has no map (nor format-2 files)."""
+        if self.layout.map_path(version).exists() or self.layout.version_path(version).is_dir():
             return False
         if self.only is not None or self.opts.prefix is None:
             return self.only is None or version.startswith(self.only + "/")
@@ -355,27 +342,39 @@ class _Run:
         return str(raw.get("cache_key")).startswith(self.opts.prefix)
 
 
-def _verify(path: Path, file: str, index: int, meta: ObjectMeta | None, bs: int) -> str | None:
-    """None if the block is sound; else what is wrong with it. Without ``meta`` (a
-    block of another version), against its own header and its version dir's name."""
-    with open(os.path.join(path, file), "rb") as fh:
-        raw = fh.read()
+_BUSY = "busy"
+_GONE = "gone"
+
+
+def _verify(files: VersionFiles, index: int) -> str | None:
+    """None if the block is sound; else what is wrong with it (``_BUSY``: being
+    written or removed, not read; ``_GONE``: evicted since it was listed)."""
+    if not files.lock_shared(index, 1):
+        return _BUSY
     try:
-        header = blockfile.decode_header(raw)
-        data = raw[HEADER_SIZE:]
-        if len(data) != header.length:
-            raise CorruptBlock(f"{len(data)} data bytes, header says {header.length}")
-        blockfile.check_data(header, data)  # "checksum mismatch"
-        if meta is not None:
-            start, end = block_span(index, meta.version.size, bs)
-            n, digest = end - start, meta.digest
-        else:  # as long as it claims, of the version its dir is named after
-            n, vd = min(header.length, bs), path.parent.name.split(".")[0]
-            digest = header.version_digest if header.version_digest.hex()[:32] == vd else b""
-        blockfile.check_header(header, index=index, length=n, digest=digest, file_size=len(raw))
+        (entry,) = files.entries(index, 1)
+        if not files.mapped(index, 1)[0]:
+            return _GONE
+        data = os.pread(files.data_fd, entry[1], files.header.offset_of(index))
+    finally:
+        files.unlock_shared(index, 1)
+    try:
+        mapfile.check_block(entry, data, index)
     except CorruptBlock as exc:
         return str(exc)
     return None
+
+
+def _legacy_indices(vdir: Path) -> set[int]:
+    """Indices of a version's blocks still in files of formats 1 and 2 (flat, and
+    in shard dirs); none when it has no such dir."""
+    found: set[int] = set()
+    for entry in scan_dir(vdir):
+        names = [entry.name]
+        if entry.is_dir(follow_symlinks=False):
+            names = [e.name for e in scan_dir(Path(entry.path))]
+        found.update(i for i in map(Layout.block_index_of, names) if i is not None)
+    return found
 
 
 def _subdirs(path: Path) -> list[str]:

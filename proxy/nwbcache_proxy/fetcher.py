@@ -273,11 +273,7 @@ class Fetcher:
             if opened is None:
                 missing.append(block)
                 continue
-            try:
-                assert opened.data is not None
-                block.append(opened.data)
-            finally:
-                opened.close()
+            block.append(opened.data)  # the whole block (need_data)
             if block.from_upstream and not block.claimed:
                 # Another process fetched it for this one (_await_claims), and
                 # no client here has had it yet: see "Fresh marks" above.

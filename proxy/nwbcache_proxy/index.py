@@ -28,11 +28,12 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import accounting, reconcile, schema, store
+from . import accounting, reconcile, schema, store, wholeversions
 from .accounting import Hits, Pending, Stats
-from .layout import Layout, shard_of
+from .layout import Layout
 from .policy import Eviction
 from .reconcile import Progress, Reconciler
+from .spanlocks import runs_of
 from .unlinker import Group, Unlinker
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ T = TypeVar("T")
 # bounded work per step, so flushes, reconcile steps and other processes'
 # writes never wait long (diskcache's cull_limit, nginx's manager_files).
 EVICT_BATCH = 1024
-# Victims unlinked in one shard dir in one go (a group; unlinker.py).
-UNLINK_GROUP = 128
+# Victims removed from one version in one go (a group; unlinker.py).
+UNLINK_GROUP = 1024
 # An evicted block used more recently than this means the cache is too small
 # for the working set (the "thrashing" alert counts these).
 RECENT_USE = 600.0
@@ -117,11 +118,12 @@ class CacheIndex:
             self._unlinker.close()
 
     def _open_sync(self) -> None:
-        if store.adopt_legacy_root(self._layout):
+        adopted = store.adopt_legacy_root(self._layout)
+        if adopted is not None:
             log.warning(
-                "cache format 1 found at %s: renamed to %s; its blocks are moved into "
-                "shard directories in the background",
-                self._layout.legacy_root,
+                "an older cache format found at %s: renamed to %s; its blocks are moved "
+                "into data files in the background (until then they are misses)",
+                adopted,
                 self._layout.root,
             )
         self._layout.root.mkdir(parents=True, exist_ok=True)
@@ -152,18 +154,25 @@ class CacheIndex:
 
     # -- recording use ---------------------------------------------------
     def record(
-        self, version: str, index: int, nbytes: int, about: tuple[str, int] | None = None
+        self,
+        version: str,
+        index: int,
+        nbytes: int,
+        about: tuple[str, int] | None = None,
+        *,
+        written: bool = True,
     ) -> None:
-        """Note block ``index`` of version dir ``version`` (relative to the layout
-        root), ``nbytes`` on disk, written or read now; stored on the next flush
-        (with ``about``, the object's cache key and size: the admin API lists
-        objects by them)."""
+        """Note block ``index`` of version ``version`` (relative to the layout
+        root), ``nbytes`` long, written (or, ``written`` false, only read) now;
+        stored on the next flush (with ``about``, the object's cache key and
+        size: the admin API lists objects by them). A read makes no new row."""
         if about is not None:
             self._keys[version] = about
         old = self._pending.get((version, index))
         if old is not None:
             self._pending_bytes -= old[0]
-        self._pending[(version, index)] = (nbytes, time.time())
+            written = written or old[2]
+        self._pending[(version, index)] = (nbytes, time.time(), written)
         self._pending_bytes += nbytes
 
     async def take_stats(self) -> Stats:
@@ -269,7 +278,7 @@ class CacheIndex:
             # settled at once, so a slice saying "no more" leaves no file.
             self._unlinker.start(_unlink_groups(self._layout, found.chosen))
             self._prune_emptied()
-            self._emptied = found.emptied
+            self._emptied += found.emptied
             if self.last_totals.bytes <= target_bytes or found.looked == 0:
                 self._unlinker.settle()
                 self._prune_emptied()
@@ -285,11 +294,23 @@ class CacheIndex:
         return Evicted(len(chosen), done.freed, recent, more, victims)
 
     def _prune_emptied(self) -> None:
-        """The dirs (and meta.json) of versions the last settled slice emptied:
-        they take space too. On the index's thread."""
+        """The files (and meta.json) of versions the last settled slice emptied:
+        they take space too. One still in use is tried again at the next
+        settle. Blocks the slice could not remove mark a reconcile due. On the
+        index's thread."""
+        if self._unlinker.take_left():  # bytes without rows: reclaimed by a reconcile
+            with self.conn:
+                self.conn.execute("BEGIN IMMEDIATE")
+                if not reconcile.is_needed(self.conn):
+                    reconcile.mark_needed(self.conn)
         emptied, self._emptied = self._emptied, []
+        layout = self._layout
         for version in emptied:
-            store.prune_version(self._layout, version)
+            gone = wholeversions.prune(layout.data_path(version), layout.map_path(version))
+            if gone is None:
+                self._emptied.append(version)
+            elif gone:
+                store.prune_object(layout.version_path(version).parent)
 
     async def evict_to(self, target_bytes: int, capacity: int | None = None) -> Evicted:
         """Evict slice after slice down to ``target_bytes`` (tests and tools; the
@@ -368,16 +389,17 @@ class CacheIndex:
 
 
 def _unlink_groups(layout: Layout, victims: list[accounting.Victim]) -> list[Group]:
-    """The victims as (shard dir, indices) groups of at most UNLINK_GROUP, in an
-    order that cycles through the dirs: parallel unlinkers then mostly work in
-    different dirs (unlinks in one dir take turns on its lock)."""
-    by_dir: dict[tuple[str, int], list[int]] = {}
+    """The victims as (version stem, runs) groups of at most UNLINK_GROUP blocks,
+    in an order that cycles through the versions: parallel removers then
+    mostly work in different versions."""
+    by_version: dict[str, list[int]] = {}
     for name, idx, _ in victims:
-        by_dir.setdefault((name, shard_of(idx)), []).append(idx)
-    numbered = [
-        (i, layout.shard_dir(name, shard), indices[i : i + UNLINK_GROUP])
-        for (name, shard), indices in by_dir.items()
-        for i in range(0, len(indices), UNLINK_GROUP)
-    ]
-    numbered.sort(key=lambda g: g[0])  # stable: the dirs' first groups, then their second...
-    return [(shard_dir, indices) for _, shard_dir, indices in numbered]
+        by_version.setdefault(name, []).append(idx)
+    numbered: list[tuple[int, str, list[int]]] = []
+    for name, indices in by_version.items():
+        indices.sort()
+        numbered += [
+            (i, name, indices[i : i + UNLINK_GROUP]) for i in range(0, len(indices), UNLINK_GROUP)
+        ]
+    numbered.sort(key=lambda g: g[0])  # stable: the versions' first groups, then their second...
+    return [(str(layout.version_path(name)), list(runs_of(part))) for _, name, part in numbered]

@@ -1,10 +1,11 @@
-"""Where things live under ``--cache-dir`` (format version 2).
+"""Where things live under ``--cache-dir`` (format version 3).
 
 ::
 
-    <cache-dir>/v2/
+    <cache-dir>/v3/
         objects/<kh[0:2]>/<kh>/meta.json                 current version of the object
-        objects/<kh[0:2]>/<kh>/<vd>.<bs>/<s>/<n>.blk     block n (see blockfile.py)
+        objects/<kh[0:2]>/<kh>/<vd>.<bs>.data            the version's bytes at their offsets
+        objects/<kh[0:2]>/<kh>/<vd>.<bs>.map             which blocks are there (mapfile.py)
         index.sqlite3                                    accounting (not presence)
         reconcile.lock                                   one process reconciles at a time
         check.cursor                                     where an interrupted check resumes
@@ -12,15 +13,21 @@
         jobs/<id>.json, <id>.lock, <id>.cancel           warm-up jobs (jobs.py)
         staging/<pid>-<token>/                           a live process's temp files
         staging/<pid>-<token>/.lock                      flock held while it lives
-        trash/                                           version dirs being deleted
+        trash/                                           dirs being deleted
 
 ``kh`` is the SHA-256 of the object's cache key, ``vd`` the first 32 hex
-digits of its version digest, ``bs`` the block size, ``s`` the block's shard,
-``n // BLOCKS_PER_DIR``: no directory holds more than BLOCKS_PER_DIR blocks,
-however large the object (format 1 kept every block of a version in one
-directory: 400,000 files for a 100 GB object). Blocks of another block size
-or another version are never looked up; they age out through eviction.
-Pure: paths only, no I/O.
+digits of its version digest, ``bs`` the block size. A version is named by
+its stem ``objects/<kh[0:2]>/<kh>/<vd>.<bs>`` relative to the root (the
+index's ``version`` column): two files per version, whatever its size, and
+an object dir holds its meta.json and two files per version cached.
+Versions of another block size or digest are never looked up; they age out
+through eviction.
+
+Formats 1 and 2 kept a file per block: ``<vd>.<bs>/<n>.blk`` (format 1) and
+``<vd>.<bs>/<s>/<n>.blk`` (format 2, ``s = n // BLOCKS_PER_DIR``). Their
+roots are renamed to format 3's at start and the reconciler moves their
+blocks into data files (docs/on-disk-format.md); the names below that
+describe them exist for that move only. Pure: paths only, no I/O.
 """
 
 from __future__ import annotations
@@ -28,14 +35,15 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-LAYOUT_VERSION = "v2"
-# Format 1's root: renamed to LAYOUT_VERSION at start and its blocks moved
-# into shard directories by the reconciler (docs/on-disk-format.md).
-LEGACY_VERSION = "v1"
-# Blocks per shard directory: 4,096 keeps every directory small enough for
-# fast lookups and listings (ext4's htree, XFS) and an object of 1 TB in
-# 256 KiB blocks in 1,000 shards.
+LAYOUT_VERSION = "v3"
+# Older formats' roots, newest first: the first found is renamed to
+# LAYOUT_VERSION at start and its blocks moved into data files by the
+# reconciler (docs/on-disk-format.md).
+LEGACY_VERSIONS = ("v2", "v1")
+# Format 2's blocks per shard directory (format 1 had none).
 BLOCKS_PER_DIR = 4096
+DATA_SUFFIX = ".data"
+MAP_SUFFIX = ".map"
 
 
 def key_hash(cache_key: str) -> str:
@@ -46,7 +54,7 @@ class Layout:
     def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = cache_dir
         self.root = cache_dir / LAYOUT_VERSION
-        self.legacy_root = cache_dir / LEGACY_VERSION
+        self.legacy_roots = tuple(cache_dir / v for v in LEGACY_VERSIONS)
         self.objects = self.root / "objects"
         self.staging = self.root / "staging"
         self.trash = self.root / "trash"
@@ -62,7 +70,8 @@ class Layout:
     def meta_path(self, kh: str) -> Path:
         return self.object_dir(kh) / "meta.json"
 
-    def version_dir(self, kh: str, digest: bytes, block_size: int) -> Path:
+    def version_stem(self, kh: str, digest: bytes, block_size: int) -> Path:
+        """A version's files without their suffix (``<vd>.<bs>``)."""
         return self.object_dir(kh) / f"{digest.hex()[:32]}.{block_size}"
 
     def relative(self, path: Path) -> str:
@@ -70,29 +79,34 @@ class Layout:
         return str(path.relative_to(self.root))
 
     def version_path(self, version_name: str) -> Path:
-        """The version dir of a name relative to the root."""
+        """The stem of a version named relative to the root."""
         return self.root / version_name
 
+    def data_path(self, version_name: str) -> Path:
+        return self.root / (version_name + DATA_SUFFIX)
+
+    def map_path(self, version_name: str) -> Path:
+        return self.root / (version_name + MAP_SUFFIX)
+
     def meta_path_of_version(self, version_name: str) -> Path:
-        """The meta.json beside a version dir named relative to the root."""
+        """The meta.json beside a version named relative to the root."""
         return (self.root / version_name).parent / "meta.json"
 
-    def block_path(self, version_name: str, index: int) -> Path:
-        """Block ``index`` of the version dir named ``version_name`` (relative)."""
-        return self.root / version_name / block_relpath(index)
-
-    def shard_dir(self, version_name: str, shard: int) -> str:
-        """Shard dir ``shard`` of a version dir named relative to the root, as a
-        str: eviction opens one per group of victims, not a Path per block."""
-        return f"{self.root}/{version_name}/{shard}"
-
     @staticmethod
-    def block_size_of(version_dir_name: str) -> int | None:
-        """The block size a version dir's name (``<vd>.<bs>``) records, or None."""
+    def block_size_of(stem: str) -> int | None:
+        """The block size a version's stem (``<vd>.<bs>``) records, or None."""
         try:
-            return int(version_dir_name.rsplit(".", 1)[1])
+            return int(stem.rsplit(".", 1)[1])
         except (IndexError, ValueError):
             return None
+
+    @staticmethod
+    def stem_of(file_name: str) -> tuple[str, str] | None:
+        """(stem, suffix) of a format-3 version file's name, or None."""
+        for suffix in (DATA_SUFFIX, MAP_SUFFIX):
+            if file_name.endswith(suffix) and len(file_name) > len(suffix):
+                return file_name[: -len(suffix)], suffix
+        return None
 
     @staticmethod
     def block_index_of(block_file_name: str) -> int | None:

@@ -18,7 +18,7 @@ import dataclasses
 import struct
 from collections.abc import Sequence
 
-from .blockfile import CorruptBlock, Parts, checksum
+from .blockfile import Buffer, CorruptBlock, Parts, checksum
 
 MAGIC = b"NWBCMAP\x00"
 FORMAT_VERSION = 3
@@ -104,7 +104,7 @@ def encode_entries(blocks: Sequence[Parts]) -> bytes:
     return bytes(out)
 
 
-def decode_entries(raw: bytes) -> list[tuple[int, int]]:
+def decode_entries(raw: Buffer) -> list[tuple[int, int]]:
     """(checksum, length) per entry; bytes past the map's end read as absent."""
     whole = len(raw) - len(raw) % ENTRY_SIZE
     return list(_ENTRY.iter_unpack(raw[:whole]))
@@ -120,7 +120,7 @@ def mapped(h: MapHeader, first: int, entries: Sequence[tuple[int, int]]) -> list
     ]
 
 
-def check_block(entry: tuple[int, int], data: bytes | memoryview, index: int) -> None:
+def check_block(entry: tuple[int, int], data: Buffer, index: int) -> None:
     """Raise CorruptBlock unless ``data`` is the block the entry describes."""
     crc, length = entry
     if length == 0:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from . import store
+from . import store, wholeversions
 from .aio import Disk
 from .blocks import Blocks
 from .layout import Layout, key_hash
@@ -67,7 +67,7 @@ class MetaFiles:
         return await self.disk.run(update)
 
     async def drop(self, v: Version) -> None:
-        """Remove version ``v``'s dir, and meta.json if it still names ``v``."""
+        """Remove version ``v``'s files, and meta.json if it still names ``v``."""
         meta_path = self.layout.meta_path(key_hash(v.key))
 
         def drop() -> None:
@@ -75,6 +75,6 @@ class MetaFiles:
             on_disk = ObjectMeta.from_json(raw, v.key) if raw else None
             if on_disk is not None and on_disk.version.same_version(v.remote):
                 store.unlink_quietly(meta_path)
-            store.drop_dir(self.layout, v.dir)
+            wholeversions.drop(v.data_path, v.map_path)
 
         await self.disk.run(drop)

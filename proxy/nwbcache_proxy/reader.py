@@ -24,22 +24,24 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 from nwbcache.urls import UpstreamURL
 
-from .blocks import PRESENCE_CHECK_LIMIT, Blocks
+from .blockfile import Buffer
+from .blocks import PRESENCE_CHECK_LIMIT, Blocks, CachedBlock
 from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
 from .metrics import Metrics
 from .readahead import SequentialDetector, StreamWindow
-from .store import OpenBlock
 from .trace import TraceWriter
 from .version import Version
 
-# A range up to this size whose blocks are all held open is answered from
-# memory in one write (Blocks.read_held): no await, no thread, no sendfile
-# set-up. Bounded so that many slow clients cannot pin much memory in
-# socket buffers.
-BODY_MAX = 256 * 1024
+# A range up to this size whose blocks are all held open and verified is
+# answered from memory in one write (Blocks.read_held): one lock, one read of
+# the map's entries and one of the bytes for all its blocks, no await, no
+# thread (a 1 MiB range a block at a time ran at ~0.6x the GB/s, measured
+# with the raw section of bench/suite.py). Bounded so that many slow
+# clients cannot pin much memory in socket buffers.
+BODY_MAX = 1024 * 1024
 
 
 class CacheOutcome(enum.StrEnum):
@@ -59,29 +61,6 @@ def classify(cached_blocks: int, blocks: int, *, stale: bool = False) -> CacheOu
     if cached_blocks == 0:
         return CacheOutcome.MISS
     return CacheOutcome.PARTIAL
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class FileSegment:
-    """``length`` bytes at file offset ``offset`` of an open block file, ready for
-    sendfile, or the same bytes already in memory (``data``). The consumer
-    calls ``release`` once it has sent them."""
-
-    fd: int
-    offset: int
-    length: int
-    data: bytes | None
-    block: OpenBlock
-
-    @classmethod
-    def of(cls, block: OpenBlock, start: int, end: int) -> FileSegment:
-        """Bytes [start, end) of the block's data."""
-        return cls(
-            block.fd, block.data_offset + start, end - start, block.bytes_of(start, end), block
-        )
-
-    def release(self) -> None:
-        self.block.close()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,8 +87,8 @@ class ReadFor:
 # A read for a request without credentials, fresh and online (the default).
 PLAIN = ReadFor()
 
-Segment = FileSegment | bytes | memoryview
-Source = OpenBlock | InflightBlock
+Segment = Buffer
+Source = CachedBlock | InflightBlock
 
 
 class RangeReader:
@@ -128,7 +107,7 @@ class RangeReader:
         outcome: CacheOutcome,
         segments: AsyncGenerator[Segment, None] | None,
         first: Source | None,
-        body: bytes | None = None,
+        body: Buffer | None = None,
     ) -> None:
         self.outcome = outcome
         self.body = body
@@ -137,7 +116,7 @@ class RangeReader:
         self._started = False
 
     @classmethod
-    def of_body(cls, outcome: CacheOutcome, body: bytes) -> RangeReader:
+    def of_body(cls, outcome: CacheOutcome, body: Buffer) -> RangeReader:
         return cls(outcome, None, None, body)
 
     def __aiter__(self) -> AsyncIterator[Segment]:
@@ -148,8 +127,6 @@ class RangeReader:
         return self._segments
 
     async def aclose(self) -> None:
-        if not self._started and isinstance(self._first, OpenBlock):
-            self._first.close()
         if self._segments is not None:
             await self._segments.aclose()
 
@@ -206,11 +183,11 @@ class Reader:
         readahead = how.readahead and not offline
         ahead = self.sequential.blocks_after(v.key, start, end) if readahead else 0
         if end - start <= BODY_MAX:
-            pieces = self.blocks.read_held(v, blocks, start, end)
-            if pieces is not None:
+            body = self.blocks.read_held(v, blocks, start, end)
+            if body is not None:
                 if ahead:
                     self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
-                return self._held_body(v, blocks, pieces, stale)
+                return self._held_body(v, blocks, start, end, body, stale)
         if offline and not await self.cached(v, start, end):
             raise NotCached("not all of the range is in the cache (only-if-cached)")
         window = StreamWindow.open(
@@ -233,7 +210,7 @@ class Reader:
         look = [i for i in rest if self.fetcher.inflight(v, i) is None]
         on_disk = await self.blocks.present(v, look) if look else set()
         cached = sum(1 for i in on_disk if not self.fetcher.is_fresh(v, i))
-        if isinstance(first, OpenBlock) and not first_fresh:
+        if isinstance(first, CachedBlock) and not first_fresh:
             cached += 1
         outcome = classify(cached, 1 + len(rest), stale=stale)
         if eager and not offline:
@@ -241,10 +218,9 @@ class Reader:
             self.fetcher.fetch(v, url, missing[: self.readahead_blocks], auth)
         if ahead:
             self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
-        if len(blocks) == 1 and isinstance(first, OpenBlock):
+        if len(blocks) == 1 and isinstance(first, CachedBlock):
             body = first.bytes_of(*span)
-            if body is not None:  # a small read, already in memory: no streaming
-                first.close()
+            if body is not None:  # one block, already in memory: no streaming
                 if not first_fresh:
                     self.blocks.hit(v, blocks.start)
                 self._traced(v, blocks)
@@ -261,23 +237,22 @@ class Reader:
         return len(await self.blocks.present(v, blocks)) == len(blocks)
 
     def _held_body(
-        self, v: Version, blocks: range, pieces: list[bytes], stale: bool
+        self, v: Version, blocks: range, start: int, end: int, body: Buffer, stale: bool
     ) -> RangeReader:
-        fresh_blocks = fresh_bytes = total = 0
-        for i, piece in zip(blocks, pieces, strict=True):
-            total += len(piece)
+        fresh_blocks = fresh_bytes = 0
+        for i in blocks:
             if self.fetcher.claim(v, i):
+                lo, hi = _span_in_block(v, i, start, end)
                 fresh_blocks += 1
-                fresh_bytes += len(piece)
+                fresh_bytes += hi - lo
             else:
                 self.blocks.hit(v, i)
         if fresh_bytes:
             self._served(fresh_bytes, upstream=True)
-        if fresh_bytes < total:
-            self._served(total - fresh_bytes, upstream=False)
+        if fresh_bytes < len(body):
+            self._served(len(body) - fresh_bytes, upstream=False)
         self._traced(v, blocks)
-        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        outcome = classify(len(pieces) - fresh_blocks, len(pieces), stale=stale)
+        outcome = classify(len(blocks) - fresh_blocks, len(blocks), stale=stale)
         return RangeReader.of_body(outcome, body)
 
     async def _segments(
@@ -295,37 +270,35 @@ class Reader:
     ) -> AsyncGenerator[Segment, None]:
         source: Source | None = first
         fresh = first_fresh
-        try:
-            for i in range(window.first, window.stop):
-                lo, hi = _span_in_block(v, i, start, end)
-                if source is None:
-                    source, fresh = await self._acquire(
-                        v,
-                        url,
-                        auth,
-                        i,
-                        wanted_end=window.wanted_end(i),
-                        span=(lo, hi),
-                        offline=offline,
-                    )
-                if self.trace is not None:
-                    self.trace.record(v, i)
-                if isinstance(source, OpenBlock):
-                    self._served(hi - lo, upstream=fresh)
-                    if not fresh:
-                        self.blocks.hit(v, i)
-                    yield FileSegment.of(source, lo, hi)
-                else:
-                    async for chunk in source.chunks(lo, hi):
-                        self._served(len(chunk), upstream=fresh or source.from_upstream)
-                        yield chunk
-                source = None
-                todo = window.after(i)
-                if todo and not offline:
-                    self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
-        finally:
-            if isinstance(source, OpenBlock):
-                source.close()
+        for i in range(window.first, window.stop):
+            lo, hi = _span_in_block(v, i, start, end)
+            if source is None:
+                source, fresh = await self._acquire(
+                    v,
+                    url,
+                    auth,
+                    i,
+                    wanted_end=window.wanted_end(i),
+                    span=(lo, hi),
+                    offline=offline,
+                )
+            if self.trace is not None:
+                self.trace.record(v, i)
+            if isinstance(source, CachedBlock):
+                piece = source.bytes_of(lo, hi)
+                assert piece is not None  # read for this span (_acquire)
+                self._served(hi - lo, upstream=fresh)
+                if not fresh:
+                    self.blocks.hit(v, i)
+                yield piece
+            else:
+                async for chunk in source.chunks(lo, hi):
+                    self._served(len(chunk), upstream=fresh or source.from_upstream)
+                    yield chunk
+            source = None
+            todo = window.after(i)
+            if todo and not offline:
+                self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
 
     async def _acquire(
         self,
@@ -381,5 +354,5 @@ def _span_in_block(v: Version, i: int, start: int, end: int) -> tuple[int, int]:
     return max(start, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
 
 
-async def _one(body: bytes) -> AsyncGenerator[Segment, None]:
+async def _one(body: Buffer) -> AsyncGenerator[Segment, None]:
     yield body

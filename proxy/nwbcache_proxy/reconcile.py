@@ -1,21 +1,29 @@
-"""Making the index agree with the block files: a resumable walk in bounded steps.
+"""Making the index agree with the versions' maps: a resumable walk in bounded steps.
 
-Needed only after an unclean stop (a process killed between publishing a
-block and flushing its row, or between an eviction's commit and its
-unlinks), after an index schema migration, or when the index was lost: the
-index is accounting, so until then the size is imprecise but no byte is
-wrong. nginx's cache loader is the model: the walk is split into steps of
-a bounded number of files (``loader_files``), the caller sleeps between
-them (``loader_sleep``), and memory holds one directory listing at a time,
-never the cache's list of files.
+Needed only after an unclean stop (a process killed between writing a group
+and flushing its rows, or between an eviction's commit and its punches),
+after an index schema migration, or when the index was lost: the index is
+accounting, so until then the size is imprecise but no byte is wrong.
+nginx's cache loader is the model: the walk is split into steps of a
+bounded number of blocks (``loader_files``), the caller sleeps between them
+(``loader_sleep``), and memory holds one object dir's listing and one chunk
+of a map at a time, never the cache's list of blocks.
 
-The walk goes in sorted order over ``objects/<p>/<kh>/<version>/<shard>/``;
-each shard dir (at most layout.BLOCKS_PER_DIR files) is one unit, compared
-with the index rows of the same blocks in one transaction that also saves
-the cursor, so a walk interrupted by another crash resumes where it was.
-Blocks still in format 1's flat version dirs are moved into their shard
-dirs on the way. A second phase drops the rows of version dirs that no
-longer exist. Blocking: runs on the index's thread (or in ``nwbcache check``).
+The walk goes in sorted order over ``objects/<p>/<kh>/``; in each object
+dir, each version (``<vd>.<bs>``) in turn:
+
+1. a format-1 or format-2 dir of the version has its block files moved into
+   the data file (migrate.py), a shard dir per unit;
+2. its map, a chunk of CHUNK_BLOCKS entries per unit, is compared with the
+   index rows of the same blocks, and bytes of the data file that no entry
+   maps (a crash between a group's bytes and its entries) are punched out;
+3. rows past the version's last block are dropped.
+
+Each unit's rows change in one transaction that also saves the cursor, so a
+walk interrupted by another crash resumes where it was. Version files
+without their partner (a map without data, data without a map) are
+removed. A last phase drops the rows of versions that have no map. Blocking:
+runs on the index's thread (or in ``nwbcache check``).
 """
 
 from __future__ import annotations
@@ -24,34 +32,39 @@ import dataclasses
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from . import schema
-from .layout import Layout, block_relpath, shard_range
+from . import mapfile, migrate, schema, store, wholeversions
+from .layout import BLOCKS_PER_DIR, DATA_SUFFIX, MAP_SUFFIX, Layout, shard_range
+from .versionfile import VersionFiles
 
 # The phase-2 cursor sorts after every object path (hex digits < "~").
 _VERSIONS_PHASE = "~"
 _END = object()
-# The unit after a version's shards (sorts after their zero-padded numbers).
-_GAPS = "~gaps"
+# Units of a version, in the order done (the cursor's last part).
+_MOVE, _CHUNK, _GAPS = "a", "b", "c"
 # Past any block index (SQLite's INTEGER is 64-bit).
 _NO_INDEX = 2**62
 VERSION_BATCH = 256
+# Map entries compared per unit: the index's shard_range (32 KiB of a map).
+CHUNK_BLOCKS = BLOCKS_PER_DIR
 
 
 @dataclasses.dataclass(slots=True)
 class Progress:
-    files: int = 0  # block files looked at
-    added: int = 0  # rows added for files that had none
-    removed: int = 0  # rows dropped for files that were gone
-    moved: int = 0  # format-1 blocks moved into shard dirs
-    versions: int = 0  # version rows checked for a directory
+    files: int = 0  # blocks looked at: map entries, and legacy block files
+    added: int = 0  # rows added for blocks that had none
+    removed: int = 0  # rows dropped for blocks that were gone
+    moved: int = 0  # format-1 and -2 block files moved into data files
+    resized: int = 0  # rows whose bytes were not their block's (format 2's headers)
+    reclaimed: int = 0  # bytes no map entry had, punched out
+    versions: int = 0  # version rows checked for a map
     done: bool = False
 
     @property
     def work(self) -> int:
-        """What a step's budget counts: files and version rows looked at."""
+        """What a step's budget counts: blocks and version rows looked at."""
         return self.files + self.versions
 
 
@@ -76,7 +89,7 @@ class Reconciler:
         self._work = self._walk()
 
     def step(self, max_files: int) -> Progress:
-        """Reconcile at least one unit and about ``max_files`` files; returns the totals so far."""
+        """Reconcile at least one unit and about ``max_files`` blocks; returns the totals so far."""
         if self.progress.done:
             return self.progress
         goal = self.progress.work + max_files
@@ -91,90 +104,114 @@ class Reconciler:
 
     # -- the walk ------------------------------------------------------------------
     def _walk(self) -> Iterator[None]:
-        """Yields after each unit of work (a shard dir, a batch of moves or of versions)."""
+        """Yields after each unit of work (a chunk of a map, a shard dir moved, a
+        batch of versions)."""
         objects = self._layout.objects
         for prefix in self._subdirs(objects):
             for kh in self._subdirs(objects / prefix, prefix):
-                for vdir in self._subdirs(objects / prefix / kh, prefix, kh):
-                    if Layout.block_size_of(vdir) is not None:
-                        yield from self._version(objects / prefix / kh / vdir, [prefix, kh, vdir])
+                odir = objects / prefix / kh
+                for stem in self._stems(odir, prefix, kh):
+                    yield from self._version(odir, stem, [prefix, kh, stem])
         yield from self._versions_phase()
 
     def _subdirs(self, path: Path, *above: str) -> list[str]:
         """Sorted subdirectory names of ``path``, less those the cursor is past."""
-        names = sorted(_names(path, dirs=True))
+        return self._after(sorted(_names(path, dirs=True)), above)
+
+    def _stems(self, odir: Path, *above: str) -> list[str]:
+        return self._after(stems_in(odir), above)
+
+    def _after(self, names: list[str], above: tuple[str, ...]) -> list[str]:
         depth = len(above)
         if len(self._cursor) > depth and list(above) == self._cursor[:depth]:
             return [n for n in names if n >= self._cursor[depth]]
         return names  # no cursor, or this dir comes after it
 
-    def _version(self, path: Path, key: list[str]) -> Iterator[None]:
-        yield from self._move_flat(path)
-        listed_at = time.time()
-        shards = sorted(
-            s for s in (Layout.shard_of_dir(d) for d in _names(path, dirs=True)) if s is not None
-        )
-        name = self._layout.relative(path)
-        for shard in shards:
-            unit = [*key, f"{shard:012d}"]
-            if unit <= self._cursor:
-                continue
-            self._shard(name, shard, path / str(shard), "/".join(unit))
-            yield
-        unit = [*key, _GAPS]
-        if unit > self._cursor:
-            self._gaps(name, shards, listed_at, "/".join(unit))
-            yield
-
-    def _gaps(self, name: str, shards: list[int], listed_at: float, cursor: str) -> None:
-        """Drop the rows of blocks in shards with no dir (rows no shard visit sees)."""
-        with self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            self.progress.removed += sync_outside(self._conn, name, shards, listed_at, write=True)
-            self._conn.execute(schema.SET_STATE, (schema.RECONCILE, cursor))
-
-    def _move_flat(self, path: Path) -> Iterator[None]:
-        """Format 1 kept a version's blocks in its dir: move them into shard dirs."""
-        batch = 0
-        made: set[str] = set()
-        for entry in scan_dir(path):
-            index = Layout.block_index_of(entry.name)
-            if index is None or not entry.is_file(follow_symlinks=False):
-                continue
-            target = path / block_relpath(index)
-            if target.parent.name not in made:
-                target.parent.mkdir(exist_ok=True)
-                made.add(target.parent.name)
-            try:
-                os.replace(entry.path, target)  # a same-version block there already is identical
-            except FileNotFoundError:
-                continue  # evicted meanwhile
-            self.progress.moved += 1
-            self.progress.files += 1
-            batch += 1
-            if batch >= 1024:
-                batch = 0
+    def _version(self, odir: Path, stem: str, key: list[str]) -> Iterator[None]:
+        name = self._layout.relative(odir / stem)
+        legacy = odir / stem
+        if legacy.is_dir():
+            yield from self._move(legacy, name, key)
+        files = _open_or_clear(odir / (stem + DATA_SUFFIX), odir / (stem + MAP_SUFFIX))
+        if files is None:
+            return  # rows of a version without a map go in the last phase
+        try:
+            mtime = os.fstat(files.data_fd).st_mtime
+            chunks = -(-files.header.blocks // CHUNK_BLOCKS)
+            for chunk in range(chunks):
+                unit = [*key, f"{_CHUNK}{chunk:012d}"]
+                if unit <= self._cursor:
+                    continue
+                self._chunk(files, name, chunk, mtime, "/".join(unit))
                 yield
+            unit = [*key, _GAPS]
+            if unit > self._cursor:
+                self._gaps(name, chunks, "/".join(unit))
+                yield
+        finally:
+            files.close()
 
-    def _shard(self, name: str, shard: int, path: Path, cursor: str) -> None:
+    def _move(self, legacy: Path, name: str, key: list[str]) -> Iterator[None]:
+        """Format 1's and 2's block files into the version's data file."""
+        header = migrate.header_of(self._layout, legacy)
+        if header is None:  # no longer the object's version: not checkable, not kept
+            store.drop_dir(self._layout, legacy)
+            yield
+            return
+        data, map_ = self._layout.data_path(name), self._layout.map_path(name)
+        files = wholeversions.open_or_replace(data, map_, header, create=True)
+        assert files is not None
+        try:
+            for unit_name, paths in migrate.units(legacy):
+                unit = [*key, f"{_MOVE}{unit_name}"]
+                if unit <= self._cursor:
+                    continue
+                moved, _ = migrate.move(files, paths)
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    schema.resize_rows(self._conn, name, moved)
+                    self._conn.execute(schema.SET_STATE, (schema.RECONCILE, "/".join(unit)))
+                self.progress.moved += len(moved)
+                self.progress.files += len(paths)
+                yield
+        finally:
+            files.close()
+        migrate.remove_empty(legacy)
+
+    def _chunk(self, files: VersionFiles, name: str, chunk: int, mtime: float, cursor: str) -> None:
+        h = files.header
+        first = chunk * CHUNK_BLOCKS
+        count = min(CHUNK_BLOCKS, h.blocks - first)
         listed_at = time.time()
-        found = list_shard(path, shard)
-        self.progress.files += len(found)
+        there = mapfile.mapped(h, first, files.entries(first, count))
+        found = {first + n: (h.length_of(first + n), mtime) for n in range(count) if there[n]}
+        self.progress.reclaimed += files.reclaim(first, count)[0]
+        self.progress.files += count
         with self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            added, removed = sync_shard(self._conn, name, shard, found, listed_at, write=True)
+            synced = sync_shard(self._conn, name, chunk, found, listed_at, write=True)
             self._conn.execute(schema.SET_STATE, (schema.RECONCILE, cursor))
-        self.progress.added += added
-        self.progress.removed += removed
+        self.progress.added += synced.missing
+        self.progress.removed += synced.gone
+        self.progress.resized += synced.resized
+
+    def _gaps(self, name: str, chunks: int, cursor: str) -> None:
+        """Drop the rows of blocks past the version's last (rows no chunk sees)."""
+        with self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            self.progress.removed += sync_outside(
+                self._conn, name, list(range(chunks)), time.time(), write=True
+            )
+            self._conn.execute(schema.SET_STATE, (schema.RECONCILE, cursor))
 
     def _versions_phase(self) -> Iterator[None]:
-        """Drop the rows of versions whose directory is gone (a crash mid-drop)."""
+        """Drop the rows of versions whose map is gone (a crash mid-drop)."""
         after = int(self._cursor[1]) if self._cursor[:1] == [_VERSIONS_PHASE] else 0
         while True:
             batch = self._conn.execute(schema.VERSION_NAMES, (after, VERSION_BATCH)).fetchall()
             if not batch:
                 return
-            gone = [vid for vid, name in batch if not self._layout.version_path(name).is_dir()]
+            gone = [vid for vid, name in batch if not self._layout.map_path(name).exists()]
             after = int(batch[-1][0])
             with self._conn:
                 self._conn.execute("BEGIN IMMEDIATE")
@@ -188,19 +225,37 @@ class Reconciler:
             yield
 
 
-def list_shard(path: Path, shard: int) -> dict[int, tuple[int, float]]:
-    """Block index -> (size, mtime) of the block files in shard dir ``path``."""
-    found: dict[int, tuple[int, float]] = {}
-    for entry in scan_dir(path):
-        index = Layout.block_index_of(entry.name)
-        if index is None or index not in shard_range(shard):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # evicted meanwhile
-        found[index] = (st.st_size, st.st_mtime)
-    return found
+def stems_in(odir: Path) -> list[str]:
+    """The versions in an object dir (format-3 files, and dirs of formats 1 and
+    2), by their stem ``<vd>.<bs>``, sorted."""
+    stems: set[str] = set()
+    for entry in scan_dir(odir):
+        if entry.is_dir(follow_symlinks=False):
+            stem: str | None = entry.name
+        else:
+            found = Layout.stem_of(entry.name)
+            stem = found[0] if found is not None else None
+        if stem is not None and Layout.block_size_of(stem) is not None:
+            stems.add(stem)
+    return sorted(stems)
+
+
+def _open_or_clear(data: Path, map_: Path) -> VersionFiles | None:
+    """The version's files; None, with a lone data file or map removed, when
+    they are not both there (a crash between creating or removing the two)."""
+    files = VersionFiles.open_existing(data, map_)
+    if files is None and (data.exists() or map_.exists()):
+        wholeversions.drop_incomplete(data, map_)
+    return files
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Synced:
+    """What comparing a chunk with its rows found (and, writing, repaired)."""
+
+    missing: int  # blocks without a row
+    gone: int  # rows without a block
+    resized: int  # rows whose bytes were not their block's
 
 
 def sync_shard(
@@ -211,36 +266,45 @@ def sync_shard(
     listed_at: float,
     *,
     write: bool,
-) -> tuple[int, int]:
-    """Compare a shard's files (``found``, listed at ``listed_at``) with the index
-    rows of the same blocks of version dir ``name``: (files without a row, rows
-    without a file). With ``write``, add the missing rows (their access time the
-    file's mtime) and drop the rows older than the listing whose file is gone;
-    inside the caller's transaction."""
+    keep: Collection[int] = (),
+) -> Synced:
+    """Compare a chunk's blocks (``found``: index -> (bytes, mtime), listed at
+    ``listed_at``) with the index rows of the same blocks of version ``name``.
+    With ``write``, add the missing rows (their access time the data file's
+    mtime), give rows the bytes of their block (a format-2 row counted its
+    file's header, and a flush never changes a row's bytes), and drop the rows
+    older than the listing whose block is gone, less those in ``keep``
+    (blocks still in format-2 files); inside the caller's transaction."""
     vid = schema.version_id(conn, name, create=write and bool(found))
     if vid is None:
-        return len(found), 0
+        return Synced(len(found), 0, 0)
     rows = schema.rows_in(conn, vid, shard_range(shard))
     missing = [(i, size, mtime) for i, (size, mtime) in found.items() if i not in rows]
-    gone = [i for i, atime in rows.items() if i not in found and atime < listed_at]
+    resized = [(i, found[i][0]) for i, (_, n) in rows.items() if i in found and n != found[i][0]]
+    gone = [
+        i
+        for i, (atime, _) in rows.items()
+        if i not in found and atime < listed_at and i not in keep
+    ]
     if write:
         schema.add_found(conn, vid, missing)
+        schema.resize_rows(conn, name, resized)
         schema.delete_older(conn, vid, gone, listed_at)
-    return len(missing), len(gone)
+    return Synced(len(missing), len(gone), len(resized))
 
 
 def sync_outside(
     conn: sqlite3.Connection, name: str, shards: list[int], listed_at: float, *, write: bool
 ) -> int:
-    """Rows of version dir ``name`` in no shard of ``shards`` (the sorted shard
-    dirs that exist), older than ``listed_at``: rows no shard visit sees. Their
-    count; with ``write``, they are dropped (inside the caller's transaction)."""
+    """Rows of version ``name`` in no chunk of ``shards`` (sorted), older than
+    ``listed_at``: rows no chunk visit sees. Their count; with ``write``, they
+    are dropped (inside the caller's transaction)."""
     vid = schema.version_id(conn, name, create=False)
     if vid is None:
         return 0
     gone: list[int] = []
     for gap in _between(shards):
-        gone += [i for i, atime in schema.rows_in(conn, vid, gap).items() if atime < listed_at]
+        gone += [i for i, (atime, _) in schema.rows_in(conn, vid, gap).items() if atime < listed_at]
     if write:
         schema.delete_older(conn, vid, gone, listed_at)
     return len(gone)

@@ -16,8 +16,10 @@ from pathlib import Path
 # million rows); 3 keys them by (version id, block index) and keeps totals per
 # version, so reports never scan the table; 4 adds pins (a queue eviction
 # never reads, and the pins table), and per version its cache key, last use
-# and hits, so the admin API lists and matches objects from the index alone.
-SCHEMA_VERSION = 4
+# and hits, so the admin API lists and matches objects from the index alone;
+# 5 is cache format 3's (a row's bytes are its block's, no header; a trigger
+# keeps the totals when they change, as rows of moved format-2 blocks do).
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -36,7 +38,7 @@ CREATE INDEX IF NOT EXISTS versions_by_key ON versions(key);
 CREATE TABLE IF NOT EXISTS blocks (
     version INTEGER NOT NULL,              -- versions.id
     idx INTEGER NOT NULL,                  -- block index within the object
-    bytes INTEGER NOT NULL,                -- file size on disk
+    bytes INTEGER NOT NULL,                -- the block's length
     atime REAL NOT NULL,                   -- last use, seconds since the epoch (LRU)
     queue INTEGER NOT NULL DEFAULT 0,      -- 0 small, 1 main (S3-FIFO), 2 pinned (policy.Queue)
     freq INTEGER NOT NULL DEFAULT 0,       -- S3-FIFO: hits, 0 to 3
@@ -99,6 +101,13 @@ WHEN OLD.queue != NEW.queue BEGIN
         small_blocks = small_blocks + (NEW.queue = 0) - (OLD.queue = 0),
         pinned_bytes = pinned_bytes + NEW.bytes * (NEW.queue = 2) - OLD.bytes * (OLD.queue = 2),
         pinned_blocks = pinned_blocks + (NEW.queue = 2) - (OLD.queue = 2) WHERE id = 0;
+END;
+CREATE TRIGGER IF NOT EXISTS blocks_bytes AFTER UPDATE OF bytes ON blocks
+WHEN OLD.bytes != NEW.bytes BEGIN
+    UPDATE totals SET bytes = bytes + NEW.bytes - OLD.bytes,
+        small_bytes = small_bytes + (NEW.bytes - OLD.bytes) * (NEW.queue = 0),
+        pinned_bytes = pinned_bytes + (NEW.bytes - OLD.bytes) * (NEW.queue = 2) WHERE id = 0;
+    UPDATE versions SET bytes = bytes + NEW.bytes - OLD.bytes WHERE id = NEW.version;
 END;
 CREATE TRIGGER IF NOT EXISTS ghosts_ins AFTER INSERT ON ghosts BEGIN
     UPDATE totals SET ghosts = ghosts + 1 WHERE id = 0;
@@ -197,11 +206,12 @@ ADD_GHOST = "INSERT OR REPLACE INTO ghosts(key, seq) VALUES (?, ?)"
 DELETE_GHOST = "DELETE FROM ghosts WHERE key = ?"
 TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
 DELETE_BLOCK = "DELETE FROM blocks WHERE version = ? AND idx = ?"
+RESIZE_BLOCK = "UPDATE blocks SET bytes = ? WHERE version = ? AND idx = ?"
 # Only rows older than a listing: a newer row may be of a file published since.
 DELETE_BLOCK_OLDER = "DELETE FROM blocks WHERE version = ? AND idx = ? AND atime < ?"
 DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WHERE name = ?)"
 DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
-ROWS_IN = "SELECT idx, atime FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
+ROWS_IN = "SELECT idx, atime, bytes FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
 TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
 # The least recently used blocks not in the pinned queue, with their version
 # dir and whether it is pinned (eviction candidates). ``queue < 2`` lets SQLite
@@ -250,9 +260,11 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if version == SCHEMA_VERSION:
             return
-        if version == 3:  # the files and rows agree as before: no reconcile
-            run_script(conn, MIGRATE_3_TO_4)
+        if version in (3, 4):  # rows kept; the reconciler moves format 2's blocks
+            if version == 3:
+                run_script(conn, MIGRATE_3_TO_4)
             run_script(conn, SCHEMA)
+            conn.execute(SET_STATE, (RECONCILE, ""))
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
@@ -314,9 +326,10 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-def rows_in(conn: sqlite3.Connection, vid: int, indices: range) -> dict[int, float]:
-    """Block index -> atime of the rows of version ``vid`` within ``indices``."""
-    return {int(i): float(a) for i, a in conn.execute(ROWS_IN, (vid, indices.start, indices.stop))}
+def rows_in(conn: sqlite3.Connection, vid: int, indices: range) -> dict[int, tuple[float, int]]:
+    """Block index -> (atime, bytes) of the rows of version ``vid`` within ``indices``."""
+    found = conn.execute(ROWS_IN, (vid, indices.start, indices.stop))
+    return {int(i): (float(a), int(n)) for i, a, n in found}
 
 
 def take_seq(conn: sqlite3.Connection, count: int) -> int:
@@ -333,6 +346,14 @@ def add_found(conn: sqlite3.Connection, vid: int, found: Iterable[tuple[int, int
         return
     first = take_seq(conn, len(rows))
     conn.executemany(INSERT_FOUND, [(vid, i, b, a, first + n) for n, (i, b, a) in enumerate(rows)])
+
+
+def resize_rows(conn: sqlite3.Connection, name: str, blocks: Iterable[tuple[int, int]]) -> None:
+    """Rows (index, bytes) of version ``name`` that now take ``bytes`` (format 2's
+    rows counted a block file's header); inside the caller's transaction."""
+    vid = version_id(conn, name, create=False)
+    if vid is not None:
+        conn.executemany(RESIZE_BLOCK, [(n, vid, i) for i, n in blocks])
 
 
 def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:

@@ -1,12 +1,14 @@
-"""Sending a range's segments on the wire: writes, sendfile, the fallback, and cutting a
-response that cannot be completed."""
+"""Sending a range's segments on the wire: writes, pacing, and cutting a response that cannot
+be completed.
+
+Cached bytes are written from memory, never sent with ``sendfile`` from the
+cache's files: a hole punched by an eviction changes bytes a socket has not
+sent yet (docs/format-3-design.md, Hazards 1)."""
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
-import os
 import struct
 import termios
 import time
@@ -15,13 +17,13 @@ from aiohttp import web
 
 from .appkeys import SENT_KEY
 from .errors import ProxyError
-from .reader import FileSegment, RangeReader
+from .reader import RangeReader
 
 # A plain GET's client may want only the headers (remfile learns the size
 # that way and hangs up). For its first PACED_SEGMENTS segments and first
 # PACED_BYTES, the next block is not asked for (nor fetched upstream) before
-# the client has taken what was sent: sendfile puts blocks into the socket
-# buffer far faster than a client that is about to hang up can say so.
+# the client has taken what was sent: blocks go into the socket buffer far
+# faster than a client that is about to hang up can say so.
 PACED_SEGMENTS = 2
 PACED_BYTES = 1024 * 1024
 # How long a paced response waits for its client before going on anyway.
@@ -41,7 +43,7 @@ async def send(
     *,
     pace: bool = False,
 ) -> None:
-    """Stream a reader's ``length`` bytes; sendfile for large cached spans.
+    """Stream a reader's ``length`` bytes.
 
     ``pace``: a plain GET; its first PACED_BYTES go no faster than the client
     takes them (see PACED_BYTES).
@@ -54,12 +56,8 @@ async def send(
     segments = 0
     try:
         async for segment in reader:
-            if isinstance(segment, FileSegment):
-                await _send_file_segment(request, response, segment)
-                n = segment.length
-            else:
-                await response.write(segment)
-                n = len(segment)
+            await response.write(segment)
+            n = len(segment)
             request[SENT_KEY] = request.get(SENT_KEY, 0) + n
             remaining -= n
             segments += 1
@@ -81,60 +79,6 @@ async def send(
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc
     except ConnectionError as exc:  # the client hung up; fetches others wait on go on
         raise ResponseAborted("client went away") from exc
-
-
-async def _send_file_segment(
-    request: web.Request, response: web.StreamResponse, seg: FileSegment
-) -> None:
-    try:
-        if seg.data is not None:  # verified, or a small span read with the open
-            await response.write(seg.data)
-            return
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("client went away")
-        sent = sendfile_now(transport, seg.fd, seg.offset, seg.length)
-        if sent == seg.length:
-            return
-        loop = asyncio.get_running_loop()
-        with os.fdopen(seg.fd, "rb", buffering=0, closefd=False) as fobj:
-            try:
-                await loop.sendfile(transport, fobj, seg.offset + sent, seg.length - sent)
-            except NotImplementedError:  # TLS transport, or no sendfile on this platform
-                data = await loop.run_in_executor(
-                    None, os.pread, seg.fd, seg.length - sent, seg.offset + sent
-                )
-                await response.write(data)
-    finally:
-        seg.release()
-
-
-def sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int) -> int:
-    """Bytes of ``fd`` sent straight into the socket with one ``os.sendfile``,
-    without waiting: what the socket buffer takes now (often all of a block).
-
-    ``loop.sendfile`` costs a future, a pause of reading and a writer callback
-    per call, tens of µs for each 256 KiB block of a large range. Writing past
-    the transport is safe only when it has nothing queued (bytes must leave in
-    order) and it is plain TCP (under TLS the bytes must be encrypted); then
-    this is what ``loop.sendfile`` itself would do first. Returns 0 when it
-    cannot be used or the socket takes nothing; the caller sends the rest.
-    """
-    if transport.get_write_buffer_size() or transport.get_extra_info("sslcontext") is not None:
-        return 0
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        return os.sendfile(sock.fileno(), fd, offset, count)
-    except (BlockingIOError, InterruptedError):
-        return 0
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-            return 0  # no sendfile for this pair of files: loop.sendfile falls back
-        if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-            raise ConnectionResetError(str(exc)) from exc
-        raise
 
 
 async def _client_caught_up(request: web.Request) -> None:

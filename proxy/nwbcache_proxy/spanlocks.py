@@ -116,6 +116,38 @@ class SpanLocks:
             self._written.difference_update(span)
             self._lock(self._write_fd, fcntl.F_UNLCK, first, count)
 
+    # -- a whole private open -------------------------------------------------------
+    def lock_file(self, patience: float) -> bool:
+        """A write lock on the whole file, waiting up to ``patience`` seconds, with
+        no per-block bookkeeping (a version of millions of blocks would cost
+        seconds of it): only for an open nothing else in this process uses."""
+        deadline = time.monotonic() + patience
+        pause = 0.001
+        while not self._lock_all(fcntl.F_WRLCK):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(0.05, pause * 2)
+        return True
+
+    def unlock_file(self) -> None:
+        self._lock_all(fcntl.F_UNLCK)
+
+    def _lock_all(self, kind: int) -> bool:
+        try:  # a length of 0: to the end of the file, however it grows
+            fcntl.fcntl(self._write_fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        """The files are being closed: from now on a lock call fails (EBADF)
+        instead of acting on whatever file reuses the fd numbers."""
+        with self._mutex:
+            self._read_fd = self._write_fd = -1
+
     # -- the kernel's locks -------------------------------------------------------
     def _unlock_runs(self, fd: int, runs: Iterable[tuple[int, int]]) -> None:
         for run in runs:

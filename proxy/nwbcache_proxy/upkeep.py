@@ -1,5 +1,5 @@
 """Keeping the cache in shape in the background: sweeps, reconciling, flushes, eviction,
-idle fds, gauges."""
+idle versions, gauges."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
 from .layout import Layout
 from .metrics import Metrics
-from .openblocks import OpenBlocks
+from .openversions import OpenVersions
 from .trace import TraceWriter
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,8 @@ LOW_WATER = 0.95
 # eviction run. A step of 4,096 files takes ~20-40 ms.
 LOADER_FILES = 4096
 LOADER_SLEEP = 0.02
-# How often a process looks for fds of files other processes evicted (a slice
-# of its table each time: openblocks.UNLINKED_CHECKS).
+# How often a process looks for versions other processes dropped (a slice
+# of its table each time: openversions.UNLINKED_CHECKS).
 UNLINKED_TICK = 0.25
 # How often a process looks for a reconcile due but not running (its
 # runner died, or it is another process's turn).
@@ -37,7 +37,7 @@ class Upkeep:
         self,
         layout: Layout,
         index: CacheIndex,
-        table: OpenBlocks,
+        table: OpenVersions,
         disk: Disk,
         *,
         capacity: int,
@@ -118,7 +118,7 @@ class Upkeep:
                     async with asyncio.timeout(min(left, UNLINKED_TICK)):
                         await self._wakeup.wait()
                 except TimeoutError:
-                    # Blocks other processes evicted: this process's fds would
+                    # Versions other processes dropped: this process's fds would
                     # keep their space until closed.
                     self.table.close_unlinked()
             self._wakeup.clear()
@@ -129,7 +129,7 @@ class Upkeep:
                 await asyncio.sleep(FLUSH_INTERVAL)
 
     async def run_pass(self) -> None:
-        """Close idle fds, flush use to the index, evict down to the low-water mark
+        """Close idle versions, flush use to the index, evict down to the low-water mark
         if over capacity, and update the gauges."""
         self.table.close_idle()
         self.table.close_unlinked()
@@ -163,9 +163,6 @@ class Upkeep:
         while True:
             done = await self.index.evict_slice(target, self.capacity)
             self.metrics.evicted_recent.inc(done.recent)
-            for version, index in done.victims:
-                # This process's fd would keep the file's space until idle-closed.
-                self.table.forget(version, index)
             if not done.more:
                 return
             if self.index.pending_bytes:

@@ -1,11 +1,12 @@
-"""The one name of a cached version: cache key, validators, digest, block size, directory. Pure."""
+"""The one name of a cached version: cache key, validators, digest, block size, files. Pure."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from .layout import Layout, block_relpath, key_hash
+from .layout import DATA_SUFFIX, MAP_SUFFIX, Layout, key_hash
+from .mapfile import MapHeader
 from .objectmeta import ObjectMeta, ObjectVersion, block_count, block_span, blocks_for
 
 
@@ -13,10 +14,10 @@ from .objectmeta import ObjectMeta, ObjectVersion, block_count, block_span, bloc
 class Version:
     """One version of one object as this cache stores it.
 
-    Everything that names a version derives from this one value: the block
-    files' directory (``dir``), the same relative to the cache root (``name``:
-    the index's ``version`` column and the open-block table's key), and the
-    digest every block header repeats. Two values are the same version when
+    Everything that names a version derives from this one value: its files'
+    path without their suffix (``stem``), the same relative to the cache root
+    (``name``: the index's ``version`` column and the open-version table's
+    key), and the digest its map file's header repeats. Two values are the same version when
     their ``name`` is equal (it holds the digest and the block size).
     """
 
@@ -24,7 +25,7 @@ class Version:
     remote: ObjectVersion  # size and validators, as upstream reported them
     digest: bytes  # SHA-256 of (key, validator, size): see blockfile.version_digest
     block_size: int
-    dir: Path
+    stem: Path
     name: str
     # Whether upstream refuses it without credentials (None: not known yet).
     private: bool | None = None
@@ -36,13 +37,13 @@ class Version:
 
     @classmethod
     def of(cls, layout: Layout, meta: ObjectMeta, block_size: int) -> Version:
-        path = layout.version_dir(key_hash(meta.cache_key), meta.digest, block_size)
+        path = layout.version_stem(key_hash(meta.cache_key), meta.digest, block_size)
         return cls(
             key=meta.cache_key,
             remote=meta.version,
             digest=meta.digest,
             block_size=block_size,
-            dir=path,
+            stem=path,
             name=layout.relative(path),
             private=meta.private,
         )
@@ -79,8 +80,15 @@ class Version:
         """Indices of the blocks covering bytes [start, end) (end > start)."""
         return blocks_for(start, end, self.block_size)
 
-    def block_path(self, index: int) -> str:
-        """Block ``index``'s file. A str, not a Path: a cold fill names every
-        block several times, and building a Path each time was a few per cent
-        of the event loop's time."""
-        return f"{self.dir}/{block_relpath(index)}"
+    @property
+    def data_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + DATA_SUFFIX)
+
+    @property
+    def map_path(self) -> Path:
+        return self.stem.with_name(self.stem.name + MAP_SUFFIX)
+
+    @property
+    def header(self) -> MapHeader:
+        """What the version's map file says of it."""
+        return MapHeader(self.block_size, self.remote.size, self.digest)

@@ -1,9 +1,6 @@
 """Format 3's files of one version: its sparse data file and its map, written, read, locked
 and punched (docs/format-3-design.md). Blocking: called in disk threads.
 
-Not used by the daemon yet, which writes format 2 (a file per block); this
-is the storage layer the format-3 sessions build on, tested on its own.
-
 Order and span locks (spanlocks.py) are what make it safe without a file
 per block:
 
@@ -26,43 +23,27 @@ per block:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import mapfile
 from .blockfile import CorruptBlock, Parts
 from .mapfile import MapHeader
 from .spanlocks import SpanLocks, runs_of
+from .sparse import data_extents, punch_hole, pwritev_all
 from .store import object_lock
 
-DATA_SUFFIX = ".data"
-MAP_SUFFIX = ".map"
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_IOV_MAX = os.sysconf("SC_IOV_MAX")
 # How long a writer waits for the write lock of its group (an eviction of the
 # span, or a reader copying a block of it out: milliseconds) before giving up
 # on caching the group; its bytes are still served from memory.
 WRITE_LOCK_PATIENCE = 5.0
 
 
-def punch_hole(fd: int, offset: int, length: int) -> None:
-    """Free the disk space of a byte range of ``fd``, its size unchanged; the
-    range reads as zeros. OSError (EOPNOTSUPP) where the filesystem cannot."""
-    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def paths(directory: Path, stem: str) -> tuple[Path, Path]:
-    """The data and map files of the version ``stem`` (``<vd>.<bs>``) in its object's dir."""
-    return directory / f"{stem}{DATA_SUFFIX}", directory / f"{stem}{MAP_SUFFIX}"
+class VersionDropped(OSError):
+    """The version's files were unlinked (evicted whole, or dropped as stale)
+    while this process held them open: open them again."""
 
 
 class VersionFiles:
@@ -78,26 +59,63 @@ class VersionFiles:
 
     @classmethod
     def open(
-        cls, directory: Path, stem: str, header: MapHeader, *, create: bool
+        cls, data_path: Path, map_path: Path, header: MapHeader, *, create: bool
     ) -> VersionFiles | None:
         """Open the version's files: None if they are not both there with a
         header (and ``create`` is false). CorruptMap if the map is another
-        version's, or not a map: the caller drops both files."""
-        data_path, map_path = paths(directory, stem)
+        version's, or not a map: the caller drops both files. A map made here
+        has its full length at once (sparse: all its entries read as absent)."""
+        try:
+            with object_lock(map_path, shared=not create):
+                return cls._open(data_path, map_path, header, create=create)
+        except FileNotFoundError:  # no object dir (a reader's lock does not make it)
+            if create:
+                raise
+            return None
+
+    @classmethod
+    def open_existing(
+        cls, data_path: Path, map_path: Path, *, locked: bool = False
+    ) -> VersionFiles | None:
+        """Open a version's files as its map describes it (an evictor knows the
+        version by name only); None if they are not both there, or the map is
+        not one. ``locked``: the caller holds the object dir's lock."""
+        try:
+            with contextlib.nullcontext() if locked else object_lock(map_path, shared=True):
+                return cls._open(data_path, map_path, None, create=False)
+        except (FileNotFoundError, mapfile.CorruptMap):
+            return None
+
+    @classmethod
+    def _open(
+        cls, data_path: Path, map_path: Path, header: MapHeader | None, *, create: bool
+    ) -> VersionFiles | None:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         fds: list[int] = []
         try:
-            with object_lock(map_path, shared=not create):
-                fds.append(os.open(map_path, flags, 0o644))
+            fds.append(os.open(map_path, flags, 0o644))
+            raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
+            if raw and create and not data_path.exists():
+                # Half a version (its data file lost): its entries would map holes.
+                # Under the creator's exclusive lock, so the map is made afresh.
+                os.ftruncate(fds[0], 0)
+                raw = b""
+            if not raw and create and header is not None:
+                # A new map never pairs with a data file already there (what a
+                # drop killed between its two unlinks left): another process
+                # may still read that one through its old map.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(data_path)
+                os.pwrite(fds[0], mapfile.encode_header(header), 0)
+                os.ftruncate(fds[0], mapfile.entry_offset(header.blocks))
                 raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
-                if not raw and create:
-                    os.pwrite(fds[0], mapfile.encode_header(header), 0)
-                    raw = os.pread(fds[0], mapfile.HEADER_SIZE, 0)
-                if not raw:  # a creator's header is on its way (it held the lock before us)
-                    raise FileNotFoundError(map_path)
-                mapfile.check_header(mapfile.decode_header(raw), header)
-                fds.append(os.open(data_path, flags, 0o644))
-                fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
+            if not raw:  # a creator's header is on its way (it held the lock before us)
+                raise FileNotFoundError(map_path)
+            found = mapfile.decode_header(raw)
+            if header is not None:
+                mapfile.check_header(found, header)
+            fds.append(os.open(data_path, flags, 0o644))
+            fds.append(os.open(data_path, os.O_RDWR | os.O_CLOEXEC))
         except FileNotFoundError:
             _close_all(fds)
             if create:
@@ -106,44 +124,73 @@ class VersionFiles:
         except BaseException:
             _close_all(fds)
             raise
-        return cls(fds[1], fds[2], fds[0], header)
+        return cls(fds[1], fds[2], fds[0], found)
 
     def close(self) -> None:
+        self.locks.close()  # its fd numbers may be another file's from now on
         _close_all([self.data_fd, self._lock_fd, self.map_fd])
         self.data_fd = self._lock_fd = self.map_fd = -1
 
     # -- writing -----------------------------------------------------------
-    def write_group(self, first: int, blocks: Sequence[Parts], *, fsync: bool = False) -> None:
+    def write_group(
+        self, first: int, blocks: Sequence[Parts], *, fsync: bool = False
+    ) -> list[OSError | None]:
         """Blocks ``first``, ``first + 1``... (each its bytes in parts): the bytes
-        of those the map does not have, then their entries. On an error (ENOSPC)
-        none of those is mapped and the bytes written are punched out again;
-        blocks mapped before are left as they were."""
+        of those the map does not have as they are here, then their entries;
+        per block, None once it is there exactly, or why it could not be
+        written. A block the map has with these bytes' entry is read back and
+        checked, and written again if its bytes are not those (a power cut
+        lost them). A run that fails (ENOSPC) is unmapped and its bytes
+        punched out; the others are kept. VersionDropped before anything is
+        written when the files were unlinked meanwhile."""
         for n, parts in enumerate(blocks):
             want = self.header.length_of(first + n)
             if sum(len(p) for p in parts) != want:
                 raise ValueError(f"block {first + n} must be {want} bytes")
+        results: list[OSError | None] = [None] * len(blocks)
         if not blocks:
-            return
+            return results
         self.locks.wait_exclusive(first, len(blocks), WRITE_LOCK_PATIENCE)
         try:
-            absent = [
-                first + n for n, there in enumerate(self.mapped(first, len(blocks))) if not there
+            if self.dropped():  # checked under the lock: a drop holds all of them
+                raise VersionDropped(errno.ENOENT, "the version's files were unlinked")
+            new = mapfile.encode_entries(blocks)
+            had = self.entries(first, len(blocks))
+            todo = [
+                first + n
+                for n, entry in enumerate(mapfile.decode_entries(new))
+                if entry != had[n] or not self._intact(first + n, entry)
             ]
-            for run_first, run_count in runs_of(absent):
-                self._write_run(
-                    run_first, blocks[run_first - first : run_first - first + run_count], fsync
-                )
+            size = mapfile.ENTRY_SIZE
+            for run_first, count in runs_of(todo):
+                at = run_first - first
+                try:
+                    self._write_run(
+                        run_first, blocks[at : at + count], new[at * size : (at + count) * size],
+                        fsync,
+                    )  # fmt: skip
+                except OSError as exc:
+                    results[at : at + count] = [exc] * count
         finally:
             self.locks.release_exclusive(first, len(blocks))
+        return results
 
-    def _write_run(self, first: int, blocks: Sequence[Parts], fsync: bool) -> None:
+    def _intact(self, index: int, entry: tuple[int, int]) -> bool:
+        """Whether block ``index``'s bytes on disk match ``entry`` (under the lock)."""
+        data = os.pread(self.data_fd, entry[1], self.header.offset_of(index))
+        try:
+            mapfile.check_block(entry, data, index)
+        except CorruptBlock:
+            return False
+        return True
+
+    def _write_run(self, first: int, blocks: Sequence[Parts], entries: bytes, fsync: bool) -> None:
         offset = self.header.offset_of(first)
         views = [memoryview(p).cast("B") for parts in blocks for p in parts]
         try:
-            _pwritev_all(self.data_fd, views, offset)
+            pwritev_all(self.data_fd, views, offset)
             if fsync:
                 os.fdatasync(self.data_fd)
-            entries = mapfile.encode_entries(blocks)
             if os.pwrite(self.map_fd, entries, mapfile.entry_offset(first)) != len(entries):
                 raise OSError(errno.ENOSPC, "short write of map entries")
             if fsync:
@@ -157,6 +204,10 @@ class VersionFiles:
                 if os.pwrite(self.map_fd, zeros, mapfile.entry_offset(first)) == len(zeros):
                     self._punch(offset, self.header.offset_of(first + len(blocks)))
             raise
+
+    def dropped(self) -> bool:
+        """Whether the data file or the map was unlinked since they were opened."""
+        return os.fstat(self.data_fd).st_nlink == 0 or os.fstat(self.map_fd).st_nlink == 0
 
     # -- reading -----------------------------------------------------------
     def entries(self, first: int, count: int) -> list[tuple[int, int]]:
@@ -203,12 +254,15 @@ class VersionFiles:
         return data if len(data) == end - start else None
 
     # -- removing ----------------------------------------------------------
-    def remove(self, first: int, count: int, *, fsync: bool = False) -> bool:
+    def remove(self, first: int, count: int, *, fsync: bool = False, patience: float = 0.0) -> bool:
         """Blocks [first, first + count) out of the map (made durable first with
         ``fsync``), then their space freed. False, doing nothing, while anyone
-        reads or writes any of them."""
+        reads or writes any of them for longer than ``patience`` seconds."""
         if not self.locks.exclusive(first, count):
-            return False
+            try:
+                self.locks.wait_exclusive(first, count, patience)
+            except OSError:
+                return False
         try:
             os.pwrite(self.map_fd, bytes(count * mapfile.ENTRY_SIZE), mapfile.entry_offset(first))
             if fsync:
@@ -229,7 +283,7 @@ class VersionFiles:
         h = self.header
         start, end = h.offset_of(first), min(h.size, h.offset_of(first + count))
         holding: set[int] = set()  # blocks with bytes on disk, each once
-        for a, b in list(_data_extents(self.data_fd, start, end)):
+        for a, b in list(data_extents(self.data_fd, start, end)):
             holding.update(range(a // h.block_size, -(-b // h.block_size)))
         candidates = sorted(holding)
         mapped = dict(zip(candidates, self._mapped_at(candidates), strict=True))
@@ -277,48 +331,8 @@ class VersionFiles:
         self.locks.release_shared(first, count)
 
 
-def drop(directory: Path, stem: str) -> None:
-    """Remove a version's files, the map first: an open that comes between the
-    two unlinks finds no version, never a map without its bytes."""
-    data_path, map_path = paths(directory, stem)
-    with object_lock(map_path):
-        for path in (map_path, data_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    while views:
-        written = os.pwritev(fd, views[:_IOV_MAX], offset)
-        if written == 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
-
-
-def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The byte ranges of ``fd`` within [start, end) that hold data (not holes)."""
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data past pos
-                return
-            raise
-        if data >= end:
-            return
-        hole = os.lseek(fd, data, os.SEEK_HOLE)
-        yield data, min(hole, end)
-        pos = hole

@@ -7,6 +7,7 @@ nothing here is a fixture.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -168,3 +169,23 @@ def run_bench(module: str, *args: str, out: Path, timeout: float) -> dict[str, A
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report: dict[str, Any] = json.loads(out.read_text())
     return report
+
+
+def blocks_holding(fd: int, size: int, block_size: int) -> list[int]:
+    """The blocks of a data file that hold bytes on disk (are not holes), by
+    SEEK_DATA and SEEK_HOLE: the tests' own look, not the daemon's."""
+    found: set[int] = set()
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but holes past pos
+                break
+            raise
+        if start >= size:
+            break
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        found.update(range(start // block_size, -(-end // block_size)))
+        pos = end
+    return sorted(found)

@@ -1,4 +1,6 @@
-"""Publish a block file: it appears at its path whole or not at all.
+"""Format 2's block publishing (nwbcache up to 0.x's daemon, ``publish.py``), kept for
+``bench/layouts.py``'s comparison: a block file appears at its path whole or
+not at all.
 
 Written unnamed (O_TMPFILE, in its shard dir) and linked in when whole, or,
 where the filesystem or a sandbox refuses that, written as a temp file in
@@ -17,9 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from . import blockfile
-from .blockfile import HEADER_SIZE, Buffer, Parts
-from .staging import Staging
+from nwbcache_proxy import blockfile
+from nwbcache_proxy.blockfile import HEADER_SIZE, Buffer, Parts
+from nwbcache_proxy.staging import Staging
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
