@@ -21,19 +21,13 @@ from pathlib import Path
 import pytest
 
 from nwbcache_proxy import schema, unlinker
-from nwbcache_proxy.index import (
-    EVICT_BATCH,
-    UNLINK_GROUP,
-    CacheIndex,
-    Evicted,
-    Totals,
-    _unlink_groups,
-)
+from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
 from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.policy import Eviction
 from nwbcache_proxy.reconcile import is_needed
 from nwbcache_proxy.spanlocks import runs_of
+from nwbcache_proxy.unlinker import UNLINK_GROUP, groups_of
 from nwbcache_proxy.versionfile import VersionFiles
 from tests.support.helpers import blocks_holding
 
@@ -400,7 +394,7 @@ def test_unlink_groups_cover_every_victim_once_as_runs_taking_turns(tmp_path: Pa
     victims = [(V1, i, 0.0) for i in range(2 * UNLINK_GROUP + 100)]  # three groups
     victims += [(V2, i, 0.0) for i in (7, 4, 3, 5, 10, 9, 20)]  # unsorted, with gaps
     victims += [(v3, 5000 + i, 0.0) for i in range(UNLINK_GROUP + 1)]  # two groups
-    groups = _unlink_groups(layout, victims)
+    groups = groups_of(victims, lambda name: str(layout.version_path(name)))
     names = {str(layout.version_path(v)): v for v in (V1, V2, v3)}
     assert all(Path(stem).is_absolute() for stem, _ in groups)
     flat: list[tuple[str, int]] = []
@@ -417,7 +411,7 @@ def test_unlink_groups_cover_every_victim_once_as_runs_taking_turns(tmp_path: Pa
     ]
     # the versions take turns: every version's first group before any second one
     assert [names[stem] for stem, _ in groups] == [V1, V2, v3, V1, v3, V1]
-    assert _unlink_groups(layout, []) == []
+    assert groups_of([], lambda name: str(layout.version_path(name))) == []
 
 
 async def test_eviction_removes_exactly_its_victims_across_a_version(

@@ -33,8 +33,7 @@ from .accounting import Hits, Pending, Stats
 from .layout import Layout
 from .policy import Eviction
 from .reconcile import Progress, Reconciler
-from .spanlocks import runs_of
-from .unlinker import Group, Unlinker
+from .unlinker import Unlinker, groups_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -43,8 +42,6 @@ T = TypeVar("T")
 # bounded work per step, so flushes, reconcile steps and other processes'
 # writes never wait long (diskcache's cull_limit, nginx's manager_files).
 EVICT_BATCH = 1024
-# Victims removed from one version in one go (a group; unlinker.py).
-UNLINK_GROUP = 1024
 # An evicted block used more recently than this means the cache is too small
 # for the working set (the "thrashing" alert counts these).
 RECENT_USE = 600.0
@@ -276,7 +273,7 @@ class CacheIndex:
             # the slice before is settled first (its files gone, then its
             # emptied versions' dirs), and the last slice before a pause is
             # settled at once, so a slice saying "no more" leaves no file.
-            self._unlinker.start(_unlink_groups(self._layout, found.chosen))
+            self._unlinker.start(groups_of(found.chosen, self._stem))
             self._prune_emptied()
             self._emptied += found.emptied
             if self.last_totals.bytes <= target_bytes or found.looked == 0:
@@ -292,6 +289,9 @@ class CacheIndex:
         recent = sum(atime >= recent_after for _, _, atime in chosen)
         victims = tuple((name, idx) for name, idx, _ in chosen)
         return Evicted(len(chosen), done.freed, recent, more, victims)
+
+    def _stem(self, version: str) -> str:
+        return str(self._layout.version_path(version))
 
     def _prune_emptied(self) -> None:
         """The files (and meta.json) of versions the last settled slice emptied:
@@ -386,20 +386,3 @@ class CacheIndex:
             fd, self._reconcile_fd = self._reconcile_fd, -1
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-def _unlink_groups(layout: Layout, victims: list[accounting.Victim]) -> list[Group]:
-    """The victims as (version stem, runs) groups of at most UNLINK_GROUP blocks,
-    in an order that cycles through the versions: parallel removers then
-    mostly work in different versions."""
-    by_version: dict[str, list[int]] = {}
-    for name, idx, _ in victims:
-        by_version.setdefault(name, []).append(idx)
-    numbered: list[tuple[int, str, list[int]]] = []
-    for name, indices in by_version.items():
-        indices.sort()
-        numbered += [
-            (i, name, indices[i : i + UNLINK_GROUP]) for i in range(0, len(indices), UNLINK_GROUP)
-        ]
-    numbered.sort(key=lambda g: g[0])  # stable: the versions' first groups, then their second...
-    return [(str(layout.version_path(name)), list(runs_of(part))) for _, name, part in numbered]

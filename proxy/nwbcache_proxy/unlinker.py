@@ -41,12 +41,15 @@ from pathlib import Path
 
 from . import wholeversions
 from .layout import DATA_SUFFIX, MAP_SUFFIX, block_file_name, block_relpath
+from .spanlocks import runs_of
 from .versionfile import VersionFiles
 
 log = logging.getLogger(__name__)
 
 # (version stem, runs of blocks as (first, count)): the blocks of one version.
 Group = tuple[str, list[tuple[int, int]]]
+# Victims removed from one version in one go (a group).
+UNLINK_GROUP = 1024
 # Threads removing in parallel (in the helper, or here as the fallback): a
 # version's first open may read its inodes from disk; in parallel they overlap.
 UNLINK_THREADS = 8
@@ -60,6 +63,23 @@ RESTART_AFTER = 30.0
 # block out, or a group being written around it: milliseconds) before it
 # leaves the run's bytes to a reconcile (their rows are gone already).
 REMOVE_PATIENCE = 1.0
+
+
+def groups_of(victims: Iterable[tuple[str, int, float]], stem: Callable[[str], str]) -> list[Group]:
+    """Victims (version, block index, last use) as (version stem, runs) groups of
+    at most UNLINK_GROUP blocks, in an order that cycles through the versions:
+    parallel removers then mostly work in different versions."""
+    by_version: dict[str, list[int]] = {}
+    for name, idx, _ in victims:
+        by_version.setdefault(name, []).append(idx)
+    numbered: list[tuple[int, str, list[int]]] = []
+    for name, indices in by_version.items():
+        indices.sort()
+        numbered += [
+            (i, name, indices[i : i + UNLINK_GROUP]) for i in range(0, len(indices), UNLINK_GROUP)
+        ]
+    numbered.sort(key=lambda g: g[0])  # stable: the versions' first groups, then their second...
+    return [(stem(name), list(runs_of(part))) for _, name, part in numbered]
 
 
 def remove_group(group: Group) -> int:
