@@ -140,12 +140,12 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
         return found
 
     def read_(
-        files: VersionFiles, index: int, lo: int, hi: int, verify: bool, *, nowait: bool = False
+        files: VersionFiles, index: int, lo: int, hi: int, verify: bool, *, on_loop: bool = False
     ) -> bytes | bytearray | memoryview | None:
-        if nowait and delays["open"]:
+        if on_loop and delays["open"]:
             raise blockio.Miss
-        found = real_read(files, index, lo, hi, verify, nowait=nowait)
-        if not nowait:
+        found = real_read(files, index, lo, hi, verify, on_loop=on_loop)
+        if not on_loop:
             time.sleep(delays["open"])
         return found
 

@@ -355,6 +355,20 @@ def mapped_blocks(cache_dir: Path) -> int:
     return disk_usage(cache_dir).blocks
 
 
+def cached_then_stopped(
+    origin: S3Emulator, spawn: Spawn, cache_dir: Path, prefix: str
+) -> tuple[str, bytes, int]:
+    """An object of 1,000,003 bytes read whole through a daemon of 64 KiB blocks,
+    every block mapped, the daemon stopped cleanly: (key, bytes, blocks)."""
+    [(key, data)] = put_objects(origin, prefix, [1_000_003]).items()
+    nblocks = block_count(len(data), K64)
+    first = spawn(cache_dir, "--block-size", "64K")
+    assert get_all(proxied(first.url, origin, key))[0] == data
+    wait_until(lambda: mapped_blocks(cache_dir) == nblocks, 10, f"{nblocks} blocks mapped")
+    assert first.terminate() == 0
+    return key, data, nblocks
+
+
 def _ro(cache_dir: Path) -> contextlib.closing[sqlite3.Connection]:
     uri = f"file:{Layout(cache_dir).index_path}?mode=ro"
     return contextlib.closing(sqlite3.connect(uri, uri=True, timeout=5))
@@ -623,12 +637,7 @@ def test_a_cache_of_format_2_with_block_format_1_is_moved_served_and_checked(
     caught by its own CRC-32, not moved, and fetched again; the index counts
     blocks at their own length; ``nwbcache check`` finds the cache sound."""
     cache_dir = tmp_path / "cache"
-    [(key, data)] = put_objects(origin, "old", [1_000_003]).items()
-    nblocks = block_count(len(data), K64)
-    first = spawn(cache_dir, "--block-size", "64K")
-    assert get_all(proxied(first.url, origin, key))[0] == data
-    wait_until(lambda: mapped_blocks(cache_dir) == nblocks, 10, f"{nblocks} blocks mapped")
-    assert first.terminate() == 0
+    key, data, nblocks = cached_then_stopped(origin, spawn, cache_dir, "old")
     files = _to_format_2(cache_dir, block_format=1)
     assert sorted(files) == list(range(nblocks))
     assert {blockfile.decode_header(p.read_bytes()).version for p in files.values()} == {1}
@@ -800,12 +809,7 @@ def test_damaged_blocks_are_dropped_and_fetched_again(
     checksum or length wrong) are never served: each is a miss, fetched again
     alone, byte-exact, and mapped again; every other block is a hit."""
     cache_dir = tmp_path / "cache"
-    [(key, data)] = put_objects(origin, "damaged", [1_000_003]).items()
-    nblocks = block_count(len(data), K64)
-    first = spawn(cache_dir, "--block-size", "64K")
-    assert get_all(proxied(first.url, origin, key))[0] == data
-    wait_until(lambda: mapped_blocks(cache_dir) == nblocks, 10, f"{nblocks} blocks mapped")
-    assert first.terminate() == 0
+    key, data, nblocks = cached_then_stopped(origin, spawn, cache_dir, "damaged")
 
     data_path, map_path = version_files(cache_dir, origin, key)
     fd = os.open(data_path, os.O_RDWR)
@@ -922,12 +926,7 @@ def test_half_a_version_is_never_paired_with_new_files(
     block the new data file does not hold. (The daemon before was stopped
     cleanly, so no reconcile clears the lone file first: the fill meets it.)"""
     cache_dir = tmp_path / "cache"
-    [(key, data)] = put_objects(origin, "half", [1_000_003]).items()
-    nblocks = block_count(len(data), K64)
-    first = spawn(cache_dir, "--block-size", "64K")
-    assert get_all(proxied(first.url, origin, key))[0] == data
-    wait_until(lambda: mapped_blocks(cache_dir) == nblocks, 10, f"{nblocks} blocks mapped")
-    assert first.terminate() == 0
+    key, data, _ = cached_then_stopped(origin, spawn, cache_dir, "half")
     data_path, map_path = version_files(cache_dir, origin, key)
     (map_path if left == "data" else data_path).unlink()
 

@@ -29,7 +29,7 @@ from nwbcache_proxy.reconcile import is_needed
 from nwbcache_proxy.spanlocks import runs_of
 from nwbcache_proxy.unlinker import UNLINK_GROUP, groups_of
 from nwbcache_proxy.versionfile import VersionFiles
-from tests.support.helpers import blocks_holding
+from tests.support.helpers import mapped_exactly
 
 # A filesystem block: an evicted block's space is freed, not only zeroed.
 BS = 4096
@@ -114,11 +114,7 @@ def _cached(layout: Layout, version: str) -> list[int] | None:
     files = VersionFiles.open_existing(data_path, map_path)
     assert files is not None, f"half a version left of {version}"
     try:
-        h = files.header
-        mapped = [i for i, there in enumerate(files.mapped(0, h.blocks)) if there]
-        for i in mapped:
-            assert files.read_block(i) == _block(version, i)
-        assert blocks_holding(files.data_fd, h.size, BS) == mapped
+        mapped = mapped_exactly(files, lambda i: _block(version, i), BS)
     finally:
         files.close()
     allocated = os.stat(data_path).st_blocks * 512

@@ -4,6 +4,7 @@ and a hole in its data file; every other block reads back as written."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -21,7 +22,7 @@ from nwbcache_proxy.layout import DATA_SUFFIX, MAP_SUFFIX
 from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.unlinker import HELPER_MIN_BLOCKS, REMOVE_PATIENCE, Group, Unlinker
 from nwbcache_proxy.versionfile import VersionFiles
-from tests.support.helpers import blocks_holding
+from tests.support.helpers import mapped_exactly
 
 BS = 4096  # a filesystem block: a removed block's space is freed, not only zeroed
 
@@ -68,11 +69,7 @@ def _left(root: Path) -> dict[str, list[int]]:
         stem = str(map_path)[: -len(MAP_SUFFIX)]
         files = _open(stem)
         try:
-            h = files.header
-            mapped = [i for i, there in enumerate(files.mapped(0, h.blocks)) if there]
-            for i in mapped:
-                assert files.read_block(i) == _block(stem, i)
-            assert blocks_holding(files.data_fd, h.size, BS) == mapped
+            mapped = mapped_exactly(files, functools.partial(_block, stem), BS)
         finally:
             files.close()
         out[str(Path(stem).relative_to(root))] = mapped

@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from . import mapfile, wholeversions
-from .blockfile import Buffer, CorruptBlock, Parts
+from . import wholeversions
+from .blockfile import Buffer, Parts
 from .openversions import SharedVersion, pread_nowait
 from .spanlocks import runs_of
 from .version import Version
-from .versionfile import VersionDropped, VersionFiles
+from .versionfile import Busy, VersionDropped, VersionFiles
 
 
 class Miss(Exception):
@@ -27,59 +27,33 @@ def open_version(v: Version, *, create: bool) -> VersionFiles | None:
     return wholeversions.open_or_replace(v.data_path, v.map_path, v.header, create=create)
 
 
-def entries_nowait(files: VersionFiles, first: int, count: int) -> list[tuple[int, int]] | None:
-    raw = pread_nowait(files.map_fd, count * mapfile.ENTRY_SIZE, mapfile.entry_offset(first))
-    return None if raw is None else mapfile.decode_entries(raw)
+def nowait(fd: int, length: int, offset: int) -> Buffer:
+    """A read for the event loop: from the page cache, or Miss."""
+    data = pread_nowait(fd, length, offset)
+    if data is None:
+        raise Miss
+    return data
 
 
 def read(
-    files: VersionFiles, index: int, lo: int, hi: int, verify: bool, *, nowait: bool = False
+    files: VersionFiles, index: int, lo: int, hi: int, verify: bool, *, on_loop: bool = False
 ) -> Buffer | None:
-    """Bytes [lo, hi) of block ``index`` under a read lock, checked against its
-    entry when ``verify`` (then [lo, hi) is the whole block). None if the map
-    does not have it, or while it is being written or removed. With
-    ``nowait``: on the loop, Miss when the page cache lacks a byte of it."""
-    if not files.lock_shared(index, 1):
-        return None
+    """Bytes [lo, hi) of block ``index`` (VersionFiles.read): None if the map
+    does not have it, or while it is being written or removed. ``on_loop``:
+    Miss when the page cache lacks a byte of it."""
     try:
-        if nowait:
-            entries = entries_nowait(files, index, 1)
-            if entries is None:
-                raise Miss
-        else:
-            entries = files.entries(index, 1)
-        if not mapfile.mapped(files.header, index, entries)[0]:
-            return None
-        offset = files.header.offset_of(index) + lo
-        data: Buffer | None
-        if nowait:
-            data = pread_nowait(files.data_fd, hi - lo, offset)
-            if data is None:
-                raise Miss
-        else:
-            data = os.pread(files.data_fd, hi - lo, offset)
-    finally:
-        files.unlock_shared(index, 1)
-    if verify:
-        mapfile.check_block(entries[0], data, index)
-    elif len(data) != hi - lo:
-        raise CorruptBlock(f"block {index}: the data file is shorter than its map says")
-    return data
+        return files.read(index, lo, hi, verify=verify, pread=nowait if on_loop else os.pread)
+    except Busy:
+        return None
 
 
 def read_span(files: VersionFiles, blocks: range, start: int, end: int) -> Buffer | None:
     """Bytes [start, end) of the object, from the page cache on the loop, if the
     map has every block of ``blocks``; else None."""
-    first, count = blocks.start, len(blocks)
-    if not files.lock_shared(first, count):
-        return None
     try:
-        entries = entries_nowait(files, first, count)
-        if entries is None or not all(mapfile.mapped(files.header, first, entries)):
-            return None
-        return pread_nowait(files.data_fd, end - start, start)
-    finally:
-        files.unlock_shared(first, count)
+        return files.read_span(blocks.start, len(blocks), (start, end), nowait)
+    except Miss:
+        return None
 
 
 def write(

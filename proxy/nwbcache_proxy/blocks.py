@@ -46,7 +46,6 @@ class CachedBlock:
     """Bytes of a block read from the cache: ``data`` from ``start`` in the block
     (the whole block when it was read to verify it)."""
 
-    index: int
     start: int
     data: Buffer
 
@@ -57,10 +56,6 @@ class CachedBlock:
         if start == self.start and end - start == len(self.data):
             return self.data
         return self.data[start - self.start : end - self.start]
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0
 
 
 class Blocks:
@@ -146,12 +141,12 @@ class Blocks:
         if shared is None:
             return None
         try:
-            verify = need_data or span is None or self._verified.get((v.name, index)) is None
-            lo, hi = (0, v.block_length(index)) if verify else span  # type: ignore[misc]
+            verify = span is None or need_data or self._verified.get((v.name, index)) is None
+            lo, hi = (0, v.block_length(index)) if verify or span is None else span
             files = shared.files
             try:
                 try:
-                    data = blockio.read(files, index, lo, hi, verify, nowait=True)
+                    data = blockio.read(files, index, lo, hi, verify, on_loop=True)
                 except blockio.Miss:
                     data = await self._in_thread(
                         shared, lambda: blockio.read(files, index, lo, hi, verify)
@@ -166,7 +161,7 @@ class Blocks:
         if verify:
             self._verified.put((v.name, index), 1)
         self.touch(v, index)
-        return CachedBlock(index, lo, data)
+        return CachedBlock(lo, data)
 
     async def _drop_corrupt(
         self, v: Version, files: VersionFiles, index: int, exc: CorruptBlock
@@ -213,8 +208,9 @@ class Blocks:
         try:
             first, count = wanted[0], wanted[-1] + 1 - wanted[0]
             files = shared.files
-            entries = blockio.entries_nowait(files, first, count)
-            if entries is None:
+            try:
+                entries = files.entries(first, count, blockio.nowait)
+            except blockio.Miss:
                 entries = await self._in_thread(shared, lambda: files.entries(first, count))
         finally:
             shared.release()

@@ -35,7 +35,7 @@ from .layout import DATA_SUFFIX, MAP_SUFFIX, Layout, key_hash
 from .mapfile import MapHeader
 from .objectmeta import ObjectMeta
 from .reconcile import CHUNK_BLOCKS, scan_dir
-from .versionfile import VersionFiles
+from .versionfile import Busy, VersionFiles
 
 VERSION_BATCH = 256  # versions rows per step of the last phase
 CURSOR_FORMAT = 1
@@ -349,20 +349,13 @@ _GONE = "gone"
 def _verify(files: VersionFiles, index: int) -> str | None:
     """None if the block is sound; else what is wrong with it (``_BUSY``: being
     written or removed, not read; ``_GONE``: evicted since it was listed)."""
-    if not files.lock_shared(index, 1):
+    try:
+        data = files.read(index, verify=True)
+    except Busy:
         return _BUSY
-    try:
-        (entry,) = files.entries(index, 1)
-        if not files.mapped(index, 1)[0]:
-            return _GONE
-        data = os.pread(files.data_fd, entry[1], files.header.offset_of(index))
-    finally:
-        files.unlock_shared(index, 1)
-    try:
-        mapfile.check_block(entry, data, index)
     except CorruptBlock as exc:
         return str(exc)
-    return None
+    return _GONE if data is None else None
 
 
 def _legacy_indices(vdir: Path) -> set[int]:

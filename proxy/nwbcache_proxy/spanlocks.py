@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 # struct flock on Linux (64-bit off_t): l_type, l_whence, l_start, l_len, l_pid.
 _FLOCK = struct.Struct("hhxxxxqqi4x")
@@ -98,13 +98,8 @@ class SpanLocks:
 
     def wait_exclusive(self, first: int, count: int, patience: float) -> None:
         """``exclusive``, trying for up to ``patience`` seconds; OSError EAGAIN after."""
-        deadline = time.monotonic() + patience
-        pause = 0.001
-        while not self.exclusive(first, count):
-            if time.monotonic() > deadline:
-                raise OSError(errno.EAGAIN, f"blocks {first}-{first + count - 1} stay locked")
-            time.sleep(pause)
-            pause = min(0.05, pause * 2)
+        if not _trying(lambda: self.exclusive(first, count), patience):
+            raise OSError(errno.EAGAIN, f"blocks {first}-{first + count - 1} stay locked")
 
     def release_exclusive(self, first: int, count: int) -> None:
         if count <= 0:
@@ -121,26 +116,11 @@ class SpanLocks:
         """A write lock on the whole file, waiting up to ``patience`` seconds, with
         no per-block bookkeeping (a version of millions of blocks would cost
         seconds of it): only for an open nothing else in this process uses."""
-        deadline = time.monotonic() + patience
-        pause = 0.001
-        while not self._lock_all(fcntl.F_WRLCK):
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(pause)
-            pause = min(0.05, pause * 2)
-        return True
+        # A length of 0: to the end of the file, however it grows.
+        return _trying(lambda: _setlk(self._write_fd, fcntl.F_WRLCK, 0, 0), patience)
 
     def unlock_file(self) -> None:
-        self._lock_all(fcntl.F_UNLCK)
-
-    def _lock_all(self, kind: int) -> bool:
-        try:  # a length of 0: to the end of the file, however it grows
-            fcntl.fcntl(self._write_fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+        _setlk(self._write_fd, fcntl.F_UNLCK, 0, 0)
 
     def close(self) -> None:
         """The files are being closed: from now on a lock call fails (EBADF)
@@ -155,14 +135,32 @@ class SpanLocks:
 
     def _lock(self, fd: int, kind: int, first: int, count: int) -> bool:
         # count > 0: a length of 0 would mean "to the end of the file".
-        start, length = first * self._block_size, count * self._block_size
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                return False
-            raise
-        return True
+        return _setlk(fd, kind, first * self._block_size, count * self._block_size)
+
+
+def _setlk(fd: int, kind: int, start: int, length: int) -> bool:
+    """One OFD lock request, without waiting: False if another open holds a
+    conflicting lock."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _trying(attempt: Callable[[], bool], patience: float) -> bool:
+    """``attempt()`` until it succeeds or ``patience`` seconds have passed,
+    backing off from 1 ms to 50 ms between tries."""
+    deadline = time.monotonic() + patience
+    pause = 0.001
+    while not attempt():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+        pause = min(0.05, pause * 2)
+    return True
 
 
 def runs_of(indices: Iterable[int]) -> Iterator[tuple[int, int]]:

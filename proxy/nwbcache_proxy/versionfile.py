@@ -25,11 +25,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import mapfile
-from .blockfile import CorruptBlock, Parts
+from .blockfile import Buffer, CorruptBlock, Parts
 from .mapfile import MapHeader
 from .spanlocks import SpanLocks, runs_of
 from .sparse import data_extents, punch_hole, pwritev_all
@@ -39,6 +39,15 @@ from .store import object_lock
 # span, or a reader copying a block of it out: milliseconds) before giving up
 # on caching the group; its bytes are still served from memory.
 WRITE_LOCK_PATIENCE = 5.0
+
+
+# How bytes are read: (fd, length, offset) -> the bytes (os.pread, or a read
+# on the event loop that never waits for the disk).
+Pread = Callable[[int, int, int], Buffer]
+
+
+class Busy(Exception):
+    """A block being written or removed: not read now."""
 
 
 class VersionDropped(OSError):
@@ -210,9 +219,9 @@ class VersionFiles:
         return os.fstat(self.data_fd).st_nlink == 0 or os.fstat(self.map_fd).st_nlink == 0
 
     # -- reading -----------------------------------------------------------
-    def entries(self, first: int, count: int) -> list[tuple[int, int]]:
+    def entries(self, first: int, count: int, pread: Pread = os.pread) -> list[tuple[int, int]]:
         """The map's entries of blocks [first, first + count); absent past its end."""
-        raw = os.pread(self.map_fd, count * mapfile.ENTRY_SIZE, mapfile.entry_offset(first))
+        raw = pread(self.map_fd, count * mapfile.ENTRY_SIZE, mapfile.entry_offset(first))
         found = mapfile.decode_entries(raw)
         return found + [(0, 0)] * (count - len(found))
 
@@ -220,35 +229,72 @@ class VersionFiles:
         """Whether the map says each of blocks [first, first + count) is there."""
         return mapfile.mapped(self.header, first, self.entries(first, count))
 
-    def read_block(self, index: int) -> bytes:
-        """Block ``index``'s bytes, checked against its entry: CorruptBlock if the
-        map does not have it or its bytes do not match (a torn write after a
-        power cut, a disk error), or while it is being removed or written."""
+    def read(
+        self,
+        index: int,
+        lo: int = 0,
+        hi: int | None = None,
+        *,
+        verify: bool,
+        pread: Pread = os.pread,
+    ) -> Buffer | None:
+        """Bytes [lo, hi) of block ``index`` (all of it by default), copied out
+        under a read lock: None if the map does not have it, Busy while it is
+        being written or removed. With ``verify`` ([lo, hi) then the whole
+        block), CorruptBlock unless its bytes match its entry (a torn write
+        after a power cut, a disk error); without, unless there are as many
+        as asked. ``pread``: how bytes are read (the event loop's never waits
+        for the disk)."""
+        hi = self.header.length_of(index) if hi is None else hi
         if not self.locks.shared(index, 1):
-            raise CorruptBlock(f"block {index} is being removed or written")
+            raise Busy(f"block {index} is being removed or written")
         try:
-            (entry,) = self.entries(index, 1)
+            (entry,) = self.entries(index, 1, pread)
             if not mapfile.mapped(self.header, index, [entry])[0]:
-                raise CorruptBlock(f"block {index} is not in the map")
-            data = os.pread(self.data_fd, entry[1], self.header.offset_of(index))
+                return None
+            data = pread(self.data_fd, hi - lo, self.header.offset_of(index) + lo)
         finally:
             self.locks.release_shared(index, 1)
-        mapfile.check_block(entry, data, index)
+        if verify:
+            mapfile.check_block(entry, data, index)
+        elif len(data) != hi - lo:
+            raise CorruptBlock(f"block {index}: the data file is shorter than its map says")
         return data
 
-    def read_span(self, first: int, count: int) -> bytes | None:
-        """The bytes of blocks [first, first + count), copied out under a read
-        lock, if the map has every one of them (their checksums unchecked: the
-        caller checks a block the first time it serves it); None if not, or
-        while any of them is being removed or written."""
+    def read_block(self, index: int) -> bytes:
+        """Block ``index``'s bytes, checked against its entry: CorruptBlock if the
+        map does not have it or its bytes do not match, or while it is being
+        removed or written."""
+        try:
+            data = self.read(index, verify=True)
+        except Busy as exc:
+            raise CorruptBlock(str(exc)) from None
+        if data is None:
+            raise CorruptBlock(f"block {index} is not in the map")
+        return bytes(data)  # os.pread's: already bytes, not copied
+
+    def read_span(
+        self,
+        first: int,
+        count: int,
+        within: tuple[int, int] | None = None,
+        pread: Pread = os.pread,
+    ) -> Buffer | None:
+        """The bytes of blocks [first, first + count) (or of the object's bytes
+        ``within`` them), copied out under a read lock, if the map has every
+        one of them (their checksums unchecked: the caller checks a block the
+        first time it serves it); None if not, or while any of them is being
+        removed or written."""
         if not self.locks.shared(first, count):
             return None
         try:
-            if not all(self.mapped(first, count)):
+            if not all(mapfile.mapped(self.header, first, self.entries(first, count, pread))):
                 return None
-            start = self.header.offset_of(first)
-            end = min(self.header.size, self.header.offset_of(first + count))
-            data = os.pread(self.data_fd, end - start, start)
+            start, end = within or (
+                self.header.offset_of(first),
+                min(self.header.size, self.header.offset_of(first + count)),
+            )
+            data = pread(self.data_fd, end - start, start)
         finally:
             self.locks.release_shared(first, count)
         return data if len(data) == end - start else None

@@ -23,6 +23,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from nwbcache_proxy.versionfile import VersionFiles
+
 if TYPE_CHECKING:
     from tests.support.s3emu import S3Emulator
 
@@ -189,3 +191,15 @@ def blocks_holding(fd: int, size: int, block_size: int) -> list[int]:
         found.update(range(start // block_size, -(-end // block_size)))
         pos = end
     return sorted(found)
+
+
+def mapped_exactly(files: VersionFiles, want: Callable[[int], bytes], block_size: int) -> list[int]:
+    """The blocks a version's map has, each read back and compared with
+    ``want(index)``; the data file must hold bytes at exactly those blocks
+    (every other one a hole)."""
+    h = files.header
+    mapped = [i for i, there in enumerate(files.mapped(0, h.blocks)) if there]
+    for i in mapped:
+        assert files.read_block(i) == want(i), f"block {i}"
+    assert blocks_holding(files.data_fd, h.size, block_size) == mapped
+    return mapped
