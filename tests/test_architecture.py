@@ -42,6 +42,7 @@ LAYERS: dict[str, set[str]] = {
     "storage": {
         "accounting",
         "aio",
+        "batchsql",
         "blockio",
         "catalog",
         "claims",

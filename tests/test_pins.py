@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import catalog, pins, schema
+from nwbcache_proxy import batchsql, catalog, pins, schema
 from nwbcache_proxy.catalog import Order
 from nwbcache_proxy.index import CacheIndex
 from nwbcache_proxy.layout import Layout
@@ -328,7 +328,7 @@ def test_a_schema_3_index_is_migrated_in_place_its_rows_kept(tmp_path: Path) -> 
         assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (16, 16, 2, 1, 0, 0)
         assert conn.execute("SELECT bytes FROM versions WHERE id = 1").fetchone() == (16,)
         # LRU's index leaves pinned rows out.
-        plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + schema.OLDEST, (5,)))
+        plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + batchsql.OLDEST, (5,)))
         assert "blocks_by_atime_unpinned" in plan
     finally:
         conn.close()

@@ -93,3 +93,17 @@ def test_ghost_keys_are_stable_positive_and_distinct() -> None:
 
 def test_eviction_names() -> None:
     assert [e.value for e in Eviction] == ["s3fifo", "lru"]
+
+
+def test_a_versions_ghost_keys_are_neighbours() -> None:
+    """A slice's ghosts, runs of a version's blocks, land on a few pages of
+    the ghosts table: keys of consecutive blocks are consecutive."""
+    version = "objects/aa/1/x.16"
+    first = ghost_key(version, 0)
+    assert [ghost_key(version, i) - first for i in range(2000)] == list(range(2000))
+    assert ghost_key("objects/aa/2/x.16", 0) != first
+
+
+def test_ghost_keys_of_huge_indices_stay_in_63_bits() -> None:
+    keys = [ghost_key("objects/ff/9/y.4096", i) for i in (2**26 - 1, 2**26, 2**40, 2**62)]
+    assert all(0 <= k < 2**63 for k in keys)

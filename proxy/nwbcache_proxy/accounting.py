@@ -11,13 +11,13 @@ import sqlite3
 from collections import Counter
 from collections.abc import Iterable
 
-from . import policy, schema
+from . import batchsql, policy, schema
 from .policy import Fate, Queue
 
 # Rows per `IN (...)` list: well under SQLite's limit on bound parameters.
 _IN_CHUNK = 500
 # Rows of a queue's tail read at a time during an S3-FIFO slice.
-_TAIL_READ = 256
+_TAIL_READ = 1024
 
 
 @dataclasses.dataclass(slots=True)
@@ -144,7 +144,7 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
         conn.execute("BEGIN IMMEDIATE")
         total = schema.totals(conn)[0]
         if total > target:
-            for vid, name, idx, nbytes, atime, pinned in conn.execute(schema.OLDEST, (batch,)):
+            for atime, vid, name, idx, nbytes, pinned in batchsql.oldest(conn, batch):
                 if pinned:  # pinned since it was used: out of LRU's order
                     pins.append((vid, idx))
                     continue
@@ -153,8 +153,8 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
                 freed += nbytes
                 if total - freed <= target:
                     break  # a batch is a bound on work, not an amount to evict
-            conn.executemany(schema.TO_PINNED, pins)
-            conn.executemany(schema.DELETE_BLOCK, keys)
+            batchsql.run_batch(conn, batchsql.TO_PINNED_BLOCKS, pins)
+            batchsql.run_batch(conn, batchsql.DELETE_BLOCKS, keys)
             touched = {vid: name for (vid, _), (name, _, _) in zip(keys, chosen, strict=True)}
             emptied = _emptied(conn, touched)
     stats.evicted["lru"] += len(chosen)
@@ -180,54 +180,56 @@ def evict_s3fifo(
         seq = schema.take_seq(conn, batch)
         while looked < batch and total - freed > target:
             queue = policy.evict_from(small, main, capacity)
-            tail = conn.execute(
-                schema.QUEUE_TAIL, (int(queue), min(_TAIL_READ, batch - looked))
-            ).fetchall()
+            tail, names = batchsql.queue_tail(conn, queue, min(_TAIL_READ, batch - looked))
             if not tail:
                 break
-            # Decide the whole tail read, then write it with executemany: the
-            # loop over rows runs in C, not here, holding the GIL less (the
-            # event loop shares it).
+            # Decide the whole tail read, then write it: a statement per kind
+            # of change (batchsql.run_batch), not per row. The loop runs once a
+            # block evicted: names bound once, counts kept in locals.
             moves: list[tuple[int, int, int, int, int]] = []
             deletes: list[tuple[int, int]] = []
             new_ghosts: list[tuple[int, int]] = []
-            for vid, name, idx, nbytes, atime, freq, pinned_version in tail:
+            fate_of, evict_from, ghost_key = policy.fate, policy.evict_from, policy.ghost_key
+            from_small = queue is Queue.SMALL
+            to_main, to_pinned = int(Queue.MAIN), int(Queue.PINNED)
+            evicted = 0
+            for _, vid, idx, nbytes, atime, freq in tail:
                 looked += 1
-                fate = policy.fate(queue, freq, bool(pinned_version))
-                if fate is Fate.PIN:
-                    moves.append((int(Queue.PINNED), freq, seq, vid, idx))
-                    seq += 1
-                    if queue is Queue.SMALL:
-                        small -= nbytes
-                    else:
-                        main -= nbytes
-                elif fate is Fate.TO_MAIN or fate is Fate.REINSERT:
-                    new_freq = 0 if fate is Fate.TO_MAIN else freq - 1
-                    moves.append((int(Queue.MAIN), new_freq, seq, vid, idx))
-                    seq += 1
-                    if fate is Fate.TO_MAIN:
-                        small, main = small - nbytes, main + nbytes
-                        stats.promoted += 1
-                else:
+                name, pinned_version = names[vid]
+                fate = fate_of(queue, freq, pinned_version)
+                if fate is Fate.GHOST or fate is Fate.EVICT:
                     deletes.append((vid, idx))
                     chosen.append((name, idx, atime))
                     touched[vid] = name
                     freed += nbytes
-                    blocks -= 1
-                    if fate is Fate.GHOST:
-                        new_ghosts.append((policy.ghost_key(name, idx), seq))
+                    evicted += 1
+                    if from_small:
+                        new_ghosts.append((ghost_key(name, idx), seq))
                         seq += 1
-                        ghosts += 1
                         small -= nbytes
-                        stats.evicted["small"] += 1
                     else:
                         main -= nbytes
-                        stats.evicted["main"] += 1
-                if total - freed <= target or policy.evict_from(small, main, capacity) != queue:
+                elif fate is Fate.PIN:
+                    moves.append((to_pinned, freq, seq, vid, idx))
+                    seq += 1
+                    if from_small:
+                        small -= nbytes
+                    else:
+                        main -= nbytes
+                else:  # TO_MAIN or REINSERT
+                    moves.append((to_main, 0 if from_small else freq - 1, seq, vid, idx))
+                    seq += 1
+                    if from_small:
+                        small, main = small - nbytes, main + nbytes
+                        stats.promoted += 1
+                if total - freed <= target or evict_from(small, main, capacity) is not queue:
                     break
-            conn.executemany(schema.MOVE, moves)
-            conn.executemany(schema.DELETE_BLOCK, deletes)
-            conn.executemany(schema.ADD_GHOST, new_ghosts)
+            blocks -= evicted
+            stats.evicted["small" if from_small else "main"] += evicted
+            ghosts += len(new_ghosts)
+            batchsql.run_batch(conn, batchsql.MOVE_BLOCKS, moves)
+            batchsql.run_batch(conn, batchsql.DELETE_BLOCKS, deletes)
+            batchsql.run_batch(conn, batchsql.ADD_GHOSTS, new_ghosts)
         excess = ghosts - policy.ghost_limit(capacity, total - freed, blocks)
         if excess > 0:
             conn.execute(schema.TRIM_GHOSTS, (excess,))

@@ -1,7 +1,8 @@
 """The index database: its schema, migrations, and every SQL statement.
 
 One owner for the SQL: the daemon's index (index.py), the reconciler
-(reconcile.py) and ``nwbcache check`` all go through here.
+(reconcile.py) and ``nwbcache check`` all go through here; eviction's
+batch statements are batchsql.py's.
 docs/on-disk-format.md describes the schema and its history.
 """
 
@@ -192,20 +193,11 @@ TAKE_SEQ = "UPDATE totals SET seq = seq + ? WHERE id = 0 RETURNING seq"
 QUEUE_TOTALS = (
     "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes FROM totals WHERE id = 0"
 )
-# S3-FIFO: the oldest blocks of one queue, with their version dir and whether
-# it is pinned (a block pinned since it entered the queue moves, never goes).
-QUEUE_TAIL = (
-    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, b.freq, v.pinned FROM blocks AS b "
-    "JOIN versions AS v ON v.id = b.version WHERE b.queue = ? ORDER BY b.seq LIMIT ?"
-)
-MOVE = "UPDATE blocks SET queue = ?, freq = ?, seq = ? WHERE version = ? AND idx = ?"
 VERSIONS_IN = "SELECT id FROM versions WHERE id IN ({})"
 EXISTING_IN = "SELECT idx FROM blocks WHERE version = ? AND idx IN ({})"
 GHOSTS_IN = "SELECT key FROM ghosts WHERE key IN ({})"
-ADD_GHOST = "INSERT OR REPLACE INTO ghosts(key, seq) VALUES (?, ?)"
 DELETE_GHOST = "DELETE FROM ghosts WHERE key = ?"
 TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
-DELETE_BLOCK = "DELETE FROM blocks WHERE version = ? AND idx = ?"
 RESIZE_BLOCK = "UPDATE blocks SET bytes = ? WHERE version = ? AND idx = ?"
 # Only rows older than a listing: a newer row may be of a file published since.
 DELETE_BLOCK_OLDER = "DELETE FROM blocks WHERE version = ? AND idx = ? AND atime < ?"
@@ -213,15 +205,6 @@ DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WH
 DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
 ROWS_IN = "SELECT idx, atime, bytes FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
 TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
-# The least recently used blocks not in the pinned queue, with their version
-# dir and whether it is pinned (eviction candidates). ``queue < 2`` lets SQLite
-# use the partial index.
-OLDEST = (
-    "SELECT b.version, v.name, b.idx, b.bytes, b.atime, v.pinned FROM blocks AS b "
-    "INDEXED BY blocks_by_atime_unpinned JOIN versions AS v ON v.id = b.version "
-    "WHERE b.queue < 2 ORDER BY b.atime LIMIT ?"
-)
-TO_PINNED = "UPDATE blocks SET queue = 2 WHERE version = ? AND idx = ?"
 TOP_VERSIONS = "SELECT name, bytes, blocks FROM versions ORDER BY bytes DESC LIMIT ?"
 GET_STATE = "SELECT value FROM state WHERE key = ?"
 SET_STATE = "INSERT OR REPLACE INTO state(key, value) VALUES (?, ?)"
@@ -232,12 +215,28 @@ WAL_LIMIT = 4 * 1024 * 1024
 RECONCILE = "reconcile"
 
 
+# The oldest SQLite with every statement here: RETURNING (TAKE_SEQ) and a
+# MATERIALIZED common table expression (QUEUE_TAIL) came in 3.35.0 (2021).
+MIN_SQLITE = (3, 35, 0)
+
+
+def require_sqlite(found: tuple[int, int, int]) -> None:
+    """A clear error if this Python's SQLite (``found``) is older than MIN_SQLITE."""
+    if found < MIN_SQLITE:
+        need, have = (".".join(map(str, v)) for v in (MIN_SQLITE, found))
+        raise RuntimeError(
+            f"nwbcache's index needs SQLite {need} or newer; this Python has {have} "
+            "(a newer Python, or one built against a newer libsqlite3, has it)"
+        )
+
+
 def connect(path: Path) -> sqlite3.Connection:
     """A connection to the index at ``path``, created or migrated to SCHEMA_VERSION.
 
     A new index, or one migrated from a schema without a reconciler, is
     marked for reconciling: the files on disk are the truth it must learn.
     """
+    require_sqlite(sqlite3.sqlite_version_info)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
