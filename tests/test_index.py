@@ -145,6 +145,30 @@ async def test_pending_bytes(
     assert _bb(index.last_totals) == (pending, len({r[:2] for r in records}))
 
 
+@pytest.mark.parametrize(
+    ("records", "pending"),
+    [
+        ([(V1, 0, 80, False)], 0),  # a read adds nothing to the totals
+        ([(V1, 0, 80, False), (V1, 1, 50, True)], 50),
+        ([(V1, 0, 80, False), (V1, 0, 80, True)], 80),  # read, then written
+        ([(V1, 0, 80, True), (V1, 0, 80, False)], 80),  # written, then read: still written
+        ([(V1, 0, 80, True), (V2, 0, 90, False), (V2, 0, 90, False)], 80),
+    ],
+)
+async def test_pending_bytes_count_only_writes(
+    index: CacheIndex, records: list[tuple[str, int, int, bool]], pending: int
+) -> None:
+    """Eviction flushes between slices while pending bytes are not zero: hits
+    alone must not make it do so."""
+    for version, n, nbytes, written in records:
+        index.record(version, n, nbytes, written=written)
+    assert index.pending_bytes == pending
+    index.forget_pending(V2)
+    assert index.pending_bytes == sum(b for v, _, b, w in records if w and v == V1)
+    await index.flush()
+    assert index.pending_bytes == 0
+
+
 async def test_flush_upserts_rows_and_keeps_per_version_totals(
     index: CacheIndex, tmp_path: Path
 ) -> None:

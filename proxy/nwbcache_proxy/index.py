@@ -167,10 +167,10 @@ class CacheIndex:
             self._keys[version] = about
         old = self._pending.get((version, index))
         if old is not None:
-            self._pending_bytes -= old[0]
+            self._pending_bytes -= old[0] if old[2] else 0
             written = written or old[2]
         self._pending[(version, index)] = (nbytes, time.time(), written)
-        self._pending_bytes += nbytes
+        self._pending_bytes += nbytes if written else 0
 
     async def take_stats(self) -> Stats:
         """What the policy did since the last call (the metrics add it up). On
@@ -190,8 +190,11 @@ class CacheIndex:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes of the blocks recorded since the last flush (an upper bound of
-        what the flush will add to the totals)."""
+        """Bytes of the blocks written since the last flush (an upper bound of
+        what the flush will add to the totals: a block only read adds nothing).
+        Eviction flushes between slices while it is not zero; a stream of hits
+        alone does not make it do so (a transaction per slice, measured at a
+        fifth of eviction's pace under hits)."""
         return self._pending_bytes
 
     async def flush(self) -> bool:
@@ -215,7 +218,7 @@ class CacheIndex:
             for key, value in batch.items():  # newer records win
                 if key not in self._pending:
                     self._pending[key] = value
-                    self._pending_bytes += value[0]
+                    self._pending_bytes += value[0] if value[2] else 0
             for key, count in hits.items():
                 self._hits[key] = self._hits.get(key, 0) + count
             self._keys.update(keys)
@@ -225,7 +228,8 @@ class CacheIndex:
     def forget_pending(self, version: str) -> None:
         """Drop what this process recorded of one version dir and has not flushed."""
         for key in [k for k in self._pending if k[0] == version]:
-            self._pending_bytes -= self._pending.pop(key)[0]
+            nbytes, _, written = self._pending.pop(key)
+            self._pending_bytes -= nbytes if written else 0
         for key in [k for k in self._hits if k[0] == version]:
             del self._hits[key]
 
