@@ -138,6 +138,7 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
     chosen: list[Victim] = []
     keys: list[tuple[int, int]] = []
     pins: list[tuple[int, int]] = []
+    touched: dict[int, str] = {}
     emptied: list[str] = []
     freed = 0
     with conn:
@@ -148,17 +149,18 @@ def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -
                 if pinned:  # pinned since it was used: out of LRU's order
                     pins.append((vid, idx))
                     continue
-                chosen.append((name, idx, atime))
                 keys.append((vid, idx))
                 freed += nbytes
+                if name is not None:  # else a row of no version: no file to name
+                    chosen.append((name, idx, atime))
+                    touched[vid] = name
                 if total - freed <= target:
                     break  # a batch is a bound on work, not an amount to evict
             batchsql.run_batch(conn, batchsql.TO_PINNED_BLOCKS, pins)
             batchsql.run_batch(conn, batchsql.DELETE_BLOCKS, keys)
-            touched = {vid: name for (vid, _), (name, _, _) in zip(keys, chosen, strict=True)}
             emptied = _emptied(conn, touched)
     stats.evicted["lru"] += len(chosen)
-    return Slice(chosen, freed, len(chosen) + len(pins), emptied)
+    return Slice(chosen, freed, len(keys) + len(pins), emptied)
 
 
 def evict_s3fifo(
@@ -184,8 +186,8 @@ def evict_s3fifo(
             if not tail:
                 break
             # Decide the whole tail read, then write it: a statement per kind
-            # of change (batchsql.run_batch), not per row. The loop runs once a
-            # block evicted: names bound once, counts kept in locals.
+            # of change (batchsql.run_batch), not per row. The loop runs once
+            # per block looked at: names bound once, counts kept in locals.
             moves: list[tuple[int, int, int, int, int]] = []
             deletes: list[tuple[int, int]] = []
             new_ghosts: list[tuple[int, int]] = []
@@ -195,9 +197,17 @@ def evict_s3fifo(
             evicted = 0
             for _, vid, idx, nbytes, atime, freq in tail:
                 looked += 1
-                name, pinned_version = names[vid]
-                fate = fate_of(queue, freq, pinned_version)
-                if fate is Fate.GHOST or fate is Fate.EVICT:
+                found = names.get(vid)
+                name, pinned_version = found or ("", False)
+                fate = None if found is None else fate_of(queue, freq, pinned_version)
+                if fate is None:  # a row of no version: no file to name; deleted
+                    deletes.append((vid, idx))
+                    freed += nbytes
+                    if from_small:
+                        small -= nbytes
+                    else:
+                        main -= nbytes
+                elif fate is Fate.GHOST or fate is Fate.EVICT:
                     deletes.append((vid, idx))
                     chosen.append((name, idx, atime))
                     touched[vid] = name
@@ -224,7 +234,7 @@ def evict_s3fifo(
                         stats.promoted += 1
                 if total - freed <= target or evict_from(small, main, capacity) is not queue:
                     break
-            blocks -= evicted
+            blocks -= len(deletes)
             stats.evicted["small" if from_small else "main"] += evicted
             ghosts += len(new_ghosts)
             batchsql.run_batch(conn, batchsql.MOVE_BLOCKS, moves)

@@ -51,11 +51,13 @@ ADD_GHOSTS = (
 # The least recently used blocks not in the pinned queue, with their version
 # dir and whether it is pinned (eviction candidates), as one JSON array of
 # [atime, version id, version dir, index, bytes, pinned]. ``queue < 2`` lets
-# SQLite use the partial index.
+# SQLite use the partial index. A row whose version has no row (none should)
+# comes with a null dir, for the caller to delete: a join would leave it
+# where it is, taking a place in every batch.
 OLDEST = (
     "SELECT json_group_array(json_array(t.atime, t.version, v.name, t.idx, t.bytes, v.pinned)) "
     "FROM (SELECT atime, version, idx, bytes FROM blocks INDEXED BY blocks_by_atime_unpinned "
-    "WHERE queue < 2 ORDER BY atime LIMIT ?) AS t JOIN versions AS v ON v.id = t.version"
+    "WHERE queue < 2 ORDER BY atime LIMIT ?) AS t LEFT JOIN versions AS v ON v.id = t.version"
 )
 
 
@@ -70,7 +72,8 @@ def queue_tail(
     conn: sqlite3.Connection, queue: int, limit: int
 ) -> tuple[list[list[Any]], dict[int, tuple[str, bool]]]:
     """The oldest ``limit`` blocks of ``queue`` (QUEUE_TAIL's rows, oldest
-    first), and version id -> (dir, pinned) of their versions."""
+    first), and version id -> (dir, pinned) of their versions (a row whose
+    version has no row, which none should, is missing from it)."""
     rows_text, versions_text = conn.execute(QUEUE_TAIL, (queue, limit)).fetchone()
     rows: list[list[Any]] = json.loads(rows_text)
     rows.sort(key=_first)  # json_group_array's order is not promised
