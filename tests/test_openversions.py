@@ -679,6 +679,40 @@ def test_a_corrupt_block_is_never_served_but_dropped_and_fetched_again(
     assert len(_gets(origin)) == 1
 
 
+@pytest.mark.parametrize("corrupt", [3, 70, 159])
+def test_a_long_range_read_in_spans_after_a_start_checks_every_block(
+    origin: S3Emulator, make_daemon: MakeDaemon, corrupt: int
+) -> None:
+    """A range longer than BODY_MAX of blocks nobody has verified since the
+    start is read a span at a time, each block's CRC-32C checked: a corrupt
+    block anywhere in a span is never served, but dropped and fetched again
+    (it alone), and the body is the origin's."""
+    blocks_n = 160  # 2.5 MiB: spans of 64 blocks
+    data = os.urandom(blocks_n * BS)
+    origin.put("/b/long", data)
+    first = make_daemon(block_size=BS)
+    url = proxied(first.url, origin, "/b/long")
+    assert get_range(url, 0, len(data) - 1).content == data
+    v = _resolve(first, url)
+    wait_until(lambda: all(_mapped(v, 0, blocks_n)), 5, "every block cached")
+    first.stop()
+    at = corrupt * BS + 777
+    with v.data_path.open("r+b") as f:
+        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, at)[0] ^ 0x40]), at)
+
+    origin.wait_idle()
+    origin.clear_log()
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, origin, "/b/long")
+    # The bytes are the origin's. (X-Cache went out before the span with the
+    # corrupt block was read: HIT, as the map had every block.)
+    _hit(url, data, 0, len(data) - 1)
+    assert _gets(origin) == [f"bytes={corrupt * BS}-{(corrupt + 1) * BS - 1}"]
+    wait_until(lambda: _mapped(v, corrupt, 1) == [True], 5, "the block cached again")
+    assert _hit(url, data, 100, len(data) - 101) == "HIT"
+    assert len(_gets(origin)) == 1
+
+
 def test_reads_during_eviction_never_see_zeros_or_wrong_bytes(
     origin: S3Emulator, make_daemon: MakeDaemon
 ) -> None:

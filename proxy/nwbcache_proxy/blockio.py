@@ -47,11 +47,14 @@ def read(
         return None
 
 
-def read_span(files: VersionFiles, blocks: range, start: int, end: int) -> Buffer | None:
+def read_span(
+    files: VersionFiles, blocks: range, start: int, end: int, *, verify: bool = False
+) -> Buffer | None:
     """Bytes [start, end) of the object, from the page cache on the loop, if the
-    map has every block of ``blocks``; else None."""
+    map has every block of ``blocks``; else None. ``verify``: each block
+    checked against its entry (CorruptBlock if one does not match)."""
     try:
-        return files.read_span(blocks.start, len(blocks), (start, end), nowait)
+        return files.read_span(blocks.start, len(blocks), (start, end), nowait, verify=verify)
     except Miss:
         return None
 

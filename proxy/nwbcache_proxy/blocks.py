@@ -179,21 +179,27 @@ class Blocks:
             log.warning("corrupt block %d of %s stays locked; it is written again", index, v.key)
 
     def read_held(self, v: Version, blocks: range, start: int, end: int) -> Buffer | None:
-        """Bytes [start, end), at once, when the version is held open, every block
-        has been verified by this process, and the page cache has the bytes
-        (the common warm hit); else None. No await, no thread."""
-        if any(self._verified.get((v.name, i)) is None for i in blocks):
-            return None
+        """Bytes [start, end), at once, when the version is held open, the map
+        has every block and the page cache has their bytes (the common warm
+        hit); else None. No await, no thread. Blocks this process has not
+        verified yet (after a start) are read whole and checked here, a
+        span at a time; a block that fails its check is left to the
+        block-at-a-time path, which drops it."""
+        verify = any(self._verified.get((v.name, i)) is None for i in blocks)
         shared = self.table.get(v.name)
         if shared is None:
             return None
         try:
-            data = blockio.read_span(shared.files, blocks, start, end)
+            data = blockio.read_span(shared.files, blocks, start, end, verify=verify)
+        except CorruptBlock:
+            return None
         finally:
             shared.release()
         if data is None:
             return None
         for i in blocks:
+            if verify:
+                self._verified.put((v.name, i), 1)
             self.touch(v, i)
         return data
 

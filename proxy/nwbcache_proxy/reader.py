@@ -239,6 +239,14 @@ class Reader:
     def _held_body(
         self, v: Version, blocks: range, start: int, end: int, body: Buffer, stale: bool
     ) -> RangeReader:
+        fresh_blocks = self._account_held(v, blocks, start, end, len(body))
+        outcome = classify(len(blocks) - fresh_blocks, len(blocks), stale=stale)
+        return RangeReader.of_body(outcome, body)
+
+    def _account_held(self, v: Version, blocks: range, start: int, end: int, nbytes: int) -> int:
+        """Count ``nbytes`` of ``blocks`` (bytes [start, end)), read at once, as
+        served: from upstream for blocks whose fresh mark this read claims, else
+        from the cache (and a hit). Returns how many were claimed."""
         fresh_blocks = fresh_bytes = 0
         for i in blocks:
             if self.fetcher.claim(v, i):
@@ -249,11 +257,27 @@ class Reader:
                 self.blocks.hit(v, i)
         if fresh_bytes:
             self._served(fresh_bytes, upstream=True)
-        if fresh_bytes < len(body):
-            self._served(len(body) - fresh_bytes, upstream=False)
+        if fresh_bytes < nbytes:
+            self._served(nbytes - fresh_bytes, upstream=False)
         self._traced(v, blocks)
-        outcome = classify(len(blocks) - fresh_blocks, len(blocks), stale=stale)
-        return RangeReader.of_body(outcome, body)
+        return fresh_blocks
+
+    def _held_run(
+        self, v: Version, i: int, stop: int, start: int, end: int
+    ) -> tuple[range, Buffer] | None:
+        """Blocks from ``i`` on (before ``stop``, BODY_MAX of them at most) and
+        their part of [start, end), read at once when all are on disk and in
+        the page cache (Blocks.read_held); None for fewer than two blocks.
+        Small blocks then cost a segment per BODY_MAX, not one per block (a
+        warm 8 MiB range of 4 KiB blocks went at 30-40 MB/s a block at a
+        time, 460-510 MB/s this way)."""
+        bs = v.block_size
+        run = range(i, min(stop, i + BODY_MAX // bs))
+        if len(run) < 2 or self.fetcher.inflight(v, i) is not None:
+            return None  # (a cold read's next block is most often in flight)
+        lo, hi = max(start, run.start * bs), min(end, run.stop * bs)
+        body = self.blocks.read_held(v, run, lo, hi)
+        return None if body is None else (run, body)
 
     async def _segments(
         self,
@@ -270,8 +294,21 @@ class Reader:
     ) -> AsyncGenerator[Segment, None]:
         source: Source | None = first
         fresh = first_fresh
-        for i in range(window.first, window.stop):
+        i = window.first - 1
+        while i + 1 < window.stop:
+            i += 1
             lo, hi = _span_in_block(v, i, start, end)
+            held = None if source is not None else self._held_run(v, i, window.stop, start, end)
+            if held is not None:
+                run, body = held
+                self._account_held(v, run, start, end, len(body))
+                yield body
+                for k in run:
+                    todo = window.after(k)
+                    if todo and not offline:
+                        self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
+                i = run.stop - 1
+                continue
             if source is None:
                 source, fresh = await self._acquire(
                     v,

@@ -279,25 +279,36 @@ class VersionFiles:
         count: int,
         within: tuple[int, int] | None = None,
         pread: Pread = os.pread,
+        *,
+        verify: bool = False,
     ) -> Buffer | None:
         """The bytes of blocks [first, first + count) (or of the object's bytes
         ``within`` them), copied out under a read lock, if the map has every
-        one of them (their checksums unchecked: the caller checks a block the
-        first time it serves it); None if not, or while any of them is being
-        removed or written."""
+        one of them; None if not, or while any of them is being removed or
+        written. Their checksums are the caller's to check the first time it
+        serves a block, or, with ``verify``, checked here: every block read
+        whole, CorruptBlock unless each matches its entry."""
+        h = self.header
+        whole = (h.offset_of(first), min(h.size, h.offset_of(first + count)))
+        start, end = whole if verify or within is None else within
         if not self.locks.shared(first, count):
             return None
         try:
-            if not all(mapfile.mapped(self.header, first, self.entries(first, count, pread))):
+            entries = self.entries(first, count, pread)
+            if not all(mapfile.mapped(h, first, entries)):
                 return None
-            start, end = within or (
-                self.header.offset_of(first),
-                min(self.header.size, self.header.offset_of(first + count)),
-            )
             data = pread(self.data_fd, end - start, start)
         finally:
             self.locks.release_shared(first, count)
-        return data if len(data) == end - start else None
+        if len(data) != end - start:
+            return None
+        if not verify:
+            return data
+        view = memoryview(data)
+        for n, entry in enumerate(entries):
+            lo = h.offset_of(first + n) - start
+            mapfile.check_block(entry, view[lo : lo + h.length_of(first + n)], first + n)
+        return view if within is None else view[within[0] - start : within[1] - start]
 
     # -- removing ----------------------------------------------------------
     def remove(self, first: int, count: int, *, fsync: bool = False, patience: float = 0.0) -> bool:
