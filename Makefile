@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-coldfill bench-layouts bench-sharing bench-s3 bench-warm
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-layouts bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-quick: $(STAMP) test-deps
 ## eviction, status, check; ~10 GB of disk, ~1 h); bench/results-scale.json
 bench-scale: $(STAMP)
 	$(BIN)/python -m bench.scale $(ARGS)
+
+## bench-httpfill: issue 11's check through HTTP alone: 1M blocks of 4 KiB filled through the
+## daemon, kill -9 mid-fill, restart, everything read back byte-exact (~4 GB, ~10 min);
+## bench/results-httpfill.json
+bench-httpfill: $(STAMP)
+	$(BIN)/python -m bench.httpfill $(ARGS)
 
 ## bench-coldfill: a cold fill through nwbcache against nginx's slice cache, same origin,
 ## same reads (256 MiB in 16 MiB ranges, 4 streams, 5 runs; ~2 min); bench/results-coldfill.json;

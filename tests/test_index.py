@@ -15,11 +15,13 @@ import os
 import random
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
 import pytest
 
+from nwbcache_proxy import index as index_mod
 from nwbcache_proxy import schema, unlinker
 from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
 from nwbcache_proxy.layout import Layout
@@ -551,3 +553,38 @@ async def test_pipelined_slices_leave_no_block_when_done_or_closed(tmp_path: Pat
     finally:
         await idx.close()
     assert _cached(layout, V1) == list(range(2 * EVICT_BATCH + EVICT_BATCH // 2, count))
+
+
+async def test_reads_and_hits_waiting_for_a_flush_are_bounded(
+    index: CacheIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past PENDING_MAX blocks waiting, a new block's read or hit is not
+    recorded (memory stays bounded when reads outpace flushes), a written
+    block always is (it makes the row), and past half the owner is told to
+    flush sooner."""
+    for i in range(6):
+        index.record(V1, i, 10)
+    await index.flush()
+    monkeypatch.setattr(index_mod, "PENDING_MAX", 4)
+    monkeypatch.setattr(time, "time", lambda: 2e9)  # the reads' last use
+    assert not index.backlogged
+    for i in range(6):
+        index.record(V1, i, 10, written=False)
+        index.hit(V1, i)
+        assert index.backlogged == (i >= 1)  # from 2 of 4 waiting
+    index.record(V1, 0, 10, written=False)  # already waiting: recorded again
+    index.hit(V1, 0)
+    index.record(V2, 9, 30)  # written: recorded past the bound
+    await index.flush()
+    assert not index.backlogged
+    conn = sqlite3.connect(Layout(tmp_path).index_path)
+    try:
+        rows = conn.execute(
+            "SELECT b.idx, b.atime = 2e9, b.freq FROM blocks b JOIN versions v "
+            "ON v.id = b.version WHERE v.name = ? ORDER BY b.idx",
+            (V1,),
+        ).fetchall()
+        assert rows == [(0, 1, 2), (1, 1, 1), (2, 1, 1), (3, 1, 1), (4, 0, 0), (5, 0, 0)]
+    finally:
+        conn.close()
+    assert _bb(index.last_totals) == (90, 7)

@@ -274,6 +274,40 @@ def test_a_span_reads_whole_or_not_at_all(tmp_path: Path) -> None:
         assert v.read_span(15, 2) is None  # block 15 is not there
 
 
+@pytest.mark.parametrize(
+    ("first", "count", "within"),
+    [
+        (16, 4, None),  # the short last block (100 bytes) included
+        (16, 4, (16 * BS + 5, 19 * BS + 50)),  # from mid-block to mid-last-block
+        (3, 5, (3 * BS + 4095, 4 * BS + 1)),  # two bytes across a boundary
+        (0, 20, (0, 19 * BS + 100)),  # the whole object
+    ],
+)
+def test_a_checked_span_is_exact_and_any_corrupt_block_fails_it(
+    tmp_path: Path, first: int, count: int, within: tuple[int, int] | None
+) -> None:
+    """read_span(verify=True) reads every block of the span whole and checks
+    it against its entry; the bytes asked for come back exact, and a flipped
+    byte in any block of the span (not only in the part asked for) fails the
+    whole read."""
+    h = header()
+    with opened(tmp_path, h) as v:
+        v.write_group(0, [[expected(h, i)] for i in range(20)])
+        obj = b"".join(expected(h, i) for i in range(20))
+        lo, hi = within or (first * BS, min(h.size, (first + count) * BS))
+        got = v.read_span(first, count, within, verify=True)
+        assert got is not None and bytes(got) == obj[lo:hi]
+        for bad in (first, first + count // 2, first + count - 1):
+            at = bad * BS + h.length_of(bad) - 1  # a block's last byte
+            good = os.pread(v.data_fd, 1, at)
+            os.pwrite(v.data_fd, bytes([good[0] ^ 0x80]), at)
+            with pytest.raises(CorruptBlock, match=f"block {bad}"):
+                v.read_span(first, count, within, verify=True)
+            assert v.read_span(first, count, within) is not None  # unchecked: read
+            os.pwrite(v.data_fd, good, at)
+        assert bytes(v.read_span(first, count, within, verify=True) or b"") == obj[lo:hi]
+
+
 def test_nothing_is_read_or_written_in_a_span_being_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

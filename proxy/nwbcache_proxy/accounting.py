@@ -175,7 +175,7 @@ def evict_s3fifo(
     looked = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        total, small, blocks, _, ghosts, pinned = conn.execute(schema.QUEUE_TOTALS).fetchone()
+        total, small, blocks, _, _, pinned = conn.execute(schema.QUEUE_TOTALS).fetchone()
         main = total - small - pinned
         # The policy shares out what pins leave of the cache.
         capacity = max(0, capacity - pinned)
@@ -236,10 +236,10 @@ def evict_s3fifo(
                     break
             blocks -= len(deletes)
             stats.evicted["small" if from_small else "main"] += evicted
-            ghosts += len(new_ghosts)
             batchsql.run_batch(conn, batchsql.MOVE_BLOCKS, moves)
             batchsql.run_batch(conn, batchsql.DELETE_BLOCKS, deletes)
             batchsql.run_batch(conn, batchsql.ADD_GHOSTS, new_ghosts)
+        ghosts = int(conn.execute(schema.QUEUE_TOTALS).fetchone()[4])  # (a re-added key adds none)
         excess = ghosts - policy.ghost_limit(capacity, total - freed, blocks)
         if excess > 0:
             conn.execute(schema.TRIM_GHOSTS, (excess,))

@@ -227,10 +227,14 @@ class Blocks:
         """The block was served from the cache to a client whose read did not
         fetch it (the eviction policy counts these)."""
         self.index.hit(v.name, index)
+        if self.index.backlogged:
+            self._on_pressure()
 
     def touch(self, v: Version, index: int, *, written: bool = False) -> None:
         """Tell the index the block was read (or ``written``) now."""
         self.index.record(v.name, index, v.block_length(index), v.about, written=written)
+        if self.index.backlogged:
+            self._on_pressure()
 
     # -- writing ---------------------------------------------------------------
     async def publish(self, v: Version, index: int, data: bytes | memoryview) -> bool:

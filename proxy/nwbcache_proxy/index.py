@@ -1,9 +1,8 @@
 """The cache's accounting in SQLite, shared by every daemon process: sizes, last use, eviction.
 
 The index answers "how big is the cache (and each version)" and "which
-blocks go next" (by the eviction policy: accounting.py, policy.py); it
-never answers "is this block cached"
-(the file does). It may lag the files by a flush interval, and after a
+blocks go next" (by the eviction policy: accounting.py, policy.py); it never
+answers "is this block cached" (the map does). It may lag by a flush, and after a
 crash it may miss blocks or list gone ones: the reconciler (reconcile.py)
 repairs both, and a row without a file or a file without a row never causes
 a wrong byte, only an imprecise size.
@@ -18,11 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import dataclasses
-import fcntl
 import logging
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -52,6 +48,11 @@ RECENT_USE = 600.0
 # from a local origin reached 51 MiB with only the interval).
 FLUSH_INTERVAL = 1.0
 FLUSH_SHARE = 0.02
+# Blocks read, and blocks hit, waiting for a flush: past this many a new one
+# goes unrecorded (its last use, its counter), so memory stays bounded when
+# reads outpace flushes (a warm read-back of 4 KiB blocks, ~100,000 a second,
+# grew the daemon to 552 MB). Written blocks are always recorded (their rows).
+PENDING_MAX = 65_536
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -93,6 +94,7 @@ class CacheIndex:
         self._pending: Pending = {}
         self._hits: Hits = {}
         self._pending_bytes = 0
+        self._flushed_at = time.monotonic()
         # Version dir -> (cache key, size) of its object, for the index's
         # versions table: stored with each flush where it has none (a row
         # made again after its last block went gets them back at once).
@@ -129,7 +131,7 @@ class CacheIndex:
     def _close_sync(self) -> None:
         self._unlinker.settle()
         self._prune_emptied()
-        self._release_reconcile()
+        self._reconcile_fd = reconcile.end_turn(self._reconcile_fd)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -162,13 +164,14 @@ class CacheIndex:
         """Note block ``index`` of version ``version`` (relative to the layout
         root), ``nbytes`` long, written (or, ``written`` false, only read) now;
         stored on the next flush (with ``about``, the object's cache key and
-        size: the admin API lists objects by them). A read makes no new row."""
+        size, which the admin API lists). A read makes no new row."""
         if about is not None:
             self._keys[version] = about
         old = self._pending.get((version, index))
-        if old is not None:
-            self._pending_bytes -= old[0] if old[2] else 0
-            written = written or old[2]
+        if old is None and not written and len(self._pending) >= PENDING_MAX:
+            return  # its use goes unrecorded (PENDING_MAX)
+        written = written or (old is not None and old[2])
+        self._pending_bytes -= old[0] if old is not None and old[2] else 0
         self._pending[(version, index)] = (nbytes, time.time(), written)
         self._pending_bytes += nbytes if written else 0
 
@@ -186,7 +189,15 @@ class CacheIndex:
         """Note a hit on a block: served from the cache to a client that did not
         cause its fetch (S3-FIFO's counter; read-ahead and first reads are not hits)."""
         key = (version, index)
-        self._hits[key] = self._hits.get(key, 0) + 1
+        count = self._hits.get(key)
+        if count is None and len(self._hits) >= PENDING_MAX:
+            return  # unrecorded (PENDING_MAX)
+        self._hits[key] = (count or 0) + 1
+
+    @property
+    def backlogged(self) -> bool:
+        """Half of PENDING_MAX waits: flush sooner."""
+        return max(len(self._pending), len(self._hits)) >= PENDING_MAX // 2
 
     @property
     def pending_bytes(self) -> int:
@@ -197,9 +208,16 @@ class CacheIndex:
         fifth of eviction's pace under hits)."""
         return self._pending_bytes
 
+    @property
+    def flush_due(self) -> bool:
+        """Whether anything was recorded and the last flush is FLUSH_INTERVAL old."""
+        late = time.monotonic() - self._flushed_at >= FLUSH_INTERVAL
+        return late and bool(self._pending or self._hits)
+
     async def flush(self) -> bool:
         """Store what was recorded; False when SQLite could not (a full disk): the
         records are kept for the next flush, and nothing is lost but accounting."""
+        self._flushed_at = time.monotonic()
         if not self._pending and not self._hits:
             return True
         batch, self._pending = self._pending, {}
@@ -215,10 +233,14 @@ class CacheIndex:
             self.last_totals = await self._run(write)
         except sqlite3.Error as exc:
             log.warning("could not write the cache index (retrying later): %s", exc)
-            for key, value in batch.items():  # newer records win
-                if key not in self._pending:
+            for key, value in batch.items():  # newer records win, but a write stays one
+                newer = self._pending.get(key)
+                if newer is None:
                     self._pending[key] = value
                     self._pending_bytes += value[0] if value[2] else 0
+                elif value[2] and not newer[2]:
+                    self._pending[key] = (newer[0], newer[1], True)
+                    self._pending_bytes += newer[0]
             for key, count in hits.items():
                 self._hits[key] = self._hits.get(key, 0) + count
             self._keys.update(keys)
@@ -277,7 +299,8 @@ class CacheIndex:
             # the slice before is settled first (its files gone, then its
             # emptied versions' dirs), and the last slice before a pause is
             # settled at once, so a slice saying "no more" leaves no file.
-            self._unlinker.start(groups_of(found.chosen, self._stem))
+            path = self._layout.version_path
+            self._unlinker.start(groups_of(found.chosen, lambda name: str(path(name))))
             self._prune_emptied()
             self._emptied += found.emptied
             if self.last_totals.bytes <= target_bytes or found.looked == 0:
@@ -293,9 +316,6 @@ class CacheIndex:
         recent = sum(atime >= recent_after for _, _, atime in chosen)
         victims = tuple((name, idx) for name, idx, _ in chosen)
         return Evicted(len(chosen), done.freed, recent, more, victims)
-
-    def _stem(self, version: str) -> str:
-        return str(self._layout.version_path(version))
 
     def _prune_emptied(self) -> None:
         """The files (and meta.json) of versions the last settled slice emptied:
@@ -360,33 +380,20 @@ class CacheIndex:
         self._unlinker.settle()
         self._prune_emptied()
         if self._reconciler is None:
-            if not reconcile.is_needed(self.conn) or not self._take_reconcile():
+            if not reconcile.is_needed(self.conn):
+                return None
+            self._reconcile_fd = reconcile.take_turn(self._layout)
+            if self._reconcile_fd < 0:
                 return None
             self._reconciler = Reconciler(self._layout, self.conn)
         try:
             progress = self._reconciler.step(max_files)
         except BaseException:
             self._reconciler = None
-            self._release_reconcile()
+            self._reconcile_fd = reconcile.end_turn(self._reconcile_fd)
             raise
         if progress.done:
             self._reconciler = None
-            self._release_reconcile()
+            self._reconcile_fd = reconcile.end_turn(self._reconcile_fd)
         self.last_totals = self._totals_sync()
         return progress
-
-    def _take_reconcile(self) -> bool:
-        fd = os.open(self._layout.reconcile_lock, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        self._reconcile_fd = fd
-        return True
-
-    def _release_reconcile(self) -> None:
-        if self._reconcile_fd >= 0:
-            fd, self._reconcile_fd = self._reconcile_fd, -1
-            with contextlib.suppress(OSError):
-                os.close(fd)

@@ -28,7 +28,9 @@ runs on the index's thread (or in ``nwbcache check``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import sqlite3
 import time
@@ -71,6 +73,26 @@ class Progress:
 def mark_needed(conn: sqlite3.Connection) -> None:
     """Start a reconcile from the beginning (after a crash anywhere, all is suspect)."""
     conn.execute(schema.SET_STATE, (schema.RECONCILE, ""))
+
+
+def take_turn(layout: Layout) -> int:
+    """The reconcile lock (one process reconciles at a time): its fd, or -1 while
+    another process holds it."""
+    fd = os.open(layout.reconcile_lock, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def end_turn(fd: int) -> int:
+    """Give the reconcile lock back (``fd`` from take_turn, or -1); returns -1."""
+    if fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return -1
 
 
 def is_needed(conn: sqlite3.Connection) -> bool:

@@ -238,6 +238,14 @@ def connect(path: Path) -> sqlite3.Connection:
     """
     require_sqlite(sqlite3.sqlite_version_info)
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    try:
+        conn.execute("SELECT json_array()")  # built in from 3.38; optional before
+    except sqlite3.OperationalError:
+        conn.close()
+        raise RuntimeError(
+            "nwbcache's index needs SQLite's JSON functions; this Python's SQLite "
+            f"{sqlite3.sqlite_version} was built without them"
+        ) from None
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     # The WAL is truncated back to this after a checkpoint: it sits in the cache

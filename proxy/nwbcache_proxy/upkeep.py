@@ -165,5 +165,6 @@ class Upkeep:
             self.metrics.evicted_recent.inc(done.recent)
             if not done.more:
                 return
-            if self.index.pending_bytes:
-                await self.index.flush()  # blocks published meanwhile count too
+            if self.index.pending_bytes or self.index.flush_due:
+                # Blocks published meanwhile count too; hits, at the flush interval.
+                await self.index.flush()
