@@ -32,6 +32,7 @@ from nwbcache_proxy.spanlocks import runs_of
 from nwbcache_proxy.staging import Staging
 from nwbcache_proxy.version import Version
 from nwbcache_proxy.versionfile import VersionFiles
+from tests.support.helpers import allocated
 
 BS = 64
 GROUP = 4096  # blocks per write_group at most (the daemon writes a group at a time)
@@ -189,11 +190,6 @@ def _comparable(report: CheckReport) -> dict[str, object]:
     return {k: v for k, v in report.to_json().items() if k != "resumed"}
 
 
-def _allocated(path: Path) -> int:
-    """The disk space the file takes, in bytes."""
-    return path.stat().st_blocks * 512
-
-
 # -- the whole cache ---------------------------------------------------------------
 
 
@@ -347,17 +343,17 @@ def test_bytes_without_map_entries_are_reclaimed_by_repair(cache: Cache) -> None
         os.fsync(fd)
     finally:
         os.close(fd)
-    before = _allocated(cache.data(name))
+    before = allocated(cache.data(name))
     assert before >= 6 * bs
 
     looked = check_cache(cache.dir)
     assert looked.ok and looked.blocks == 4 and looked.reclaimed_bytes == 0
-    assert _allocated(cache.data(name)) == before  # a check without --repair changes nothing
+    assert allocated(cache.data(name)) == before  # a check without --repair changes nothing
 
     repaired = check_cache(cache.dir, CheckOptions(repair=True))
     assert repaired.ok and repaired.reclaimed_bytes == 2 * bs, repaired.summary()
     assert f"punched out: {2 * bs}" in repaired.summary()
-    assert _allocated(cache.data(name)) <= before - 2 * bs
+    assert allocated(cache.data(name)) <= before - 2 * bs
     for i in range(4):
         assert cache.read(name, i) == cache.expected(name, i)
     assert check_cache(cache.dir, CheckOptions(repair=True)).reclaimed_bytes == 0

@@ -35,7 +35,7 @@ from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
 from nwbcache_proxy.reconcile import Reconciler
 from nwbcache_proxy.versionfile import VersionFiles
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import get_range, proxied, wait_until
+from tests.support.helpers import get_range, proxied, reconcile_all, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 64
@@ -222,13 +222,6 @@ def _adopt(cache: OldCache) -> tuple[Layout, sqlite3.Connection]:
     return layout, conn
 
 
-def _run(layout: Layout, conn: sqlite3.Connection, max_files: int = 100_000) -> reconcile.Progress:
-    r = Reconciler(layout, conn)
-    while not (p := r.step(max_files)).done:
-        pass
-    return p
-
-
 def _rows(conn: sqlite3.Connection) -> dict[tuple[str, int], int]:
     return {
         (v, i): b
@@ -308,7 +301,7 @@ def test_format_2_blocks_are_moved_and_their_rows_resized(old2: OldCache) -> Non
     )
     layout, conn = _adopt(old2)
     assert schema.totals(conn) == before  # rows kept as they were until moved
-    p = _run(layout, conn, max_files=1000)
+    p = reconcile_all(layout, conn, max_files=1000)
     assert p.moved == blocks and p.added == p.removed == 0
     for old in (a, b, c):
         _assert_moved(layout, old, old.cached)
@@ -329,7 +322,7 @@ def test_format_1_flat_blocks_are_moved_and_their_rows_resized(old1: OldCache) -
     a = old1.add("https://h.example/a", _bytes(n * BS + 1, 4), range(n + 1), etag='"a1"')
     b = old1.add("https://h.example/b", _bytes(3 * BS, 5), [2], etag='"b1"')
     layout, conn = _adopt(old1)
-    p = _run(layout, conn, max_files=500)
+    p = reconcile_all(layout, conn, max_files=500)
     assert p.moved == n + 2
     _assert_moved(layout, a, a.cached)
     _assert_moved(layout, b, [2])
@@ -359,7 +352,7 @@ def test_corrupt_legacy_blocks_are_dropped_not_moved(old2: OldCache) -> None:
     )  # past the version's end
     bad = [1, 2, 3, 4, 5, 6, n - 1]
     layout, conn = _adopt(old2)
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert p.moved == n - len(bad) + 1  # and other's block
     _assert_moved(layout, a, [i for i in range(n) if i not in bad])
     _no_block_files(layout)
@@ -381,7 +374,7 @@ def test_a_legacy_dir_of_a_version_meta_json_does_not_name_is_dropped_whole(
     meta = (old2.root / foreign.name).parent / "meta.json"  # another object's meta.json
     meta.write_text(meta.read_text().replace("https://h.example/f", "https://h.example/g"))
     layout, conn = _adopt(old2)
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     for dropped in (old, gone, foreign):
         assert not (layout.root / dropped.name).exists(), dropped.name
         assert not layout.map_path(dropped.name).exists()
@@ -414,7 +407,7 @@ def test_an_interrupted_migration_resumes_at_its_cursor(old2: OldCache) -> None:
     assert all(rows[(first_name, i)] == len(first_old.block(i)) for i in moved)  # resized
     conn.close()  # "a crash"; another process resumes
     conn = schema.connect(layout.index_path)
-    rest = _run(layout, conn, max_files=1)
+    rest = reconcile_all(layout, conn, max_files=1)
     assert first.moved + rest.moved == len(a.cached) + len(b.cached)  # none moved twice
     assert first.files + rest.files >= len(a.cached) + len(b.cached)
     _assert_moved(layout, a, a.cached)
@@ -443,7 +436,7 @@ def test_a_unit_cut_short_between_its_moves_and_its_rows_still_ends_with_exact_r
         files.close()
     assert len(moved) == 10 and corrupt == 0
     assert set(_rows(conn).values()) == {HEADER_SIZE + BS}
-    _run(layout, conn)
+    reconcile_all(layout, conn)
     _assert_moved(layout, a, range(10))
     assert _rows(conn) == _expected_rows(a)
     assert schema.totals(conn) == (10 * BS, 10)
@@ -463,7 +456,7 @@ def test_a_block_fetched_again_before_its_move_keeps_its_entry(old2: OldCache) -
         files.write_group(2, [[a.block(2)], [a.block(3)]])  # what a fetch writes
     finally:
         files.close()
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert p.moved == 6
     _assert_moved(layout, a, range(6))
     assert _rows(conn) == _expected_rows(a)
@@ -518,7 +511,7 @@ def test_a_migration_holds_a_bounded_number_of_bytes(old2: OldCache) -> None:
     layout, conn = _adopt(old2)
     tracemalloc.start()
     try:
-        p = _run(layout, conn)
+        p = reconcile_all(layout, conn)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -26,6 +26,7 @@ from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.reconcile import CHUNK_BLOCKS, Reconciler
 from nwbcache_proxy.spanlocks import runs_of
 from nwbcache_proxy.versionfile import VersionFiles
+from tests.support.helpers import allocated, reconcile_all
 
 BS = 16
 V1 = "objects/aa/aaaa/0123.16"
@@ -88,13 +89,6 @@ def _rows(conn: sqlite3.Connection) -> dict[tuple[str, int], tuple[int, float]]:
     }
 
 
-def _run(layout: Layout, conn: sqlite3.Connection, max_files: int = 100_000) -> reconcile.Progress:
-    r = Reconciler(layout, conn)
-    while not (p := r.step(max_files)).done:
-        pass
-    return p
-
-
 def _add_row(conn: sqlite3.Connection, version: str, n: int, size: int, atime: float) -> None:
     with conn:
         conn.execute("BEGIN IMMEDIATE")
@@ -109,11 +103,6 @@ def _mark(conn: sqlite3.Connection) -> None:
         reconcile.mark_needed(conn)
 
 
-def _allocated(path: Path) -> int:
-    """Bytes the filesystem has allocated to ``path``."""
-    return os.stat(path).st_blocks * 512
-
-
 def test_blocks_without_rows_are_added_and_rows_without_blocks_dropped(tmp_path: Path) -> None:
     layout = Layout(tmp_path)
     conn = _conn(layout)
@@ -125,7 +114,7 @@ def test_blocks_without_rows_are_added_and_rows_without_blocks_dropped(tmp_path:
     _add_row(conn, V1, CHUNK_BLOCKS + 3, BS, atime=1.0)  # in the second chunk: gone too
     _add_row(conn, V2, 0, 60, atime=1.0)  # its whole version is gone
     assert reconcile.is_needed(conn)  # a new index is reconciled
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert (p.added, p.removed, p.done) == (3, 3, True)
     assert _rows(conn) == {
         (V1, 0): (BS, 1000.0),  # the block's own bytes, the data file's mtime
@@ -137,10 +126,10 @@ def test_blocks_without_rows_are_added_and_rows_without_blocks_dropped(tmp_path:
         (V1, 2 * BS + 5, 3)
     ]
     assert not reconcile.is_needed(conn)
-    again = _run(layout, conn)  # nothing due: a no-op
+    again = reconcile_all(layout, conn)  # nothing due: a no-op
     assert (again.files, again.added, again.removed) == (0, 0, 0)
     _mark(conn)  # an unclean stop later: everything agrees already
-    third = _run(layout, conn)
+    third = reconcile_all(layout, conn)
     assert (third.files, third.added, third.removed) == (h.blocks, 0, 0)
     assert len(_rows(conn)) == 3
 
@@ -155,7 +144,7 @@ def test_a_block_whose_entry_does_not_fit_its_place_is_not_indexed(tmp_path: Pat
         crc = fh.read(4)
         fh.seek(mapfile.entry_offset(1))
         fh.write(crc + (BS - 1).to_bytes(4, "little"))
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert set(_rows(conn)) == {(V1, 0), (V1, 2)}
     assert p.added == 2 and h.blocks == 4
 
@@ -167,7 +156,7 @@ def test_a_row_newer_than_the_listing_is_kept(tmp_path: Path) -> None:
     _version(layout, V1, 4 * BS, [0])
     _add_row(conn, V1, 1, BS, atime=time.time() + 60)
     _add_row(conn, V1, 2, BS, atime=time.time() - 60)  # older: dropped
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert set(_rows(conn)) == {(V1, 0), (V1, 1)}
     assert (p.added, p.removed) == (1, 1)
 
@@ -206,7 +195,7 @@ def test_rows_past_a_versions_last_block_are_dropped(tmp_path: Path) -> None:
     _version(layout, V1, size, [0, CHUNK_BLOCKS])
     for n in (CHUNK_BLOCKS + 1, 3 * CHUNK_BLOCKS, 10**9):  # past the end, in and beyond chunk 1
         _add_row(conn, V1, n, BS, atime=1.0)
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     assert set(_rows(conn)) == {(V1, 0), (V1, CHUNK_BLOCKS)}
     assert (p.added, p.removed) == (2, 3)
 
@@ -224,7 +213,7 @@ def test_rows_of_versions_without_a_map_are_dropped(tmp_path: Path) -> None:
             vid = schema.version_id(conn, name, create=True)
             assert vid is not None
             schema.add_found(conn, vid, [(0, BS, 1.0), (1, BS, 1.0)])
-    p = _run(layout, conn, max_files=100)
+    p = reconcile_all(layout, conn, max_files=100)
     assert set(_rows(conn)) == {(V1, 0)}
     assert p.removed == 2 * len(gone)
     assert p.versions == len(gone) + 1  # V1's row was added in the walk, then checked
@@ -246,7 +235,7 @@ def test_a_lone_data_file_or_map_is_removed_and_its_rows_dropped(tmp_path: Path)
     _version(layout, kept, 4 * BS, [3])
     for name in (V1, V2, V3):
         _add_row(conn, name, 0, BS, atime=1.0)
-    p = _run(layout, conn)
+    p = reconcile_all(layout, conn)
     for name in (V1, V2, V3):
         assert not layout.data_path(name).exists(), name
         assert not layout.map_path(name).exists(), name
@@ -277,10 +266,10 @@ def test_bytes_no_entry_maps_are_punched_out(tmp_path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    before = _allocated(data)
+    before = allocated(data)
     assert before >= 16 * bs + 100
-    p = _run(layout, conn)
-    after = _allocated(data)
+    p = reconcile_all(layout, conn)
+    after = allocated(data)
     assert before - after >= 8 * bs + 100, (before, after)
     assert after <= 8 * bs + 4096  # the mapped blocks, give or take a filesystem block
     assert p.reclaimed >= 8 * bs + 100
@@ -297,7 +286,7 @@ def test_bytes_no_entry_maps_are_punched_out(tmp_path: Path) -> None:
         files.close()
     assert set(_rows(conn)) == {(name, i) for i in range(8)}
     _mark(conn)
-    assert _run(layout, conn).reclaimed == 0  # nothing left to free
+    assert reconcile_all(layout, conn).reclaimed == 0  # nothing left to free
 
 
 def test_a_span_being_written_is_not_punched_until_a_later_pass(tmp_path: Path) -> None:
@@ -312,14 +301,14 @@ def test_a_span_being_written_is_not_punched_until_a_later_pass(tmp_path: Path) 
     try:
         assert writer.try_lock(4, 2)
         os.pwrite(writer.data_fd, b"\x11" * (2 * bs), h.offset_of(4))
-        p = _run(layout, conn)
+        p = reconcile_all(layout, conn)
         assert p.reclaimed == 0
         assert layout.data_path(name).read_bytes()[h.offset_of(4) : h.offset_of(6)] == (
             b"\x11" * (2 * bs)
         )
         writer.unlock(4, 2)
         _mark(conn)  # the writer died before its entries: the next pass frees them
-        again = _run(layout, conn)
+        again = reconcile_all(layout, conn)
         assert again.reclaimed >= 2 * bs
         assert layout.data_path(name).read_bytes()[h.offset_of(4) : h.offset_of(6)] == bytes(2 * bs)
     finally:
@@ -371,7 +360,7 @@ def test_memory_does_not_grow_with_the_number_of_blocks(tmp_path: Path, versions
     conn = _conn(layout)
     tracemalloc.start()
     try:
-        p = _run(layout, conn, max_files=CHUNK_BLOCKS)
+        p = reconcile_all(layout, conn, max_files=CHUNK_BLOCKS)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -27,7 +27,7 @@ from nwbcache_proxy.mapfile import CorruptMap, MapHeader, encode_header
 from nwbcache_proxy.spanlocks import runs_of
 from nwbcache_proxy.versionfile import VersionFiles
 from nwbcache_proxy.wholeversions import drop
-from tests.support.helpers import REPO
+from tests.support.helpers import REPO, allocated
 
 BS = 4096
 DIGEST = bytes(range(32))
@@ -72,10 +72,6 @@ def file_size_limit(limit: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-
-
-def allocated(path: Path) -> int:
-    return os.stat(path).st_blocks * 512
 
 
 def test_blocks_read_back_as_written_and_the_rest_are_absent(tmp_path: Path) -> None:

@@ -200,13 +200,15 @@ def evict_s3fifo(
                 found = names.get(vid)
                 name, pinned_version = found or ("", False)
                 fate = None if found is None else fate_of(queue, freq, pinned_version)
+                # Every block looked at leaves its queue; one moved or
+                # reinserted enters main's head.
+                if from_small:
+                    small -= nbytes
+                else:
+                    main -= nbytes
                 if fate is None:  # a row of no version: no file to name; deleted
                     deletes.append((vid, idx))
                     freed += nbytes
-                    if from_small:
-                        small -= nbytes
-                    else:
-                        main -= nbytes
                 elif fate is Fate.GHOST or fate is Fate.EVICT:
                     deletes.append((vid, idx))
                     chosen.append((name, idx, atime))
@@ -216,21 +218,14 @@ def evict_s3fifo(
                     if from_small:
                         new_ghosts.append((ghost_key(name, idx), seq))
                         seq += 1
-                        small -= nbytes
-                    else:
-                        main -= nbytes
                 elif fate is Fate.PIN:
                     moves.append((to_pinned, freq, seq, vid, idx))
                     seq += 1
-                    if from_small:
-                        small -= nbytes
-                    else:
-                        main -= nbytes
                 else:  # TO_MAIN or REINSERT
                     moves.append((to_main, 0 if from_small else freq - 1, seq, vid, idx))
                     seq += 1
+                    main += nbytes
                     if from_small:
-                        small, main = small - nbytes, main + nbytes
                         stats.promoted += 1
                 if total - freed <= target or evict_from(small, main, capacity) is not queue:
                     break

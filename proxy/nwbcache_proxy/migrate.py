@@ -97,7 +97,7 @@ def move(files: VersionFiles, paths: list[Path]) -> tuple[list[tuple[int, int]],
         else:
             for index, data, path in run:
                 moved.append((index, len(data)))
-                _unlink(path)
+                store.unlink_quietly(path)
         run.clear()
 
     for path in paths:
@@ -107,7 +107,7 @@ def move(files: VersionFiles, paths: list[Path]) -> tuple[list[tuple[int, int]],
         if isinstance(found, CorruptBlock):
             log.warning("dropping corrupt block %s instead of moving it: %s", path, found)
             corrupt += 1
-            _unlink(path)
+            store.unlink_quietly(path)
             continue
         index, data = found
         if run and (run[-1][0] + 1 != index or sum(len(d) for _, d, _ in run) >= MOVE_BUDGET):
@@ -148,8 +148,3 @@ def remove_empty(vdir: Path) -> None:
                 os.rmdir(entry.path)
     with contextlib.suppress(OSError):
         os.rmdir(vdir)
-
-
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)

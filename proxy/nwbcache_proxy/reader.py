@@ -35,10 +35,10 @@ from .readahead import SequentialDetector, StreamWindow
 from .trace import TraceWriter
 from .version import Version
 
-# A range up to this size whose blocks are all held open and verified is
-# answered from memory in one write (Blocks.read_held): one lock, one read of
-# the map's entries and one of the bytes for all its blocks, no await, no
-# thread (a 1 MiB range a block at a time ran at ~0.6x the GB/s, measured
+# A range up to this size whose version is held open and whose blocks are in
+# the page cache is answered from memory in one write (Blocks.read_held): one
+# lock, one read of the map's entries and one of the bytes for all its
+# blocks, no await, no thread (a 1 MiB range a block at a time ran at ~0.6x the GB/s, measured
 # with the raw section of bench/suite.py). Bounded so that many slow
 # clients cannot pin much memory in socket buffers.
 BODY_MAX = 1024 * 1024
@@ -94,33 +94,29 @@ Source = CachedBlock | InflightBlock
 class RangeReader:
     """The bytes of one range, and whether they came from cache.
 
-    Iterate it once; ``aclose`` releases the open block files whether or not
-    it was iterated (a generator that never started cannot clean up itself).
+    Iterate it once; ``aclose`` ends its segments' generator whether or not
+    it was iterated (a fetch it joined stops waiting for it).
 
     A reader made with ``of_body`` holds the whole range in memory (a small
-    hit) and nothing open: the server answers it with one write, and neither
-    iterating nor closing it costs anything on that path.
+    hit): the server answers it with one write, and neither iterating nor
+    closing it costs anything on that path.
     """
 
     def __init__(
         self,
         outcome: CacheOutcome,
         segments: AsyncGenerator[Segment, None] | None,
-        first: Source | None,
         body: Buffer | None = None,
     ) -> None:
         self.outcome = outcome
         self.body = body
         self._segments = segments
-        self._first = first
-        self._started = False
 
     @classmethod
     def of_body(cls, outcome: CacheOutcome, body: Buffer) -> RangeReader:
-        return cls(outcome, None, None, body)
+        return cls(outcome, None, body)
 
     def __aiter__(self) -> AsyncIterator[Segment]:
-        self._started = True
         if self._segments is None:
             assert self.body is not None
             return _one(self.body)
@@ -229,7 +225,7 @@ class Reader:
         segments = self._segments(
             v, url, auth, start, end, first, first_fresh, window, offline=offline
         )
-        return RangeReader(outcome, segments, first)
+        return RangeReader(outcome, segments)
 
     async def cached(self, v: Version, start: int, end: int) -> bool:
         """Whether every block of bytes [start, end) is on disk."""
@@ -265,7 +261,7 @@ class Reader:
     def _held_run(
         self, v: Version, i: int, stop: int, start: int, end: int
     ) -> tuple[range, Buffer] | None:
-        """Blocks from ``i`` on (before ``stop``, BODY_MAX of them at most) and
+        """Blocks from ``i`` on (before ``stop``, BODY_MAX bytes of them at most) and
         their part of [start, end), read at once if all are on disk and in the
         page cache (Blocks.read_held); None for fewer than two. A segment per
         BODY_MAX, not per block: 4 KiB blocks went at 55 MB/s, now 221."""

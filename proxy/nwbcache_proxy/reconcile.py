@@ -37,7 +37,7 @@ import time
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from . import mapfile, migrate, schema, store, wholeversions
+from . import migrate, schema, store, wholeversions
 from .layout import BLOCKS_PER_DIR, DATA_SUFFIX, MAP_SUFFIX, Layout, shard_range
 from .versionfile import VersionFiles
 
@@ -205,7 +205,7 @@ class Reconciler:
         first = chunk * CHUNK_BLOCKS
         count = min(CHUNK_BLOCKS, h.blocks - first)
         listed_at = time.time()
-        there = mapfile.mapped(h, first, files.entries(first, count))
+        there = files.mapped(first, count)
         found = {first + n: (h.length_of(first + n), mtime) for n in range(count) if there[n]}
         self.progress.reclaimed += files.reclaim(first, count)[0]
         self.progress.files += count

@@ -9,14 +9,13 @@ pairs one version's map with another's data file (docs/on-disk-format.md).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from pathlib import Path
 
 from . import mapfile
 from .mapfile import MapHeader
-from .store import object_lock
+from .store import object_lock, unlink_quietly
 from .versionfile import VersionFiles
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,7 @@ def drop(data_path: Path, map_path: Path) -> None:
     """Remove a version's files, the map first: an open that comes between the
     two unlinks finds no version, never a map without its bytes."""
     with object_lock(map_path):
-        for path in (map_path, data_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        _unlink_pair(data_path, map_path)
 
 
 def drop_incomplete(data_path: Path, map_path: Path) -> None:
@@ -56,9 +53,7 @@ def drop_incomplete(data_path: Path, map_path: Path) -> None:
         if files is not None:
             files.close()
             return
-        for path in (map_path, data_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        _unlink_pair(data_path, map_path)
 
 
 def prune(data_path: Path, map_path: Path, *, patience: float = PRUNE_PATIENCE) -> bool | None:
@@ -83,14 +78,18 @@ def prune(data_path: Path, map_path: Path, *, patience: float = PRUNE_PATIENCE) 
                 except FileNotFoundError:
                     same = False
                 if same:
-                    for path in (map_path, data_path):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
+                    _unlink_pair(data_path, map_path)
             return same
         finally:
             files.locks.unlock_file()
     finally:
         files.close()
+
+
+def _unlink_pair(data_path: Path, map_path: Path) -> None:
+    """The map, then the data file (under the caller's object lock)."""
+    for path in (map_path, data_path):
+        unlink_quietly(path)
 
 
 def _map_is_empty(files: VersionFiles) -> bool:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -23,9 +24,11 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from nwbcache_proxy.reconcile import Progress, Reconciler
 from nwbcache_proxy.versionfile import VersionFiles
 
 if TYPE_CHECKING:
+    from nwbcache_proxy.layout import Layout
     from tests.support.s3emu import S3Emulator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -203,3 +206,16 @@ def mapped_exactly(files: VersionFiles, want: Callable[[int], bytes], block_size
         assert files.read_block(i) == want(i), f"block {i}"
     assert blocks_holding(files.data_fd, h.size, block_size) == mapped
     return mapped
+
+
+def allocated(path: Path) -> int:
+    """Bytes the filesystem has allocated to ``path``."""
+    return os.stat(path).st_blocks * 512
+
+
+def reconcile_all(layout: Layout, conn: sqlite3.Connection, max_files: int = 100_000) -> Progress:
+    """A whole reconcile of the cache at ``layout``, step after step."""
+    r = Reconciler(layout, conn)
+    while not (p := r.step(max_files)).done:
+        pass
+    return p
