@@ -28,6 +28,7 @@ LAYERS: dict[str, set[str]] = {
         "httprange",
         "layout",
         "lru",
+        "marks",
         "mapfile",
         "objectmeta",
         "policy",

@@ -254,6 +254,7 @@ def test_a_listing_is_asked_once_for_a_few_seconds_then_again(
     origin.put("/dandiarchive/dandisets/0009/new.nwb", b"n")
     time.sleep(1.6)
     assert s3.list_objects_v2(Bucket="dandiarchive", Prefix="dandisets/")["KeyCount"] == 26
+    origin.wait_idle()
     assert len(origin.requests("/dandiarchive/")) == 2
 
 

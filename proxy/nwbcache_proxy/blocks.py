@@ -23,7 +23,7 @@ from .aio import Disk
 from .blockfile import Buffer, CorruptBlock, Parts
 from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
-from .lru import BoundedLRU
+from .marks import BlockMarks
 from .openversions import OpenVersions, SharedVersion
 from .staging import Staging
 from .version import Version
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Blocks whose checksum this process has verified, so later hits read only
-# the bytes asked for. Bounded: forgetting only costs one more verification.
-VERIFIED_MEMORY = 200_000
+# the bytes asked for, in chunks of marks.CHUNK_BLOCKS: 8 MiB of bits, all
+# of 67M blocks. Bounded: forgetting only costs one more verification.
+VERIFIED_CHUNKS = 8192
 # How many blocks a single presence check looks at.
 PRESENCE_CHECK_LIMIT = 64
 # How long removing a corrupt block waits for its other readers.
@@ -78,7 +79,7 @@ class Blocks:
         self.fsync = fsync
         # Called when the cache may be over capacity or the disk refused a write.
         self._on_pressure = on_pressure
-        self._verified: BoundedLRU[tuple[str, int], int] = BoundedLRU(VERIFIED_MEMORY)
+        self._verified = BlockMarks(VERIFIED_CHUNKS)
         self._staging: Staging | None = None
 
     async def start(self) -> None:
@@ -141,7 +142,7 @@ class Blocks:
         if shared is None:
             return None
         try:
-            verify = span is None or need_data or self._verified.get((v.name, index)) is None
+            verify = span is None or need_data or not self._verified.has(v.name, index)
             lo, hi = (0, v.block_length(index)) if verify or span is None else span
             files = shared.files
             try:
@@ -159,7 +160,7 @@ class Blocks:
         if data is None:
             return None
         if verify:
-            self._verified.put((v.name, index), 1)
+            self._verified.add(v.name, index)
         self.touch(v, index)
         return CachedBlock(lo, data)
 
@@ -171,7 +172,7 @@ class Blocks:
         read checks it again, and the next write of its bytes rewrites it
         (VersionFiles.write_group reads a mapped block back before it skips it)."""
         log.warning("dropping corrupt block %d of %s: %s", index, v.key, exc)
-        self._verified.pop((v.name, index))
+        self._verified.discard(v.name, index)
         removed = await self.disk.run(
             lambda: files.remove(index, 1, fsync=self.fsync, patience=CORRUPT_PATIENCE)
         )
@@ -185,7 +186,7 @@ class Blocks:
         verified yet (after a start) are read whole and checked here, a
         span at a time; a block that fails its check is left to the
         block-at-a-time path, which drops it."""
-        verify = any(self._verified.get((v.name, i)) is None for i in blocks)
+        verify = not all(self._verified.has(v.name, i) for i in blocks)
         shared = self.table.get(v.name)
         if shared is None:
             return None
@@ -199,7 +200,7 @@ class Blocks:
             return None
         for i in blocks:
             if verify:
-                self._verified.put((v.name, i), 1)
+                self._verified.add(v.name, i)
             self.touch(v, i)
         return data
 
@@ -289,7 +290,7 @@ class Blocks:
             log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
-        self._verified.put((v.name, index), 1)
+        self._verified.add(v.name, index)
         self.touch(v, index, written=True)
         pending = self.index.pending_bytes
         if pending > FLUSH_SHARE * self.capacity or (

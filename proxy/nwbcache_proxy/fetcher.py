@@ -39,7 +39,7 @@ from .claims import CLAIM_PATIENCE, CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
 from .errors import UpstreamUnavailable, VersionChanged
 from .filling import RunFill
 from .inflight import InflightBlock
-from .lru import BoundedLRU
+from .marks import BlockMarks
 from .metrics import Metrics
 from .upstream import Upstream
 from .version import Version
@@ -56,8 +56,9 @@ MAX_RUN_BYTES = 4 * 1024 * 1024
 # On shutdown, fetches under way get this long to finish (their blocks are
 # then written and indexed) before cancellation.
 SHUTDOWN_GRACE = 5.0
-# Fresh marks kept. Bounded: forgetting one only counts its first read as a hit.
-FRESH_MEMORY = 65_536
+# Fresh marks kept, in chunks of marks.CHUNK_BLOCKS (8M blocks). Bounded:
+# forgetting one only counts its first read as a hit.
+FRESH_CHUNKS = 1024
 
 
 class Fetcher:
@@ -83,7 +84,7 @@ class Fetcher:
         # Drops a version found changed mid-fetch (versions.Versions.drop).
         self._on_version_changed = on_version_changed
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
-        self._fresh: BoundedLRU[tuple[str, int], bool] = BoundedLRU(FRESH_MEMORY)
+        self._fresh = BlockMarks(FRESH_CHUNKS)
         self._fetches = Tasks()
         self._plans = Tasks()
 
@@ -101,7 +102,7 @@ class Fetcher:
         return self._inflight.get((v.name, index))
 
     def is_fresh(self, v: Version, index: int) -> bool:
-        return (v.name, index) in self._fresh
+        return self._fresh.has(v.name, index)
 
     def claim(self, v: Version, index: int, block: InflightBlock | None = None) -> bool:
         """A client is about to receive this block (from its file, or from its
@@ -109,7 +110,7 @@ class Fetcher:
         was one, i.e. the block came from upstream and no client had it yet."""
         if block is not None:
             block.claimed = True  # no mark is set for it once it completes
-        return self._fresh.pop((v.name, index)) is not None
+        return self._fresh.discard(v.name, index)
 
     # -- starting fetches ------------------------------------------------------
     def fetch(
@@ -205,7 +206,7 @@ class Fetcher:
         waits for these bytes, so they are not fresh)."""
         if (v.name, 0) in self._inflight or await self.blocks.present(v, range(1)):
             return
-        self._fresh.put((v.name, 0), True)
+        self._fresh.add(v.name, 0)
         await self.blocks.publish(v, 0, data)
 
     # -- fetch runs ------------------------------------------------------------
@@ -277,7 +278,7 @@ class Fetcher:
             if block.from_upstream and not block.claimed:
                 # Another process fetched it for this one (_await_claims), and
                 # no client here has had it yet: see "Fresh marks" above.
-                self._fresh.put((v.name, block.index), True)
+                self._fresh.add(v.name, block.index)
             self._done(v, block)
         return missing
 
@@ -292,7 +293,7 @@ class Fetcher:
         def completed(block: InflightBlock) -> None:
             if not block.claimed:
                 # Before the file exists: see "Fresh marks" above.
-                self._fresh.put((v.name, block.index), True)
+                self._fresh.add(v.name, block.index)
 
         fill = RunFill(run, v.block_size, lambda group: self._publish(v, group), completed)
         del run  # published blocks leave with their last reader (see _fetch_run)

@@ -1,0 +1,73 @@
+"""A bounded set of (version, block) marks, kept as bitmaps of runs of blocks.
+
+The daemon remembers two facts per block for millions of blocks: which it
+has verified the checksum of since it started, and which came from upstream
+and no client has read yet. Kept as a tuple key per block in an LRU, that
+cost ~190 bytes a block and ~50 MB at the bounds it had (issue 11: the
+daemon's memory must stay flat at any cache size); here a block costs one
+bit, in chunks of ``CHUNK_BLOCKS`` consecutive blocks of one version, and
+whole chunks are forgotten least recently used first. Forgetting a mark
+only costs work its owner redoes (a verification, a hit counted as a miss).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+# Blocks per chunk: 1 KiB of bits. Small enough that a reader touching one
+# block here and there pins little; large enough that a scan's marks cost
+# ~1.3 KB of Python objects per 8,192 blocks.
+CHUNK_SHIFT = 13
+CHUNK_BLOCKS = 1 << CHUNK_SHIFT
+_MASK = CHUNK_BLOCKS - 1
+_EMPTY = bytes(CHUNK_BLOCKS // 8)
+
+
+class BlockMarks:
+    """Marks on blocks of versions, at most ``chunks`` chunks of them."""
+
+    def __init__(self, chunks: int) -> None:
+        if chunks < 1:
+            raise ValueError(f"chunks must be >= 1, not {chunks}")
+        self._capacity = chunks
+        self._chunks: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
+
+    def add(self, version: str, index: int) -> None:
+        key = (version, index >> CHUNK_SHIFT)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = self._chunks[key] = bytearray(_EMPTY)
+            if len(self._chunks) > self._capacity:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(key)
+        bit = index & _MASK
+        chunk[bit >> 3] |= 1 << (bit & 7)
+
+    def has(self, version: str, index: int) -> bool:
+        key = (version, index >> CHUNK_SHIFT)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            return False
+        self._chunks.move_to_end(key)
+        bit = index & _MASK
+        return bool(chunk[bit >> 3] & (1 << (bit & 7)))
+
+    def discard(self, version: str, index: int) -> bool:
+        """Take the mark off; whether there was one."""
+        key = (version, index >> CHUNK_SHIFT)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            return False
+        bit = index & _MASK
+        byte, flag = bit >> 3, 1 << (bit & 7)
+        if not chunk[byte] & flag:
+            return False
+        chunk[byte] &= ~flag & 0xFF
+        if chunk == _EMPTY:  # an empty chunk would only hold a place in the bound
+            del self._chunks[key]
+        return True
+
+    def __len__(self) -> int:
+        """Chunks held (not marks)."""
+        return len(self._chunks)
