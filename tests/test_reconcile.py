@@ -366,6 +366,7 @@ def test_memory_does_not_grow_with_the_number_of_blocks(tmp_path: Path, versions
         tracemalloc.stop()
     blocks = versions * 100 + 4 * CHUNK_BLOCKS
     assert p.added == blocks and schema.totals(conn) == (blocks, blocks)
-    # One chunk's blocks and rows take ~1.6 MB; a row or a dict entry per block of
-    # the cache (>= 100 B each) would take 2.6 MB more.
-    assert peak < 2_500_000, f"peak {peak} B"
+    # One chunk's blocks and rows take ~2.2-3.2 MB (its rows go to and from SQLite
+    # as one JSON text beside them); a row or a dict entry per block of the cache
+    # (>= 100 B each) would take 2.6 MB more.
+    assert peak < 4_000_000, f"peak {peak} B"

@@ -1,14 +1,17 @@
-"""The index's SQLite check (schema.py) and eviction's batch statements (batchsql.py)."""
+"""The index's SQLite check (schema.py) and its batch statements (batchsql.py, and the
+reconciler's in schema.py): what they do, and that a batch is one statement whatever its rows."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import batchsql, schema
+from nwbcache_proxy import accounting, batchsql, policy, schema
 
 
 @pytest.fixture
@@ -107,3 +110,105 @@ def test_deleting_a_versions_last_block_deletes_the_version(conn: sqlite3.Connec
         batchsql.run_batch(conn, batchsql.DELETE_BLOCKS, [(a, 0), (a, 1)])
     assert conn.execute("SELECT count(*) FROM versions").fetchone()[0] == 0
     _totals_agree(conn)
+
+
+def _statements(conn: sqlite3.Connection, work: Callable[[], None]) -> int:
+    """How many statements ``work`` runs on ``conn``, with the triggers dropped
+    first (SQLite reports a trigger's run as its statement's again)."""
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for (name,) in triggers:
+        conn.execute(f"DROP TRIGGER {name}")
+    seen: list[str] = []
+    conn.set_trace_callback(seen.append)
+    try:
+        work()
+    finally:
+        conn.set_trace_callback(None)
+    return len(seen)
+
+
+def _flush(conn: sqlite3.Connection, rows: int, *, again: bool = False) -> None:
+    """``rows`` blocks of each of two versions used (written, or ``again`` read) and hit."""
+    now = time.time()
+    names = ("objects/aa/a/v.16", "objects/bb/b/v.16")
+    pending = {(v, i): (16, now, not again) for v in names for i in range(rows)}
+    hits = {(v, i): 1 for v, i in pending}
+    accounting.record(conn, pending, hits, accounting.Stats())
+
+
+@pytest.mark.parametrize("again", [False, True], ids=["new rows", "rows there"])
+def test_a_flush_of_2000_rows_runs_the_statements_of_one_of_10(tmp_path: Path, again: bool) -> None:
+    """Each statement step gives the GIL up and waits to get it back: with one
+    per row, a flush under a busy event loop took seconds (batchsql.py)."""
+    counts = []
+    for rows in (10, 2000):
+        conn = schema.connect(tmp_path / f"{rows}.sqlite3")
+        if again:
+            _flush(conn, rows)
+        counts.append(_statements(conn, functools.partial(_flush, conn, rows, again=again)))
+        got = conn.execute("SELECT count(*), sum(freq), min(freq) FROM blocks").fetchone()
+        assert got == (2 * rows, 2 * rows * (2 if again else 1), 2 if again else 1)
+        conn.close()
+    assert counts[0] == counts[1] < 30
+
+
+def test_a_flush_keeps_every_total(conn: sqlite3.Connection) -> None:
+    _flush(conn, 50)
+    _flush(conn, 60, again=True)  # 10 of them only read: no rows of their own
+    assert conn.execute("SELECT count(*) FROM blocks").fetchone()[0] == 100
+    _totals_agree(conn)
+
+
+def test_record_upserts_keep_a_rows_place_and_take_its_later_use(
+    conn: sqlite3.Connection,
+) -> None:
+    a = _put(conn, "objects/aa/a/v.16", [(0, 10, 1, 4)])
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        rows = [(a, 0, 10, 9.5, 0, 8), (a, 1, 20, 3.0, 0, 9)]
+        batchsql.run_batch(conn, batchsql.UPSERT_BLOCKS, rows)
+        batchsql.run_batch(conn, batchsql.UPSERT_BLOCKS, [(a, 1, 20, 2.0, 0, 10)])
+        batchsql.run_batch(conn, batchsql.COUNT_HITS, [(a, 0, 2), (a, 1, 9), (a, 7, 1)])
+    got = conn.execute("SELECT idx, bytes, atime, queue, seq, freq FROM blocks ORDER BY idx")
+    assert got.fetchall() == [(0, 10, 9.5, 1, 4, 2), (1, 20, 3.0, 0, 9, policy.MAX_FREQ)]
+    _totals_agree(conn)
+    assert batchsql.those_in(conn, batchsql.EXISTING, [1, 2, 0], a) == {0, 1}
+    assert batchsql.those_in(conn, batchsql.EXISTING, [], a) == set()
+    assert batchsql.those_in(conn, batchsql.VERSIONS_LEFT, [a, a + 1]) == {a}
+
+
+def test_ghost_keys_of_any_size_are_found_and_dropped(conn: sqlite3.Connection) -> None:
+    big = [policy.ghost_key("objects/ff/f/v.16", i) for i in (0, 2**25)]
+    assert all(k >= 2**40 for k in big)
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        batchsql.run_batch(conn, batchsql.ADD_GHOSTS, [(k, n) for n, k in enumerate(big)])
+        assert batchsql.those_in(conn, batchsql.GHOSTS_FOUND, [*big, 5]) == set(big)
+        batchsql.run_batch(conn, batchsql.DELETE_GHOSTS, big[:1])
+    assert batchsql.those_in(conn, batchsql.GHOSTS_FOUND, big) == {big[1]}
+    _totals_agree(conn)
+
+
+def test_the_reconcilers_batches(conn: sqlite3.Connection) -> None:
+    name = "objects/aa/a/v.16"
+    a = _put(conn, name, [(0, 10, 1, 1)])
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        schema.add_found(conn, a, [(0, 99, 5.0), (3, 16, 2.0), (4, 16, 7.0)])  # 0 is kept
+        schema.add_found(conn, a, [])
+    assert schema.rows_in(conn, a, range(0, 4)) == {0: (1.5, 10), 3: (2.0, 16)}
+    assert schema.rows_in(conn, a, range(5, 9)) == {}
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        schema.resize_rows(conn, name, [(3, 12), (9, 1)])
+        schema.delete_older(conn, a, [0, 3, 4], than=3.0)  # 4 is newer than the listing
+        schema.delete_older(conn, a, [], than=3.0)
+    assert schema.rows_in(conn, a, range(0, 10)) == {4: (7.0, 16)}
+    _totals_agree(conn)
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        schema.resize_rows(conn, name, [(4, 12)])
+    assert schema.rows_in(conn, a, range(0, 10)) == {4: (7.0, 12)}
+    _totals_agree(conn)
+    seqs = [r[0] for r in conn.execute("SELECT seq FROM blocks ORDER BY idx")]
+    assert len(set(seqs)) == len(seqs)

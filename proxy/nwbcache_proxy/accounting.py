@@ -1,7 +1,8 @@
 """The index's writes on its thread: recording use, choosing blocks to evict (LRU, S3-FIFO).
 
 Each function is one bounded transaction on a connection from schema.connect;
-policy.py says what the S3-FIFO steps do, schema.py owns the statements.
+policy.py says what the S3-FIFO steps do, schema.py and batchsql.py own the
+statements.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from collections.abc import Iterable
 from . import batchsql, policy, schema
 from .policy import Fate, Queue
 
-# Rows per `IN (...)` list: well under SQLite's limit on bound parameters.
-_IN_CHUNK = 500
 # Rows of a queue's tail read at a time during an S3-FIFO slice.
 _TAIL_READ = 1024
 
@@ -88,9 +87,9 @@ def record(
                     queue = policy.admit(i, ghost=i in remembered, pinned=pinned)
                     stats.admitted["ghost" if i in remembered else queue.name.lower()] += 1
                     params.append((vid, i, b, a, int(queue), first + n))
-            conn.executemany(schema.UPSERT, params)
-            conn.executemany(
-                schema.DELETE_GHOST, [(policy.ghost_key(version, i),) for i in remembered]
+            batchsql.run_batch(conn, batchsql.UPSERT_BLOCKS, params)
+            batchsql.run_batch(
+                conn, batchsql.DELETE_GHOSTS, [policy.ghost_key(version, i) for i in remembered]
             )
             counts = by_hit.pop(version, [])
             _count_hits(conn, vid, counts)
@@ -108,28 +107,17 @@ def record(
 
 
 def _count_hits(conn: sqlite3.Connection, vid: int, counts: Iterable[tuple[int, int]]) -> None:
-    conn.executemany(schema.HITS, [(policy.MAX_FREQ, c, vid, i) for i, c in counts])
+    batchsql.run_batch(conn, batchsql.COUNT_HITS, [(vid, i, c) for i, c in counts])
 
 
 def _existing(conn: sqlite3.Connection, vid: int, indices: list[int]) -> set[int]:
-    found: set[int] = set()
-    for lo in range(0, len(indices), _IN_CHUNK):
-        chunk = indices[lo : lo + _IN_CHUNK]
-        query = schema.EXISTING_IN.format(",".join("?" * len(chunk)))
-        found.update(int(r[0]) for r in conn.execute(query, (vid, *chunk)))
-    return found
+    return batchsql.those_in(conn, batchsql.EXISTING, indices, vid)
 
 
 def _ghosts(conn: sqlite3.Connection, version: str, indices: list[int]) -> set[int]:
     """Which of these blocks of ``version`` the ghost list remembers."""
     keys = {policy.ghost_key(version, i): i for i in indices}
-    found: set[int] = set()
-    items = list(keys)
-    for lo in range(0, len(items), _IN_CHUNK):
-        chunk = items[lo : lo + _IN_CHUNK]
-        query = schema.GHOSTS_IN.format(",".join("?" * len(chunk)))
-        found.update(keys[int(r[0])] for r in conn.execute(query, chunk))
-    return found
+    return {keys[k] for k in batchsql.those_in(conn, batchsql.GHOSTS_FOUND, list(keys))}
 
 
 def evict_lru(conn: sqlite3.Connection, target: int, batch: int, stats: Stats) -> Slice:
@@ -245,10 +233,5 @@ def evict_s3fifo(
 def _emptied(conn: sqlite3.Connection, touched: dict[int, str]) -> list[str]:
     """Which of these versions (id -> name) lost their last block: their rows in
     ``versions`` went with it (the blocks_del trigger)."""
-    ids = list(touched)
-    left: set[int] = set()
-    for lo in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[lo : lo + _IN_CHUNK]
-        query = schema.VERSIONS_IN.format(",".join("?" * len(chunk)))
-        left.update(int(r[0]) for r in conn.execute(query, chunk))
+    left = batchsql.those_in(conn, batchsql.VERSIONS_LEFT, list(touched))
     return [name for vid, name in touched.items() if vid not in left]

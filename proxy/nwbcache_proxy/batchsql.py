@@ -1,9 +1,13 @@
-"""Eviction's statements on the index: a whole batch of rows in or out as one JSON array.
+"""The index's statements that take or give a whole batch of rows as one JSON array.
 
 One statement step per batch, not one per row: Python's sqlite3 gives up the
-GIL around every step, and under a stream of hits each hand-back waits for
-the event loop (measured on a 1M-row index with a busy thread beside it:
-per-row statements deleted 46,000 rows/s, set-based ones 69,000). The
+GIL around every step (an ``executemany`` row, a fetched row), and each
+hand-back waits for whichever thread holds it, up to the 5 ms switch
+interval when the event loop is busy. Measured with a busy thread beside
+it: a flush's per-row upsert took 4.8 ms a row, this one 6 us; in the
+daemon, a fill of 4 KiB blocks at 60 MB/s had flushes of 3-6 s (eviction,
+which waits for them, fell behind the fill) and a reconcile that never
+ended. Eviction's deletes: 46,000 rows/s per row, 69,000 set-based. The
 triggers of schema.py keep the totals as for any other statement.
 """
 
@@ -14,6 +18,40 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from .policy import MAX_FREQ
+
+# -- recording use (accounting.record), one version's rows at a time -------------
+# Each [version id, index, bytes, atime, queue, seq]: a new row enters its
+# queue; a row already there keeps its place and takes the later use.
+UPSERT_BLOCKS = (
+    "INSERT INTO blocks(version, idx, bytes, atime, queue, seq) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+    "json_extract(value, '$[5]') FROM json_each(?) "
+    "WHERE true ON CONFLICT(version, idx) DO UPDATE SET atime = max(atime, excluded.atime)"
+)
+# Each [version id, index, hits]: S3-FIFO's counter, capped.
+COUNT_HITS = (
+    f"UPDATE blocks SET freq = min({MAX_FREQ}, freq + json_extract(m.value, '$[2]')) "
+    "FROM json_each(?) AS m WHERE blocks.version = json_extract(m.value, '$[0]') "
+    "AND blocks.idx = json_extract(m.value, '$[1]')"
+)
+# Of a version's block indices, those with a row.
+EXISTING = (
+    "SELECT json_group_array(idx) FROM blocks "
+    "WHERE version = ? AND idx IN (SELECT value FROM json_each(?))"
+)
+# Of ghost keys (policy.ghost_key), those the ghost list holds; and their removal.
+GHOSTS_FOUND = (
+    "SELECT json_group_array(key) FROM ghosts WHERE key IN (SELECT value FROM json_each(?))"
+)
+DELETE_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT value FROM json_each(?))"
+# Of version ids, those still with a row (a version's row goes with its last block).
+VERSIONS_LEFT = (
+    "SELECT json_group_array(id) FROM versions WHERE id IN (SELECT value FROM json_each(?))"
+)
+
+# -- eviction ----------------------------------------------------------------------
 # S3-FIFO: the oldest blocks of one queue, each [seq, version id, index,
 # bytes, atime, freq], and their versions, each [id, dir, pinned] (a block
 # pinned since it entered its queue moves, never goes). A version's name
@@ -85,7 +123,18 @@ def _first(row: list[Any]) -> Any:
     return row[0]
 
 
-def run_batch(conn: sqlite3.Connection, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+def run_batch(conn: sqlite3.Connection, statement: str, rows: Sequence[Any]) -> None:
     """One step of a statement that takes a batch of rows as a JSON array."""
     if rows:
         conn.execute(statement, (json.dumps(rows),))
+
+
+def those_in(
+    conn: sqlite3.Connection, statement: str, items: Sequence[int], *first: Any
+) -> set[int]:
+    """The items a statement that answers with a JSON array of them (EXISTING,
+    GHOSTS_FOUND, VERSIONS_LEFT) finds; ``first``: its parameters before the batch."""
+    if not items:
+        return set()
+    found = conn.execute(statement, (*first, json.dumps(items))).fetchone()[0]
+    return {int(i) for i in json.loads(found)}

@@ -1,13 +1,14 @@
 """The index database: its schema, migrations, and every SQL statement.
 
 One owner for the SQL: the daemon's index (index.py), the reconciler
-(reconcile.py) and ``nwbcache check`` all go through here; eviction's
-batch statements are batchsql.py's.
+(reconcile.py) and ``nwbcache check`` all go through here; the batch
+statements of recording use and eviction are batchsql.py's.
 docs/on-disk-format.md describes the schema and its history.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
@@ -179,31 +180,38 @@ VERSION_USE = (
 VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
 # A block written or read: a new row enters its queue at the given place; an
 # existing one only records the use.
-UPSERT = (
-    "INSERT INTO blocks(version, idx, bytes, atime, queue, seq) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT(version, idx) DO UPDATE SET atime = max(atime, excluded.atime)"
-)
-HITS = "UPDATE blocks SET freq = min(?, freq + ?) WHERE version = ? AND idx = ?"
-# Rows for files found on disk; rows already there are left as they are.
+# The reconciler's statements take and give a batch as one JSON array: one
+# statement step, not one per row, each of which gives up the GIL and waits to
+# get it back from a busy event loop (batchsql.py says why and what it cost).
+# Rows for files found on disk, each [version id, index, bytes, atime, seq];
+# rows already there are left as they are.
 INSERT_FOUND = (
-    "INSERT OR IGNORE INTO blocks(version, idx, bytes, atime, queue, seq) VALUES (?, ?, ?, ?, 0, ?)"
+    "INSERT OR IGNORE INTO blocks(version, idx, bytes, atime, queue, seq) "
+    "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), 0, json_extract(value, '$[4]') "
+    "FROM json_each(?)"
 )
 # Hands out ``?`` queue positions: the last one is returned.
 TAKE_SEQ = "UPDATE totals SET seq = seq + ? WHERE id = 0 RETURNING seq"
 QUEUE_TOTALS = (
     "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes FROM totals WHERE id = 0"
 )
-VERSIONS_IN = "SELECT id FROM versions WHERE id IN ({})"
-EXISTING_IN = "SELECT idx FROM blocks WHERE version = ? AND idx IN ({})"
-GHOSTS_IN = "SELECT key FROM ghosts WHERE key IN ({})"
-DELETE_GHOST = "DELETE FROM ghosts WHERE key = ?"
 TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
-RESIZE_BLOCK = "UPDATE blocks SET bytes = ? WHERE version = ? AND idx = ?"
+# Each [index, bytes] of version ?.
+RESIZE_BLOCKS = (
+    "UPDATE blocks SET bytes = json_extract(m.value, '$[1]') FROM json_each(?) AS m "
+    "WHERE blocks.version = ? AND blocks.idx = json_extract(m.value, '$[0]')"
+)
 # Only rows older than a listing: a newer row may be of a file published since.
-DELETE_BLOCK_OLDER = "DELETE FROM blocks WHERE version = ? AND idx = ? AND atime < ?"
+DELETE_BLOCKS_OLDER = (
+    "DELETE FROM blocks WHERE version = ? AND atime < ? AND idx IN (SELECT value FROM json_each(?))"
+)
 DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WHERE name = ?)"
 DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
-ROWS_IN = "SELECT idx, atime, bytes FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
+ROWS_IN = (
+    "SELECT json_group_array(json_array(idx, atime, bytes)) FROM blocks "
+    "WHERE version = ? AND idx >= ? AND idx < ?"
+)
 TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
 TOP_VERSIONS = "SELECT name, bytes, blocks FROM versions ORDER BY bytes DESC LIMIT ?"
 GET_STATE = "SELECT value FROM state WHERE key = ?"
@@ -335,8 +343,8 @@ def totals(conn: sqlite3.Connection) -> tuple[int, int]:
 
 def rows_in(conn: sqlite3.Connection, vid: int, indices: range) -> dict[int, tuple[float, int]]:
     """Block index -> (atime, bytes) of the rows of version ``vid`` within ``indices``."""
-    found = conn.execute(ROWS_IN, (vid, indices.start, indices.stop))
-    return {int(i): (float(a), int(n)) for i, a, n in found}
+    found = conn.execute(ROWS_IN, (vid, indices.start, indices.stop)).fetchone()[0]
+    return {int(i): (float(a), int(n)) for i, a, n in json.loads(found)}
 
 
 def take_seq(conn: sqlite3.Connection, count: int) -> int:
@@ -352,19 +360,23 @@ def add_found(conn: sqlite3.Connection, vid: int, found: Iterable[tuple[int, int
     if not rows:
         return
     first = take_seq(conn, len(rows))
-    conn.executemany(INSERT_FOUND, [(vid, i, b, a, first + n) for n, (i, b, a) in enumerate(rows)])
+    batch = [(vid, i, b, a, first + n) for n, (i, b, a) in enumerate(rows)]
+    conn.execute(INSERT_FOUND, (json.dumps(batch),))
 
 
 def resize_rows(conn: sqlite3.Connection, name: str, blocks: Iterable[tuple[int, int]]) -> None:
     """Rows (index, bytes) of version ``name`` that now take ``bytes`` (format 2's
     rows counted a block file's header); inside the caller's transaction."""
-    vid = version_id(conn, name, create=False)
+    rows = list(blocks)
+    vid = version_id(conn, name, create=False) if rows else None
     if vid is not None:
-        conn.executemany(RESIZE_BLOCK, [(n, vid, i) for i, n in blocks])
+        conn.execute(RESIZE_BLOCKS, (json.dumps(rows), vid))
 
 
 def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:
-    conn.executemany(DELETE_BLOCK_OLDER, [(vid, i, than) for i in indices])
+    gone = list(indices)
+    if gone:
+        conn.execute(DELETE_BLOCKS_OLDER, (vid, than, json.dumps(gone)))
 
 
 def get_state(conn: sqlite3.Connection, key: str) -> str | None:
