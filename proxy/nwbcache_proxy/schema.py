@@ -197,10 +197,13 @@ QUEUE_TOTALS = (
     "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes FROM totals WHERE id = 0"
 )
 TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
-# Each [index, bytes] of version ?.
+# Each [version id, index, bytes]: the version from the batch too, so that
+# SQLite walks the batch and looks each row up (with it a constant, it
+# walked the version's rows and the batch for each).
 RESIZE_BLOCKS = (
-    "UPDATE blocks SET bytes = json_extract(m.value, '$[1]') FROM json_each(?) AS m "
-    "WHERE blocks.version = ? AND blocks.idx = json_extract(m.value, '$[0]')"
+    "UPDATE blocks SET bytes = json_extract(m.value, '$[2]') FROM json_each(?) AS m "
+    "WHERE blocks.version = json_extract(m.value, '$[0]') "
+    "AND blocks.idx = json_extract(m.value, '$[1]')"
 )
 # Only rows older than a listing: a newer row may be of a file published since.
 DELETE_BLOCKS_OLDER = (
@@ -370,7 +373,7 @@ def resize_rows(conn: sqlite3.Connection, name: str, blocks: Iterable[tuple[int,
     rows = list(blocks)
     vid = version_id(conn, name, create=False) if rows else None
     if vid is not None:
-        conn.execute(RESIZE_BLOCKS, (json.dumps(rows), vid))
+        conn.execute(RESIZE_BLOCKS, (json.dumps([(vid, i, n) for i, n in rows]),))
 
 
 def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:
