@@ -52,7 +52,7 @@ bench-httpfill: $(STAMP)
 	$(BIN)/python -m bench.httpfill $(ARGS)
 
 ## bench-coldfill: a cold fill through nwbcache against nginx's slice cache, same origin,
-## same reads (256 MiB in 16 MiB ranges, 4 streams, 5 runs; ~2 min); bench/results-coldfill.json;
+## same reads (256 MiB in 16 MiB ranges, 4 streams, 6 runs; ~2 min); bench/results-coldfill.json;
 ## ARGS="--baseline REV" also runs the daemon at git revision REV and compares run by run
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)

@@ -27,9 +27,13 @@ MB/s (10**6 bytes) of the read; the server's CPU seconds per GiB read
 nginx master and workers, the daemon and its workers), counted until the
 origin has been idle for 0.2 s, so a fill finishing after the client is done
 is counted too; the origin's CPU; bytes fetched from the origin; bytes the
-cache holds on disk afterwards. Systems alternate run by run (the nginx /
-nwbcache order flips every run) to cancel drift; one untimed warm-up round
-comes first.
+cache holds on disk afterwards. Each run takes the next ordering of the
+caches (every ordering in turn), so that each goes first, and follows each
+other, equally often: a run pays for the deletion of the cache before it
+(below), and with the order only rotated, the same system always came
+right after nginx (an A/A run, one commit against itself: slow in 3 of 4
+runs in that place, 1 of 4 in the other). One untimed warm-up round comes
+first.
 
 Hygiene on a VM: before each run, ``sync`` and a pause (``--settle``) so
 writeback of the run before does not land in this one; and the caches of
@@ -53,6 +57,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import platform
@@ -418,13 +423,14 @@ class ColdFill:
             print("warm-up (not counted):", flush=True)
             for order, system in enumerate(caching):
                 self.attempt(system, max(streams_list), -1, order)
+        orderings = list(itertools.permutations(caching))
         for run in range(self.args.runs):
             print(f"run {run + 1} of {self.args.runs}:", flush=True)
             for streams in streams_list:
-                # The caches take turns going first, one place on every run;
-                # the origin alone goes first, as it writes no cache.
-                turn = run % len(caching)
-                for order, system in enumerate(["origin", *caching[turn:], *caching[:turn]]):
+                # Every ordering of the caches in turn (see the docstring); the
+                # origin alone goes first, as it writes no cache.
+                ordering = orderings[run % len(orderings)]
+                for order, system in enumerate(["origin", *ordering]):
                     self.attempt(system, streams, run, order)
         self.drop_old_caches(None)
 
@@ -662,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--size", type=_size, help="object size (default 256M; --quick 64M)")
     ap.add_argument("--range", type=_size, default="16M", help="bytes per request (16M)")
     ap.add_argument("--streams", type=_streams, default=[4], help="concurrent readers, e.g. 1,4")
-    ap.add_argument("--runs", type=int, help="interleaved runs per system (default 5; --quick 2)")
+    ap.add_argument("--runs", type=int, help="interleaved runs per system (default 6; --quick 2)")
     ap.add_argument("--quick", action="store_true", help="64 MiB, 2 runs")
     ap.add_argument("--block-size", default="256K", help="nwbcache block = nginx slice (256K)")
     ap.add_argument("--workers", type=int, default=1, help="server processes, each (default 1)")
@@ -691,7 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
     args.range_bytes = args.range
     args.streams_list = args.streams
-    args.runs = args.runs if args.runs is not None else (2 if args.quick else 5)
+    # By default every ordering of the caches as often as every other (6: two
+    # systems have 2 orderings, three have 6).
+    args.runs = args.runs if args.runs is not None else (2 if args.quick else 6)
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     parse_size(args.block_size)  # the daemon would refuse it later
