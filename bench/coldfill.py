@@ -28,12 +28,12 @@ nginx master and workers, the daemon and its workers), counted until the
 origin has been idle for 0.2 s, so a fill finishing after the client is done
 is counted too; the origin's CPU; bytes fetched from the origin; bytes the
 cache holds on disk afterwards. Each run takes the next ordering of the
-caches (every ordering in turn), so that each goes first, and follows each
-other, equally often: a run pays for the deletion of the cache before it
-(below), and with the order only rotated, the same system always came
-right after nginx (an A/A run, one commit against itself: slow in 3 of 4
-runs in that place, 1 of 4 in the other). One untimed warm-up round comes
-first.
+caches (``orderings``: every ordering of three in turn), so that over the
+default 6 runs each goes first, and follows each other, equally often: a
+run pays for the deletion of the cache before it (below), and with the
+order only rotated, the same system always came right after nginx (an
+A/A run, one commit against itself: slow in 3 of 4 runs in that place, 1
+of 4 in the other). One untimed warm-up round comes first.
 
 Hygiene on a VM: before each run, ``sync`` and a pause (``--settle``) so
 writeback of the run before does not land in this one; and the caches of
@@ -57,7 +57,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import http.client
-import itertools
 import json
 import os
 import platform
@@ -423,16 +422,27 @@ class ColdFill:
             print("warm-up (not counted):", flush=True)
             for order, system in enumerate(caching):
                 self.attempt(system, max(streams_list), -1, order)
-        orderings = list(itertools.permutations(caching))
+        turns = orderings(caching)
         for run in range(self.args.runs):
             print(f"run {run + 1} of {self.args.runs}:", flush=True)
             for streams in streams_list:
                 # Every ordering of the caches in turn (see the docstring); the
                 # origin alone goes first, as it writes no cache.
-                ordering = orderings[run % len(orderings)]
+                ordering = turns[run % len(turns)]
                 for order, system in enumerate(["origin", *ordering]):
                     self.attempt(system, streams, run, order)
         self.drop_old_caches(None)
+
+
+def orderings(systems: Sequence[str]) -> list[tuple[str, ...]]:
+    """The orders the systems take run by run: their rotations, then those of
+    the reverse order. Over any len(systems) runs in a row from the first
+    each goes first once; over all of them (every ordering of three) each
+    comes right after each other as often as any other pair does."""
+    n = len(systems)
+    turns = [tuple(systems[i:]) + tuple(systems[:i]) for i in range(n)]
+    back = list(reversed(systems))
+    return turns + [tuple(back[i:]) + tuple(back[:i]) for i in range(n)]
 
 
 # --------------------------------------------------------------------------- report

@@ -243,3 +243,16 @@ def test_a_batch_looks_each_row_up_never_walks_a_table(
         assert not step.startswith("SCAN") or "json_each" in step or step.startswith("SCAN m ")
         if "blocks USING PRIMARY KEY" in step:
             assert "(version=? AND idx=?)" in step, step
+
+
+def test_rows_come_back_with_their_exact_last_use(conn: sqlite3.Connection) -> None:
+    """The reconciler compares a row's atime with a listing's time exactly:
+    SQLite's JSON writes reals with 15 digits, a few µs off today's times."""
+    now = [time.time() + n / 7 for n in range(50)]
+    a = _put(conn, "objects/aa/a/v.16", [])
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        schema.add_found(conn, a, [(i, 16, t) for i, t in enumerate(now)])
+        schema.add_found(conn, a, [(50, 16, 0.0), (51, 16, 1e-07)])
+    got = schema.rows_in(conn, a, range(0, 52))
+    assert [got[i][0] for i in range(52)] == [*now, 0.0, 1e-07]

@@ -34,7 +34,8 @@ T = TypeVar("T")
 
 # Blocks whose checksum this process has verified, so later hits read only
 # the bytes asked for, in chunks of marks.CHUNK_BLOCKS: 8 MiB of bits, all
-# of 67M blocks. Bounded: forgetting only costs one more verification.
+# of 67M blocks (or 8,192 scattered ones; ~11 MB at most). Bounded:
+# forgetting only costs one more verification.
 VERIFIED_CHUNKS = 8192
 # How many blocks a single presence check looks at.
 PRESENCE_CHECK_LIMIT = 64

@@ -56,9 +56,10 @@ MAX_RUN_BYTES = 4 * 1024 * 1024
 # On shutdown, fetches under way get this long to finish (their blocks are
 # then written and indexed) before cancellation.
 SHUTDOWN_GRACE = 5.0
-# Fresh marks kept, in chunks of marks.CHUNK_BLOCKS (8M blocks). Bounded:
-# forgetting one only counts its first read as a hit.
-FRESH_CHUNKS = 1024
+# Fresh marks kept, in chunks of marks.CHUNK_BLOCKS (32M blocks, or 4,096
+# scattered ones; ~5 MB at most). Bounded: forgetting one only counts its
+# first read as a hit.
+FRESH_CHUNKS = 4096
 
 
 class Fetcher:

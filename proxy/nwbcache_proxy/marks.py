@@ -8,6 +8,8 @@ daemon's memory must stay flat at any cache size); here a block costs one
 bit, in chunks of ``CHUNK_BLOCKS`` consecutive blocks of one version, and
 whole chunks are forgotten least recently used first. Forgetting a mark
 only costs work its owner redoes (a verification, a hit counted as a miss).
+The bound is on chunks: marks spread one to a chunk (many small objects,
+scattered reads) keep only as many marks as there are chunks.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class BlockMarks:
         if not chunk[byte] & flag:
             return False
         chunk[byte] &= ~flag & 0xFF
-        if chunk == _EMPTY:  # an empty chunk would only hold a place in the bound
+        if not chunk[byte] and chunk == _EMPTY:  # empty: it would only hold a place
             del self._chunks[key]
         return True
 

@@ -178,8 +178,6 @@ VERSION_USE = (
     "key = coalesce(nullif(key, ''), ?), size = coalesce(size, ?) WHERE id = ?"
 )
 VERSION_NAMES = "SELECT id, name FROM versions WHERE id > ? ORDER BY id LIMIT ?"
-# A block written or read: a new row enters its queue at the given place; an
-# existing one only records the use.
 # The reconciler's statements take and give a batch as one JSON array: one
 # statement step, not one per row, each of which gives up the GIL and waits to
 # get it back from a busy event loop (batchsql.py says why and what it cost).
@@ -211,9 +209,11 @@ DELETE_BLOCKS_OLDER = (
 )
 DELETE_VERSION = "DELETE FROM blocks WHERE version = (SELECT id FROM versions WHERE name = ?)"
 DELETE_VERSION_ID = "DELETE FROM blocks WHERE version = ?"
+# atime with 17 digits: SQLite's JSON writes a real with 15, a few µs off
+# today's times, and the caller compares it with a listing's time exactly.
 ROWS_IN = (
-    "SELECT json_group_array(json_array(idx, atime, bytes)) FROM blocks "
-    "WHERE version = ? AND idx >= ? AND idx < ?"
+    "SELECT json_group_array(json_array(idx, json(printf('%!.17g', atime)), bytes)) "
+    "FROM blocks WHERE version = ? AND idx >= ? AND idx < ?"
 )
 TOTALS = "SELECT bytes, blocks FROM totals WHERE id = 0"
 TOP_VERSIONS = "SELECT name, bytes, blocks FROM versions ORDER BY bytes DESC LIMIT ?"
