@@ -320,8 +320,6 @@ class Reader:
                     span=(lo, hi),
                     offline=offline,
                 )
-            if self.trace is not None:
-                self.trace.record(v, i)
             if isinstance(source, CachedBlock):
                 piece = source.bytes_of(lo, hi)
                 assert piece is not None  # read for this span (_acquire)
@@ -333,6 +331,8 @@ class Reader:
                 async for chunk in source.chunks(lo, hi):
                     self._served(len(chunk), upstream=fresh or source.from_upstream)
                     yield chunk
+            if self.trace is not None:  # once its bytes went out: a write to a client
+                self.trace.record(v, i)  # gone ends the loop at its yield
             source = None
             todo = window.after(i)
             if todo and not offline:
