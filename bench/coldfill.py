@@ -707,8 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
     args.range_bytes = args.range
     args.streams_list = args.streams
-    # By default every ordering of the caches as often as every other (6: two
-    # systems have 2 orderings, three have 6).
+    # By default each cache goes first, and follows each other, equally often
+    # (orderings: 6 runs balance two systems and three).
     args.runs = args.runs if args.runs is not None else (2 if args.quick else 6)
     if args.runs < 1:
         ap.error("--runs must be at least 1")

@@ -33,6 +33,11 @@ def run(marks: BlockMarks, op: Op) -> object:
             return marks.has(version, block)
         case ("discard", version, block):
             return marks.discard(version, block)
+        case ("has_all", version, lo, hi):
+            return marks.has_all(version, range(lo, hi))
+        case ("add_all", version, lo, hi):
+            marks.add_all(version, range(lo, hi))
+            return None
         case ("len",):
             return len(marks)
     raise AssertionError(f"unknown operation {op!r}")
@@ -137,6 +142,24 @@ CASES: list[Any] = [
         ],
     ),
     (
+        "a run across chunks, bit by bit",
+        3,
+        [
+            (("add_all", "a", C - 3, C + 2), None),
+            (("len",), 2),
+            *[(("has", "a", i), True) for i in range(C - 3, C + 2)],
+            (("has", "a", C - 4), False),
+            (("has", "a", C + 2), False),
+            (("has_all", "a", C - 3, C + 2), True),
+            (("has_all", "a", C - 4, C + 2), False),
+            (("has_all", "a", C - 3, C + 3), False),
+            (("has_all", "a", 5, 5), True),
+            (("discard", "a", C), True),
+            (("has_all", "a", C - 3, C + 2), False),
+            (("has_all", "a", C + 1, C + 2), True),
+        ],
+    ),
+    (
         "a second mark in a chunk makes it recent",
         2,
         [
@@ -178,6 +201,12 @@ class Model:
     def run(self, op: Op) -> object:
         if op[0] == "len":
             return len(self.order)
+        if op[0] == "has_all":  # all(has(...)): stops at the first unmarked block
+            return all(self.run(("has", op[1], i)) for i in range(op[2], op[3]))
+        if op[0] == "add_all":
+            for i in range(op[2], op[3]):
+                self.run(("add", op[1], i))
+            return None
         version, block = op[1], op[2]
         key = (version, block // C)
         if op[0] == "add":
@@ -203,8 +232,17 @@ class Model:
 
 
 BLOCKS = st.integers(0, 3).flatmap(lambda c: st.integers(c * C, c * C + 9))
+RUNS = st.tuples(st.integers(0, 4 * C), st.integers(0, 2 * C + 20)).map(
+    lambda t: (t[0], t[0] + t[1])
+)
 OPS = st.one_of(
     st.tuples(st.sampled_from(["add", "has", "discard"]), st.sampled_from("ab"), BLOCKS),
+    st.builds(
+        lambda op, v, r: (op, v, *r),
+        st.sampled_from(["add_all", "has_all"]),
+        st.sampled_from("ab"),
+        RUNS,
+    ),
     st.just(("len",)),
 )
 

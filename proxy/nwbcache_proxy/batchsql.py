@@ -123,10 +123,11 @@ def _first(row: list[Any]) -> Any:
     return row[0]
 
 
-def run_batch(conn: sqlite3.Connection, statement: str, rows: Sequence[Any]) -> None:
-    """One step of a statement that takes a batch of rows as a JSON array."""
+def run_batch(conn: sqlite3.Connection, statement: str, rows: Sequence[Any], *first: Any) -> None:
+    """One step of a statement that takes a batch of rows as a JSON array (its
+    last parameter; ``first``: those before it). Nothing for no rows."""
     if rows:
-        conn.execute(statement, (json.dumps(rows),))
+        conn.execute(statement, (*first, json.dumps(rows)))
 
 
 def those_in(

@@ -187,7 +187,7 @@ class Blocks:
         verified yet (after a start) are read whole and checked here, a
         span at a time; a block that fails its check is left to the
         block-at-a-time path, which drops it."""
-        verify = not all(self._verified.has(v.name, i) for i in blocks)
+        verify = not self._verified.has_all(v.name, blocks)
         shared = self.table.get(v.name)
         if shared is None:
             return None
@@ -199,9 +199,9 @@ class Blocks:
             shared.release()
         if data is None:
             return None
+        if verify:
+            self._verified.add_all(v.name, blocks)
         for i in blocks:
-            if verify:
-                self._verified.add(v.name, i)
             self.touch(v, i)
         return data
 

@@ -13,6 +13,8 @@ import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
 
+from . import batchsql
+
 # Schema version, in SQLite's user_version. 1 (user_version 0) called the
 # version column "object"; 2 keyed rows by the block's path (578 B a row at a
 # million rows); 3 keys them by (version id, block index) and keeps totals per
@@ -364,22 +366,19 @@ def add_found(conn: sqlite3.Connection, vid: int, found: Iterable[tuple[int, int
         return
     first = take_seq(conn, len(rows))
     batch = [(vid, i, b, a, first + n) for n, (i, b, a) in enumerate(rows)]
-    conn.execute(INSERT_FOUND, (json.dumps(batch),))
+    batchsql.run_batch(conn, INSERT_FOUND, batch)
 
 
 def resize_rows(conn: sqlite3.Connection, name: str, blocks: Iterable[tuple[int, int]]) -> None:
     """Rows (index, bytes) of version ``name`` that now take ``bytes`` (format 2's
     rows counted a block file's header); inside the caller's transaction."""
-    rows = list(blocks)
-    vid = version_id(conn, name, create=False) if rows else None
+    vid = version_id(conn, name, create=False)
     if vid is not None:
-        conn.execute(RESIZE_BLOCKS, (json.dumps([(vid, i, n) for i, n in rows]),))
+        batchsql.run_batch(conn, RESIZE_BLOCKS, [(vid, i, n) for i, n in blocks])
 
 
 def delete_older(conn: sqlite3.Connection, vid: int, indices: Iterable[int], than: float) -> None:
-    gone = list(indices)
-    if gone:
-        conn.execute(DELETE_BLOCKS_OLDER, (vid, than, json.dumps(gone)))
+    batchsql.run_batch(conn, DELETE_BLOCKS_OLDER, list(indices), vid, than)
 
 
 def get_state(conn: sqlite3.Connection, key: str) -> str | None:
