@@ -36,6 +36,7 @@ LAYERS: dict[str, set[str]] = {
         "retry",
         "s3api",
         "sizes",
+        "usage",
         "validate",
         "version",
     },

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import index as index_mod
-from nwbcache_proxy import schema, unlinker
+from nwbcache_proxy import schema, unlinker, usage
 from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
 from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.mapfile import MapHeader
@@ -380,6 +379,49 @@ async def test_a_failed_flush_keeps_its_records_for_the_next(
     assert _rows(Layout(tmp_path)) == {(V1, 0): 80, (V1, 1): 20}
 
 
+@pytest.mark.parametrize("then", ["flush", "close"])
+async def test_a_flush_whose_caller_is_cancelled_still_stores_its_records(
+    tmp_path: Path, then: str
+) -> None:
+    """A caller cancelled while its flush waits for the index's thread (upkeep
+    stopped at shutdown, a client hanging up on an admin request) does not
+    take the records with it: the next flush, or the close, finds them
+    stored. (The records once went with the cancelled job: a daemon stopped
+    "clean" with blocks on disk and no rows.)"""
+    index = CacheIndex(Layout(tmp_path), Eviction.LRU)
+    await index.open()
+    busy, gate = threading.Event(), threading.Event()
+
+    def hold(_: sqlite3.Connection) -> None:  # the thread busy, as with an eviction slice
+        busy.set()
+        gate.wait(10)
+
+    holding = asyncio.create_task(index.call(hold))
+    assert await asyncio.to_thread(busy.wait, 10)
+    index.record(V1, 0, 80)
+    index.record(V1, 1, 20)
+    index.hit(V1, 0)
+    flushing = asyncio.create_task(index.flush())
+    await asyncio.sleep(0.05)  # it has taken the records and waits for the thread
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    assert index.pending_bytes == 0  # taken: only the write can store them now
+    gate.set()
+    await holding
+    if then == "flush":
+        assert await index.flush() is True
+        assert _bb(index.last_totals) == (100, 2)
+    await index.close()
+    assert _rows(Layout(tmp_path)) == {(V1, 0): 80, (V1, 1): 20}
+    conn = sqlite3.connect(Layout(tmp_path).index_path)
+    try:
+        freq = conn.execute("SELECT freq FROM blocks WHERE idx = 0").fetchone()[0]
+    finally:
+        conn.close()
+    assert freq == 1  # the hit too
+
+
 async def test_an_object_with_nothing_cached_leaves_nothing_on_disk(
     index: CacheIndex, tmp_path: Path
 ) -> None:
@@ -565,7 +607,7 @@ async def test_reads_and_hits_waiting_for_a_flush_are_bounded(
     for i in range(6):
         index.record(V1, i, 10)
     await index.flush()
-    monkeypatch.setattr(index_mod, "PENDING_MAX", 4)
+    monkeypatch.setattr(usage, "PENDING_MAX", 4)
     monkeypatch.setattr(time, "time", lambda: 2e9)  # the reads' last use
     assert not index.backlogged
     for i in range(6):

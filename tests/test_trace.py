@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,11 @@ import requests
 
 from bench.policysim.policies import LRU
 from bench.policysim.traces import load_jsonl
+from nwbcache_proxy.aio import Disk
+from nwbcache_proxy.layout import Layout
+from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
+from nwbcache_proxy.trace import TraceWriter
+from nwbcache_proxy.version import Version
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied, wait_until
 from tests.support.s3emu import S3Emulator
@@ -63,3 +70,31 @@ def test_the_trace_names_objects_by_hash_and_replays(
     lru = LRU(capacity=100 * BS)
     hits = [lru.access((a.object, a.block), a.bytes) for a in replayed.accesses]
     assert hits == [False, True, False, False, False, True, False, False]
+
+
+async def test_a_flush_whose_caller_is_cancelled_still_appends_its_lines(tmp_path: Path) -> None:
+    """upkeep's flush, cancelled at shutdown while its job waits for a disk
+    thread, does not take the buffered lines with it."""
+    meta = ObjectMeta("http://127.0.0.1:1/b/k", ObjectVersion(3 * BS, '"e"', None), time.time())
+    v = Version.of(Layout(tmp_path / "cache"), meta, BS)
+    disk = Disk(threads=1)
+    busy, gate = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        busy.set()
+        gate.wait(10)
+
+    holding = disk.start(hold)
+    assert await asyncio.to_thread(busy.wait, 10)
+    trace = TraceWriter(tmp_path / "trace.jsonl", disk)
+    for i in range(3):
+        trace.record(v, i)
+    flushing = asyncio.create_task(trace.flush())
+    await asyncio.sleep(0.05)  # it has taken the lines and waits for the thread
+    flushing.cancel()
+    gate.set()
+    await holding
+    await trace.flush()  # nothing left to take: it returns at once
+    await asyncio.to_thread(disk.shutdown)  # the queued job runs to its end
+    lines = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [(r["object"], r["block"]) for r in lines] == [(v.name, i) for i in range(3)]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from . import batchsql, policy, schema
 from .policy import Fate, Queue
+from .usage import Hits, Pending
 
 # Rows of a queue's tail read at a time during an S3-FIFO slice.
 _TAIL_READ = 1024
@@ -28,9 +29,6 @@ class Stats:
     promoted: int = 0  # small -> main, hit while in small
 
 
-# (version, index) -> (bytes, last use, written: the block was put on disk, not only read)
-Pending = dict[tuple[str, int], tuple[int, float, bool]]
-Hits = dict[tuple[str, int], int]  # (version, index) -> hits since the last flush
 Victim = tuple[str, int, float]  # (version dir, index, last use)
 
 

@@ -25,11 +25,12 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from . import accounting, reconcile, schema, store, wholeversions
-from .accounting import Hits, Pending, Stats
+from .accounting import Stats
 from .layout import Layout
 from .policy import Eviction
 from .reconcile import Progress, Reconciler
 from .unlinker import Unlinker, groups_of
+from .usage import Usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,11 +49,6 @@ RECENT_USE = 600.0
 # from a local origin reached 51 MiB with only the interval).
 FLUSH_INTERVAL = 1.0
 FLUSH_SHARE = 0.02
-# Blocks read, and blocks hit, waiting for a flush: past this many a new one
-# goes unrecorded (its last use, its counter), so memory stays bounded when
-# reads outpace flushes (a warm read-back of 4 KiB blocks, ~100,000 a second,
-# grew the daemon to 552 MB). Written blocks are always recorded (their rows).
-PENDING_MAX = 65_536
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,16 +85,9 @@ class CacheIndex:
         # Versions the slice being unlinked emptied: their dirs go after its files.
         self._emptied: list[str] = []
         self._conn: sqlite3.Connection | None = None
-        # (version dir, block index) -> (bytes, last use), and -> hits, until
-        # the next flush.
-        self._pending: Pending = {}
-        self._hits: Hits = {}
-        self._pending_bytes = 0
+        self._use = Usage()  # until the next flush
         self._flushed_at = time.monotonic()
-        # Version dir -> (cache key, size) of its object, for the index's
-        # versions table: stored with each flush where it has none (a row
-        # made again after its last block went gets them back at once).
-        self._keys: dict[str, tuple[str, int]] = {}
+        self._flushing: asyncio.Task[bool] | None = None  # the last flush's write
         self._reconciler: Reconciler | None = None
         self._reconcile_fd = -1
         self.last_totals = Totals(0, 0)
@@ -165,15 +154,7 @@ class CacheIndex:
         root), ``nbytes`` long, written (or, ``written`` false, only read) now;
         stored on the next flush (with ``about``, the object's cache key and
         size, which the admin API lists). A read makes no new row."""
-        if about is not None:
-            self._keys[version] = about
-        old = self._pending.get((version, index))
-        if old is None and not written and len(self._pending) >= PENDING_MAX:
-            return  # its use goes unrecorded (PENDING_MAX)
-        written = written or (old is not None and old[2])
-        self._pending_bytes -= old[0] if old is not None and old[2] else 0
-        self._pending[(version, index)] = (nbytes, time.time(), written)
-        self._pending_bytes += nbytes if written else 0
+        self._use.record(version, index, nbytes, about, written)
 
     async def take_stats(self) -> Stats:
         """What the policy did since the last call (the metrics add it up). On
@@ -188,16 +169,12 @@ class CacheIndex:
     def hit(self, version: str, index: int) -> None:
         """Note a hit on a block: served from the cache to a client that did not
         cause its fetch (S3-FIFO's counter; read-ahead and first reads are not hits)."""
-        key = (version, index)
-        count = self._hits.get(key)
-        if count is None and len(self._hits) >= PENDING_MAX:
-            return  # unrecorded (PENDING_MAX)
-        self._hits[key] = (count or 0) + 1
+        self._use.hit(version, index)
 
     @property
     def backlogged(self) -> bool:
-        """Half of PENDING_MAX waits: flush sooner."""
-        return max(len(self._pending), len(self._hits)) >= PENDING_MAX // 2
+        """Half of usage.PENDING_MAX waits: flush sooner."""
+        return self._use.backlogged
 
     @property
     def pending_bytes(self) -> int:
@@ -206,54 +183,55 @@ class CacheIndex:
         Eviction flushes between slices while it is not zero; a stream of hits
         alone does not make it do so (a transaction per slice, measured at a
         fifth of eviction's pace under hits)."""
-        return self._pending_bytes
+        return self._use.written_bytes
 
     @property
     def flush_due(self) -> bool:
         """Whether anything was recorded and the last flush is FLUSH_INTERVAL old."""
         late = time.monotonic() - self._flushed_at >= FLUSH_INTERVAL
-        return late and bool(self._pending or self._hits)
+        return late and not self._use.empty
 
     async def flush(self) -> bool:
-        """Store what was recorded; False when SQLite could not (a full disk): the
-        records are kept for the next flush, and nothing is lost but accounting."""
+        """Store what was recorded, and wait for the flushes before; False when
+        SQLite could not (a full disk): the records are kept for the next
+        flush, and nothing is lost but accounting.
+
+        The write is a task of its own, awaited through a shield. A caller
+        cancelled meanwhile (upkeep stopped at shutdown, a client hanging up
+        on an admin request) once took the records out with it: the job,
+        still queued for the index's thread, was cancelled unrun, and a
+        daemon stopped "clean" with blocks on disk and no rows."""
         self._flushed_at = time.monotonic()
-        if not self._pending and not self._hits:
+        last = self._flushing
+        if self._use.empty and (last is None or last.done()):
             return True
-        batch, self._pending = self._pending, {}
-        hits, self._hits = self._hits, {}
-        keys, self._keys = self._keys, {}
-        self._pending_bytes = 0
+        self._flushing = asyncio.ensure_future(self._write(last))
+        return await asyncio.shield(self._flushing)
+
+    async def _write(self, last: asyncio.Task[bool] | None) -> bool:
+        if last is not None:  # its records first (put back, if it failed)
+            await asyncio.wait([last])
+        batch = self._use.take()
+        if not batch.blocks and not batch.hits:
+            return True  # nothing recorded since the flush before took its batch
 
         def write() -> Totals:
-            accounting.record(self.conn, batch, hits, self.stats, keys)
+            accounting.record(self.conn, batch.blocks, batch.hits, self.stats, batch.keys)
             return self._totals_sync()
 
         try:
             self.last_totals = await self._run(write)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            self._use.put_back(batch)
+            if not isinstance(exc, sqlite3.Error):
+                raise
             log.warning("could not write the cache index (retrying later): %s", exc)
-            for key, value in batch.items():  # newer records win, but a write stays one
-                newer = self._pending.get(key)
-                if newer is None:
-                    self._pending[key] = value
-                    self._pending_bytes += value[0] if value[2] else 0
-                elif value[2] and not newer[2]:
-                    self._pending[key] = (newer[0], newer[1], True)
-                    self._pending_bytes += newer[0]
-            for key, count in hits.items():
-                self._hits[key] = self._hits.get(key, 0) + count
-            self._keys.update(keys)
             return False
         return True
 
     def forget_pending(self, version: str) -> None:
         """Drop what this process recorded of one version dir and has not flushed."""
-        for key in [k for k in self._pending if k[0] == version]:
-            nbytes, _, written = self._pending.pop(key)
-            self._pending_bytes -= nbytes if written else 0
-        for key in [k for k in self._hits if k[0] == version]:
-            del self._hits[key]
+        self._use.forget(version)
 
     async def forget_version(self, version: str) -> None:
         """Drop the rows of the blocks of one version dir."""

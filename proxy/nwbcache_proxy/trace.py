@@ -18,6 +18,7 @@ several daemons, may share a trace file without tearing lines.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -55,7 +56,9 @@ class TraceWriter:
         if not self._lines:
             return
         lines, self._lines = self._lines, []
-        await self.disk.run(lambda: _append(self.path, lines))
+        # Shielded: a caller cancelled while the job waits for a disk thread
+        # (upkeep, stopped at shutdown) must not cancel it, lines and all.
+        await asyncio.shield(self.disk.start(lambda: _append(self.path, lines)))
 
 
 def _append(path: Path, lines: list[str]) -> None:

@@ -1,0 +1,77 @@
+"""usage: what a process recorded until its flush, and a failed flush's batch put back."""
+
+from __future__ import annotations
+
+import pytest
+
+from nwbcache_proxy.usage import Usage
+
+V = "objects/aa/aaaa/0123.4096"
+
+
+def _blocks(use: Usage) -> dict[int, tuple[int, bool]]:
+    """index -> (bytes, written) of what is waiting (a take, put back)."""
+    batch = use.take()
+    use.put_back(batch)
+    return {i: (b, w) for (_, i), (b, _, w) in batch.blocks.items()}
+
+
+# Each row: records (index, bytes, written) made before a failed flush took
+# them, records made after; what then waits, and its written bytes.
+PUT_BACK = [
+    ([(0, 10, True)], [], {0: (10, True)}, 10),
+    ([(0, 10, True)], [(0, 10, False)], {0: (10, True)}, 10),  # a read after: still owed a row
+    ([(0, 10, False)], [(0, 10, True)], {0: (10, True)}, 10),
+    ([(0, 10, False)], [(0, 10, False)], {0: (10, False)}, 0),
+    (
+        [(0, 10, True), (1, 5, False)],
+        [(2, 7, True)],
+        {0: (10, True), 1: (5, False), 2: (7, True)},
+        17,
+    ),
+]
+
+
+@pytest.mark.parametrize(("before", "after", "waiting", "written"), PUT_BACK)
+def test_a_failed_flush_puts_its_batch_back_under_newer_records(
+    before: list[tuple[int, int, bool]],
+    after: list[tuple[int, int, bool]],
+    waiting: dict[int, tuple[int, bool]],
+    written: int,
+) -> None:
+    use = Usage()
+    for i, n, w in before:
+        use.record(V, i, n, None, w)
+    batch = use.take()
+    assert use.empty and use.written_bytes == 0
+    for i, n, w in after:
+        use.record(V, i, n, None, w)
+    use.put_back(batch)
+    assert _blocks(use) == waiting
+    assert use.written_bytes == written
+
+
+def test_hits_and_keys_put_back_add_to_newer_ones() -> None:
+    use = Usage()
+    use.hit(V, 0)
+    use.hit(V, 0)
+    use.record(V, 0, 10, ("s3://b/old", 10), True)
+    batch = use.take()
+    use.hit(V, 0)
+    use.record(V, 1, 10, ("s3://b/new", 20), True)
+    use.put_back(batch)
+    again = use.take()
+    assert again.hits == {(V, 0): 3}
+    assert again.keys == {V: ("s3://b/new", 20)}  # the newer wins
+
+
+def test_forget_drops_one_version_and_its_written_bytes() -> None:
+    use = Usage()
+    other = "objects/bb/bbbb/4567.4096"
+    use.record(V, 0, 10, None, True)
+    use.record(other, 0, 7, None, True)
+    use.hit(V, 0)
+    use.forget(V)
+    assert use.written_bytes == 7
+    batch = use.take()
+    assert list(batch.blocks) == [(other, 0)] and batch.hits == {}
