@@ -348,6 +348,8 @@ def test_bytes_without_map_entries_are_reclaimed_by_repair(cache: Cache) -> None
 
     looked = check_cache(cache.dir)
     assert looked.ok and looked.blocks == 4 and looked.reclaimed_bytes == 0
+    assert looked.unmapped_bytes == 2 * bs  # counted, and said, by a check too
+    assert f"--repair punches them out): {2 * bs}" in looked.summary()
     assert allocated(cache.data(name)) == before  # a check without --repair changes nothing
 
     repaired = check_cache(cache.dir, CheckOptions(repair=True))
@@ -357,6 +359,29 @@ def test_bytes_without_map_entries_are_reclaimed_by_repair(cache: Cache) -> None
     for i in range(4):
         assert cache.read(name, i) == cache.expected(name, i)
     assert check_cache(cache.dir, CheckOptions(repair=True)).reclaimed_bytes == 0
+    assert check_cache(cache.dir).unmapped_bytes == 0
+
+
+def test_a_check_counts_bytes_without_map_entries_to_the_byte(cache: Cache) -> None:
+    """Only the unmapped blocks' bytes on disk count, in a block half written and
+    in a short last block too; a mapped block beside them never does."""
+    bs, tail = 8192, 1000  # a block is two filesystem blocks
+    name = cache.add("https://h.example/b", 8, bs=bs, tail=tail, cached=[0, 1, 2, 4, 6])
+    fd = os.open(cache.data(name), os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(4096), 5 * bs)  # the first half of block 5
+        os.pwrite(fd, os.urandom(tail), 7 * bs)  # the last block, whole
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    looked = check_cache(cache.dir)
+    assert looked.ok and looked.blocks == 5
+    assert looked.unmapped_bytes == 4096 + tail, looked.summary()
+    repaired = check_cache(cache.dir, CheckOptions(repair=True))
+    assert repaired.reclaimed_bytes >= 4096 + tail and repaired.unmapped_bytes == 0
+    assert check_cache(cache.dir).unmapped_bytes == 0
+    for i in (0, 1, 2, 4, 6):
+        assert cache.read(name, i) == cache.expected(name, i)
 
 
 def _half_moved(cache: Cache) -> tuple[str, str, list[Path]]:

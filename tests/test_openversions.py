@@ -556,8 +556,13 @@ def test_a_publish_into_a_version_unlinked_meanwhile_makes_its_files_again(
     for _round in ("cold", "warm"):
         _hit(url, data, 100, 4 * BS - 1)
     v = _resolve(daemon, url)
+    # The client has its bytes before the last group's entries are written,
+    # and the files are held once the write's bookkeeping has run on the loop.
+    wait_until(
+        lambda: all(_mapped(v, 0, 4)) and _held(daemon, v) is not None, 5, "blocks 0-3 cached"
+    )
     old = _held(daemon, v)
-    assert old is not None and all(_mapped(v, 0, 4))
+    assert old is not None
     old_id = _file_id(v.data_path)
     daemon.call(daemon.cache.upkeep.close())  # no sweep: the unlinked files stay held
 
@@ -576,8 +581,10 @@ def test_a_publish_into_a_version_unlinked_meanwhile_makes_its_files_again(
 
     assert _hit(url, data, 6 * BS + 10, 6 * BS + 5000) == "MISS"
     wait_until(lambda: _mapped(v, 6, 1) == [True], 5, "block 6 published into new files")
+    # The write's bookkeeping (the new files adopted) runs on the loop after it.
+    wait_until(lambda: _held(daemon, v) is not old, 5, "the new files held")
     new = _held(daemon, v)
-    assert new is not None and new is not old and _closed(old)
+    assert new is not None and _closed(old)
     assert os.fstat(new.files.data_fd).st_ino == os.stat(v.data_path).st_ino
     assert _hit(url, data, 0, len(data) - 1) != "HIT"  # blocks 0-3 went with the old files
     wait_until(lambda: all(_mapped(v, 0, BLOCKS)), 5, "every block in the new files")

@@ -35,6 +35,7 @@ from .layout import DATA_SUFFIX, MAP_SUFFIX, Layout, key_hash
 from .mapfile import MapHeader
 from .objectmeta import ObjectMeta
 from .reconcile import CHUNK_BLOCKS, scan_dir
+from .sparse import data_extents
 from .versionfile import Busy, VersionFiles
 
 VERSION_BATCH = 256  # versions rows per step of the last phase
@@ -258,6 +259,8 @@ class _Run:
         count = min(CHUNK_BLOCKS, h.blocks - first)
         entries = files.entries(first, count)
         there = mapfile.mapped(h, first, entries)
+        if not self.opts.repair and not all(there):  # --repair punches them out (reclaim)
+            report.unmapped_bytes += _held_outside(files, first, count, there)
         for n in (n for n in range(count) if not there[n] and entries[n][1]):
             index = first + n  # an entry no block has: torn, or another version's
             self._problem(
@@ -344,6 +347,20 @@ class _Run:
 
 _BUSY = "busy"
 _GONE = "gone"
+
+
+def _held_outside(files: VersionFiles, first: int, count: int, there: list[bool]) -> int:
+    """Bytes on disk in blocks [first, first + count) that the map does not have
+    (``there``): a crash between a group's bytes and its entries left them, or
+    a writer is between the two as the check comes by."""
+    h = files.header
+    held = 0
+    end = min(h.size, h.offset_of(first + count))
+    for a, b in data_extents(files.data_fd, h.offset_of(first), end):
+        for i in range(a // h.block_size, -(-b // h.block_size)):
+            if not there[i - first]:
+                held += min(b, h.offset_of(i + 1)) - max(a, h.offset_of(i))
+    return held
 
 
 def _verify(files: VersionFiles, index: int) -> str | None:

@@ -22,7 +22,10 @@ class CheckReport:
     unmoved: int = 0  # format-1 and -2 block files not yet moved into data files
     busy: int = 0  # blocks being written or removed as the check came by: not read
     incomplete: int = 0  # versions with a map and no data file, or the other way round
-    reclaimed_bytes: int = 0  # bytes no map entry had, punched out by --repair
+    # Bytes on disk no map entry has (a crash between a group's bytes and its
+    # entries): counted by a check, punched out by --repair (reclaimed).
+    unmapped_bytes: int = 0
+    reclaimed_bytes: int = 0
     missing_from_index: int = 0
     rows_wrong_size: int = 0  # index rows whose bytes are not their block's
     index_without_file: int = 0
@@ -68,6 +71,10 @@ class CheckReport:
         ]
         if self.repaired and self.reclaimed_bytes:
             lines.append(f"bytes no map entry had, punched out: {self.reclaimed_bytes}")
+        if self.unmapped_bytes:
+            lines.append(
+                f"bytes on disk no map entry has (--repair punches them out): {self.unmapped_bytes}"
+            )
         lines += [f"  corrupt: {path}" for path in self.corrupt[:SHOWN_CORRUPT]]
         if self.corrupt_count > SHOWN_CORRUPT:
             lines.append(f"  ... and {self.corrupt_count - SHOWN_CORRUPT} more (see --json)")
