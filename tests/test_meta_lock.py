@@ -41,6 +41,41 @@ def test_object_lock_makes_meta_updates_take_turns(tmp_path: Path) -> None:
     assert order == ["first done", "second in"]
 
 
+def test_a_writer_waiting_while_a_prune_removes_the_dir_makes_it_again(tmp_path: Path) -> None:
+    """store.prune_object removes an emptied object's dir under its lock; a
+    writer that waited for the lock gets one on the dir made again, and its
+    files land in it (they once failed, ENOENT: the lock was on the removed dir)."""
+    obj = tmp_path / "objects" / "ab" / "abcd"
+    obj.mkdir(parents=True)
+    (obj / "meta.json").write_text("{}")
+    holding = threading.Event()
+
+    def prune() -> None:
+        with store.object_lock(obj / "meta.json"):
+            holding.set()
+            time.sleep(0.2)  # the writer is waiting for the lock by now
+            os.unlink(obj / "meta.json")
+            os.rmdir(obj)
+
+    thread = threading.Thread(target=prune)
+    thread.start()
+    assert holding.wait(5)
+    with store.object_lock(obj / "v.map"):
+        (obj / "v.map").write_bytes(b"entries")
+    thread.join(5)
+    assert (obj / "v.map").read_bytes() == b"entries"
+
+
+def test_prune_object_takes_only_an_emptied_object(tmp_path: Path) -> None:
+    obj = tmp_path / "objects" / "ab" / "abcd"
+    obj.mkdir(parents=True)
+    (obj / "meta.json").write_text("{}")
+    (obj / "v.map").write_bytes(b"")
+    assert store.prune_object(obj) is False and (obj / "meta.json").exists()
+    (obj / "v.map").unlink()
+    assert store.prune_object(obj) is True and not obj.exists()
+
+
 def test_a_refreshed_validation_time_keeps_another_processes_private_mark(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:

@@ -21,6 +21,10 @@ from typing import Any
 from .layout import Layout
 from .staging import Staging, scandir
 
+# Tries at a writer's lock on an object's dir that prunes keep removing (each
+# removal needs the object emptied again: a few at most).
+LOCK_ATTEMPTS = 100
+
 log = logging.getLogger(__name__)
 
 
@@ -64,14 +68,37 @@ def object_lock(path: Path, *, shared: bool = False) -> Iterator[None]:
     processes take turns, so a refreshed ``validated_at`` never undoes another
     process's ``private``. ``shared``: a lock for reading, which only waits
     for exclusive ones; the directory is not made (FileNotFoundError)."""
-    if not shared:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fd = _locked_dir(path.parent, shared)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _locked_dir(obj: Path, shared: bool) -> int:
+    """An fd of ``obj`` holding its flock. A writer's lock is on a directory
+    that is there: prune_object removes an emptied object's dir under its
+    lock, and a writer that waited for that lock (or made the dir just
+    before the removal) would create its files in no directory (ENOENT: CI
+    saw blocks go uncached so). It makes the dir again and locks that one."""
+    for _ in range(LOCK_ATTEMPTS):
+        if not shared:
+            obj.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(obj, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            if shared:
+                raise
+            continue  # removed between the mkdir and the open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            if shared or os.fstat(fd).st_nlink > 0:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed while this waited for the lock
+    raise FileNotFoundError(errno.ENOENT, "the object's dir keeps being removed", str(obj))
 
 
 def write_meta(staging: Staging, path: Path, value: dict[str, Any]) -> None:
@@ -111,7 +138,9 @@ def prune_object(obj: Path) -> bool:
         if [e.name for e in scandir(obj)] != ["meta.json"]:
             return False
         unlink_quietly(obj / "meta.json")
-    _rmdir_quietly(obj)
+        # Under the lock: a writer waiting for it finds the dir gone and makes
+        # it again (_locked_dir), never a dir removed after its mkdir.
+        _rmdir_quietly(obj)
     return True
 
 
