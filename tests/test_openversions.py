@@ -750,7 +750,7 @@ def test_reads_during_eviction_never_see_zeros_or_wrong_bytes(
                     continue
                 with lock:
                     if r.status_code != 206 or r.content != data[a : a + size]:
-                        wrong.append(f"{a}+{size}: {r.status_code}, {len(r.content)} B")
+                        wrong.append(_how_wrong(a, r, data[a : a + size], data))
                     outcomes[r.headers.get("X-Cache", "?")] += 1
 
     readers = [threading.Thread(target=read, args=(n,)) for n in range(4)]
@@ -772,6 +772,25 @@ def test_reads_during_eviction_never_see_zeros_or_wrong_bytes(
     assert outcomes["HIT"] > 0 and outcomes["MISS"] + outcomes["PARTIAL"] > 0, outcomes
     assert len(_gets(origin)) > 1  # filled again from the origin
     assert get_range(url, 0, len(data) - 1).content == data
+
+
+def _how_wrong(a: int, r: requests.Response, want: bytes, data: bytes) -> str:
+    """What a wrong body got wrong, for the failure message: the first and last
+    differing byte (object offsets), whether the bytes there are zeros (a
+    hole read) or another part of the object (a misplaced block), X-Cache."""
+    body = r.content
+    size = len(want)
+    head = f"{a}+{size}: {r.status_code}, {len(body)} B, {r.headers.get('X-Cache')}"
+    if len(body) != size:
+        return head
+    differ = [k for k in range(size) if body[k] != want[k]]
+    first, last = differ[0], differ[-1]
+    sample = body[first : first + 64]
+    found = data.find(sample) if len(sample) == 64 else -1
+    return (
+        f"{head}: bytes {a + first}-{a + last} differ, zeros={sample == bytes(len(sample))}, "
+        f"found at {found}"
+    )
 
 
 def test_the_maintenance_loop_closes_idle_versions(
