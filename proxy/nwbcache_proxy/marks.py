@@ -35,14 +35,7 @@ class BlockMarks:
         self._chunks: OrderedDict[tuple[str, int], bytearray] = OrderedDict()
 
     def add(self, version: str, index: int) -> None:
-        key = (version, index >> CHUNK_SHIFT)
-        chunk = self._chunks.get(key)
-        if chunk is None:
-            chunk = self._chunks[key] = bytearray(_EMPTY)
-            if len(self._chunks) > self._capacity:
-                self._chunks.popitem(last=False)
-        else:
-            self._chunks.move_to_end(key)
+        chunk = self._chunk((version, index >> CHUNK_SHIFT))
         bit = index & _MASK
         chunk[bit >> 3] |= 1 << (bit & 7)
 
@@ -72,16 +65,22 @@ class BlockMarks:
     def add_all(self, version: str, blocks: range) -> None:
         """Mark every block of a run (step 1): ``add`` of each, a chunk at a time."""
         for key, lo, hi in _pieces(version, blocks):
-            chunk = self._chunks.get(key)
-            if chunk is None:
-                chunk = self._chunks[key] = bytearray(_EMPTY)
-                if len(self._chunks) > self._capacity:
-                    self._chunks.popitem(last=False)
-            else:
-                self._chunks.move_to_end(key)
+            chunk = self._chunk(key)
             b0, b1, mask = _span(lo, hi)
             bits = int.from_bytes(chunk[b0:b1], "little") | mask
             chunk[b0:b1] = bits.to_bytes(b1 - b0, "little")
+
+    def _chunk(self, key: tuple[str, int]) -> bytearray:
+        """The chunk of ``key``, made if absent (the least recently used one
+        forgotten past the bound), now the most recently used."""
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = self._chunks[key] = bytearray(_EMPTY)
+            if len(self._chunks) > self._capacity:
+                self._chunks.popitem(last=False)
+        else:
+            self._chunks.move_to_end(key)
+        return chunk
 
     def discard(self, version: str, index: int) -> bool:
         """Take the mark off; whether there was one."""
