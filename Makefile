@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-layouts bench-sharing bench-s3 bench-warm
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-layouts bench-writesize bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,12 @@ bench-coldfill: $(STAMP) test-deps
 ## bench/results-layouts.json
 bench-layouts: $(STAMP)
 	$(BIN)/python -m bench.layouts $(ARGS)
+
+## bench-writesize: what the size of a write call costs in the page cache: 1 GiB written by
+## 4 threads in calls of 1 MiB .. 64 KiB, after memory was freed two ways (~1.5 min);
+## bench/results-writesize.json
+bench-writesize: $(STAMP)
+	$(BIN)/python -m bench.writesize $(ARGS)
 
 ## bench-sharing: --workers 2 + a second daemon on one cache dir under 40 cold readers
 ## (upstream bytes / object bytes), and warm 4 KiB ranges against nginx with 1 and auto
