@@ -370,3 +370,22 @@ def test_memory_does_not_grow_with_the_number_of_blocks(tmp_path: Path, versions
     # as one JSON text beside them); a row or a dict entry per block of the cache
     # (>= 100 B each) would take 2.6 MB more.
     assert peak < 4_000_000, f"peak {peak} B"
+
+
+@pytest.mark.parametrize(
+    ("blocks", "chunks", "last"),
+    [
+        (0, 0, None),
+        (1, 1, (0, 1)),
+        (CHUNK_BLOCKS, 1, (0, CHUNK_BLOCKS)),
+        (CHUNK_BLOCKS + 1, 2, (CHUNK_BLOCKS, 1)),
+        (3 * CHUNK_BLOCKS - 2, 3, (2 * CHUNK_BLOCKS, CHUNK_BLOCKS - 2)),
+    ],
+)
+def test_a_versions_chunks_cover_its_blocks_once_the_last_one_short(
+    blocks: int, chunks: int, last: tuple[int, int] | None
+) -> None:
+    assert reconcile.chunk_count(blocks) == chunks
+    spans = [reconcile.chunk_span(blocks, c) for c in range(chunks)]
+    assert [i for first, count in spans for i in range(first, first + count)] == list(range(blocks))
+    assert (spans[-1] if spans else None) == last

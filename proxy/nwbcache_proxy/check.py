@@ -34,7 +34,7 @@ from .checkreport import MAX_CORRUPT, CheckReport
 from .layout import DATA_SUFFIX, MAP_SUFFIX, Layout, key_hash
 from .mapfile import MapHeader
 from .objectmeta import ObjectMeta
-from .reconcile import CHUNK_BLOCKS, scan_dir
+from .reconcile import chunk_count, chunk_span, scan_dir
 from .sparse import data_extents
 from .versionfile import Busy, VersionFiles
 
@@ -237,7 +237,7 @@ class _Run:
                     files.close()
                     wholeversions.drop(data, map_)
                 return
-            chunks = -(-files.header.blocks // CHUNK_BLOCKS)
+            chunks = chunk_count(files.header.blocks)
             for chunk in range(chunks):
                 self._chunk(files, name, chunk, stale=meta is None, legacy=legacy)
             if self.opts.repair:
@@ -255,8 +255,7 @@ class _Run:
         self, files: VersionFiles, name: str, chunk: int, *, stale: bool, legacy: set[int]
     ) -> None:
         report, h, listed_at = self.report, files.header, time.time()
-        first = chunk * CHUNK_BLOCKS
-        count = min(CHUNK_BLOCKS, h.blocks - first)
+        first, count = chunk_span(h.blocks, chunk)
         entries = files.entries(first, count)
         there = mapfile.mapped(h, first, entries)
         if not self.opts.repair and not all(there):  # --repair punches them out (reclaim)

@@ -53,6 +53,17 @@ VERSION_BATCH = 256
 CHUNK_BLOCKS = BLOCKS_PER_DIR
 
 
+def chunk_count(blocks: int) -> int:
+    """How many chunks a version of ``blocks`` blocks has (the last one short)."""
+    return -(-blocks // CHUNK_BLOCKS)
+
+
+def chunk_span(blocks: int, chunk: int) -> tuple[int, int]:
+    """The first block of chunk ``chunk`` of a version of ``blocks`` blocks, and how many."""
+    first = chunk * CHUNK_BLOCKS
+    return first, min(CHUNK_BLOCKS, blocks - first)
+
+
 @dataclasses.dataclass(slots=True)
 class Progress:
     files: int = 0  # blocks looked at: map entries, and legacy block files
@@ -159,7 +170,7 @@ class Reconciler:
             return  # rows of a version without a map go in the last phase
         try:
             mtime = os.fstat(files.data_fd).st_mtime
-            chunks = -(-files.header.blocks // CHUNK_BLOCKS)
+            chunks = chunk_count(files.header.blocks)
             for chunk in range(chunks):
                 unit = [*key, f"{_CHUNK}{chunk:012d}"]
                 if unit <= self._cursor:
@@ -202,8 +213,7 @@ class Reconciler:
 
     def _chunk(self, files: VersionFiles, name: str, chunk: int, mtime: float, cursor: str) -> None:
         h = files.header
-        first = chunk * CHUNK_BLOCKS
-        count = min(CHUNK_BLOCKS, h.blocks - first)
+        first, count = chunk_span(h.blocks, chunk)
         listed_at = time.time()
         there = files.mapped(first, count)
         found = {first + n: (h.length_of(first + n), mtime) for n in range(count) if there[n]}
