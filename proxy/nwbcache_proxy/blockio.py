@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 from . import wholeversions
 from .blockfile import Buffer, Parts
+from .layout import VERSION_DIRS
 from .openversions import SharedVersion, pread_nowait
 from .spanlocks import runs_of
+from .store import fsync_dirs
 from .version import Version
 from .versionfile import Busy, VersionDropped, VersionFiles
 
@@ -22,9 +24,20 @@ class Miss(Exception):
     """The page cache did not have what a read on the loop needed: read in a thread."""
 
 
-def open_version(v: Version, *, create: bool) -> VersionFiles | None:
-    """The version's files (wholeversions.open_or_replace)."""
-    return wholeversions.open_or_replace(v.data_path, v.map_path, v.header, create=create)
+def open_version(v: Version, *, create: bool, fsync: bool = False) -> VersionFiles | None:
+    """The version's files (wholeversions.open_or_replace). ``fsync`` (with
+    ``create``): their names and the map's header made durable first, so
+    that the blocks written into them with fsync survive a power cut too. A
+    process opens a version to write into it once, not once per block."""
+    files = wholeversions.open_or_replace(v.data_path, v.map_path, v.header, create=create)
+    if files is not None and create and fsync:
+        try:
+            os.fsync(files.map_fd)
+            fsync_dirs(v.map_path.parent, VERSION_DIRS)
+        except BaseException:
+            files.close()
+            raise
+    return files
 
 
 def nowait(fd: int, length: int, offset: int) -> Buffer:
@@ -76,7 +89,7 @@ def write(
         parts = [by_index[i] for i in range(first, first + count)]
         try:
             if files is None:
-                opened = files = open_version(v, create=True)
+                opened = files = open_version(v, create=True, fsync=fsync)
                 assert files is not None
             try:
                 results += files.write_group(first, parts, fsync=fsync)
@@ -84,7 +97,7 @@ def write(
                 if opened is not None:
                     opened.close()
                 opened = files = None  # never handed on closed
-                opened = files = open_version(v, create=True)
+                opened = files = open_version(v, create=True, fsync=fsync)
                 assert files is not None
                 results += files.write_group(first, parts, fsync=fsync)
         except OSError as exc:

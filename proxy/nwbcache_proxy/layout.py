@@ -44,6 +44,9 @@ LEGACY_VERSIONS = ("v2", "v1")
 BLOCKS_PER_DIR = 4096
 DATA_SUFFIX = ".data"
 MAP_SUFFIX = ".map"
+# The dirs whose entries name a version's files, from its own up: the
+# object's, its shard (``<kh[0:2]>``), ``objects``.
+VERSION_DIRS = 3
 
 
 def key_hash(cache_key: str) -> str:

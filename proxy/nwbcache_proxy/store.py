@@ -101,6 +101,17 @@ def _locked_dir(obj: Path, shared: bool) -> int:
     raise FileNotFoundError(errno.ENOENT, "the object's dir keeps being removed", str(obj))
 
 
+def fsync_dirs(path: Path, levels: int) -> None:
+    """fsync dir ``path`` and its parents, ``levels`` dirs in all: the names of
+    files (and dirs) made in them survive a power cut."""
+    for d in [path, *path.parents][:levels]:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_meta(staging: Staging, path: Path, value: dict[str, Any]) -> None:
     tmp = staging.temp_path()
     try:
