@@ -660,6 +660,7 @@ def test_a_cache_of_format_2_with_block_format_1_is_moved_served_and_checked(
         assert r.content == data[start:end], f"block {index} differs"
         assert r.headers["X-Cache"] == ("MISS" if index == 3 else "HIT"), index
     start, end = block_span(3, len(data), K64)
+    origin.wait_idle()  # a request is logged once its response is sent
     asked = requests_since(origin, since, key)
     assert [(r.method, r.range) for r in asked] == [("GET", f"bytes={start}-{end - 1}")]
     assert second.terminate() == 0
@@ -789,6 +790,7 @@ def test_kill9_during_fetches_leaves_only_whole_blocks(
             body = get_range(url, start, end - 1, timeout=TIMEOUT).content
             assert body == data[start:end], f"{key} [{start}, {end}) differs after the crash"
     # Blocks that survived the crash are served from disk, never fetched again.
+    origin.wait_idle()  # a request is logged once its response is sent
     for path, fetched in fetched_blocks(requests_since(origin, since), K64).items():
         assert not fetched & warm[path], f"{path}: cached blocks fetched again: {fetched}"
     assert again.terminate() == 0
@@ -845,6 +847,7 @@ def test_damaged_blocks_are_dropped_and_fetched_again(
         r = get_range(url, start, end - 1, timeout=TIMEOUT)
         assert r.content == data[start:end], f"block {index} differs"
         assert r.headers["X-Cache"] == ("MISS" if index in damaged else "HIT"), index
+    origin.wait_idle()  # a request is logged once its response is sent
     asked = sorted((r.method, r.range or "") for r in requests_since(origin, since, key))
     spans = [block_span(i, len(data), K64) for i in damaged]
     assert asked == sorted(("GET", f"bytes={start}-{end - 1}") for start, end in spans)
@@ -902,6 +905,7 @@ def test_a_map_never_pairs_with_another_versions_data(
     body, outcome = get_all(proxied(second.url, origin, key_a))
     assert body == data_a, "served bytes that are not the object's"
     assert outcome != "HIT", outcome
+    origin.wait_idle()  # a request is logged once its response is sent: the last block's
     fetched = fetched_blocks(requests_since(origin, since, key_a), K64)
     assert fetched == {key_a: set(range(nblocks))}, "not every block fetched again"
     body, outcome = get_all(proxied(second.url, origin, key_b))
@@ -935,8 +939,8 @@ def test_half_a_version_is_never_paired_with_new_files(
     url = proxied(second.url, origin, key)
     r = get_range(url, 0, 3 * K64 - 1, timeout=TIMEOUT)  # blocks 0 to 2
     assert (r.content, r.headers["X-Cache"]) == (data[: 3 * K64], "MISS")
+    origin.wait_idle()  # logged once sent; read-ahead's fetches too
     assert {0, 1, 2} <= fetched_blocks(requests_since(origin, since, key), K64)[key]
-    origin.wait_idle()  # read-ahead's fetches too
     assert second.terminate() == 0
     # A read-ahead fetch started after the wait above and cut by the stop is
     # logged when the origin's handler ends, which may be after the stop.
@@ -1083,6 +1087,7 @@ def test_eviction_keeps_cache_bounded_and_lru(
     body, outcome = get_all(proxied(daemon.url, origin, oldest))
     assert body == objects[oldest]
     assert outcome != "HIT"
+    origin.wait_idle()  # a request is logged once its response is sent
     refetched = [r for r in requests_since(origin, since, oldest) if r.method == "GET"]
     assert refetched, "evicted blocks were not fetched again"
     assert daemon.terminate() == 0
