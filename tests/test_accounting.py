@@ -133,8 +133,8 @@ def slow_disk(monkeypatch: pytest.MonkeyPatch) -> dict[str, float]:
     delays = {"open": 0.0, "publish": 0.0}
     real_open, real_read, real_write = blockio.open_version, blockio.read, blockio.write
 
-    def open_(v: Version, *, create: bool) -> VersionFiles | None:
-        found = real_open(v, create=create)
+    def open_(v: Version, *, create: bool, fsync: bool = False) -> VersionFiles | None:
+        found = real_open(v, create=create, fsync=fsync)
         if not create:
             time.sleep(delays["open"])
         return found
