@@ -64,7 +64,7 @@ bench-layouts: $(STAMP)
 	$(BIN)/python -m bench.layouts $(ARGS)
 
 ## bench-writesize: what the size of a write call costs in the page cache: 1 GiB written by
-## 4 threads in calls of 1 MiB .. 64 KiB, after memory was freed two ways (~1.5 min);
+## 4 threads in calls of 1 MiB .. 16 KiB, after memory was freed two ways (~2.5 min);
 ## bench/results-writesize.json
 bench-writesize: $(STAMP)
 	$(BIN)/python -m bench.writesize $(ARGS)

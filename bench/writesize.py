@@ -1,6 +1,6 @@
 """How many bytes each write call puts into the page cache, and what that costs.
 
-    make bench-writesize                             # 1 GiB, 4 threads, 3 runs (~1 min)
+    make bench-writesize                             # 1 GiB, 4 threads, 3 runs (~2.5 min)
     .venv/bin/python -m bench.writesize --quick      # 256 MiB, 2 runs
 
 A buffered write gets page-cache folios sized to the call (ext4 on Linux 6.x),
@@ -15,7 +15,7 @@ disk job per group of four 256 KiB blocks), from buffers already in memory,
 in calls of each size (every byte read back and compared afterwards):
 
 - ``1 MiB``: a group in one ``pwritev`` (format 3 until 0.12's change);
-- ``256 KiB``, ``64 KiB``: other cuts, for the curve;
+- ``256 KiB``, ``128 KiB``, ``16 KiB``: other cuts, for the curve;
 - ``WRITE_PIECE``: ``sparse.pwritev_all``, the daemon's code.
 
 Each write comes after one of two states of memory, both freed just before
@@ -77,8 +77,9 @@ def daemon_writer(fd: int, group: memoryview, offset: int) -> None:
 WRITERS: dict[str, Writer] = {
     "1 MiB": calls_of(GROUP),
     "256 KiB": calls_of(256 * KiB),
+    "128 KiB": calls_of(128 * KiB),
     f"WRITE_PIECE ({WRITE_PIECE // KiB} KiB)": daemon_writer,
-    "64 KiB": calls_of(64 * KiB),
+    "16 KiB": calls_of(16 * KiB),
 }
 STATES = ("after small files", "after the same")
 

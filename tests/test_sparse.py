@@ -36,7 +36,7 @@ def _views(sizes: list[int], seed: int) -> tuple[list[memoryview], bytes]:
 @pytest.mark.parametrize(
     "sizes",
     [
-        [256 * 1024],  # one block: two calls
+        [256 * 1024],  # one block
         [256 * 1024] * 4,  # a group of four blocks
         [WRITE_PIECE],
         [WRITE_PIECE - 1, 2, WRITE_PIECE],  # a piece boundary inside a view

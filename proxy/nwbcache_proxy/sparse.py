@@ -27,17 +27,20 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 
 # The most bytes one write call puts into the page cache. A buffered write
-# gets page-cache folios sized to the call (ext4 on Linux 6.x): 1 MiB calls
-# want 1 MiB folios, which memory freed in small pieces (a cache of small
-# files deleted, pages reclaimed one by one) cannot give; on this project's
-# VM they seem to come from memory the host must back again. 1 GiB by four
-# threads in 1 MiB calls ran at 2.3 GB/s on 0.74 s of system CPU per GiB, in
-# 128 KiB calls at 4.1 GB/s on 0.43 s (bench/results-writesize.md); a 1 GiB
-# cold fill through the daemon at 1.65x the MB/s on 0.55x the CPU. The price
-# is the extra calls when large folios are at hand: a 256 MiB fill ran at
-# 0.91x (bench/results-coldfill.md). nginx writes its cache in
-# proxy-buffer-sized calls and never meets it.
-WRITE_PIECE = 128 * 1024
+# gets page-cache folios sized to the call (ext4 on Linux 6.x). Folios of up
+# to 32 KiB (order 3 with 4 KiB pages) come from the per-CPU lists of pages
+# just freed; larger ones from the buddy allocator's larger blocks, which
+# memory freed in small pieces (a cache of small files deleted, page cache
+# reclaimed a page at a time) does not rebuild, and which on this project's
+# VM seem to be memory the host must back again. Written a 1 MiB group per
+# call, a 1 GiB cold fill right after another cache was deleted spent a
+# third of the machine's CPU in the copy into the page cache; 128 KiB calls
+# helped in one sitting (1.65x the MB/s) and not in the next; 32 KiB calls
+# ran at 1.38-1.45x 128 KiB's MB/s on 0.56-0.63x the CPU (bench/coldfill.py,
+# --size 1G). The price is the calls: a 256 MiB fill into memory just freed
+# ran at 0.92x 128 KiB's. nginx writes its cache in calls this size or
+# smaller (its proxy buffers) and never meets the slow case.
+WRITE_PIECE = 32 * 1024
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
