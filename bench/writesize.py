@@ -14,7 +14,7 @@ in interleaved 16 MiB ranges (four streams' reads), 1 MiB at a time (one
 disk job per group of four 256 KiB blocks), from buffers already in memory,
 in calls of each size (every byte read back and compared afterwards):
 
-- ``1 MiB``: a group in one ``pwritev`` (format 3 until 0.12's change);
+- ``1 MiB``: a group in one ``pwritev`` (the daemon's, until issue 11's write calls);
 - ``256 KiB``, ``128 KiB``, ``16 KiB``: other cuts, for the curve;
 - ``WRITE_PIECE``: ``sparse.pwritev_all``, the daemon's code.
 
