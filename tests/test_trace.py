@@ -44,7 +44,13 @@ def test_a_plain_get_abandoned_after_its_headers_records_what_was_sent(
     wait_until(lambda: trace.exists() and '"block": 0' in trace.read_text(), 5)
     time.sleep(1.2)  # one more flush: nothing else comes
     blocks = [json.loads(line)["block"] for line in trace.read_text().splitlines()]
-    assert len(blocks) <= 3 and set(blocks) <= {0, 1}  # not the 8 blocks of the object
+    *probe, ranged = blocks
+    assert ranged == 0
+    # What went out before the hang-up was noticed, in order, and not the
+    # object's 8 blocks. How much goes out first is the machine's timing: a
+    # client's kernel acknowledges bytes its program never reads (up to 2
+    # blocks here most often; 3 in CI once, 4 in 1 of 20 runs under load).
+    assert probe == list(range(len(probe))) and len(probe) < 8, probe
 
 
 def test_the_trace_names_objects_by_hash_and_replays(
