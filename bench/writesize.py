@@ -151,9 +151,9 @@ def run_all(args: argparse.Namespace, work: Path, problems: list[str]) -> list[d
     runs: list[dict[str, Any]] = []
     for run in range(args.runs):
         order = names[run % len(names) :] + names[: run % len(names)]
-        for state in STATES:
+        for n, state in enumerate(STATES):
             for name in order:
-                before = work / f"before-{run}-{state[6:11]}-{len(runs)}"
+                before = work / f"before-{run}-{n}-{len(runs)}"
                 if state == "after small files":
                     small_files(before, args.size, data)
                 else:

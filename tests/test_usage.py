@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nwbcache_proxy.usage import Usage
+from nwbcache_proxy.usage import Batch, Usage
 
 V = "objects/aa/aaaa/0123.4096"
 
@@ -75,3 +75,16 @@ def test_forget_drops_one_version_and_its_written_bytes() -> None:
     assert use.written_bytes == 7
     batch = use.take()
     assert list(batch.blocks) == [(other, 0)] and batch.hits == {}
+
+
+def test_a_batch_of_keys_alone_is_empty_and_its_keys_go_back() -> None:
+    """A flush with no block and no hit to store stores nothing, and keeps the
+    keys it took for the rows of the next one."""
+    use = Usage()
+    use.hit(V, 1)
+    batch = use.take()
+    assert not batch.empty
+    keys_only = Batch({}, {}, {V: ("s3://b/k", 10)})
+    assert keys_only.empty
+    use.put_back(keys_only)
+    assert use.empty and use.take().keys == {V: ("s3://b/k", 10)}

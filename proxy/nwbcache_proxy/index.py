@@ -212,8 +212,9 @@ class CacheIndex:
         if last is not None:  # its records first (put back, if it failed)
             await asyncio.wait([last])
         batch = self._use.take()
-        if not batch.blocks and not batch.hits:
-            return True  # nothing recorded since the flush before took its batch
+        if batch.empty:  # nothing recorded since the flush before took its batch
+            self._use.put_back(batch)  # but keys, kept for the next rows
+            return True
 
         def write() -> Totals:
             accounting.record(self.conn, batch.blocks, batch.hits, self.stats, batch.keys)

@@ -31,6 +31,11 @@ class Batch:
     hits: Hits
     keys: Keys
 
+    @property
+    def empty(self) -> bool:
+        """Nothing to store (keys alone go with the next rows)."""
+        return not self.blocks and not self.hits
+
 
 class Usage:
     def __init__(self) -> None:
