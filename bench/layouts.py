@@ -85,7 +85,7 @@ from tests.support.helpers import REPO
 
 BENCH = Path(__file__).resolve().parent
 MiB = 1024 * 1024
-GROUP = MiB  # a fill's publish group (filling.PUBLISH_GROUP_BYTES)
+GROUP = MiB  # a fill's publish group when formats were compared (4 MiB since: filling.py)
 THREADS = 4  # writing threads, by default (the daemon has several disk threads)
 RANGE = 4 * MiB  # a reader's request, for ``read``
 LAYOUTS = ("file per block", "file per version")

@@ -44,6 +44,7 @@ LAYERS: dict[str, set[str]] = {
     "storage": {
         "accounting",
         "aio",
+        "aiowrite",
         "batchsql",
         "blockio",
         "catalog",

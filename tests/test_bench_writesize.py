@@ -33,7 +33,7 @@ def test_writesize_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
 def test_each_writer_writes_every_group_and_the_check_finds_one_that_is_not(
     tmp_path: Path, writer: str
 ) -> None:
-    data = memoryview(os.urandom(GROUP))
+    data = memoryview(bytearray(os.urandom(GROUP)))
     size = 32 * 1024 * 1024
     path = tmp_path / "version"
     write_version(path, size, WRITERS[writer], data)

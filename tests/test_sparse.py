@@ -1,5 +1,6 @@
 """sparse.pwritev_all: every byte where it belongs, however the views are cut,
-in calls of WRITE_PIECE bytes at most, resuming after short writes."""
+in writes of WRITE_PIECE bytes at most (all in one io_submit for writable
+buffers, else call by call), resuming after short writes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nwbcache_proxy import aiowrite
 from nwbcache_proxy.sparse import WRITE_PIECE, pwritev_all
 
 
@@ -27,9 +29,28 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     yield asked
 
 
-def _views(sizes: list[int], seed: int) -> tuple[list[memoryview], bytes]:
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The byte counts of each write handed to io_submit (aiowrite.py)."""
+    asked: list[int] = []
+    real = aiowrite._Context.run
+
+    def recording(self: aiowrite._Context, fd: int, pieces: list[aiowrite.Piece]) -> list[int]:
+        asked.extend(sum(n for _, n in segments) for segments, _ in pieces)
+        return real(self, fd, pieces)
+
+    monkeypatch.setattr(aiowrite._Context, "run", recording)
+    yield asked
+
+
+def _views(
+    sizes: list[int], seed: int, *, writable: bool = False
+) -> tuple[list[memoryview], bytes]:
+    """Views of random bytes; read-only ones (bytes) go call by call."""
     rng = random.Random(seed)
     parts = [rng.randbytes(n) for n in sizes]
+    if writable:
+        return [memoryview(bytearray(p)) for p in parts], b"".join(parts)
     return [memoryview(p) for p in parts], b"".join(parts)
 
 
@@ -45,10 +66,11 @@ def _views(sizes: list[int], seed: int) -> tuple[list[memoryview], bytes]:
     ],
     ids=["block", "group", "piece", "straddle", "odd", "many"],
 )
-def test_every_byte_lands_at_its_offset_in_calls_of_a_piece_at_most(
-    tmp_path: Path, calls: list[int], sizes: list[int]
+@pytest.mark.parametrize("how", ["call by call", "io_submit"])
+def test_every_byte_lands_at_its_offset_in_writes_of_a_piece_at_most(
+    tmp_path: Path, calls: list[int], submitted: list[int], sizes: list[int], how: str
 ) -> None:
-    views, expected = _views(sizes, seed=len(sizes))
+    views, expected = _views(sizes, seed=len(sizes), writable=how == "io_submit")
     offset = 3 * 4096 + 17
     fd = os.open(tmp_path / "data", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -57,10 +79,16 @@ def test_every_byte_lands_at_its_offset_in_calls_of_a_piece_at_most(
         assert os.fstat(fd).st_size == offset + len(expected)
     finally:
         os.close(fd)
+    if how == "io_submit":
+        assert calls == []
+        calls = submitted
+    else:
+        assert submitted == []
     assert sum(calls) == len(expected)
     assert max(calls) <= WRITE_PIECE
-    # No more calls than the pieces (or IOV_MAX views) need.
-    assert len(calls) <= -(-len(expected) // WRITE_PIECE) + len(sizes) // 1024
+    # No more writes than the pieces (or IOV_MAX views, or the views) need.
+    gathered = aiowrite.SEGMENTS if how == "io_submit" else 1024  # IOV_MAX
+    assert len(calls) <= -(-len(expected) // WRITE_PIECE) + len(sizes) // gathered
 
 
 def test_short_writes_are_resumed_where_they_stopped(

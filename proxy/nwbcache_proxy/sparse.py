@@ -10,6 +10,8 @@ import errno
 import os
 from collections.abc import Iterator
 
+from . import aiowrite
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -39,13 +41,20 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 # ran at 1.38-1.45x 128 KiB's MB/s on 0.56-0.63x the CPU (bench/coldfill.py,
 # --size 1G). The price is the calls: a 256 MiB fill into memory just freed
 # ran at 0.92x 128 KiB's. nginx writes its cache in calls this size or
-# smaller (its proxy buffers) and never meets the slow case.
+# smaller (its proxy buffers) and never meets the slow case. The calls of
+# a group go in one io_submit where Linux AIO is there (aiowrite.py).
 WRITE_PIECE = 32 * 1024
 
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """All of ``views`` at ``offset``, WRITE_PIECE bytes a call at most."""
+    """All of ``views`` at ``offset``, WRITE_PIECE bytes a write at most: all in
+    one system call where aiowrite can, else a call each (and whatever that
+    one left, or failed on, call by call: its errors are raised from here)."""
     views = [v for v in views if len(v)]
+    done = aiowrite.submit(fd, views, offset, WRITE_PIECE) if views else None
+    if done:
+        offset += done
+        _consume(views, done)
     while views:
         batch: list[memoryview] = []
         room = WRITE_PIECE
@@ -58,11 +67,16 @@ def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
         if written == 0:
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += written
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
-        if views and written:
-            views[0] = views[0][written:]
+        _consume(views, written)
+
+
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes of ``views``, in place."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views.pop(0)
+    if views and n:
+        views[0] = views[0][n:]
 
 
 def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
