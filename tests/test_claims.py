@@ -72,6 +72,27 @@ def test_a_run_is_claimed_whole_or_block_by_block(pair: tuple[Claims, Claims]) -
     assert not b.take_block("v", 12)
 
 
+def test_consecutive_blocks_are_released_together_and_only_they(
+    pair: tuple[Claims, Claims], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    assert a.take_blocks("v", 10, 8) == [True] * 8
+    calls: list[tuple[int, int]] = []
+    real = a.release
+
+    def recording(start: int, length: int = 1) -> None:
+        calls.append((start, length))
+        real(start, length)
+
+    monkeypatch.setattr(a, "release", recording)
+    a.release_blocks("v", 12, 4)
+    assert calls == [(block_offset("v", 12), 4)]  # one lock call for the four
+    assert b.take_blocks("v", 10, 8) == [False, False, True, True, True, True, False, False]
+    # Past the version's range of indices, block by block (each wraps alone).
+    a.release_blocks("v", 2**31 - 1, 2)
+    assert calls[1:] == [(block_offset("v", 2**31 - 1), 1), (block_offset("v", 2**31), 1)]
+
+
 def test_releasing_an_unheld_claim_touches_no_other(pair: tuple[Claims, Claims]) -> None:
     a, b = pair
     assert a.take_block("v", 1)

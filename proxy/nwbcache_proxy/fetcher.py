@@ -41,6 +41,7 @@ from .filling import RunFill
 from .inflight import InflightBlock
 from .marks import BlockMarks
 from .metrics import Metrics
+from .spanlocks import runs_of
 from .upstream import Upstream
 from .version import Version
 
@@ -251,16 +252,23 @@ class Fetcher:
                 block.fail(exc)
             log.info("fetch of %s failed: %s", redact_url(url.url), exc)
         finally:
-            for block in pending():
-                if not block.writing:  # a disk job unregisters its own, when done
-                    self._done(v, block)
+            # A disk job unregisters its own, when done.
+            self._done_all(v, [b for b in pending() if not b.writing])
 
     def _done(self, v: Version, block: InflightBlock) -> None:
         """Unregister a block: new readers open its file (or fetch it again), and
         other processes waiting for it take its claim over (claims.py)."""
-        if self._inflight.get((v.name, block.index)) is block:
-            del self._inflight[(v.name, block.index)]
-            self.claims.release_block(v.name, block.index)
+        self._done_all(v, [block])
+
+    def _done_all(self, v: Version, blocks: list[InflightBlock]) -> None:
+        """_done for each, the claims of consecutive ones given up at once."""
+        mine: list[int] = []
+        for block in blocks:
+            if self._inflight.get((v.name, block.index)) is block:
+                del self._inflight[(v.name, block.index)]
+                mine.append(block.index)
+        for first, count in runs_of(sorted(mine)):
+            self.claims.release_blocks(v.name, first, count)
 
     async def _fill_from_disk(self, v: Version, run: list[InflightBlock]) -> list[InflightBlock]:
         """Complete the blocks that are on disk; return those still missing."""
@@ -312,8 +320,7 @@ class Fetcher:
             block.writing = True
 
         def unregister(_: asyncio.Future[list[bool]]) -> None:
-            for block in group:
-                self._done(v, block)
+            self._done_all(v, group)
 
         job.add_done_callback(unregister)
         return job
