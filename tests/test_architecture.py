@@ -33,6 +33,7 @@ LAYERS: dict[str, set[str]] = {
         "objectmeta",
         "policy",
         "readahead",
+        "recent",
         "retry",
         "s3api",
         "sizes",

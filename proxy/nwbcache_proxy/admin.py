@@ -200,7 +200,7 @@ class Admin:
         await self.cache.disk.run(lambda: store.drop_dir(self.layout, self.layout.root / odir))
         freed = 0
         for vid, name, nbytes in versions:
-            self.cache.blocks.table.forget(name)  # this process's open files
+            self.cache.blocks.forget(name)  # this process's open files, kept blocks
             self.index.forget_pending(name)
             last = await self.index.call(functools.partial(catalog.last_index, vid=vid))
             at: int | None = 0 if last is not None else None

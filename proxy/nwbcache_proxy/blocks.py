@@ -7,7 +7,9 @@ reported to the index, which keeps the LRU accounting.
 
 Bytes are copied out of a data file under a read lock, never sent from it
 with ``sendfile``: a hole punched by an eviction would change bytes a
-socket had not sent yet (docs/format-3-design.md, Hazards 1).
+socket had not sent yet (docs/format-3-design.md, Hazards 1). Blocks
+fetched ahead of their reader are also kept in memory a moment once
+written (recent.py), and that reader takes them from there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .marks import BlockMarks
 from .openversions import OpenVersions, SharedVersion
+from .recent import RecentBlocks
 from .staging import Staging
 from .version import Version
 from .versionfile import VersionFiles
@@ -81,6 +84,7 @@ class Blocks:
         # Called when the cache may be over capacity or the disk refused a write.
         self._on_pressure = on_pressure
         self._verified = BlockMarks(VERIFIED_CHUNKS)
+        self.recent = RecentBlocks()
         self._staging: Staging | None = None
 
     async def start(self) -> None:
@@ -139,6 +143,8 @@ class Blocks:
         caller will send; the whole block is read anyway the first time this
         process serves it, to verify its checksum.
         """
+        if (kept := self._kept(v, index)) is not None:
+            return kept
         shared = await self._version(v)
         if shared is None:
             return None
@@ -183,10 +189,14 @@ class Blocks:
     def read_held(self, v: Version, blocks: range, start: int, end: int) -> Buffer | None:
         """Bytes [start, end), at once, when the version is held open, the map
         has every block and the page cache has their bytes (the common warm
-        hit); else None. No await, no thread. Blocks this process has not
+        hit), or of one block written a moment ago from memory (recent.py);
+        else None. No await, no thread. Blocks this process has not
         verified yet (after a start) are read whole and checked here, a
         span at a time; a block that fails its check is left to the
         block-at-a-time path, which drops it."""
+        if len(blocks) == 1 and (kept := self._kept(v, blocks.start)) is not None:
+            at = blocks.start * v.block_size
+            return kept.bytes_of(start - at, end - at)
         verify = not self._verified.has_all(v.name, blocks)
         shared = self.table.get(v.name)
         if shared is None:
@@ -204,6 +214,16 @@ class Blocks:
         for i in blocks:
             self.touch(v, i)
         return data
+
+    def _kept(self, v: Version, index: int) -> CachedBlock | None:
+        """The block, written a moment ago, from its buffer kept in memory
+        (recent.py); taken only while this process holds the version's files
+        (a version dropped, or swept as unlinked, goes with them)."""
+        kept = self.recent.take(v.name, index) if self.table.holds(v.name) else None
+        if kept is None:
+            return None
+        self.touch(v, index)
+        return CachedBlock(0, kept)
 
     async def present(self, v: Version, indices: Iterable[int]) -> set[int]:
         """Which of these blocks the version's map has."""
@@ -246,14 +266,19 @@ class Blocks:
         return written
 
     def publish_group(
-        self, v: Version, group: Sequence[tuple[int, Parts]]
+        self,
+        v: Version,
+        group: Sequence[tuple[int, Parts]],
+        keep: Callable[[int], bool] | None = None,
     ) -> asyncio.Future[list[bool]]:
         """Start writing fetched blocks (index, their bytes in parts) to disk, all in one disk
         thread job: a fill pays one thread hand-off per group, not per block,
         and one write per run of consecutive blocks. The future says which
         were written; await it through asyncio.shield. The bookkeeping (the
         index told) is done when the job ends, whoever awaits the future or
-        not, so a fetch cancelled meanwhile loses no record of its blocks."""
+        not, so a fetch cancelled meanwhile loses no record of its blocks.
+        ``keep(i)``: whether block ``i``'s buffer stays in memory a moment once
+        written (recent.py), for a reader on its way."""
         held = self.table.get(v.name)
         fsync = self.fsync
         items = sorted(group, key=lambda item: item[0])
@@ -275,8 +300,8 @@ class Blocks:
                     self.table.forget(v.name)
                     self.table.adopt(v.name, opened).release()
                 written = [
-                    self._published(v, i, result)
-                    for (i, _), result in zip(items, results, strict=True)
+                    self._published(v, i, result, parts if keep and keep(i) else None)
+                    for (i, parts), result in zip(items, results, strict=True)
                 ]
             except Exception as exc:  # the fill must hear of it, not wait forever
                 done.set_exception(exc)
@@ -286,11 +311,15 @@ class Blocks:
         job.add_done_callback(finish)
         return done
 
-    def _published(self, v: Version, index: int, result: OSError | None) -> bool:
+    def _published(
+        self, v: Version, index: int, result: OSError | None, kept: Parts | None
+    ) -> bool:
         if result is not None:
             log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
+        if kept is not None and len(kept) == 1 and isinstance(kept[0], memoryview):
+            self.recent.keep(v.name, index, kept[0])
         self._verified.add(v.name, index)
         self.touch(v, index, written=True)
         pending = self.index.pending_bytes
@@ -301,8 +330,14 @@ class Blocks:
         return True
 
     def forget_version(self, v: Version) -> None:
-        """Close this process's files of a version being dropped."""
-        self.table.forget(v.name)
+        """Close this process's files of a version being dropped, and forget the
+        blocks of it kept in memory."""
+        self.forget(v.name)
+
+    def forget(self, name: str) -> None:
+        """forget_version by the version's name (an eviction by hand)."""
+        self.table.forget(name)
+        self.recent.forget(name)
 
 
 def _settled(job: asyncio.Future[Any], shared: SharedVersion) -> None:

@@ -112,6 +112,7 @@ class Fetcher:
         was one, i.e. the block came from upstream and no client had it yet."""
         if block is not None:
             block.claimed = True  # no mark is set for it once it completes
+        self.blocks.recent.drop(v.name, index)  # kept for the client that has it now
         return self._fresh.discard(v.name, index)
 
     # -- starting fetches ------------------------------------------------------
@@ -315,7 +316,11 @@ class Fetcher:
         """Write a group of complete blocks; each is unregistered once its file
         exists (or could not be written), even if the run is cancelled meanwhile
         (the callback runs after publish_group's own bookkeeping)."""
-        job = self.blocks.publish_group(v, [(b.index, b.parts) for b in group])
+        # Blocks no client has had yet (fresh: read-ahead's) stay in memory a
+        # moment once written, for their reader on its way (recent.py).
+        job = self.blocks.publish_group(
+            v, [(b.index, b.parts) for b in group], keep=lambda i: self.is_fresh(v, i)
+        )
         for block in group:
             block.writing = True
 

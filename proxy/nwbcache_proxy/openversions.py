@@ -122,6 +122,11 @@ class OpenVersions:
         self._open.move_to_end(name)
         return shared.acquire()
 
+    def holds(self, name: str) -> bool:
+        """Whether the version is open here (its files not seen dropped)."""
+        shared = self._open.get(name)
+        return shared is not None and not shared.closed
+
     def adopt(self, name: str, files: VersionFiles) -> SharedVersion:
         """Take ownership of an open version; returns it acquired for the caller.
         One opened by two requests at once: the first one stays, the second

@@ -269,6 +269,8 @@ class Reader:
         run = range(i, min(stop, i + BODY_MAX // bs))
         if len(run) < 2 or self.fetcher.inflight(v, i) is not None:
             return None  # (a cold read's next block is most often in flight)
+        if self.blocks.recent.has(v.name, i):
+            return None  # in memory: taken by the block (recent.py)
         lo, hi = max(start, run.start * bs), min(end, run.stop * bs)
         body = self.blocks.read_held(v, run, lo, hi)
         return None if body is None else (run, body)
