@@ -18,8 +18,9 @@ import collections
 from collections.abc import AsyncIterator
 
 # Bytes of buffers the pool keeps per size class: the blocks of several
-# concurrent fetch runs (128 of the default 256 KiB blocks); more blocks in
-# flight at once get buffers of their own, freed as usual.
+# concurrent fetch runs, and those kept a moment once written (recent.py's
+# 32 MiB): 256 of the default 256 KiB blocks. More blocks in flight at once
+# get buffers of their own, freed as usual.
 POOL_BYTES = 64 * 1024 * 1024
 # Size classes are powers of two from this up (a last, shorter block takes
 # a buffer of the class above its length); larger blocks are not pooled.
