@@ -4,13 +4,18 @@ caller, saying exactly how far it got; and it lets go of the buffers."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import os
 import random
 import resource
 import signal
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,11 +170,8 @@ def test_without_aio_nothing_is_written_and_pwritev_all_writes_call_by_call(
     assert os.pread(fd, len(expected) + 1, 0) == expected
 
 
-def test_each_thread_has_its_own_context_and_a_forked_child_makes_its_own() -> None:
-    """Completions are reaped per context, so two threads must never share one;
-    a context does not survive a fork."""
-    import threading
-
+def test_each_thread_has_its_own_context() -> None:
+    """Completions are reaped per context, so two threads must never share one."""
     mine = aiowrite._context()
     assert mine is not None
     theirs: list[aiowrite._Context | None] = []
@@ -178,7 +180,127 @@ def test_each_thread_has_its_own_context_and_a_forked_child_makes_its_own() -> N
     t.join()
     assert theirs[0] is not None and theirs[0] is not mine
     assert aiowrite._context() is mine
-    mine.pid = -1  # as a child would see it
-    again = aiowrite._context()
-    assert again is not None and again is not mine
-    mine.pid = os.getpid()  # destroyed when collected, as any other
+
+
+def test_a_forked_child_writes_through_a_context_of_its_own(tmp_path: Path) -> None:
+    """A context does not survive a fork: the child makes its own, and the
+    parent's goes on working."""
+    assert aiowrite._context() is not None  # the parent has one before the fork
+    views, expected = _writable([100_000], seed=5)
+    path = tmp_path / "child"
+    pid = os.fork()
+    if pid == 0:  # the child: nothing but the write, then out
+        code = 1
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            ok = aiowrite.submit(fd, views, 0, 32 * 1024) == len(expected)
+            code = 0 if ok and os.pread(fd, len(expected), 0) == expected else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    fd = os.open(tmp_path / "parent", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        assert aiowrite.submit(fd, views, 0, 32 * 1024) == len(expected)
+    finally:
+        os.close(fd)
+
+
+class FakeSyscalls:
+    """aiowrite's system calls through the real ones, with faults on demand:
+    ``plan[number]`` lists what each next call of that number does instead
+    of the real call: ("errno", E), -1 with errno E; ("cap", n), the real
+    call with its count cut to n. Calls past the plan are real."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = aiowrite._libc.syscall
+        self.plan: dict[int, list[tuple[str, int]]] = {}
+        self.calls: list[int] = []
+        monkeypatch.setattr(aiowrite._libc, "syscall", self)
+
+    def __call__(self, number: Any, *args: Any) -> int:
+        n = int(number.value)
+        self.calls.append(n)
+        planned = self.plan.get(n)
+        if not planned:
+            return int(self.real(number, *args))
+        kind, value = planned.pop(0)
+        if kind == "errno":
+            ctypes.set_errno(value)
+            return -1
+        ctx, count, rest = args[0], int(args[1].value), args[2:]
+        return int(self.real(number, ctx, ctypes.c_long(min(count, value)), *rest))
+
+
+def _in_a_new_thread(fn: Any) -> Any:
+    """``fn()`` in a thread with no context yet; its result (or exception)."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_a_submission_taken_in_parts_or_interrupted_goes_on(
+    fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSyscalls(monkeypatch)
+    fake.plan[aiowrite._SYS_IO_SUBMIT] = [("errno", errno.EINTR), ("cap", 3), ("cap", 5)]
+    fake.plan[aiowrite._SYS_IO_GETEVENTS] = [("errno", errno.EINTR)]
+    views, expected = _writable([20 * 32 * 1024], seed=6)
+    assert _in_a_new_thread(lambda: aiowrite.submit(fd, views, 0, 32 * 1024)) == len(expected)
+    assert os.pread(fd, len(expected) + 1, 0) == expected
+    assert fake.calls.count(aiowrite._SYS_IO_SUBMIT) >= 4  # interrupted, 3, 5, the rest
+
+
+def test_a_failed_reaping_drops_the_context_and_the_next_write_makes_one(
+    fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeSyscalls(monkeypatch)
+    fake.plan[aiowrite._SYS_IO_GETEVENTS] = [("errno", errno.EFAULT)]
+    views, expected = _writable([100_000], seed=7)
+
+    def twice() -> tuple[BaseException | None, aiowrite._Context | None, int | None]:
+        try:
+            aiowrite.submit(fd, views, 0, 32 * 1024)
+            first: BaseException | None = None
+        except OSError as exc:
+            first = exc
+        left = getattr(aiowrite._local, "ctx", None)
+        return first, left, aiowrite.submit(fd, views, 0, 32 * 1024)
+
+    failure, left, again = _in_a_new_thread(twice)
+    assert isinstance(failure, OSError) and failure.errno == errno.EFAULT
+    assert left is None, "a context with completions unreaped was kept"
+    assert again == len(expected)
+    assert os.pread(fd, len(expected) + 1, 0) == expected
+
+
+def test_io_setup_refused_for_now_means_call_by_call_for_a_while_quietly(
+    fd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aio-max-nr reached (EAGAIN): no traceback for the half-made context,
+    and no new io_setup per write until RETRY_AFTER has passed."""
+    fake = FakeSyscalls(monkeypatch)
+    fake.plan[aiowrite._SYS_IO_SETUP] = [("errno", errno.EAGAIN)]
+    unraisable: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    views, _ = _writable([50_000], seed=8)
+
+    def writes() -> list[int | None]:
+        out = [aiowrite.submit(fd, views, 0, 32 * 1024) for _ in range(3)]
+        gc.collect()
+        return out
+
+    assert _in_a_new_thread(writes) == [None, None, None]
+    assert fake.calls.count(aiowrite._SYS_IO_SETUP) == 1
+    assert unraisable == []
+    assert os.fstat(fd).st_size == 0
+    assert not aiowrite._unavailable  # only for a while: not for good

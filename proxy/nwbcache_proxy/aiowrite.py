@@ -25,6 +25,7 @@ import functools
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +57,9 @@ Piece = tuple[list[tuple[int, int]], int]
 class _Context:
     """One thread's AIO context and the memory its submissions are built in."""
 
+    # Set once the context exists: __del__ also runs when __init__ failed.
+    _destroy: tuple[Callable[[], int], Callable[[], Any]] | None = None
+
     def __init__(self) -> None:
         self.pid = os.getpid()  # a context does not survive a fork
         self.ctx = ctypes.c_ulong(0)
@@ -69,12 +73,13 @@ class _Context:
         self.events = ctypes.create_string_buffer(_EVENT.size * RING)
         # Bound now: at interpreter exit the module's globals may go first.
         destroy = functools.partial(_libc.syscall, ctypes.c_long(_SYS_IO_DESTROY), self.ctx)
-        self._destroy: tuple[Callable[[], int], Callable[[], Any]] = (os.getpid, destroy)
+        self._destroy = (os.getpid, destroy)
 
     def __del__(self) -> None:
-        pid, destroy = self._destroy
-        if self.pid == pid():
-            destroy()
+        if self._destroy is not None:
+            pid, destroy = self._destroy
+            if self.pid == pid():
+                destroy()
 
     def run(self, fd: int, pieces: Sequence[Piece]) -> list[int]:
         """Write pieces (at most RING, of at most SEGMENTS buffers each); per
@@ -134,6 +139,9 @@ class _Context:
 
 _local = threading.local()
 _unavailable = os.uname().machine not in _MACHINES
+# After io_setup failed otherwise (EAGAIN: the system's aio-max-nr reached),
+# a thread writes call by call this long before it tries again.
+RETRY_AFTER = 60.0
 
 
 def _context() -> _Context | None:
@@ -143,12 +151,16 @@ def _context() -> _Context | None:
     ctx: _Context | None = getattr(_local, "ctx", None)
     if ctx is not None and ctx.pid == os.getpid():
         return ctx
+    if time.monotonic() < getattr(_local, "retry_at", 0.0):
+        return None
     try:
         ctx = _Context()
     except OSError as exc:
         if exc.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
             _unavailable = True  # not on this system, or not for this process
-        return None  # EAGAIN (aio-max-nr reached) or other: call by call this time
+        else:
+            _local.retry_at = time.monotonic() + RETRY_AFTER
+        return None
     _local.ctx = ctx
     return ctx
 
@@ -196,7 +208,14 @@ def submit(fd: int, views: Sequence[memoryview], offset: int, piece: int) -> int
         pieces = pieces_of(addressed, offset, piece)
         for first in range(0, len(pieces), RING):
             batch = pieces[first : first + RING]
-            for (segments, _), result in zip(batch, ctx.run(fd, batch), strict=True):
+            try:
+                results = ctx.run(fd, batch)
+            except BaseException:
+                # Completions may be left unreaped: a later run must never take
+                # one for its own. This thread makes a new context next time.
+                _local.ctx = None
+                raise
+            for (segments, _), result in zip(batch, results, strict=True):
                 length = sum(n for _, n in segments)
                 if result != length:
                     return done + max(result, 0)

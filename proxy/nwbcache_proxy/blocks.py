@@ -217,9 +217,11 @@ class Blocks:
 
     def _kept(self, v: Version, index: int) -> CachedBlock | None:
         """The block, written a moment ago, from its buffer kept in memory
-        (recent.py); taken only while this process holds the version's files
-        (a version dropped, or swept as unlinked, goes with them)."""
-        kept = self.recent.take(v.name, index) if self.table.holds(v.name) else None
+        (recent.py); taken only while this process holds the very files it
+        was written into (a version dropped, or swept as unlinked, takes its
+        kept blocks with it, even once its files are made again)."""
+        owner = self.table.current(v.name)
+        kept = self.recent.take(v.name, index, owner) if owner is not None else None
         if kept is None:
             return None
         self.touch(v, index)
@@ -300,9 +302,15 @@ class Blocks:
                     self.table.forget(v.name)
                     self.table.adopt(v.name, opened).release()
                 written = [
-                    self._published(v, i, result, parts if keep and keep(i) else None)
-                    for (i, parts), result in zip(items, results, strict=True)
+                    self._published(v, i, result)
+                    for (i, _), result in zip(items, results, strict=True)
                 ]
+                # Kept under the files written into, while the table still has them.
+                owner = self.table.current(v.name)
+                if keep is not None and owner is not None and (opened or owner is held):
+                    for (i, parts), ok in zip(items, written, strict=True):
+                        if ok and keep(i) and len(parts) == 1 and isinstance(parts[0], memoryview):
+                            self.recent.keep(v.name, i, parts[0], owner)
             except Exception as exc:  # the fill must hear of it, not wait forever
                 done.set_exception(exc)
                 return
@@ -311,15 +319,11 @@ class Blocks:
         job.add_done_callback(finish)
         return done
 
-    def _published(
-        self, v: Version, index: int, result: OSError | None, kept: Parts | None
-    ) -> bool:
+    def _published(self, v: Version, index: int, result: OSError | None) -> bool:
         if result is not None:
             log.warning("could not cache block %d of %s: %s", index, v.key, result)
             self._on_pressure()
             return False
-        if kept is not None and len(kept) == 1 and isinstance(kept[0], memoryview):
-            self.recent.keep(v.name, index, kept[0])
         self._verified.add(v.name, index)
         self.touch(v, index, written=True)
         pending = self.index.pending_bytes

@@ -122,10 +122,10 @@ class OpenVersions:
         self._open.move_to_end(name)
         return shared.acquire()
 
-    def holds(self, name: str) -> bool:
-        """Whether the version is open here (its files not seen dropped)."""
+    def current(self, name: str) -> SharedVersion | None:
+        """The version's open files, not acquired (an identity to compare), or None."""
         shared = self._open.get(name)
-        return shared is not None and not shared.closed
+        return None if shared is None or shared.closed else shared
 
     def adopt(self, name: str, files: VersionFiles) -> SharedVersion:
         """Take ownership of an open version; returns it acquired for the caller.

@@ -23,38 +23,45 @@ RECENT_BYTES = 32 * 1024 * 1024
 
 
 class RecentBlocks:
+    """(version name, block index) -> the block's bytes and the files it was
+    kept under (``owner``): taken only under the same ones, so a version whose
+    files were dropped or swept, then made again, never gets old entries back."""
+
     def __init__(self, limit: int = RECENT_BYTES) -> None:
         self._limit = limit
-        self._blocks: collections.OrderedDict[tuple[str, int], memoryview] = (
+        self._blocks: collections.OrderedDict[tuple[str, int], tuple[memoryview, object]] = (
             collections.OrderedDict()
         )
         self._bytes = 0
 
     @property
     def nbytes(self) -> int:
+        """Memory held: the buffers' sizes (a short last block holds a whole pooled one)."""
         return self._bytes
 
-    def keep(self, name: str, index: int, data: memoryview) -> None:
+    def keep(self, name: str, index: int, data: memoryview, owner: object) -> None:
         """Block ``index`` of version ``name`` was written with these bytes,
-        which nobody changes again (inflight.py's buffers)."""
-        if len(data) > self._limit:
+        which nobody changes again (inflight.py's buffers), into the files
+        ``owner`` stands for."""
+        if _held(data) > self._limit:
             return
         self._drop((name, index))
-        self._blocks[(name, index)] = data
-        self._bytes += len(data)
+        self._blocks[(name, index)] = (data, owner)
+        self._bytes += _held(data)
         while self._bytes > self._limit:
-            _, old = self._blocks.popitem(last=False)
-            self._bytes -= len(old)
+            _, (old, _owner) = self._blocks.popitem(last=False)
+            self._bytes -= _held(old)
 
     def has(self, name: str, index: int) -> bool:
         return (name, index) in self._blocks
 
-    def take(self, name: str, index: int) -> memoryview | None:
-        """The block's bytes, if kept; no longer kept after."""
-        data = self._blocks.pop((name, index), None)
-        if data is not None:
-            self._bytes -= len(data)
-        return data
+    def take(self, name: str, index: int, owner: object) -> memoryview | None:
+        """The block's bytes if kept under ``owner``; no longer kept after."""
+        entry = self._blocks.pop((name, index), None)
+        if entry is None:
+            return None
+        self._bytes -= _held(entry[0])
+        return entry[0] if entry[1] is owner else None
 
     def drop(self, name: str, index: int) -> None:
         """No longer keep block ``index`` of version ``name`` (a client had it)."""
@@ -66,6 +73,11 @@ class RecentBlocks:
             self._drop(key)
 
     def _drop(self, key: tuple[str, int]) -> None:
-        data = self._blocks.pop(key, None)
-        if data is not None:
-            self._bytes -= len(data)
+        entry = self._blocks.pop(key, None)
+        if entry is not None:
+            self._bytes -= _held(entry[0])
+
+
+def _held(data: memoryview) -> int:
+    """The memory a view keeps alive: its whole buffer where it has one."""
+    return len(data.obj) if isinstance(data.obj, bytearray) else data.nbytes
