@@ -1,12 +1,12 @@
 """Many buffered writes in one system call: Linux AIO's ``io_submit``, from a disk thread.
 
 Why: sparse.WRITE_PIECE caps a write call at 32 KiB (the page cache's folio
-sizes follow the call). A 1 MiB group is then 32 calls, and each call's
-return takes the GIL back from the event loop, which is itself between two
-system calls: on two cores that measured ~16 thread switches per group and
-0.5 s of CPU per GiB of cold fill, a fifth of the machine idle in the
-hand-offs (bench/coldfill.py --size 1G; writing the groups on the loop
-instead, as an experiment, took both away). ``io_submit`` runs the writes
+sizes follow the call). A group (filling.py) is then a call per 32 KiB, and
+each call's return takes the GIL back from the event loop, which is itself
+between two system calls: with 1 MiB groups on two cores that measured ~16
+thread switches per group and 0.5 s of CPU per GiB of cold fill, a fifth of
+the machine idle in the hand-offs (bench/coldfill.py --size 1G; writing the
+groups on the loop instead, as an experiment, took both away). ``io_submit`` runs the writes
 of a file opened without O_DIRECT one after another, each its own write as
 far as the page cache is concerned, before it returns (Linux performs
 buffered AIO synchronously), so a group costs one release of the GIL.
