@@ -25,7 +25,6 @@ from nwbcache.urls import cache_key, upstream_from_proxy_path
 from nwbcache_proxy import fetcher
 from nwbcache_proxy.claims import Claims, discovery_offset
 from nwbcache_proxy.layout import Layout, key_hash
-from nwbcache_proxy.version import Version
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import get_range, proxied, scrape, value, wait_until
 from tests.support.s3emu import S3Emulator
@@ -40,12 +39,6 @@ def other_process(tmp_path: Path) -> Iterator[Claims]:
     claims = Claims(Layout(tmp_path / "cache").claims_path)
     yield claims
     claims.close()
-
-
-def _version(daemon: DaemonThread, url: str) -> Version:
-    upstream = upstream_from_proxy_path("/" + url.split("/", 3)[3], "")
-    v: Version = daemon.call(daemon.cache.resolve(upstream)).version
-    return v
 
 
 def _gets(origin: S3Emulator) -> list[tuple[int, int]]:
@@ -132,7 +125,7 @@ def test_a_claim_freed_without_its_block_is_taken_over(
     daemon = make_daemon(block_size=BS, readahead=BS)
     url = proxied(daemon.url, origin, KEY)
     get_range(url, 0, 0)
-    v = _version(daemon, url)
+    v = daemon.version_of(url)
     assert other_process.take_blocks(v.name, 2, 4) == [True] * 4
     origin.clear_log()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -158,7 +151,7 @@ def test_blocks_claimed_elsewhere_do_not_hold_up_the_others(
     daemon = make_daemon(block_size=BS, readahead=8 * BS)
     url = proxied(daemon.url, origin, KEY)
     get_range(url, 0, 0)
-    v = _version(daemon, url)
+    v = daemon.version_of(url)
     assert other_process.take_block(v.name, 4)
     origin.clear_log()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -226,7 +219,7 @@ def test_a_claim_held_without_progress_is_outwaited(
     daemon = make_daemon(block_size=BS, readahead=BS)
     url = proxied(daemon.url, origin, KEY)
     get_range(url, 0, 0)
-    v = _version(daemon, url)
+    v = daemon.version_of(url)
     assert other_process.take_blocks(v.name, 1, 2) == [True, True]
     began = time.monotonic()
     r = get_range(url, BS, 3 * BS - 1)

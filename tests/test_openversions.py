@@ -27,7 +27,6 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
-from nwbcache.urls import upstream_from_proxy_path
 from nwbcache_proxy import blockio, cache, mapfile, openversions, wholeversions
 from nwbcache_proxy.mapfile import MapHeader
 from nwbcache_proxy.openversions import OpenVersions, SharedVersion, pread_nowait
@@ -357,12 +356,6 @@ def _in_loop(daemon: DaemonThread, fn: Callable[[], T]) -> T:
     return result
 
 
-def _resolve(daemon: DaemonThread, url: str) -> Version:
-    upstream = upstream_from_proxy_path("/" + url.split("/", 3)[3], "")
-    v: Version = daemon.call(daemon.cache.resolve(upstream)).version
-    return v
-
-
 def _held(daemon: DaemonThread, v: Version) -> SharedVersion | None:
     """The daemon's open files of this version (the table keeps them)."""
     return _in_loop(daemon, lambda: _holds(daemon.cache.open_versions, v.name))
@@ -427,7 +420,7 @@ def test_warm_hits_need_no_open_and_no_thread(
     daemon = make_daemon(block_size=BS)
     url, data = _cached_object(origin, daemon, "/b/warm")
     fetched = len(_gets(origin))
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     shared = _held(daemon, v)
     assert shared is not None
 
@@ -467,7 +460,7 @@ def test_the_table_is_bounded_in_the_daemon_and_closed_versions_are_opened_again
     objects = [_cached_object(origin, daemon, f"/b/many{n}") for n in range(5)]
     table = daemon.cache.open_versions
     assert _in_loop(daemon, lambda: len(table)) == 2
-    resolved = [_resolve(daemon, url) for url, _ in objects]
+    resolved = [daemon.version_of(url) for url, _ in objects]
     assert [_held(daemon, v) is not None for v in resolved] == [False] * 3 + [True] * 2
     inodes = [_file_id(v.data_path) for v in resolved[:3]]
     assert all(_fds_on(i) == [] for i in inodes), "a version out of the table kept its fds"
@@ -490,7 +483,7 @@ def test_a_new_version_closes_the_old_versions_files(
     reval = {"revalidate_after": 0.0, "stale_if_error": 0.0} if found_by == "revalidation" else {}
     daemon = make_daemon(block_size=BS, **reval)
     url, _ = _cached_object(origin, daemon, "/b/ver")
-    old_v = _resolve(daemon, url)
+    old_v = daemon.version_of(url)
     old = _held(daemon, old_v)
     assert old is not None
     fds = [(old.files.data_fd, old_v.data_path), (old.files.map_fd, old_v.map_path)]
@@ -508,7 +501,7 @@ def test_a_new_version_closes_the_old_versions_files(
     assert _closed(old) and _held(daemon, old_v) is None
     assert not any(_fd_is_open_on(fd, path) for fd, path in fds)
     assert not old_v.data_path.exists() and not old_v.map_path.exists()
-    new_v = _resolve(daemon, url)
+    new_v = daemon.version_of(url)
     assert new_v.name != old_v.name and _held(daemon, new_v) is not None
 
 
@@ -519,7 +512,7 @@ def test_a_version_dropped_by_another_process_is_closed_within_a_sweep(
     closes it, and the next reads fetch it again, exact."""
     daemon = make_daemon(block_size=BS)
     url, data = _cached_object(origin, daemon, "/b/gone")
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     shared = _held(daemon, v)
     assert shared is not None
     inode = _file_id(v.data_path)
@@ -555,7 +548,7 @@ def test_a_publish_into_a_version_unlinked_meanwhile_makes_its_files_again(
     url = proxied(daemon.url, origin, "/b/again")
     for _round in ("cold", "warm"):
         _hit(url, data, 100, 4 * BS - 1)
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     # The client has its bytes before the last group's entries are written,
     # and the files are held once the write's bookkeeping has run on the loop.
     wait_until(
@@ -607,7 +600,7 @@ def test_a_block_another_opener_unmaps_or_locks_is_not_served_from_the_page_cach
     pages read as zeros) is fetched again, never served from the page cache."""
     daemon = make_daemon(block_size=BS)
     url, data = _cached_object(origin, daemon, "/b/other")
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     assert _hit(url, data, *RANGES[3]) == "HIT"
     fetched = len(_gets(origin))
     other = VersionFiles.open_existing(v.data_path, v.map_path)
@@ -656,7 +649,7 @@ def test_a_corrupt_block_is_never_served_but_dropped_and_fetched_again(
     cache lacks it (after a reboot; or no RWF_NOWAIT), in a disk thread."""
     first = make_daemon(block_size=BS)
     url, data = _cached_object(origin, first, "/b/corrupt")
-    v = _resolve(first, url)
+    v = first.version_of(url)
     first.stop()
     k = 5
     if where == "data byte":
@@ -700,7 +693,7 @@ def test_a_long_range_read_in_spans_after_a_start_checks_every_block(
     first = make_daemon(block_size=BS)
     url = proxied(first.url, origin, "/b/long")
     assert get_range(url, 0, len(data) - 1).content == data
-    v = _resolve(first, url)
+    v = first.version_of(url)
     wait_until(lambda: all(_mapped(v, 0, blocks_n)), 5, "every block cached")
     first.stop()
     at = corrupt * BS + 777
@@ -802,7 +795,7 @@ def test_the_maintenance_loop_closes_idle_versions(
     )
     daemon = make_daemon(block_size=BS)
     url, data = _cached_object(origin, daemon, "/b/idle")
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     shared = _held(daemon, v)
     assert shared is not None
 
@@ -845,7 +838,7 @@ def test_with_fsync_a_new_versions_names_and_map_header_are_made_durable(
     daemon = make_daemon(block_size=BS, fsync=fsync)
     url = proxied(daemon.url, origin, "/b/durable")
     assert get_range(url, 0, len(data) - 1).content == data
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     wait_until(lambda: _mapped(v, 0, 3) == [True] * 3, 5, "the blocks written")
     objects = daemon.cache.layout.objects
     wanted = [str(v.map_path), str(v.map_path.parent), str(v.map_path.parent.parent), str(objects)]

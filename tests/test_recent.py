@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from nwbcache.urls import upstream_from_proxy_path
 from nwbcache_proxy import blockio, wholeversions
 from nwbcache_proxy.recent import RecentBlocks
 from nwbcache_proxy.version import Version
@@ -121,12 +120,6 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     yield seen
 
 
-def _resolve(daemon: DaemonThread, url: str) -> Version:
-    upstream = upstream_from_proxy_path("/" + url.split("/", 3)[3], "")
-    v: Version = daemon.call(daemon.cache.resolve(upstream)).version
-    return v
-
-
 def _kept(daemon: DaemonThread, v: Version) -> list[int]:
     async def look() -> list[int]:
         return [i for i in range(BLOCKS) if daemon.cache.blocks.recent.has(v.name, i)]
@@ -155,7 +148,7 @@ def _read_ahead(
     url = proxied(daemon.url, origin, key)
     for i in range(SINGLE_READS):
         _read(url, data, i, i + 1)
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
     wait_until(lambda: len(_kept(daemon, v)) >= 100, 5, "read-ahead's blocks written and kept")
     kept = _kept(daemon, v)
     assert min(kept) >= SINGLE_READS, "a block the client had is not kept"
@@ -216,7 +209,7 @@ def test_blocks_a_client_had_in_flight_are_not_kept(
     origin.put("/b/whole", data)
     url = proxied(daemon.url, origin, "/b/whole")
     _read(url, data, 0, BLOCKS)  # every block fetched for this read, and sent from its fetch
-    v = _resolve(daemon, url)
+    v = daemon.version_of(url)
 
     async def fetching() -> int:
         return daemon.cache.fetcher.fetching

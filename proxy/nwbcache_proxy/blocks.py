@@ -220,6 +220,8 @@ class Blocks:
         (recent.py); taken only while this process holds the very files it
         was written into (a version dropped, or swept as unlinked, takes its
         kept blocks with it, even once its files are made again)."""
+        if not self.recent.has(v.name, index):  # the hit path's usual case: one look
+            return None
         owner = self.table.current(v.name)
         kept = self.recent.take(v.name, index, owner) if owner is not None else None
         if kept is None:
@@ -271,7 +273,7 @@ class Blocks:
         self,
         v: Version,
         group: Sequence[tuple[int, Parts]],
-        keep: Callable[[int], bool] | None = None,
+        keep: Callable[[int], memoryview | None] | None = None,
     ) -> asyncio.Future[list[bool]]:
         """Start writing fetched blocks (index, their bytes in parts) to disk, all in one disk
         thread job: a fill pays one thread hand-off per group, not per block,
@@ -279,8 +281,8 @@ class Blocks:
         were written; await it through asyncio.shield. The bookkeeping (the
         index told) is done when the job ends, whoever awaits the future or
         not, so a fetch cancelled meanwhile loses no record of its blocks.
-        ``keep(i)``: whether block ``i``'s buffer stays in memory a moment once
-        written (recent.py), for a reader on its way."""
+        ``keep(i)``: block ``i``'s buffer, to stay in memory a moment once
+        written (recent.py) for a reader on its way, or None."""
         held = self.table.get(v.name)
         fsync = self.fsync
         items = sorted(group, key=lambda item: item[0])
@@ -308,9 +310,9 @@ class Blocks:
                 # Kept under the files written into, while the table still has them.
                 owner = self.table.current(v.name)
                 if keep is not None and owner is not None and (opened or owner is held):
-                    for (i, parts), ok in zip(items, written, strict=True):
-                        if ok and keep(i) and len(parts) == 1 and isinstance(parts[0], memoryview):
-                            self.recent.keep(v.name, i, parts[0], owner)
+                    for (i, _), ok in zip(items, written, strict=True):
+                        if ok and (buffer := keep(i)) is not None:
+                            self.recent.keep(v.name, i, buffer, owner)
             except Exception as exc:  # the fill must hear of it, not wait forever
                 done.set_exception(exc)
                 return

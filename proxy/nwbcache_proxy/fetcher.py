@@ -318,8 +318,11 @@ class Fetcher:
         (the callback runs after publish_group's own bookkeeping)."""
         # Blocks no client has had yet (fresh: read-ahead's) stay in memory a
         # moment once written, for their reader on its way (recent.py).
+        buffers = {b.index: b.parts[0] for b in group}
         job = self.blocks.publish_group(
-            v, [(b.index, b.parts) for b in group], keep=lambda i: self.is_fresh(v, i)
+            v,
+            [(b.index, b.parts) for b in group],
+            keep=lambda i: buffers[i] if self.is_fresh(v, i) else None,
         )
         for block in group:
             block.writing = True

@@ -64,8 +64,10 @@ class RecentBlocks:
         return entry[0] if entry[1] is owner else None
 
     def drop(self, name: str, index: int) -> None:
-        """No longer keep block ``index`` of version ``name`` (a client had it)."""
-        self._drop((name, index))
+        """No longer keep block ``index`` of version ``name`` (a client had it).
+        Called for every block a client gets: nothing made when nothing is kept."""
+        if self._blocks:
+            self._drop((name, index))
 
     def forget(self, name: str) -> None:
         """Every block of version ``name``."""

@@ -22,12 +22,14 @@ from typing import Any
 
 from aiohttp import web
 
+from nwbcache.urls import upstream_from_proxy_path
 from nwbcache_proxy.admin import Admin
 from nwbcache_proxy.adminserver import ADMIN_KEY, LOOPBACK_KEY, WARMING_KEY
 from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s3
 from nwbcache_proxy.appkeys import CACHE_KEY, S3_ENDPOINT_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
+from nwbcache_proxy.version import Version
 from nwbcache_proxy.warming import Warming
 from tests.support.helpers import REPO
 
@@ -75,6 +77,12 @@ class DaemonThread:
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the daemon's loop and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+
+    def version_of(self, url: str) -> Version:
+        """The version the daemon resolves a proxied URL (``proxied``) to."""
+        upstream = upstream_from_proxy_path("/" + url.split("/", 3)[3], "")
+        v: Version = self.call(self.cache.resolve(upstream)).version
+        return v
 
     def _main(self) -> None:
         asyncio.set_event_loop(self._loop)
