@@ -179,8 +179,11 @@ def test_a_buffer_a_transport_or_disk_job_still_views_is_not_reused() -> None:
     del taken, again
 
 
-def test_blocks_return_their_buffers_to_the_pool() -> None:
+def test_blocks_return_their_buffers_to_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks filled one after another, each dropped when done, reuse one buffer."""
+    # A pool of its own: tests before this one may have left the process's
+    # pool several free buffers of this size, which takes go round in turn.
+    monkeypatch.setattr(inflight, "POOL", BufferPool())
     seen = set()
     for _ in range(5):
         block = InflightBlock(0, 256 * 1024)

@@ -155,6 +155,13 @@ class InflightBlock:
         if view:
             self.advance(len(view))
 
+    def span(self, start: int, end: int) -> memoryview | None:
+        """Bytes [start, end) of the block if all of them have come (no copy:
+        see _buf), else None."""
+        if self.filled < end or self._buf is None:
+            return None
+        return self._buf[start:end]
+
     def fail(self, exc: BaseException) -> None:
         if self.error is None and not self.complete:
             self.error = exc

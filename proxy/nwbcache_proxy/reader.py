@@ -18,20 +18,19 @@ block must be on disk before the headers go out, or it is a 504 (NotCached).
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from nwbcache.urls import UpstreamURL
 
+from .batching import Batch
 from .blockfile import Buffer
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks, CachedBlock
-from .credentials import NONE, Credentials, anonymous
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
 from .metrics import Metrics
 from .readahead import SequentialDetector, StreamWindow
+from .readfor import PLAIN, CacheOutcome, ReadFor, classify
 from .trace import TraceWriter
 from .version import Version
 
@@ -44,58 +43,18 @@ from .version import Version
 BODY_MAX = 1024 * 1024
 
 
-class CacheOutcome(enum.StrEnum):
-    HIT = "HIT"
-    MISS = "MISS"
-    PARTIAL = "PARTIAL"
-    STALE = "STALE"
-
-
-def classify(cached_blocks: int, blocks: int, *, stale: bool = False) -> CacheOutcome:
-    """The outcome of a response of ``blocks`` blocks, ``cached_blocks`` of which
-    were served from the cache, of a version that is ``stale`` or not. (An
-    answer made from the version's metadata alone, HEAD or 304, has no
-    blocks: a HIT, or STALE.)"""
-    if cached_blocks >= blocks:
-        return CacheOutcome.STALE if stale else CacheOutcome.HIT
-    if cached_blocks == 0:
-        return CacheOutcome.MISS
-    return CacheOutcome.PARTIAL
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ReadFor:
-    """Who a read is for, and how it may be served."""
-
-    creds: Credentials = NONE  # what the request presents upstream
-    stale: bool = False  # the version is served without upstream's confirmation
-    offline: bool = False  # only-if-cached: fetch nothing
-    # Fetch past the range for a sequential reader. Off for a child daemon
-    # (parents.py): it reads ahead itself, each group from its own parent, and
-    # read-ahead here would fetch groups that belong to another parent.
-    readahead: bool = True
-
-    def upstream(self, v: Version, url: UpstreamURL) -> tuple[UpstreamURL, str | None]:
-        """The URL and Authorization that fetches for this read send upstream: the
-        request's own for a private object; none for a public one, so a wrong
-        signature fails nobody's read."""
-        if v.private is not False:
-            return url, self.creds.authorization
-        return (anonymous(url) if self.creds.present else url), None
-
-
-# A read for a request without credentials, fresh and online (the default).
-PLAIN = ReadFor()
-
-Segment = Buffer
+# What a reader yields: consecutive pieces of the range, to go out in one write
+# (batching.py).
+Segments = list[Buffer]
 Source = CachedBlock | InflightBlock
 
 
 class RangeReader:
     """The bytes of one range, and whether they came from cache.
 
-    Iterate it once; ``aclose`` ends its segments' generator whether or not
-    it was iterated (a fetch it joined stops waiting for it).
+    Iterate it once, a list of consecutive pieces (Segments) at a time, each
+    to go out in one write; ``aclose`` ends its generator whether or not it
+    was iterated (a fetch it joined stops waiting for it).
 
     A reader made with ``of_body`` holds the whole range in memory (a small
     hit): the server answers it with one write, and neither iterating nor
@@ -105,7 +64,7 @@ class RangeReader:
     def __init__(
         self,
         outcome: CacheOutcome,
-        segments: AsyncGenerator[Segment, None] | None,
+        segments: AsyncGenerator[Segments, None] | None,
         body: Buffer | None = None,
     ) -> None:
         self.outcome = outcome
@@ -116,7 +75,7 @@ class RangeReader:
     def of_body(cls, outcome: CacheOutcome, body: Buffer) -> RangeReader:
         return cls(outcome, None, body)
 
-    def __aiter__(self) -> AsyncIterator[Segment]:
+    def __aiter__(self) -> AsyncIterator[Segments]:
         if self._segments is None:
             assert self.body is not None
             return _one(self.body)
@@ -287,9 +246,10 @@ class Reader:
         window: StreamWindow,
         *,
         offline: bool,
-    ) -> AsyncGenerator[Segment, None]:
+    ) -> AsyncGenerator[Segments, None]:
         source: Source | None = first
         fresh = first_fresh
+        batch = Batch()
         # After a span read fails (a block missing, uncached or corrupt), its
         # blocks go one at a time: trying at each would copy the span again.
         no_span_before = window.first
@@ -304,41 +264,76 @@ class Reader:
                     no_span_before = min(window.stop, i + BODY_MAX // v.block_size)
             if held is not None:
                 run, body = held
-                self._account_held(v, run, start, end, len(body))
-                yield body
-                for k in run:
-                    todo = window.after(k)
-                    if todo and not offline:
-                        self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
+                self._account_held(v, run, start, end, len(body))  # (traced there)
+                batch.add(body, run, trace=False)
                 i = run.stop - 1
-                continue
-            if source is None:
-                source, fresh = await self._acquire(
-                    v,
-                    url,
-                    auth,
-                    i,
-                    wanted_end=window.wanted_end(i),
-                    span=(lo, hi),
-                    offline=offline,
-                )
-            if isinstance(source, CachedBlock):
-                piece = source.bytes_of(lo, hi)
-                assert piece is not None  # read for this span (_acquire)
-                self._served(hi - lo, upstream=fresh)
-                if not fresh:
-                    self.blocks.hit(v, i)
-                yield piece
             else:
-                async for chunk in source.chunks(lo, hi):
-                    self._served(len(chunk), upstream=fresh or source.from_upstream)
-                    yield chunk
-            if self.trace is not None:  # once its bytes went out: a write to a client
-                self.trace.record(v, i)  # gone ends the loop at its yield
-            source = None
+                if source is None:
+                    if batch and not self._ready(v, i, hi):  # send before waiting
+                        yield batch.pieces
+                        batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                    source, fresh = await self._acquire(
+                        v,
+                        url,
+                        auth,
+                        i,
+                        wanted_end=window.wanted_end(i),
+                        span=(lo, hi),
+                        offline=offline,
+                    )
+                if isinstance(source, CachedBlock):
+                    piece = source.bytes_of(lo, hi)
+                    assert piece is not None  # read for this span (_acquire)
+                    self._served(hi - lo, upstream=fresh)
+                    if not fresh:
+                        self.blocks.hit(v, i)
+                    batch.add(piece, (i,))
+                elif (piece := source.span(lo, hi)) is not None:  # all there already
+                    self._served(hi - lo, upstream=fresh or source.from_upstream)
+                    batch.add(piece, (i,))
+                else:  # its bytes go out as they come
+                    if batch:
+                        yield batch.pieces
+                        batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                    async for chunk in source.chunks(lo, hi):
+                        self._served(len(chunk), upstream=fresh or source.from_upstream)
+                        yield [chunk]
+                    self._sent(v, url, auth, [(i, True)], window, offline)
+                source = None
+            if batch.full:
+                yield batch.pieces
+                batch = self._sent(v, url, auth, batch.blocks, window, offline)
+        if batch:
+            yield batch.pieces
+            self._sent(v, url, auth, batch.blocks, window, offline)
+
+    def _ready(self, v: Version, i: int, hi: int) -> bool:
+        """Whether block ``i``'s bytes up to ``hi`` are in memory already: a
+        fetch's, come in, or kept once written (recent.py)."""
+        inflight = self.fetcher.inflight(v, i)
+        if inflight is not None:
+            return inflight.span(0, hi) is not None
+        return self.blocks.recent.has(v.name, i)
+
+    def _sent(
+        self,
+        v: Version,
+        url: UpstreamURL,
+        auth: str | None,
+        blocks: list[tuple[int, bool]],
+        window: StreamWindow,
+        offline: bool,
+    ) -> Batch:
+        """What is owed once ``blocks``' bytes went out (a write to a client gone
+        ends the loop at its yield, before this): each traced if it says so,
+        and the read-ahead window grown past it. A new batch."""
+        for i, trace in blocks:
+            if trace and self.trace is not None:
+                self.trace.record(v, i)
             todo = window.after(i)
             if todo and not offline:
                 self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
+        return Batch()
 
     async def _acquire(
         self,
@@ -394,5 +389,5 @@ def _span_in_block(v: Version, i: int, start: int, end: int) -> tuple[int, int]:
     return max(start, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
 
 
-async def _one(body: Buffer) -> AsyncGenerator[Segment, None]:
-    yield body
+async def _one(body: Buffer) -> AsyncGenerator[Segments, None]:
+    yield [body]

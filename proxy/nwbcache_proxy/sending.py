@@ -1,5 +1,5 @@
-"""Sending a range's segments on the wire: writes, pacing, and cutting a response that cannot
-be completed.
+"""Sending a range's segments on the wire: writes (several pieces in one, straight to the
+socket), pacing, and cutting a response that cannot be completed.
 
 Cached bytes are written from memory, never sent with ``sendfile`` from the
 cache's files: a hole punched by an eviction changes bytes a socket has not
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import struct
 import termios
 import time
@@ -16,6 +17,7 @@ import time
 from aiohttp import web
 
 from .appkeys import SENT_KEY
+from .blockfile import Buffer
 from .errors import ProxyError
 from .reader import RangeReader
 
@@ -54,10 +56,10 @@ async def send(
     """
     remaining = length
     segments = 0
+    direct = _direct_ok(request, response)
     try:
-        async for segment in reader:
-            await response.write(segment)
-            n = len(segment)
+        async for pieces in reader:
+            n = await _write(request, response, pieces, direct=direct and segments > 0)
             request[SENT_KEY] = request.get(SENT_KEY, 0) + n
             remaining -= n
             segments += 1
@@ -79,6 +81,58 @@ async def send(
         raise ResponseAborted(f"upstream failed mid-body: {exc}") from exc
     except ConnectionError as exc:  # the client hung up; fetches others wait on go on
         raise ResponseAborted("client went away") from exc
+
+
+def _direct_ok(request: web.Request, response: web.StreamResponse) -> bool:
+    """Whether the response's body bytes may go to its socket as they are:
+    not framed (chunked) or encoded (compressed) by aiohttp, not over TLS."""
+    transport = request.transport
+    return (
+        transport is not None
+        and not response.chunked
+        and not response.compression
+        and transport.get_extra_info("sslcontext") is None
+        and transport.get_extra_info("socket") is not None
+    )
+
+
+async def _write(
+    request: web.Request, response: web.StreamResponse, pieces: list[Buffer], *, direct: bool
+) -> int:
+    """Send consecutive pieces; their length.
+
+    Several pieces go in one ``writev`` straight to the socket when
+    ``direct`` and nothing aiohttp wrote is still waiting in the transport,
+    so the bytes stay in order; whatever the socket does not take then goes
+    through aiohttp (which buffers it and waits for the client). ``direct``
+    is never true for a response's first write: aiohttp sends the headers
+    with the first body bytes written through it."""
+    n = sum(len(p) for p in pieces)
+    transport = request.transport
+    if direct and len(pieces) > 1 and transport is not None:
+        if transport.is_closing():
+            raise ConnectionResetError("client went away")
+        if transport.get_write_buffer_size() == 0:
+            try:
+                sent = os.writev(transport.get_extra_info("socket").fileno(), pieces)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:  # the transport has not seen it: close it
+                transport.abort()
+                raise ConnectionResetError(f"client went away: {exc}") from exc
+            pieces = _after(pieces, sent)
+    for piece in pieces:
+        await response.write(piece)
+    return n
+
+
+def _after(pieces: list[Buffer], sent: int) -> list[Buffer]:
+    """What is left of ``pieces`` once their first ``sent`` bytes went out."""
+    for k, piece in enumerate(pieces):
+        if sent < len(piece):
+            return [memoryview(piece)[sent:], *pieces[k + 1 :]]
+        sent -= len(piece)
+    return []
 
 
 async def _client_caught_up(request: web.Request) -> None:

@@ -46,7 +46,8 @@ from .errors import (
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id
 from .parents import INBOUND_VIA, MAX_HOPS, from_nwbcache, loops
-from .reader import CacheOutcome, RangeReader, ReadFor, classify
+from .reader import RangeReader
+from .readfor import CacheOutcome, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
 
