@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
@@ -16,6 +18,8 @@ from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings
 from nwbcache_proxy.cpus import cgroup_cpu_quota, cgroup_v2_dirs, usable_cpus
 from nwbcache_proxy.flags import load_settings, parse_workers
 from nwbcache_proxy.policy import Eviction
+from nwbcache_proxy.runner import new_loop
+from tests.support.daemons import DaemonProcess
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -86,6 +90,7 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         (["--allow-upstream", "bad host!"], {}, "allow-list entry"),
         ([], {"NWBCACHE_EVICTION": "arc"}, "must be one of s3fifo, lru, got .arc."),
         ([], {"NWBCACHE_EVICTION": "random"}, "^NWBCACHE_EVICTION"),
+        (["--event-loop", "trio"], {}, "--event-loop must be auto, uvloop or asyncio"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(
@@ -93,6 +98,26 @@ def test_bad_settings_fail_with_a_clear_message(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         load_settings(_args(*argv), environ=env)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "kind"),
+    [
+        ([], {}, "uvloop"),  # auto: uvloop, a dependency of the daemon here
+        (["--event-loop", "asyncio"], {}, "asyncio"),
+        ([], {"NWBCACHE_EVENT_LOOP": "asyncio"}, "asyncio"),
+        (["--event-loop", "uvloop"], {"NWBCACHE_EVENT_LOOP": "asyncio"}, "uvloop"),
+    ],
+)
+def test_the_event_loop_is_uvloops_unless_asked(
+    argv: list[str], env: dict[str, str], kind: str
+) -> None:
+    loop = new_loop(load_settings(_args(*argv), environ=env).event_loop)
+    try:
+        assert type(loop).__module__.partition(".")[0] == kind
+        assert loop.run_until_complete(asyncio.sleep(0, "ran")) == "ran"
+    finally:
+        loop.close()
 
 
 @pytest.mark.parametrize(
@@ -308,3 +333,22 @@ def test_s3_buckets_from_a_config_file(tmp_path: Path) -> None:
         "http://minio.lab:9000/raw",
         "http://minio.lab:9000/derived",
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extra", "kind"), [([], "uvloop"), (["--event-loop", "asyncio"], "asyncio")]
+)
+def test_each_worker_process_says_which_event_loop_it_runs_on(
+    tmp_path: Path, extra: list[str], kind: str
+) -> None:
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(
+        ["--cache-dir", str(tmp_path / "cache"), "--workers", "2", *extra], stderr_path=log
+    ).start()
+    try:
+        assert requests.get(f"{daemon.url}/healthz", timeout=10).status_code == 200
+    finally:
+        assert daemon.terminate() == 0
+    said = [line for line in log.read_text().splitlines() if "; event loop " in line]
+    assert len(said) == 2 and all(line.endswith(f"; event loop {kind}") for line in said), said

@@ -204,7 +204,8 @@ async def serve_forever(
         host, port = bound_address(site)
         app[LOOPBACK_KEY].set(host, port)
         _announce(f"{READY_PREFIX}http://{host}:{port} (pid {os.getpid()})")
-        log.info("nwbcache %s: %s", __version__, describe(settings))
+        kind = type(loop).__module__.partition(".")[0]  # uvloop or asyncio (--event-loop)
+        log.info("nwbcache %s: %s; event loop %s", __version__, describe(settings), kind)
         # What start-up made lives as long as the process: out of the
         # collector's sight, its full passes stop walking it (they were a few
         # per cent of the event loop in a cold fill, perf).

@@ -99,6 +99,7 @@ class Settings:
     fsync: bool = False
     log_level: str = "info"
     log_format: str = "text"
+    event_loop: str = "auto"  # runner.EVENT_LOOPS
     dandi_api_url: str = DEFAULT_DANDI_API_URL
     node_name: str = ""
     parent: tuple[str, ...] = ()
@@ -184,6 +185,10 @@ class Settings:
             raise ValueError("--workers must be at least 1")
         if self.retry_attempts < 1:
             raise ValueError("--retry-attempts must be at least 1")
+        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError(
+                f"--event-loop must be auto, uvloop or asyncio, got {self.event_loop!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")
         if self.max_upstream_connections < 1:

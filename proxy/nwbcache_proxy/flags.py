@@ -210,6 +210,14 @@ _OPTIONS: tuple[_Option, ...] = (
         "FORMAT",
     ),
     _Option(
+        "event_loop",
+        "--event-loop",
+        str,
+        "auto, uvloop or asyncio: the event loop the daemon runs on (default auto: uvloop "
+        "where it is installed, else asyncio's own)",
+        "LOOP",
+    ),
+    _Option(
         "dandi_api_url",
         "--dandi-api-url",
         str,

@@ -29,6 +29,7 @@ from nwbcache_proxy.app import READY_PREFIX, S3_READY_PREFIX, build_app, start_s
 from nwbcache_proxy.appkeys import CACHE_KEY, S3_ENDPOINT_KEY
 from nwbcache_proxy.cache import BlockCache
 from nwbcache_proxy.config import Settings
+from nwbcache_proxy.runner import new_loop
 from nwbcache_proxy.version import Version
 from nwbcache_proxy.warming import Warming
 from tests.support.helpers import REPO
@@ -44,7 +45,7 @@ class DaemonThread:
         self.bind = bind or settings.host
         self.url = ""
         self.s3_url = ""  # the S3 endpoint's, when settings.s3_listen is on
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_loop(settings.event_loop)  # the loop the daemon runs on
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._error: BaseException | None = None
