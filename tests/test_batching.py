@@ -64,6 +64,11 @@ def test_what_is_left_of_pieces_after_a_short_write(sent: int, left: list[bytes]
 
 
 # -- through the daemon -----------------------------------------------------------
+# Each on both event loops (runner.new_loop): the direct write goes around
+# the loop's transport, whichever it is.
+LOOPS = pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+
+
 def _open(daemon: DaemonThread, rcvbuf: int | None = None) -> socket.socket:
     host, port = daemon.url.removeprefix("http://").split(":")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -87,14 +92,15 @@ def _ask(sock: socket.socket, daemon: DaemonThread, url: str, ranges: str) -> by
     return bytes(got)
 
 
+@LOOPS
 def test_bytes_on_their_way_from_upstream_go_out_as_they_come(
-    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], loop: str
 ) -> None:
     """At 1 MB/s, a cold 1.5 MiB range: its first block reaches the client long
     before the last (a batch of 1 MiB waited for would hold it back 1 s)."""
     data = os.urandom(8 * BS)
     origin.put("/b/slow", data)
-    daemon = make_daemon(block_size=BS)
+    daemon = make_daemon(block_size=BS, event_loop=loop)
     url = proxied(daemon.url, origin, "/b/slow")
     start, end = 2 * BS, 8 * BS  # past block 0 (discovery may fetch it)
     assert requests.head(url, timeout=30).status_code == 200  # discovery at full speed
@@ -139,15 +145,19 @@ def writes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     yield seen
 
 
+@LOOPS
 def test_blocks_in_memory_go_out_together_and_a_short_write_loses_nothing(
-    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], writes: list[tuple[int, int]]
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    writes: list[tuple[int, int]],
+    loop: str,
 ) -> None:
     """A cold 8 MiB range to a client with a tiny window that waits before
     reading: the fetch is done long before, so the blocks go out several per
     write, which the socket takes only part of; the rest goes through aiohttp."""
     data = os.urandom(40 * BS + 1234)
     origin.put("/b/batch", data)
-    daemon = make_daemon(block_size=BS)
+    daemon = make_daemon(block_size=BS, event_loop=loop)
     url = proxied(daemon.url, origin, "/b/batch")
     start, end = BS + 77, 33 * BS + 5  # partial first and last blocks
     with _open(daemon, rcvbuf=4096) as sock:
@@ -164,14 +174,18 @@ def test_blocks_in_memory_go_out_together_and_a_short_write_loses_nothing(
     assert any(took < asked for asked, took in writes), writes  # and a short one
 
 
+@LOOPS
 def test_a_multipart_answer_of_batched_parts_is_exact(
-    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], writes: list[tuple[int, int]]
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    writes: list[tuple[int, int]],
+    loop: str,
 ) -> None:
     """Part headers go through aiohttp between parts written directly: the
     order on the wire is kept."""
     data = os.urandom(24 * BS)
     origin.put("/b/multi", data)
-    daemon = make_daemon(block_size=BS)
+    daemon = make_daemon(block_size=BS, event_loop=loop)
     url = proxied(daemon.url, origin, "/b/multi")
     with _open(daemon, rcvbuf=4096) as sock:
         head = _ask(sock, daemon, url, f"10-{8 * BS}, {12 * BS + 3}-{20 * BS - 2}")

@@ -53,6 +53,36 @@ def test_a_plain_get_abandoned_after_its_headers_records_what_was_sent(
     assert probe == list(range(len(probe))) and len(probe) < 8, probe
 
 
+def test_a_probe_of_a_cached_object_records_no_block_it_did_not_send(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
+) -> None:
+    """The same probe on an object wholly cached, in blocks a reader sends
+    several at a time: nothing after the first block is read, taken or
+    recorded before the client has had that block (it was: blocks 1-4 of
+    each probe, block 0 never)."""
+    bs = 256 * 1024
+    data = os.urandom(40 * bs)
+    trace = tmp_path / "trace.jsonl"
+    origin.put("/t/warm", data)
+    daemon = make_daemon(block_size=bs, trace=trace)
+    url = proxied(daemon.url, origin, "/t/warm")
+    assert requests.get(url, timeout=60).content == data
+    wait_until(lambda: trace.exists() and len(trace.read_text().splitlines()) == 40, 5)
+    for _ in range(3):
+        with requests.get(url, stream=True, timeout=30) as r:
+            assert r.headers["Content-Length"] == str(len(data))
+    time.sleep(1.2)  # a flush of the trace: what the probes recorded is in
+    blocks = [json.loads(line)["block"] for line in trace.read_text().splitlines()[40:]]
+    probes: list[list[int]] = []
+    for block in blocks:
+        if block == 0:
+            probes.append([])
+        assert probes, f"a block recorded before the object's first: {blocks}"
+        probes[-1].append(block)
+    # Each probe's record is what went out before its hang-up, in order.
+    assert all(p == list(range(len(p))) and len(p) < 40 for p in probes), blocks
+
+
 def test_the_trace_names_objects_by_hash_and_replays(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:

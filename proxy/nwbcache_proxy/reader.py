@@ -250,6 +250,10 @@ class Reader:
         source: Source | None = first
         fresh = first_fresh
         batch = Batch()
+        # The first block goes alone: its client may want only the headers
+        # (sending.PACED_SEGMENTS), and nothing after it is read, taken or
+        # counted as served before the client has had it.
+        alone = True
         # After a span read fails (a block missing, uncached or corrupt), its
         # blocks go one at a time: trying at each would copy the span again.
         no_span_before = window.first
@@ -298,11 +302,13 @@ class Reader:
                     async for chunk in source.chunks(lo, hi):
                         self._served(len(chunk), upstream=fresh or source.from_upstream)
                         yield [chunk]
+                        alone = False
                     self._sent(v, url, auth, [(i, True)], window, offline)
                 source = None
-            if batch.full:
+            if batch.full or (batch and alone):
                 yield batch.pieces
                 batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                alone = False
         if batch:
             yield batch.pieces
             self._sent(v, url, auth, batch.blocks, window, offline)

@@ -22,10 +22,11 @@ from .errors import ProxyError
 from .reader import RangeReader
 
 # A plain GET's client may want only the headers (remfile learns the size
-# that way and hangs up). For its first PACED_SEGMENTS segments and first
-# PACED_BYTES, the next block is not asked for (nor fetched upstream) before
-# the client has taken what was sent: blocks go into the socket buffer far
-# faster than a client that is about to hang up can say so.
+# that way and hangs up). For its first PACED_SEGMENTS writes (the first is
+# its first block alone: reader.py) and first PACED_BYTES, the next block is
+# not asked for (nor fetched upstream) before the client has taken what was
+# sent: blocks go into the socket buffer far faster than a client that is
+# about to hang up can say so.
 PACED_SEGMENTS = 2
 PACED_BYTES = 1024 * 1024
 # How long a paced response waits for its client before going on anyway.
@@ -59,9 +60,7 @@ async def send(
     direct = _direct_ok(request, response)
     try:
         async for pieces in reader:
-            n = await _write(request, response, pieces, direct=direct and segments > 0)
-            request[SENT_KEY] = request.get(SENT_KEY, 0) + n
-            remaining -= n
+            remaining -= await _write(request, response, pieces, direct=direct and segments > 0)
             segments += 1
             if (
                 pace
@@ -89,6 +88,7 @@ def _direct_ok(request: web.Request, response: web.StreamResponse) -> bool:
     transport = request.transport
     return (
         transport is not None
+        and response.content_length is not None  # (without, HTTP/1.1 is chunked)
         and not response.chunked
         and not response.compression
         and transport.get_extra_info("sslcontext") is None
@@ -99,7 +99,8 @@ def _direct_ok(request: web.Request, response: web.StreamResponse) -> bool:
 async def _write(
     request: web.Request, response: web.StreamResponse, pieces: list[Buffer], *, direct: bool
 ) -> int:
-    """Send consecutive pieces; their length.
+    """Send consecutive pieces (counted in the request's SENT_KEY as they go);
+    their length.
 
     Several pieces go in one ``writev`` straight to the socket when
     ``direct`` and nothing aiohttp wrote is still waiting in the transport,
@@ -120,9 +121,11 @@ async def _write(
             except OSError as exc:  # the transport has not seen it: close it
                 transport.abort()
                 raise ConnectionResetError(f"client went away: {exc}") from exc
+            request[SENT_KEY] = request.get(SENT_KEY, 0) + sent
             pieces = _after(pieces, sent)
     for piece in pieces:
         await response.write(piece)
+        request[SENT_KEY] = request.get(SENT_KEY, 0) + len(piece)
     return n
 
 
