@@ -20,6 +20,7 @@ from nwbcache_proxy.flags import load_settings, parse_workers
 from nwbcache_proxy.policy import Eviction
 from nwbcache_proxy.runner import new_loop
 from tests.support.daemons import DaemonProcess
+from tests.support.helpers import wait_until
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -346,9 +347,15 @@ def test_each_worker_process_says_which_event_loop_it_runs_on(
     daemon = DaemonProcess(
         ["--cache-dir", str(tmp_path / "cache"), "--workers", "2", *extra], stderr_path=log
     ).start()
+
+    def said() -> list[str]:
+        return [line for line in log.read_text().splitlines() if "; event loop " in line]
+
     try:
         assert requests.get(f"{daemon.url}/healthz", timeout=10).status_code == 200
+        # Each worker logs once it serves; the first to serve let start() return.
+        assert wait_until(lambda: len(said()) == 2, 20), said()
     finally:
         assert daemon.terminate() == 0
-    said = [line for line in log.read_text().splitlines() if "; event loop " in line]
-    assert len(said) == 2 and all(line.endswith(f"; event loop {kind}") for line in said), said
+    lines = said()
+    assert len(lines) == 2 and all(line.endswith(f"; event loop {kind}") for line in lines), lines
