@@ -80,8 +80,8 @@ def _open(daemon: DaemonThread, rcvbuf: int | None = None) -> socket.socket:
 
 
 def _ask(sock: socket.socket, daemon: DaemonThread, url: str, ranges: str) -> bytes:
-    """Send a GET of ``ranges``; the head of the answer, and leave its body in the
-    socket but for the bytes returned after the head (second item)."""
+    """Send a GET of ``ranges``; what came back up to the end of the answer's
+    head (and maybe the first bytes of its body: see _body)."""
     target = url.removeprefix(daemon.url)
     sock.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nRange: bytes={ranges}\r\n\r\n".encode())
     got = bytearray()
@@ -90,6 +90,24 @@ def _ask(sock: socket.socket, daemon: DaemonThread, url: str, ranges: str) -> by
         assert chunk, "closed before the headers"
         got += chunk
     return bytes(got)
+
+
+def _body(
+    sock: socket.socket,
+    head: bytes,
+    length: int,
+    progress: Callable[[int], object] | None = None,
+) -> bytes:
+    """The answer's ``length`` body bytes: those that came with ``head``, then the
+    rest from the socket; ``progress`` hears the count after each receive."""
+    body = bytearray(head.partition(b"\r\n\r\n")[2])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {len(body)} bytes"
+        body += chunk
+        if progress is not None:
+            progress(len(body))
+    return bytes(body)
 
 
 @LOOPS
@@ -109,17 +127,11 @@ def test_bytes_on_their_way_from_upstream_go_out_as_they_come(
         t0 = time.monotonic()
         head = _ask(sock, daemon, url, f"{start}-{end - 1}")
         assert head.startswith(b"HTTP/1.1 206")
-        body = bytearray(head.partition(b"\r\n\r\n")[2])
-        first_block_at = None
-        while len(body) < end - start:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {len(body)} bytes"
-            body += chunk
-            if first_block_at is None and len(body) >= BS:
-                first_block_at = time.monotonic() - t0
+        arrivals: list[tuple[int, float]] = []
+        body = _body(sock, head, end - start, lambda n: arrivals.append((n, time.monotonic())))
         total = time.monotonic() - t0
-    assert bytes(body) == data[start:end]
-    assert first_block_at is not None
+    assert body == data[start:end]
+    first_block_at = next(t for n, t in arrivals if n >= BS) - t0
     assert total > 0.8, "the origin was not slow: the test shows nothing"
     assert first_block_at < 0.4 * total, (first_block_at, total)
 
@@ -163,13 +175,9 @@ def test_blocks_in_memory_go_out_together_and_a_short_write_loses_nothing(
     with _open(daemon, rcvbuf=4096) as sock:
         head = _ask(sock, daemon, url, f"{start}-{end - 1}")
         assert head.startswith(b"HTTP/1.1 206")
-        body = bytearray(head.partition(b"\r\n\r\n")[2])
         time.sleep(0.5)  # the whole range is fetched meanwhile
-        while len(body) < end - start:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {len(body)} bytes"
-            body += chunk
-    assert bytes(body) == data[start:end]
+        body = _body(sock, head, end - start)
+    assert body == data[start:end]
     assert any(asked > BS for asked, _ in writes), writes  # several blocks in one write
     assert any(took < asked for asked, took in writes), writes  # and a short one
 
@@ -192,13 +200,9 @@ def test_a_multipart_answer_of_batched_parts_is_exact(
         assert head.startswith(b"HTTP/1.1 206")
         length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
         boundary = head.split(b"boundary=")[1].split(b"\r\n")[0]
-        body = bytearray(head.partition(b"\r\n\r\n")[2])
         time.sleep(0.5)
-        while len(body) < length:
-            chunk = sock.recv(65536)
-            assert chunk, f"closed after {len(body)} bytes"
-            body += chunk
-    parts = bytes(body).split(b"--" + boundary)
+        body = _body(sock, head, length)
+    parts = body.split(b"--" + boundary)
     payloads = [p.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n") for p in parts[1:-1]]
     assert payloads == [data[10 : 8 * BS + 1], data[12 * BS + 3 : 20 * BS - 1]]
     assert any(asked > BS for asked, _ in writes), writes

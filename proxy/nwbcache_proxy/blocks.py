@@ -335,13 +335,9 @@ class Blocks:
             self._on_pressure()
         return True
 
-    def forget_version(self, v: Version) -> None:
-        """Close this process's files of a version being dropped, and forget the
-        blocks of it kept in memory."""
-        self.forget(v.name)
-
     def forget(self, name: str) -> None:
-        """forget_version by the version's name (an eviction by hand)."""
+        """Close this process's files of a version being dropped (or evicted by
+        hand), and forget the blocks of it kept in memory."""
         self.table.forget(name)
         self.recent.forget(name)
 

@@ -45,6 +45,8 @@ DEFAULT_PARENT_GROUP = 16 * 1024 * 1024
 # prometheus_client's variable for the directory where --workers N processes
 # keep their metrics; read when prometheus_client is first imported.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# --event-loop: auto (uvloop where installed), uvloop, asyncio (runner.new_loop).
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 DEFAULT_CACHE_SIZE = 20 * 1024**3
 # The S3 endpoint (s3server.py): beside the proxied URLs' port, loopback only.
 DEFAULT_S3_LISTEN = "127.0.0.1:8081"
@@ -99,7 +101,7 @@ class Settings:
     fsync: bool = False
     log_level: str = "info"
     log_format: str = "text"
-    event_loop: str = "auto"  # runner.EVENT_LOOPS
+    event_loop: str = "auto"  # one of EVENT_LOOPS (runner.new_loop)
     dandi_api_url: str = DEFAULT_DANDI_API_URL
     node_name: str = ""
     parent: tuple[str, ...] = ()
@@ -185,9 +187,10 @@ class Settings:
             raise ValueError("--workers must be at least 1")
         if self.retry_attempts < 1:
             raise ValueError("--retry-attempts must be at least 1")
-        if self.event_loop not in ("auto", "uvloop", "asyncio"):
+        if self.event_loop not in EVENT_LOOPS:
             raise ValueError(
-                f"--event-loop must be auto, uvloop or asyncio, got {self.event_loop!r}"
+                f"--event-loop must be {', '.join(EVENT_LOOPS[:-1])} or {EVENT_LOOPS[-1]}, "
+                f"got {self.event_loop!r}"
             )
         if self.log_format not in ("text", "json"):
             raise ValueError(f"--log-format must be text or json, got {self.log_format!r}")

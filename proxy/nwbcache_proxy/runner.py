@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -17,6 +18,8 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .config import MULTIPROC_ENV, Settings
 from .logs import configure_logging
@@ -44,13 +47,18 @@ def new_loop(choice: str) -> asyncio.AbstractEventLoop:
     return asyncio.new_event_loop()
 
 
+def _run_on_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    """``main`` to its end on a new loop of the kind the settings name."""
+    with asyncio.Runner(loop_factory=functools.partial(new_loop, settings.event_loop)) as runner:
+        runner.run(main)
+
+
 def run(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.workers == 1:
         from .app import serve_forever
 
-        with asyncio.Runner(loop_factory=lambda: new_loop(settings.event_loop)) as runner:
-            runner.run(serve_forever(settings))
+        _run_on_loop(settings, serve_forever(settings))
         return 0
     own_dir = MULTIPROC_ENV not in os.environ
     if own_dir:
@@ -109,8 +117,7 @@ def _run_workers(settings: Settings) -> int:
             code = 0
             try:
                 s3_sock = s3_sockets[slot] if s3_sockets else None
-                with asyncio.Runner(loop_factory=lambda: new_loop(settings.event_loop)) as runner:
-                    runner.run(serve_forever(settings, sockets[slot], node_id, s3_sock))
+                _run_on_loop(settings, serve_forever(settings, sockets[slot], node_id, s3_sock))
             except BaseException:
                 log.exception("worker %d failed", slot)
                 code = 1

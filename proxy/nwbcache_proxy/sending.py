@@ -121,12 +121,16 @@ async def _write(
             except OSError as exc:  # the transport has not seen it: close it
                 transport.abort()
                 raise ConnectionResetError(f"client went away: {exc}") from exc
-            request[SENT_KEY] = request.get(SENT_KEY, 0) + sent
+            _count(request, sent)
             pieces = _after(pieces, sent)
     for piece in pieces:
         await response.write(piece)
-        request[SENT_KEY] = request.get(SENT_KEY, 0) + len(piece)
+        _count(request, len(piece))
     return n
+
+
+def _count(request: web.Request, sent: int) -> None:
+    request[SENT_KEY] = request.get(SENT_KEY, 0) + sent
 
 
 def _after(pieces: list[Buffer], sent: int) -> list[Buffer]:

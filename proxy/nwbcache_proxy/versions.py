@@ -384,7 +384,7 @@ class Versions:
         known = self._known.get(v.key)
         if known is not None and known.version == v:
             self._known.pop(v.key)
-        self.blocks.forget_version(v)
+        self.blocks.forget(v.name)
         await self.meta.drop(v)
         await self.index.forget_version(v.name)
 
