@@ -81,6 +81,7 @@ LAYERS: dict[str, set[str]] = {
         "metafiles",
         "metrics",
         "parents",
+        "rangereader",
         "reader",
         "s3listing",
         "session",

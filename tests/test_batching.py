@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import requests
 
-from nwbcache_proxy import sending
-from nwbcache_proxy.batching import BATCH_BYTES, BATCH_PIECES, Batch
+from nwbcache_proxy import batching, sending
+from nwbcache_proxy.batching import BATCH_BYTES, BATCH_PIECES, SEND_BUDGET, Batch, batch_bytes
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import proxied
+from tests.support.helpers import proxied, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 256 * 1024
@@ -46,6 +46,31 @@ def test_a_batch_is_full_at_its_bytes_or_its_pieces(sizes: list[int], full: bool
     for k, size in enumerate(sizes):
         batch.add(bytes(size), [k])
     assert batch.full is full
+
+
+@pytest.mark.parametrize(
+    ("streams", "limit"),
+    [
+        (0, BATCH_BYTES),  # (the asking read is one of them: 0 is taken as 1)
+        (1, BATCH_BYTES),
+        (32, BATCH_BYTES),  # the most that each gather a full batch
+        (64, 512 * 1024),
+        (128, 256 * 1024),  # a default block each
+        (1024, 32 * 1024),
+    ],
+)
+def test_many_streams_share_the_send_budget(streams: int, limit: int) -> None:
+    assert SEND_BUDGET == 32 * 1024 * 1024  # (the table's premise)
+    assert batch_bytes(streams) == limit
+
+
+def test_a_batch_is_full_at_its_own_limit() -> None:
+    batch = Batch(limit=10)
+    fullness = []
+    for k in range(2):  # a batch takes a whole piece: it may pass its limit once
+        batch.add(bytes(6), [k])
+        fullness.append((batch.full, batch.nbytes))
+    assert fullness == [(False, 6), (True, 12)]
 
 
 @pytest.mark.parametrize(
@@ -206,3 +231,66 @@ def test_a_multipart_answer_of_batched_parts_is_exact(
     payloads = [p.partition(b"\r\n\r\n")[2].removesuffix(b"\r\n") for p in parts[1:-1]]
     assert payloads == [data[10 : 8 * BS + 1], data[12 * BS + 3 : 20 * BS - 1]]
     assert any(asked > BS for asked, _ in writes), writes
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The bytes of each write a response makes (sending._write, one per batch).
+    The real call runs."""
+    seen: list[int] = []
+    real = sending._write
+
+    async def spy(request: Any, response: Any, pieces: list[Any], *, direct: bool) -> int:
+        seen.append(sum(len(p) for p in pieces))
+        return await real(request, response, pieces, direct=direct)
+
+    monkeypatch.setattr(sending, "_write", spy)
+    return seen
+
+
+@LOOPS
+def test_many_responses_under_way_each_gather_a_share_of_the_budget(
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    batches: list[int],
+    loop: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three clients that stopped reading mid-body, and a fourth: four streams
+    share a budget of 8 blocks, so the fourth's writes gather two blocks at
+    most (alone a response gathers up to 1 MiB), and its bytes are exact.
+    Once the clients have gone no stream is counted."""
+    monkeypatch.setattr(batching, "SEND_BUDGET", 8 * BS)
+    data = os.urandom(40 * BS)
+    origin.put("/b/shared", data)
+    daemon = make_daemon(block_size=BS, event_loop=loop)
+    url = proxied(daemon.url, origin, "/b/shared")
+    assert requests.get(url, timeout=30).content == data  # warm: all from the page cache
+    reader = daemon.cache.reader
+    stalled = [_open(daemon, rcvbuf=4096) for _ in range(3)]
+    try:
+        for sock in stalled:
+            assert _ask(sock, daemon, url, f"0-{len(data) - 1}").startswith(b"HTTP/1.1 206")
+        wait_until(lambda: reader.streams == 3, 10, "three responses under way")
+        # Stuck once their socket buffers are full: no write for a while.
+        seen = [-1]
+
+        def quiet() -> bool:
+            time.sleep(0.3)
+            seen.append(len(batches))
+            return seen[-1] == seen[-2]
+
+        wait_until(quiet, 20, "three responses stuck mid-body")
+        assert max(batches) == BATCH_BYTES  # the first went alone, gathering 1 MiB
+        batches.clear()
+        start, end = 3 * BS + 5, 30 * BS
+        with _open(daemon, rcvbuf=4096) as sock:
+            head = _ask(sock, daemon, url, f"{start}-{end - 1}")
+            time.sleep(0.3)
+            body = _body(sock, head, end - start)
+        assert body == data[start:end]
+        assert max(batches) == 2 * BS, batches
+    finally:
+        for sock in stalled:
+            sock.close()
+    wait_until(lambda: reader.streams == 0, 10, "the streams of clients gone")

@@ -266,3 +266,37 @@ def test_the_pool_keeps_at_most_its_bytes() -> None:
     again = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]
     # Only the first two were kept; the other two were let go.
     assert sorted(b[0] for b in again) == [0, 0, 1, 1]
+
+
+def test_the_pool_keeps_its_bytes_for_all_size_classes_together() -> None:
+    """A load whose buffers change size (1 MiB reads, then a block at a time)
+    keeps the budget once, not once per class: free buffers of the class no
+    longer asked for are let go to make room for the one that is."""
+    pool = BufferPool(keep_bytes=4 * POOL_MIN)
+    small = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]  # the whole budget
+    for view in small:
+        view[0] = 1  # a pooled buffer keeps its content; a new one is zeroed
+    del small, view
+    large = [memoryview(pool.take(2 * POOL_MIN)) for _ in range(2)]  # new: the small go
+    large_buffers = {id(v.obj) for v in large}
+    del large
+    again = [memoryview(pool.take(2 * POOL_MIN)) for _ in range(2)]
+    assert {id(v.obj) for v in again} == large_buffers  # kept
+    small_again = [memoryview(pool.take(POOL_MIN)) for _ in range(2)]
+    for view in small_again:
+        assert view[0] == 0  # new (zeroed): none of the small ones was kept
+    del again, small_again
+
+
+def test_a_buffer_of_another_class_in_use_is_never_let_go() -> None:
+    pool = BufferPool(keep_bytes=2 * POOL_MIN)
+    busy = [memoryview(pool.take(POOL_MIN)) for _ in range(2)]  # the whole budget, in use
+    busy[0][0] = 7
+    large = memoryview(pool.take(2 * POOL_MIN))  # no room: not kept
+    large_buffer = large.obj
+    del large
+    assert pool.take(2 * POOL_MIN) is not large_buffer
+    first = busy[0].obj
+    del busy
+    assert pool.take(POOL_MIN) is first  # still pooled, its bytes untouched
+    assert first[0] == 7

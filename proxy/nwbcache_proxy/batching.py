@@ -13,6 +13,10 @@ could (a block to open or to fetch, bytes still on their way), so the
 first bytes of a slow upstream go out as soon as they come. What must
 follow a block's bytes going out (a read-ahead window grown, a trace
 record) is kept with the batch and done once the batch is sent.
+
+What a batch holds stays in memory until its client takes it, so the
+responses being streamed at once share a budget (SEND_BUDGET): many slow
+clients get a block or two per write, not 1 MiB each.
 """
 
 from __future__ import annotations
@@ -25,12 +29,28 @@ from .blockfile import Buffer
 BATCH_BYTES = 1024 * 1024
 # ...or this many pieces (the kernel takes 1,024 in one writev).
 BATCH_PIECES = 64
+# What the responses one process streams at once may gather between them. A
+# batch the client has not taken yet stays in memory (in the transport's
+# buffer, or a pooled buffer a view of which it holds): 256 streams of
+# 1 MiB batches took the daemon's peak RSS to 226-286 MB with every block
+# warm (bench.suite --only rss); with this budget (and one buffer pool:
+# inflight.POOL_BYTES), 151-154. Up to 32 streams, each gathers BATCH_BYTES.
+SEND_BUDGET = 32 * 1024 * 1024
+
+
+def batch_bytes(streams: int) -> int:
+    """The bytes one of ``streams`` responses being streamed at once gathers
+    for a write: BATCH_BYTES while few are, an equal share of SEND_BUDGET
+    when many are (a batch always takes at least one piece)."""
+    return min(BATCH_BYTES, SEND_BUDGET // max(1, streams))
 
 
 class Batch:
-    __slots__ = ("blocks", "nbytes", "pieces")
+    __slots__ = ("blocks", "limit", "nbytes", "pieces")
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = BATCH_BYTES) -> None:
+        # Bytes at which it is full (batch_bytes).
+        self.limit = limit
         self.pieces: list[Buffer] = []
         self.nbytes = 0
         # Whose bytes are in it, in order, and whether each is to be traced
@@ -45,7 +65,7 @@ class Batch:
 
     @property
     def full(self) -> bool:
-        return self.nbytes >= BATCH_BYTES or len(self.pieces) >= BATCH_PIECES
+        return self.nbytes >= self.limit or len(self.pieces) >= BATCH_PIECES
 
     def __bool__(self) -> bool:
         return bool(self.pieces)

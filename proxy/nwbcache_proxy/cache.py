@@ -28,7 +28,8 @@ from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
 from .openversions import OpenVersions, raise_fd_limit, table_capacity
-from .reader import RangeReader, Reader
+from .rangereader import RangeReader
+from .reader import Reader
 from .readfor import PLAIN, ReadFor
 from .trace import TraceWriter
 from .upkeep import Upkeep

@@ -6,7 +6,8 @@ upstream fetch. A reader going away never affects the fetch.
 
 Upstream's bytes are received straight into the block's buffer (the sink of
 wire.py: ``space`` then ``advance``), so the kernel's copy is the only one.
-Buffers come from a pool and go back to it once nothing refers to them:
+Buffers come from a pool (reads from the page cache take theirs from it
+too) and go back to it once nothing refers to them:
 a fresh 256 KiB buffer per block cost the zeroing of it and the page
 faults of new memory, every block (perf of a cold fill).
 """
@@ -17,12 +18,16 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator
 
-# Bytes of buffers the pool keeps per size class: the blocks of several
-# concurrent fetch runs, and those kept a moment once written (recent.py's
-# 32 MiB): 256 of the default 256 KiB blocks. More blocks in flight at once
-# get buffers of their own, freed as usual. At 32 MiB a 1 GiB cold fill ran
-# at 0.92x the MB/s on 1.18x the CPU (new buffers zeroed and faulted in);
-# the price is the daemon's RSS under many streams (+30-40 MB, README).
+# Bytes of free buffers the pool keeps, all size classes together: the blocks
+# of several concurrent fetch runs, those kept a moment once written
+# (recent.py's 32 MiB), and reads from the page cache (openversions.py): 256
+# of the default 256 KiB blocks. More buffers in use at once are made anew
+# and freed as usual. At 32 MiB a 1 GiB cold fill ran at 0.92x the MB/s on
+# 1.18x the CPU (new buffers zeroed and faulted in). Kept per size class, and
+# in a second pool for reads, it was 64 MiB for each class of each pool: a
+# cold fill's idle buffers stayed beside the reads' of the load after it,
+# and reads that changed size (1 MiB, then a block at a time once many
+# streams shared batching.SEND_BUDGET) kept both sizes.
 POOL_BYTES = 64 * 1024 * 1024
 # Size classes are powers of two from this up (a last, shorter block takes
 # a buffer of the class above its length); larger blocks are not pooled.
@@ -54,6 +59,7 @@ class BufferPool:
 
     def __init__(self, keep_bytes: int = POOL_BYTES) -> None:
         self._keep_bytes = keep_bytes
+        self._kept_bytes = 0  # in all the rings
         # Per size class, a ring: a take looks at the front and moves what it
         # looked at to the back, so the buffer looked at next is the one taken
         # (or found busy) longest ago. Blocks finish about in the order they
@@ -75,9 +81,27 @@ class BufferPool:
                 return buf
         buf = bytearray(cap + 1)  # room for _unviewed's byte: it never reallocates
         del buf[cap:]
-        if (len(ring) + 1) * cap <= self._keep_bytes:
+        if self._room(cap):
             ring.append(buf)
+            self._kept_bytes += cap
         return buf
+
+    def _room(self, cap: int) -> bool:
+        """Whether one more buffer of class ``cap`` may be kept, once free
+        buffers of other classes are let go to make room: the class asking is
+        the one in use. Looks at POOL_TRIES buffers of each other class at most."""
+        for other, ring in self._buffers.items():
+            if other == cap:
+                continue
+            for _ in range(min(len(ring), POOL_TRIES)):
+                if self._kept_bytes + cap <= self._keep_bytes:
+                    return True
+                buf = ring.popleft()
+                if _unviewed(buf):
+                    self._kept_bytes -= other
+                else:
+                    ring.append(buf)
+        return self._kept_bytes + cap <= self._keep_bytes
 
 
 POOL = BufferPool()

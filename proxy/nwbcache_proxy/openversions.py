@@ -24,7 +24,7 @@ import resource
 import time
 from collections import OrderedDict
 
-from .inflight import BufferPool
+from .inflight import POOL
 from .versionfile import VersionFiles
 
 # Versions kept open per process (three fds each): far more than a lab's
@@ -40,9 +40,6 @@ IDLE_SECONDS = 60.0
 UNLINKED_CHECKS = 512
 # fds one open version takes (versionfile.VersionFiles: data twice, map).
 FDS_PER_VERSION = 3
-# Buffers of reads from the page cache, apart from fills' (inflight.POOL): a
-# response holds its read's buffer until the socket has taken it.
-READS = BufferPool()
 
 
 def raise_fd_limit() -> int:
@@ -184,15 +181,16 @@ class OpenVersions:
 
 def pread_nowait(fd: int, length: int, offset: int) -> memoryview | None:
     """``length`` bytes at ``offset`` if the page cache holds them all, else None.
-    A view of a pooled buffer (READS: free again once no view of it lives
-    on): a fresh buffer cost its zeroing and page faults, 2.5x the read of a
+    A view of a pooled buffer (inflight.POOL, the fills' own: free again
+    once no view of it lives on; a response holds it until the socket has
+    taken it): a fresh buffer cost its zeroing and page faults, 2.5x the read of a
     256 KiB block from the page cache.
 
     Never waits for the disk, so it is safe on the event loop. None also when
     the kernel or filesystem does not support RWF_NOWAIT: the caller then
     reads in a thread, as it would on a page-cache miss.
     """
-    view = memoryview(READS.take(length))[:length]
+    view = memoryview(POOL.take(length))[:length]
     try:
         got = os.preadv(fd, [view], offset, os.RWF_NOWAIT)
     except OSError as exc:

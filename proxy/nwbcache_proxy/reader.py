@@ -18,19 +18,20 @@ block must be on disk before the headers go out, or it is a 504 (NotCached).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 
 from nwbcache.urls import UpstreamURL
 
-from .batching import Batch
+from .batching import Batch, batch_bytes
 from .blockfile import Buffer
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks, CachedBlock
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
 from .metrics import Metrics
+from .rangereader import RangeReader, Segments
 from .readahead import SequentialDetector, StreamWindow
-from .readfor import PLAIN, CacheOutcome, ReadFor, classify
+from .readfor import PLAIN, ReadFor, classify
 from .trace import TraceWriter
 from .version import Version
 
@@ -43,47 +44,7 @@ from .version import Version
 BODY_MAX = 1024 * 1024
 
 
-# What a reader yields: consecutive pieces of the range, to go out in one write
-# (batching.py).
-Segments = list[Buffer]
 Source = CachedBlock | InflightBlock
-
-
-class RangeReader:
-    """The bytes of one range, and whether they came from cache.
-
-    Iterate it once, a list of consecutive pieces (Segments) at a time, each
-    to go out in one write; ``aclose`` ends its generator whether or not it
-    was iterated (a fetch it joined stops waiting for it).
-
-    A reader made with ``of_body`` holds the whole range in memory (a small
-    hit): the server answers it with one write, and neither iterating nor
-    closing it costs anything on that path.
-    """
-
-    def __init__(
-        self,
-        outcome: CacheOutcome,
-        segments: AsyncGenerator[Segments, None] | None,
-        body: Buffer | None = None,
-    ) -> None:
-        self.outcome = outcome
-        self.body = body
-        self._segments = segments
-
-    @classmethod
-    def of_body(cls, outcome: CacheOutcome, body: Buffer) -> RangeReader:
-        return cls(outcome, None, body)
-
-    def __aiter__(self) -> AsyncIterator[Segments]:
-        if self._segments is None:
-            assert self.body is not None
-            return _one(self.body)
-        return self._segments
-
-    async def aclose(self) -> None:
-        if self._segments is not None:
-            await self._segments.aclose()
 
 
 class Reader:
@@ -105,6 +66,9 @@ class Reader:
         self._from_upstream = metrics.served_bytes.labels("upstream")
         self._from_cache = metrics.served_bytes.labels("cache")
         self._coalesced = metrics.coalesced
+        # Responses being streamed now (in _segments): they share what
+        # batches may hold (batching.batch_bytes).
+        self.streams = 0
 
     def _traced(self, v: Version, blocks: range) -> None:
         if self.trace is not None:
@@ -218,14 +182,14 @@ class Reader:
         return fresh_blocks
 
     def _held_run(
-        self, v: Version, i: int, stop: int, start: int, end: int
+        self, v: Version, i: int, stop: int, start: int, end: int, limit: int
     ) -> tuple[range, Buffer] | None:
-        """Blocks from ``i`` on (before ``stop``, BODY_MAX bytes of them at most) and
+        """Blocks from ``i`` on (before ``stop``, ``limit`` bytes of them at most) and
         their part of [start, end), read at once if all are on disk and in the
         page cache (Blocks.read_held); None for fewer than two. A segment per
-        BODY_MAX, not per block: 4 KiB blocks went at 55 MB/s, now 221."""
+        batch, not per block: 4 KiB blocks went at 55 MB/s, now 221."""
         bs = v.block_size
-        run = range(i, min(stop, i + BODY_MAX // bs))
+        run = range(i, min(stop, i + limit // bs))
         if len(run) < 2 or self.fetcher.inflight(v, i) is not None:
             return None  # (a cold read's next block is most often in flight)
         if self.blocks.recent.has(v.name, i):
@@ -247,71 +211,75 @@ class Reader:
         *,
         offline: bool,
     ) -> AsyncGenerator[Segments, None]:
-        source: Source | None = first
-        fresh = first_fresh
-        batch = Batch()
-        # The first block goes alone: its client may want only the headers
-        # (sending.PACED_SEGMENTS), and nothing after it is read, taken or
-        # counted as served before the client has had it.
-        alone = True
-        # After a span read fails (a block missing, uncached or corrupt), its
-        # blocks go one at a time: trying at each would copy the span again.
-        no_span_before = window.first
-        i = window.first - 1
-        while i + 1 < window.stop:
-            i += 1
-            lo, hi = _span_in_block(v, i, start, end)
-            held = None
-            if source is None and i >= no_span_before:
-                held = self._held_run(v, i, window.stop, start, end)
-                if held is None:
-                    no_span_before = min(window.stop, i + BODY_MAX // v.block_size)
-            if held is not None:
-                run, body = held
-                self._account_held(v, run, start, end, len(body))  # (traced there)
-                batch.add(body, run, trace=False)
-                i = run.stop - 1
-            else:
-                if source is None:
-                    if batch and not self._ready(v, i, hi):  # send before waiting
-                        yield batch.pieces
-                        batch = self._sent(v, url, auth, batch.blocks, window, offline)
-                    source, fresh = await self._acquire(
-                        v,
-                        url,
-                        auth,
-                        i,
-                        wanted_end=window.wanted_end(i),
-                        span=(lo, hi),
-                        offline=offline,
-                    )
-                if isinstance(source, CachedBlock):
-                    piece = source.bytes_of(lo, hi)
-                    assert piece is not None  # read for this span (_acquire)
-                    self._served(hi - lo, upstream=fresh)
-                    if not fresh:
-                        self.blocks.hit(v, i)
-                    batch.add(piece, (i,))
-                elif (piece := source.span(lo, hi)) is not None:  # all there already
-                    self._served(hi - lo, upstream=fresh or source.from_upstream)
-                    batch.add(piece, (i,))
-                else:  # its bytes go out as they come
-                    if batch:
-                        yield batch.pieces
-                        batch = self._sent(v, url, auth, batch.blocks, window, offline)
-                    async for chunk in source.chunks(lo, hi):
-                        self._served(len(chunk), upstream=fresh or source.from_upstream)
-                        yield [chunk]
-                        alone = False
-                    self._sent(v, url, auth, [(i, True)], window, offline)
-                source = None
-            if batch.full or (batch and alone):
+        self.streams += 1
+        try:
+            source: Source | None = first
+            fresh = first_fresh
+            batch = self._batch()
+            # The first block goes alone: its client may want only the headers
+            # (sending.PACED_SEGMENTS), and nothing after it is read, taken or
+            # counted as served before the client has had it.
+            alone = True
+            # After a span read fails (a block missing, uncached or corrupt), its
+            # blocks go one at a time: trying at each would copy the span again.
+            no_span_before = window.first
+            i = window.first - 1
+            while i + 1 < window.stop:
+                i += 1
+                lo, hi = _span_in_block(v, i, start, end)
+                held = None
+                if source is None and i >= no_span_before:
+                    held = self._held_run(v, i, window.stop, start, end, batch.limit)
+                    if held is None:
+                        no_span_before = min(window.stop, i + batch.limit // v.block_size)
+                if held is not None:
+                    run, body = held
+                    self._account_held(v, run, start, end, len(body))  # (traced there)
+                    batch.add(body, run, trace=False)
+                    i = run.stop - 1
+                else:
+                    if source is None:
+                        if batch and not self._ready(v, i, hi):  # send before waiting
+                            yield batch.pieces
+                            batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                        source, fresh = await self._acquire(
+                            v,
+                            url,
+                            auth,
+                            i,
+                            wanted_end=window.wanted_end(i),
+                            span=(lo, hi),
+                            offline=offline,
+                        )
+                    if isinstance(source, CachedBlock):
+                        piece = source.bytes_of(lo, hi)
+                        assert piece is not None  # read for this span (_acquire)
+                        self._served(hi - lo, upstream=fresh)
+                        if not fresh:
+                            self.blocks.hit(v, i)
+                        batch.add(piece, (i,))
+                    elif (piece := source.span(lo, hi)) is not None:  # all there already
+                        self._served(hi - lo, upstream=fresh or source.from_upstream)
+                        batch.add(piece, (i,))
+                    else:  # its bytes go out as they come
+                        if batch:
+                            yield batch.pieces
+                            batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                        async for chunk in source.chunks(lo, hi):
+                            self._served(len(chunk), upstream=fresh or source.from_upstream)
+                            yield [chunk]
+                            alone = False
+                        self._sent(v, url, auth, [(i, True)], window, offline)
+                    source = None
+                if batch.full or (batch and alone):
+                    yield batch.pieces
+                    batch = self._sent(v, url, auth, batch.blocks, window, offline)
+                    alone = False
+            if batch:
                 yield batch.pieces
-                batch = self._sent(v, url, auth, batch.blocks, window, offline)
-                alone = False
-        if batch:
-            yield batch.pieces
-            self._sent(v, url, auth, batch.blocks, window, offline)
+                self._sent(v, url, auth, batch.blocks, window, offline)
+        finally:
+            self.streams -= 1
 
     def _ready(self, v: Version, i: int, hi: int) -> bool:
         """Whether block ``i``'s bytes up to ``hi`` are in memory already: a
@@ -339,7 +307,10 @@ class Reader:
             todo = window.after(i)
             if todo and not offline:
                 self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
-        return Batch()
+        return self._batch()
+
+    def _batch(self) -> Batch:
+        return Batch(batch_bytes(self.streams))
 
     async def _acquire(
         self,
@@ -393,7 +364,3 @@ def _span_in_block(v: Version, i: int, start: int, end: int) -> tuple[int, int]:
     """The part of bytes [start, end) that lies in block ``i``, relative to the block."""
     bs = v.block_size
     return max(start, i * bs) - i * bs, min(end, (i + 1) * bs) - i * bs
-
-
-async def _one(body: Buffer) -> AsyncGenerator[Segments, None]:
-    yield [body]

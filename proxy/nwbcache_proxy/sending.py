@@ -19,7 +19,7 @@ from aiohttp import web
 from .appkeys import SENT_KEY
 from .blockfile import Buffer
 from .errors import ProxyError
-from .reader import RangeReader
+from .rangereader import RangeReader
 
 # A plain GET's client may want only the headers (remfile learns the size
 # that way and hangs up). For its first PACED_SEGMENTS writes (the first is

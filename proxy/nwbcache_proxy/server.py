@@ -46,7 +46,7 @@ from .errors import (
 from .httprange import ByteRange, RangeOutcome
 from .observe import SERVER_NAME, add_request_id
 from .parents import INBOUND_VIA, MAX_HOPS, from_nwbcache, loops
-from .reader import RangeReader
+from .rangereader import RangeReader
 from .readfor import CacheOutcome, ReadFor, classify
 from .sending import ResponseAborted, abort, send
 from .version import Version
