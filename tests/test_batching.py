@@ -69,8 +69,8 @@ def test_a_batch_is_full_at_its_own_limit() -> None:
     fullness = []
     for k in range(2):  # a batch takes a whole piece: it may pass its limit once
         batch.add(bytes(6), [k])
-        fullness.append((batch.full, batch.nbytes))
-    assert fullness == [(False, 6), (True, 12)]
+        fullness.append((batch.full, batch.nbytes, batch.room))
+    assert fullness == [(False, 6, 4), (True, 12, 0)]
 
 
 @pytest.mark.parametrize(
@@ -234,14 +234,14 @@ def test_a_multipart_answer_of_batched_parts_is_exact(
 
 
 @pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The bytes of each write a response makes (sending._write, one per batch).
-    The real call runs."""
-    seen: list[int] = []
+def batches(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """The bytes of each write responses make (sending._write, one per batch),
+    by the Range their request asked. The real call runs."""
+    seen: dict[str, list[int]] = {}
     real = sending._write
 
     async def spy(request: Any, response: Any, pieces: list[Any], *, direct: bool) -> int:
-        seen.append(sum(len(p) for p in pieces))
+        seen.setdefault(request.headers.get("Range", ""), []).append(sum(len(p) for p in pieces))
         return await real(request, response, pieces, direct=direct)
 
     monkeypatch.setattr(sending, "_write", spy)
@@ -252,44 +252,37 @@ def batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_many_responses_under_way_each_gather_a_share_of_the_budget(
     origin: S3Emulator,
     make_daemon: Callable[..., DaemonThread],
-    batches: list[int],
+    batches: dict[str, list[int]],
     loop: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Three clients that stopped reading mid-body, and a fourth: four streams
-    share a budget of 8 blocks, so the fourth's writes gather two blocks at
-    most (alone a response gathers up to 1 MiB), and its bytes are exact.
-    Once the clients have gone no stream is counted."""
-    monkeypatch.setattr(batching, "SEND_BUDGET", 8 * BS)
-    data = os.urandom(40 * BS)
+    share a budget of 10 blocks, 2.5 each, so the fourth's writes gather two
+    whole blocks at most (alone a response gathers 1 MiB, as the first of the
+    three did), and its bytes are exact. Once the clients have gone no stream
+    is counted."""
+    monkeypatch.setattr(batching, "SEND_BUDGET", 10 * BS)
+    data = os.urandom(96 * BS)  # far more than the socket buffers of a client stuck
     origin.put("/b/shared", data)
     daemon = make_daemon(block_size=BS, event_loop=loop)
     url = proxied(daemon.url, origin, "/b/shared")
     assert requests.get(url, timeout=30).content == data  # warm: all from the page cache
     reader = daemon.cache.reader
+    whole = f"0-{len(data) - 1}"
     stalled = [_open(daemon, rcvbuf=4096) for _ in range(3)]
     try:
         for sock in stalled:
-            assert _ask(sock, daemon, url, f"0-{len(data) - 1}").startswith(b"HTTP/1.1 206")
+            assert _ask(sock, daemon, url, whole).startswith(b"HTTP/1.1 206")
         wait_until(lambda: reader.streams == 3, 10, "three responses under way")
-        # Stuck once their socket buffers are full: no write for a while.
-        seen = [-1]
-
-        def quiet() -> bool:
-            time.sleep(0.3)
-            seen.append(len(batches))
-            return seen[-1] == seen[-2]
-
-        wait_until(quiet, 20, "three responses stuck mid-body")
-        assert max(batches) == BATCH_BYTES  # the first went alone, gathering 1 MiB
-        batches.clear()
-        start, end = 3 * BS + 5, 30 * BS
+        start, end = 3 * BS + 5, 40 * BS
         with _open(daemon, rcvbuf=4096) as sock:
             head = _ask(sock, daemon, url, f"{start}-{end - 1}")
             time.sleep(0.3)
             body = _body(sock, head, end - start)
+        assert reader.streams == 3, "a stuck response finished: the test shows nothing"
         assert body == data[start:end]
-        assert max(batches) == 2 * BS, batches
+        assert max(batches[f"bytes={whole}"]) == BATCH_BYTES
+        assert max(batches[f"bytes={start}-{end - 1}"]) == 2 * BS, batches
     finally:
         for sock in stalled:
             sock.close()

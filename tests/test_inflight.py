@@ -300,3 +300,28 @@ def test_a_buffer_of_another_class_in_use_is_never_let_go() -> None:
     del busy
     assert pool.take(POOL_MIN) is first  # still pooled, its bytes untouched
     assert first[0] == 7
+
+
+def test_other_classes_are_not_looked_at_when_they_could_not_make_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A class that fills the budget by itself keeps no more, and lets no free
+    buffer of another class go for nothing."""
+    pool = BufferPool(keep_bytes=5 * POOL_MIN)
+    idle = pool.take(POOL_MIN)  # kept, free once the name goes
+    idle_id = id(idle)
+    del idle
+    busy = [memoryview(pool.take(2 * POOL_MIN)) for _ in range(2)]  # 5 of 5 kept
+    looked = 0
+    real = inflight._unviewed
+
+    def counting(buf: bytearray) -> bool:
+        nonlocal looked
+        looked += 1
+        return real(buf)
+
+    monkeypatch.setattr(inflight, "_unviewed", counting)
+    busy.append(memoryview(pool.take(2 * POOL_MIN)))  # 2 + 4 + 1 > 5: not kept
+    assert looked == 2  # its own class's two, busy
+    assert id(pool.take(POOL_MIN)) == idle_id  # the idle one is still pooled
+    del busy

@@ -16,7 +16,9 @@ record) is kept with the batch and done once the batch is sent.
 
 What a batch holds stays in memory until its client takes it, so the
 responses being streamed at once share a budget (SEND_BUDGET): many slow
-clients get a block or two per write, not 1 MiB each.
+clients get a block or two per write, not 1 MiB each. (A range of up to
+reader.BODY_MAX read at once from the page cache is not streamed, and not
+counted.)
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class Batch:
         self.pieces.append(piece)
         self.nbytes += len(piece)
         self.blocks.extend((i, trace) for i in blocks)
+
+    @property
+    def room(self) -> int:
+        """Bytes it takes before it is full."""
+        return max(0, self.limit - self.nbytes)
 
     @property
     def full(self) -> bool:

@@ -89,7 +89,13 @@ class BufferPool:
     def _room(self, cap: int) -> bool:
         """Whether one more buffer of class ``cap`` may be kept, once free
         buffers of other classes are let go to make room: the class asking is
-        the one in use. Looks at POOL_TRIES buffers of each other class at most."""
+        the one in use. Looks at POOL_TRIES buffers of each other class at
+        most, and at none when all the others hold could not make the room."""
+        if self._kept_bytes + cap <= self._keep_bytes:
+            return True
+        others = self._kept_bytes - len(self._buffers[cap]) * cap
+        if self._kept_bytes - others + cap > self._keep_bytes:
+            return False
         for other, ring in self._buffers.items():
             if other == cap:
                 continue

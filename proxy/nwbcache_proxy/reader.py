@@ -40,7 +40,8 @@ from .version import Version
 # lock, one read of the map's entries and one of the bytes for all its
 # blocks, no await, no thread (a 1 MiB range a block at a time ran at ~0.6x the GB/s, measured
 # with the raw section of bench/suite.py). Bounded so that many slow
-# clients cannot pin much memory in socket buffers.
+# clients cannot pin much memory in socket buffers; such a range is not a
+# stream, and takes no share of batching.SEND_BUDGET.
 BODY_MAX = 1024 * 1024
 
 
@@ -215,7 +216,7 @@ class Reader:
         try:
             source: Source | None = first
             fresh = first_fresh
-            batch = self._batch()
+            batch = self._batch(v)
             # The first block goes alone: its client may want only the headers
             # (sending.PACED_SEGMENTS), and nothing after it is read, taken or
             # counted as served before the client has had it.
@@ -229,9 +230,9 @@ class Reader:
                 lo, hi = _span_in_block(v, i, start, end)
                 held = None
                 if source is None and i >= no_span_before:
-                    held = self._held_run(v, i, window.stop, start, end, batch.limit)
+                    held = self._held_run(v, i, window.stop, start, end, batch.room)
                     if held is None:
-                        no_span_before = min(window.stop, i + batch.limit // v.block_size)
+                        no_span_before = min(window.stop, i + batch.room // v.block_size)
                 if held is not None:
                     run, body = held
                     self._account_held(v, run, start, end, len(body))  # (traced there)
@@ -307,10 +308,15 @@ class Reader:
             todo = window.after(i)
             if todo and not offline:
                 self.fetcher.prefetch(v, url, todo.start, todo.stop, auth)
-        return self._batch()
+        return self._batch(v)
 
-    def _batch(self) -> Batch:
-        return Batch(batch_bytes(self.streams))
+    def _batch(self, v: Version) -> Batch:
+        """A new batch, full at this stream's share of the send budget in whole
+        blocks (held runs are whole blocks; ``_held_run`` is given what room
+        is left: given the share, a second run overshot it, 1.5 MiB a write
+        for a share of 768 KiB)."""
+        bs = v.block_size
+        return Batch(max(bs, batch_bytes(self.streams) // bs * bs))
 
     async def _acquire(
         self,
