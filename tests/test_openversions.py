@@ -13,6 +13,7 @@ meanwhile makes its files again.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import resource
@@ -681,12 +682,14 @@ def test_a_corrupt_block_is_never_served_but_dropped_and_fetched_again(
 
 @pytest.mark.parametrize("corrupt", [3, 70, 159])
 def test_a_long_range_read_in_spans_after_a_start_checks_every_block(
-    origin: S3Emulator, make_daemon: MakeDaemon, corrupt: int
+    origin: S3Emulator, make_daemon: MakeDaemon, corrupt: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A range longer than BODY_MAX of blocks nobody has verified since the
     start is read a span at a time, each block's CRC-32C checked: a corrupt
     block anywhere in a span is never served, but dropped and fetched again
-    (it alone), and the body is the origin's."""
+    (it alone), and the body is the origin's. Its headers said HIT (they went
+    out before the span with the corrupt block was read); its log line and
+    the request metrics say PARTIAL."""
     blocks_n = 160  # 2.5 MiB: spans of 64 blocks
     data = os.urandom(blocks_n * BS)
     origin.put("/b/long", data)
@@ -704,10 +707,12 @@ def test_a_long_range_read_in_spans_after_a_start_checks_every_block(
     origin.clear_log()
     daemon = make_daemon(block_size=BS)
     url = proxied(daemon.url, origin, "/b/long")
-    # The bytes are the origin's. (X-Cache went out before the span with the
-    # corrupt block was read: HIT, as the map had every block.)
-    _hit(url, data, 0, len(data) - 1)
+    caplog.set_level(logging.INFO, logger="nwbcache.access")
+    assert _hit(url, data, 0, len(data) - 1) == "HIT"  # the bytes are the origin's
     assert _gets(origin) == [f"bytes={corrupt * BS}-{(corrupt + 1) * BS - 1}"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "nwbcache.access"]
+    assert [line.split()[4] for line in lines if " 206 " in line] == ["PARTIAL"], lines
+    assert 'cache="partial"' in requests.get(f"{daemon.url}/metrics", timeout=10).text
     wait_until(lambda: _mapped(v, corrupt, 1) == [True], 5, "the block cached again")
     assert _hit(url, data, 100, len(data) - 101) == "HIT"
     assert len(_gets(origin)) == 1

@@ -42,3 +42,7 @@ REQUEST_ID_KEY = web.RequestKey("request_id", str)
 ABORTED_KEY = web.RequestKey("aborted", str)
 # Body bytes sent, counted where they are sent (sendfile bypasses aiohttp's count).
 SENT_KEY = web.RequestKey("sent", int)
+# What a response turned out to be once sent, when not what its X-Cache
+# header said (rangereader.RangeReader.outcome_sent): the access log and the
+# request metrics tell this.
+OUTCOME_KEY = web.RequestKey("outcome", str)

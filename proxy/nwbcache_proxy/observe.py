@@ -20,7 +20,14 @@ from aiohttp.typedefs import Middleware
 
 from . import __version__
 from .adminauth import ADMIN_PREFIX
-from .appkeys import ABORTED_KEY, METRICS_KEY, REQUEST_ID_KEY, SENT_KEY, TARGETS_KEY
+from .appkeys import (
+    ABORTED_KEY,
+    METRICS_KEY,
+    OUTCOME_KEY,
+    REQUEST_ID_KEY,
+    SENT_KEY,
+    TARGETS_KEY,
+)
 from .errors import ProxyError
 from .metrics import Metrics
 from .parents import ERROR_KIND_HEADER, UPSTREAM_KIND
@@ -135,6 +142,7 @@ def _observe(
     metrics: Metrics,
 ) -> None:
     x_cache = response.headers.get("X-Cache", "") if response is not None else ""
+    x_cache = request.get(OUTCOME_KEY, x_cache)  # what it turned out to be
     cache = x_cache.lower() if status < 300 and x_cache else "bypass"
     method = request.method
     metrics.count_request(method if method in ("GET", "HEAD") else "other", status, cache)

@@ -3,6 +3,7 @@ write's worth at a time (reader.py makes it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from .blockfile import Buffer
@@ -11,6 +12,13 @@ from .readfor import CacheOutcome
 # What a reader yields: consecutive pieces of the range, to go out in one write
 # (batching.py).
 Segments = list[Buffer]
+
+
+@dataclasses.dataclass
+class Tally:
+    """Bytes of a stream that came from upstream, counted as they go out."""
+
+    upstream: int = 0
 
 
 class RangeReader:
@@ -30,10 +38,22 @@ class RangeReader:
         outcome: CacheOutcome,
         segments: AsyncGenerator[Segments, None] | None,
         body: Buffer | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.outcome = outcome
         self.body = body
         self._segments = segments
+        self._tally = tally or Tally()
+
+    @property
+    def outcome_sent(self) -> CacheOutcome:
+        """What the response turned out to be once sent (for its log line and
+        metrics; its headers went out with ``outcome``): a HIT some of whose
+        bytes had to come from upstream after all (a block found corrupt as it
+        went out, and fetched again) was PARTIAL."""
+        if self.outcome == CacheOutcome.HIT and self._tally.upstream:
+            return CacheOutcome.PARTIAL
+        return self.outcome
 
     @classmethod
     def of_body(cls, outcome: CacheOutcome, body: Buffer) -> RangeReader:

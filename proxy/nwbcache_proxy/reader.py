@@ -29,7 +29,7 @@ from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
 from .metrics import Metrics
-from .rangereader import RangeReader, Segments
+from .rangereader import RangeReader, Segments, Tally
 from .readahead import SequentialDetector, StreamWindow
 from .readfor import PLAIN, ReadFor, classify
 from .trace import TraceWriter
@@ -76,8 +76,10 @@ class Reader:
             for i in blocks:
                 self.trace.record(v, i)
 
-    def _served(self, nbytes: int, *, upstream: bool) -> None:
+    def _served(self, nbytes: int, *, upstream: bool, tally: Tally | None = None) -> None:
         (self._from_upstream if upstream else self._from_cache).inc(nbytes)
+        if upstream and tally is not None:
+            tally.upstream += nbytes
 
     async def read(
         self,
@@ -146,10 +148,11 @@ class Reader:
                 self._traced(v, blocks)
                 self._served(len(body), upstream=first_fresh)
                 return RangeReader.of_body(outcome, body)
+        tally = Tally()
         segments = self._segments(
-            v, url, auth, start, end, first, first_fresh, window, offline=offline
+            v, url, auth, start, end, first, first_fresh, window, offline=offline, tally=tally
         )
-        return RangeReader(outcome, segments)
+        return RangeReader(outcome, segments, tally=tally)
 
     async def cached(self, v: Version, start: int, end: int) -> bool:
         """Whether every block of bytes [start, end) is on disk."""
@@ -163,7 +166,15 @@ class Reader:
         outcome = classify(len(blocks) - fresh_blocks, len(blocks), stale=stale)
         return RangeReader.of_body(outcome, body)
 
-    def _account_held(self, v: Version, blocks: range, start: int, end: int, nbytes: int) -> int:
+    def _account_held(
+        self,
+        v: Version,
+        blocks: range,
+        start: int,
+        end: int,
+        nbytes: int,
+        tally: Tally | None = None,
+    ) -> int:
         """Count ``nbytes`` of ``blocks`` (bytes [start, end)), read at once, as
         served: from upstream for blocks whose fresh mark this read claims, else
         from the cache (and a hit). Returns how many were claimed."""
@@ -176,7 +187,7 @@ class Reader:
             else:
                 self.blocks.hit(v, i)
         if fresh_bytes:
-            self._served(fresh_bytes, upstream=True)
+            self._served(fresh_bytes, upstream=True, tally=tally)
         if fresh_bytes < nbytes:
             self._served(nbytes - fresh_bytes, upstream=False)
         self._traced(v, blocks)
@@ -211,7 +222,10 @@ class Reader:
         window: StreamWindow,
         *,
         offline: bool,
+        tally: Tally,
     ) -> AsyncGenerator[Segments, None]:
+        """The range's bytes, a batch at a time; bytes from upstream counted in
+        ``tally`` as they go."""
         self.streams += 1
         try:
             source: Source | None = first
@@ -235,7 +249,7 @@ class Reader:
                         no_span_before = min(window.stop, i + batch.room // v.block_size)
                 if held is not None:
                     run, body = held
-                    self._account_held(v, run, start, end, len(body))  # (traced there)
+                    self._account_held(v, run, start, end, len(body), tally)  # (traced there)
                     batch.add(body, run, trace=False)
                     i = run.stop - 1
                 else:
@@ -255,19 +269,21 @@ class Reader:
                     if isinstance(source, CachedBlock):
                         piece = source.bytes_of(lo, hi)
                         assert piece is not None  # read for this span (_acquire)
-                        self._served(hi - lo, upstream=fresh)
+                        self._served(hi - lo, upstream=fresh, tally=tally)
                         if not fresh:
                             self.blocks.hit(v, i)
                         batch.add(piece, (i,))
                     elif (piece := source.span(lo, hi)) is not None:  # all there already
-                        self._served(hi - lo, upstream=fresh or source.from_upstream)
+                        self._served(hi - lo, upstream=fresh or source.from_upstream, tally=tally)
                         batch.add(piece, (i,))
                     else:  # its bytes go out as they come
                         if batch:
                             yield batch.pieces
                             batch = self._sent(v, url, auth, batch.blocks, window, offline)
                         async for chunk in source.chunks(lo, hi):
-                            self._served(len(chunk), upstream=fresh or source.from_upstream)
+                            self._served(
+                                len(chunk), upstream=fresh or source.from_upstream, tally=tally
+                            )
                             yield [chunk]
                             alone = False
                         self._sent(v, url, auth, [(i, True)], window, offline)

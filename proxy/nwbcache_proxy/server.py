@@ -26,6 +26,7 @@ from .appkeys import (
     DANDI_KEY,
     METRICS_KEY,
     NODE_ID_KEY,
+    OUTCOME_KEY,
     S3_ENDPOINT_KEY,
     STATUS_KEY,
     TARGETS_KEY,
@@ -285,6 +286,8 @@ async def _answer(
         return response
     finally:
         await reader.aclose()
+        if reader.outcome_sent != reader.outcome:
+            request[OUTCOME_KEY] = reader.outcome_sent
     await response.write_eof()
     return response
 
