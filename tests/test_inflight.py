@@ -195,24 +195,30 @@ def test_blocks_return_their_buffers_to_the_pool(monkeypatch: pytest.MonkeyPatch
     assert len(seen) == 1
 
 
-def test_a_take_looks_at_a_bounded_number_of_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def looked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many buffers pools have looked at (_unviewed) so far: ``[n]``."""
+    count = [0]
+    real = inflight._unviewed
+
+    def counting(buf: bytearray) -> bool:
+        count[0] += 1
+        return real(buf)
+
+    monkeypatch.setattr(inflight, "_unviewed", counting)
+    return count
+
+
+def test_a_take_looks_at_a_bounded_number_of_buffers(looked: list[int]) -> None:
     """With small blocks thousands of buffers are in flight at once: a take
     must not look at each of them (it did, and that was most of the event
     loop's time in a 4 KiB-block cold fill)."""
     pool = BufferPool()
     held = [memoryview(pool.take(4096)) for _ in range(2000)]  # all in use
-    looked = 0
-    real = inflight._unviewed
-
-    def counting(buf: bytearray) -> bool:
-        nonlocal looked
-        looked += 1
-        return real(buf)
-
-    monkeypatch.setattr(inflight, "_unviewed", counting)
+    before = looked[0]
     for _ in range(10):
         held.append(memoryview(pool.take(4096)))
-    assert looked <= 10 * POOL_TRIES
+    assert looked[0] - before <= 10 * POOL_TRIES
     assert len({id(v.obj) for v in held}) == len(held)  # none handed out twice
 
 
@@ -303,7 +309,7 @@ def test_a_buffer_of_another_class_in_use_is_never_let_go() -> None:
 
 
 def test_other_classes_are_not_looked_at_when_they_could_not_make_room(
-    monkeypatch: pytest.MonkeyPatch,
+    looked: list[int],
 ) -> None:
     """A class that fills the budget by itself keeps no more, and lets no free
     buffer of another class go for nothing."""
@@ -312,16 +318,8 @@ def test_other_classes_are_not_looked_at_when_they_could_not_make_room(
     idle_id = id(idle)
     del idle
     busy = [memoryview(pool.take(2 * POOL_MIN)) for _ in range(2)]  # 5 of 5 kept
-    looked = 0
-    real = inflight._unviewed
-
-    def counting(buf: bytearray) -> bool:
-        nonlocal looked
-        looked += 1
-        return real(buf)
-
-    monkeypatch.setattr(inflight, "_unviewed", counting)
+    before = looked[0]
     busy.append(memoryview(pool.take(2 * POOL_MIN)))  # 2 + 4 + 1 > 5: not kept
-    assert looked == 2  # its own class's two, busy
+    assert looked[0] - before == 2  # its own class's two, busy
     assert id(pool.take(POOL_MIN)) == idle_id  # the idle one is still pooled
     del busy
