@@ -34,9 +34,9 @@ BATCH_PIECES = 64
 # What the responses one process streams at once may gather between them. A
 # batch the client has not taken yet stays in memory (in the transport's
 # buffer, or a pooled buffer a view of which it holds): 256 streams of
-# 1 MiB batches took the daemon's peak RSS to 226-286 MB with every block
+# 1 MiB batches took the daemon's peak RSS to 212-274 MB with every block
 # warm (bench.suite --only rss); with this budget (and one buffer pool:
-# inflight.POOL_BYTES), 151-154. Up to 32 streams, each gathers BATCH_BYTES.
+# inflight.POOL_BYTES), 136-156. Up to 32 streams, each gathers BATCH_BYTES.
 SEND_BUDGET = 32 * 1024 * 1024
 
 
