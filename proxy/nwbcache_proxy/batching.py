@@ -36,7 +36,7 @@ BATCH_PIECES = 64
 # buffer, or a pooled buffer a view of which it holds): 256 streams of
 # 1 MiB batches took the daemon's peak RSS to 212-274 MB with every block
 # warm (bench.suite --only rss); with this budget (and one buffer pool:
-# inflight.POOL_BYTES), 136-156. Up to 32 streams, each gathers BATCH_BYTES.
+# inflight.POOL_BYTES), 136-170. Up to 32 streams, each gathers BATCH_BYTES.
 SEND_BUDGET = 32 * 1024 * 1024
 
 
