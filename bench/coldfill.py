@@ -60,6 +60,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -69,6 +70,7 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,6 +98,16 @@ LABELS = {
     "nwbcache": "nwbcache",
 }
 OBJECT = "coldfill.bin"
+# With --slow-readers: a second object, warmed in each cache before its fill,
+# that slow clients read while the fill is timed (a cold fill beside a warm
+# load: the daemon's buffers are then shared with reads held by slow clients).
+WARM_OBJECT = "warm.bin"
+WARM_SIZE = 64 * 1024 * 1024
+# Each slow client asks random ranges of this many bytes and takes SLOW_READ
+# bytes every SLOW_PAUSE s (~1 MB/s).
+SLOW_RANGE = 8 * 1024 * 1024
+SLOW_READ = 16 * 1024
+SLOW_PAUSE = 0.015
 GIB = 1024**3
 TICK = os.sysconf("SC_CLK_TCK")
 # Targets of issue 11 for the write path.
@@ -133,6 +145,23 @@ def disk_bytes(root: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
     return total
+
+
+def _read_slowly(url: str, stop: threading.Event) -> None:
+    """Random SLOW_RANGE ranges of the warm object, SLOW_READ bytes every
+    SLOW_PAUSE s, one connection each, until ``stop``."""
+    parts = urlsplit(url)
+    rng = random.Random()
+    while not stop.is_set():
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=60)
+        try:
+            lo = rng.randrange(0, WARM_SIZE - SLOW_RANGE)
+            conn.request("GET", parts.path, headers={"Range": f"bytes={lo}-{lo + SLOW_RANGE - 1}"})
+            resp = conn.getresponse()
+            while not stop.is_set() and resp.read(SLOW_READ):
+                time.sleep(SLOW_PAUSE)
+        finally:
+            conn.close()
 
 
 def read_ranges(url: str, buf: memoryview, range_size: int, streams: int) -> None:
@@ -258,6 +287,11 @@ class ColdFill:
                 left -= len(chunk)
         self.want = digest.hexdigest()
 
+    def write_warm_object(self) -> None:
+        with (self.origin_dir / WARM_OBJECT).open("wb") as fh:
+            for _ in range(WARM_SIZE >> 20):
+                fh.write(os.urandom(1 << 20))
+
     def start_origin(self) -> None:
         # bandwidth=1e12: unthrottled (the emulator's cap never holds a chunk back).
         self.emu = Emulator(
@@ -318,6 +352,33 @@ class ColdFill:
                     with contextlib.suppress(OSError):
                         os.truncate(os.path.join(dirpath, name), 0)
 
+    def slow_readers(self, srv: Server | None) -> contextlib.ExitStack:
+        """--slow-readers clients of the warm object through ``srv`` (warmed
+        first), reading until the stack returned is closed."""
+        stack = contextlib.ExitStack()
+        if srv is None or not self.args.slow_readers:
+            return stack
+        url = srv.url_for(self.emulator.url_for(WARM_OBJECT))
+        with urllib.request.urlopen(url, timeout=120) as r:
+            while r.read(1 << 20):
+                pass
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=_read_slowly, args=(url, stop), daemon=True)
+            for _ in range(self.args.slow_readers)
+        ]
+        for t in threads:
+            t.start()
+
+        def end() -> None:
+            stop.set()
+            for t in threads:
+                t.join(10)
+
+        stack.callback(end)
+        time.sleep(1.0)  # all of them under way
+        return stack
+
     # -- one run ---------------------------------------------------------------
     def measure(self, system: str, streams: int, run: int, order: int) -> Run:
         os.sync()
@@ -328,6 +389,7 @@ class ColdFill:
             pids = [] if srv is None else srv.pids()
             emu_pids = self.emulator_pids()
             zero(self.buf)
+            slow = self.slow_readers(srv)
             before = self.emulator.wait_idle(QUIET)
             if srv is not None:
                 # Just before the read: pages just freed are cheap to write into again.
@@ -340,6 +402,7 @@ class ColdFill:
             read_ranges(url, self.buf, self.args.range_bytes, streams)
             seconds = time.perf_counter() - t0
             c1 = time.process_time()
+            slow.close()
             after = self.emulator.wait_idle(QUIET)
             s1 = cpu_times(pids)
             o1 = sum(cpu_times(emu_pids))
@@ -618,7 +681,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"block and slice size {s['block_size']}, {s['workers']} server worker(s), "
         f"a fresh cache per run (earlier ones {s.get('free', 'delete')}d just before "
         f"each read); medians of {s['runs']} interleaved runs. "
-        "MB = 10**6 bytes; CPU: utime + stime of the server's processes until the "
+        + (
+            f"During each timed fill, {s['slow_readers']} slow clients (~1 MB/s each) read "
+            f"random {format_size(SLOW_RANGE)} ranges of a second, warm "
+            f"{format_size(WARM_SIZE)} object through the same server. "
+            if s.get("slow_readers")
+            else ""
+        )
+        + "MB = 10**6 bytes; CPU: utime + stime of the server's processes until the "
         "fill is done, per GiB read.",
         "",
         *table(report),
@@ -693,6 +763,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(default), or their files emptied, the inodes kept until the end (on ext4 "
         "without a journal, new files skip inodes freed in the last 30 s)",
     )
+    ap.add_argument(
+        "--slow-readers",
+        type=int,
+        default=0,
+        help="clients reading a second, warm object at ~1 MB/s each through the same "
+        "server while each fill is timed (default 0); the client CPU then includes theirs",
+    )
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up round")
     ap.add_argument("--work", type=Path, help="scratch dir (default a temp dir in .bench-data)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs)")
@@ -724,6 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline:
             args.baseline_commit = bench.check_out_baseline(args.baseline)
         bench.write_object()
+        if args.slow_readers:
+            bench.write_warm_object()
         bench.start_origin()
         print(
             f"cold fill of {format_size(bench.size)} in {format_size(args.range_bytes)} ranges, "
@@ -762,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": args.workers,
             "settle_s": args.settle,
             "free": args.free,
+            "slow_readers": args.slow_readers,
             "warmup": args.warmup,
             "profiled": bool(args.profile),
             "baseline": getattr(args, "baseline_commit", None),

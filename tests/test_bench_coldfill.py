@@ -11,13 +11,14 @@ import hashlib
 import itertools
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import coldfill
-from tests.support.helpers import REPO, run_bench, system_tool
+from tests.support.helpers import REPO, run_bench, system_tool, wait_until
 from tests.support.s3emu import S3Emulator
 
 MIB = 1024 * 1024
@@ -41,6 +42,32 @@ def test_read_ranges_refuses_a_wrong_answer(origin: S3Emulator) -> None:
         coldfill.read_ranges(origin.url_for("/bucket/obj"), buf, 1000, 1)
     with pytest.raises(RuntimeError, match="404"):
         coldfill.read_ranges(origin.url_for("/bucket/missing"), buf, 1000, 1)
+
+
+def test_a_slow_reader_asks_ranges_of_the_warm_object_until_stopped(
+    origin: S3Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--slow-readers' client: ranges of SLOW_RANGE within the warm object, one
+    after another, until told to stop (then it ends within a pause)."""
+    monkeypatch.setattr(coldfill, "WARM_SIZE", 4 * MIB)
+    monkeypatch.setattr(coldfill, "SLOW_RANGE", MIB)
+    monkeypatch.setattr(coldfill, "SLOW_PAUSE", 0.0)
+    origin.put("/bucket/warm", os.urandom(4 * MIB))
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=coldfill._read_slowly, args=(origin.url_for("/bucket/warm"), stop)
+    )
+    reader.start()
+    try:
+        wait_until(lambda: len(origin.log) >= 3, 10, "three ranges asked")
+    finally:
+        stop.set()
+        reader.join(10)
+    assert not reader.is_alive()
+    for r in list(origin.log):
+        assert r.method == "GET" and r.range is not None, r
+        lo, hi = map(int, r.range.removeprefix("bytes=").split("-"))
+        assert lo >= 0 and hi - lo + 1 == MIB and hi < 4 * MIB, r.range
 
 
 def _run(system: str, run: int, mb_per_s: float, cpu: float | None) -> coldfill.Run:
