@@ -352,12 +352,13 @@ class ColdFill:
                     with contextlib.suppress(OSError):
                         os.truncate(os.path.join(dirpath, name), 0)
 
-    def slow_readers(self, srv: Server | None) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def slow_readers(self, srv: Server | None) -> Iterator[None]:
         """--slow-readers clients of the warm object through ``srv`` (warmed
-        first), reading until the stack returned is closed."""
-        stack = contextlib.ExitStack()
+        first), reading until the block ends."""
         if srv is None or not self.args.slow_readers:
-            return stack
+            yield
+            return
         url = srv.url_for(self.emulator.url_for(WARM_OBJECT))
         with urllib.request.urlopen(url, timeout=120) as r:
             while r.read(1 << 20):
@@ -369,15 +370,13 @@ class ColdFill:
         ]
         for t in threads:
             t.start()
-
-        def end() -> None:
+        time.sleep(1.0)  # all of them under way
+        try:
+            yield
+        finally:
             stop.set()
             for t in threads:
                 t.join(10)
-
-        stack.callback(end)
-        time.sleep(1.0)  # all of them under way
-        return stack
 
     # -- one run ---------------------------------------------------------------
     def measure(self, system: str, streams: int, run: int, order: int) -> Run:
@@ -389,20 +388,19 @@ class ColdFill:
             pids = [] if srv is None else srv.pids()
             emu_pids = self.emulator_pids()
             zero(self.buf)
-            slow = self.slow_readers(srv)
-            before = self.emulator.wait_idle(QUIET)
-            if srv is not None:
-                # Just before the read: pages just freed are cheap to write into again.
-                self.drop_old_caches(cache, how=self.args.free)
-            spy = self.profiler(pids, system, streams, run)
-            s0 = cpu_times(pids)
-            o0 = sum(cpu_times(emu_pids))
-            c0 = time.process_time()
-            t0 = time.perf_counter()
-            read_ranges(url, self.buf, self.args.range_bytes, streams)
-            seconds = time.perf_counter() - t0
-            c1 = time.process_time()
-            slow.close()
+            with self.slow_readers(srv):
+                before = self.emulator.wait_idle(QUIET)
+                if srv is not None:
+                    # Just before the read: pages just freed are cheap to write into again.
+                    self.drop_old_caches(cache, how=self.args.free)
+                spy = self.profiler(pids, system, streams, run)
+                s0 = cpu_times(pids)
+                o0 = sum(cpu_times(emu_pids))
+                c0 = time.process_time()
+                t0 = time.perf_counter()
+                read_ranges(url, self.buf, self.args.range_bytes, streams)
+                seconds = time.perf_counter() - t0
+                c1 = time.process_time()
             after = self.emulator.wait_idle(QUIET)
             s1 = cpu_times(pids)
             o1 = sum(cpu_times(emu_pids))

@@ -96,9 +96,8 @@ class BufferPool:
         most, and at none when all the others hold could not make the room."""
         if self._kept_bytes + cap <= self._keep_bytes:
             return True
-        others = self._kept_bytes - len(self._buffers[cap]) * cap
-        if self._kept_bytes - others + cap > self._keep_bytes:
-            return False
+        if (len(self._buffers[cap]) + 1) * cap > self._keep_bytes:
+            return False  # its own class fills the budget
         for other, ring in self._buffers.items():
             if other == cap:
                 continue

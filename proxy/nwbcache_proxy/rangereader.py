@@ -43,7 +43,7 @@ class RangeReader:
         self.outcome = outcome
         self.body = body
         self._segments = segments
-        self._tally = tally or Tally()
+        self._tally = tally  # (none for a body in memory: counted before)
 
     @property
     def outcome_sent(self) -> CacheOutcome:
@@ -51,7 +51,7 @@ class RangeReader:
         metrics; its headers went out with ``outcome``): a HIT some of whose
         bytes had to come from upstream after all (a block found corrupt as it
         went out, and fetched again) was PARTIAL."""
-        if self.outcome == CacheOutcome.HIT and self._tally.upstream:
+        if self.outcome == CacheOutcome.HIT and self._tally is not None and self._tally.upstream:
             return CacheOutcome.PARTIAL
         return self.outcome
 

@@ -286,7 +286,7 @@ class Reader:
                             )
                             yield [chunk]
                             alone = False
-                        self._sent(v, url, auth, [(i, True)], window, offline)
+                        batch = self._sent(v, url, auth, [(i, True)], window, offline)
                     source = None
                 if batch.full or (batch and alone):
                     yield batch.pieces
