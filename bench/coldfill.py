@@ -70,7 +70,6 @@ import tempfile
 import threading
 import time
 import traceback
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -352,17 +351,24 @@ class ColdFill:
                     with contextlib.suppress(OSError):
                         os.truncate(os.path.join(dirpath, name), 0)
 
+    def prime(self, srv: Server | None, streams: int) -> None:
+        """With --primed or --slow-readers: the second object read whole through
+        ``srv`` before the timed fill, untimed, as the timed one is (a cold fill
+        too). A server that has filled before, the way a running one has: its
+        buffers made, its memory faulted in."""
+        if srv is None or not (self.args.primed or self.args.slow_readers):
+            return
+        url = srv.url_for(self.emulator.url_for(WARM_OBJECT))
+        read_ranges(url, memoryview(bytearray(WARM_SIZE)), self.args.range_bytes, streams)
+
     @contextlib.contextmanager
     def slow_readers(self, srv: Server | None) -> Iterator[None]:
-        """--slow-readers clients of the warm object through ``srv`` (warmed
+        """--slow-readers clients of the warm object through ``srv`` (primed
         first), reading until the block ends."""
         if srv is None or not self.args.slow_readers:
             yield
             return
         url = srv.url_for(self.emulator.url_for(WARM_OBJECT))
-        with urllib.request.urlopen(url, timeout=120) as r:
-            while r.read(1 << 20):
-                pass
         stop = threading.Event()
         threads = [
             threading.Thread(target=_read_slowly, args=(url, stop), daemon=True)
@@ -388,6 +394,7 @@ class ColdFill:
             pids = [] if srv is None else srv.pids()
             emu_pids = self.emulator_pids()
             zero(self.buf)
+            self.prime(srv, streams)
             with self.slow_readers(srv):
                 before = self.emulator.wait_idle(QUIET)
                 if srv is not None:
@@ -686,6 +693,12 @@ def markdown(report: dict[str, Any]) -> str:
             if s.get("slow_readers")
             else ""
         )
+        + (
+            f"Before it, each server filled a second {format_size(WARM_SIZE)} object the "
+            "same way, untimed (--primed: a running server, not a just-started one). "
+            if s.get("primed")
+            else "Each server just started. "
+        )
         + "MB = 10**6 bytes; CPU: utime + stime of the server's processes until the "
         "fill is done, per GiB read.",
         "",
@@ -768,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="clients reading a second, warm object at ~1 MB/s each through the same "
         "server while each fill is timed (default 0); the client CPU then includes theirs",
     )
+    ap.add_argument(
+        "--primed",
+        action="store_true",
+        help="each server first fills a second object (64 MiB, untimed): a running "
+        "server's cold fill, not a just-started one's",
+    )
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up round")
     ap.add_argument("--work", type=Path, help="scratch dir (default a temp dir in .bench-data)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs)")
@@ -799,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.baseline:
             args.baseline_commit = bench.check_out_baseline(args.baseline)
         bench.write_object()
-        if args.slow_readers:
+        if args.slow_readers or args.primed:
             bench.write_warm_object()
         bench.start_origin()
         print(
@@ -840,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settle_s": args.settle,
             "free": args.free,
             "slow_readers": args.slow_readers,
+            "primed": args.primed,
             "warmup": args.warmup,
             "profiled": bool(args.profile),
             "baseline": getattr(args, "baseline_commit", None),

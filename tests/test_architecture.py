@@ -19,6 +19,7 @@ LAYERS: dict[str, set[str]] = {
         "adminauth",
         "blockfile",
         "breaker",
+        "buffers",
         "checkreport",
         "conditional",
         "credentials",

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import requests
 
-from nwbcache_proxy import batching, sending
-from nwbcache_proxy.batching import BATCH_BYTES, BATCH_PIECES, SEND_BUDGET, Batch, batch_bytes
+from nwbcache_proxy import sending
+from nwbcache_proxy.batching import BATCH_BYTES, BATCH_PIECES, Batch, batch_bytes
+from nwbcache_proxy.buffers import SEND_BYTES
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied, wait_until
 from tests.support.s3emu import S3Emulator
@@ -60,8 +61,21 @@ def test_a_batch_is_full_at_its_bytes_or_its_pieces(sizes: list[int], full: bool
     ],
 )
 def test_many_streams_share_the_send_budget(streams: int, limit: int) -> None:
-    assert SEND_BUDGET == 32 * 1024 * 1024  # (the table's premise)
+    assert SEND_BYTES == 32 * 1024 * 1024  # (the table's premise)
     assert batch_bytes(streams) == limit
+
+
+@pytest.mark.parametrize(
+    ("streams", "budget", "limit"),
+    [
+        (1, 4 * 1024 * 1024, BATCH_BYTES),
+        (4, 4 * 1024 * 1024, BATCH_BYTES),  # a quarter each: 1 MiB
+        (8, 4 * 1024 * 1024, 512 * 1024),
+        (3, 10, 3),  # (a batch still takes one whole piece: Reader._batch)
+    ],
+)
+def test_the_budget_shared_is_the_one_given(streams: int, budget: int, limit: int) -> None:
+    assert batch_bytes(streams, budget) == limit
 
 
 def test_a_batch_is_full_at_its_own_limit() -> None:
@@ -261,10 +275,10 @@ def test_many_responses_under_way_each_gather_a_share_of_the_budget(
     whole blocks at most (alone a response gathers 1 MiB, as the first of the
     three did), and its bytes are exact. Once the clients have gone no stream
     is counted."""
-    monkeypatch.setattr(batching, "SEND_BUDGET", 10 * BS)
     data = os.urandom(96 * BS)  # far more than the socket buffers of a client stuck
     origin.put("/b/shared", data)
     daemon = make_daemon(block_size=BS, event_loop=loop)
+    monkeypatch.setattr(daemon.cache.reader, "send_budget", 10 * BS)
     url = proxied(daemon.url, origin, "/b/shared")
     assert requests.get(url, timeout=30).content == data  # warm: all from the page cache
     reader = daemon.cache.reader

@@ -14,6 +14,7 @@ import requests
 
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
+from nwbcache_proxy.buffers import Budget
 from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings
 from nwbcache_proxy.cpus import cgroup_cpu_quota, cgroup_v2_dirs, usable_cpus
 from nwbcache_proxy.flags import load_settings, parse_workers
@@ -92,6 +93,8 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         ([], {"NWBCACHE_EVICTION": "arc"}, "must be one of s3fifo, lru, got .arc."),
         ([], {"NWBCACHE_EVICTION": "random"}, "^NWBCACHE_EVICTION"),
         (["--event-loop", "trio"], {}, "--event-loop must be auto, uvloop or asyncio"),
+        ([], {"NWBCACHE_BUFFER_MEMORY": "lots"}, "^NWBCACHE_BUFFER_MEMORY"),
+        (["--workers", "4", "--buffer-memory", "32M"], {}, "gives each of 4 workers 8.0 MiB"),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(
@@ -209,6 +212,20 @@ def test_url_command_prints_proxied_url() -> None:
 )
 def test_workers_auto_is_one_per_usable_cpu(text: str, cpus: int, workers: int) -> None:
     assert parse_workers(text, lambda: cpus) == workers
+
+
+def test_buffer_memory_from_flag_env_and_file_is_shared_by_the_workers(tmp_path: Path) -> None:
+    mib = 1024 * 1024
+    default = load_settings(_args(), environ={})
+    assert default.buffer_memory is None and default.buffer_budget.total == 160 * mib
+    flag = load_settings(_args("--workers", "4", "--buffer-memory", "256M"), environ={})
+    assert flag.buffer_budget == Budget(40_265_318, 13_421_772, 13_421_774)  # 64 MiB each
+    env = load_settings(_args("--workers", "8"), environ={"NWBCACHE_BUFFER_MEMORY": "auto"})
+    assert env.buffer_memory is None and env.buffer_budget.total == 128 * mib  # 1 GiB / 8
+    config = tmp_path / "nwbcache.toml"
+    config.write_text('buffer-memory = "2G"\nworkers = 2\n')
+    from_file = load_settings(_args("--config", str(config)), environ={})
+    assert from_file.buffer_memory == 2048 * mib and from_file.buffer_budget.total == 1024 * mib
 
 
 def test_workers_auto_from_flag_env_and_file(tmp_path: Path) -> None:
@@ -359,3 +376,32 @@ def test_each_worker_process_says_which_event_loop_it_runs_on(
         assert daemon.terminate() == 0
     lines = said()
     assert len(lines) == 2 and all(line.endswith(f"; event loop {kind}") for line in lines), lines
+
+
+@pytest.mark.slow
+def test_each_worker_keeps_its_share_of_the_buffer_memory(tmp_path: Path) -> None:
+    """Two worker processes, 100M between them: each says it keeps 50 MiB;
+    four workers cannot share 32M, and the daemon says so before starting."""
+    log = tmp_path / "daemon.log"
+    daemon = DaemonProcess(
+        ["--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--buffer-memory", "100M"],
+        stderr_path=log,
+    ).start()
+
+    def said() -> list[str]:
+        return [line for line in log.read_text().splitlines() if "; event loop " in line]
+
+    try:
+        assert wait_until(lambda: len(said()) == 2, 20), said()
+    finally:
+        assert daemon.terminate() == 0
+    assert all(", buffers 50 MiB per worker, " in line for line in said()), said()
+    proc = subprocess.run(
+        [sys.executable, "-m", "nwbcache_proxy", "serve", "--workers", "4"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "NWBCACHE_BUFFER_MEMORY": "32M"},
+    )
+    assert proc.returncode == 2
+    assert "--buffer-memory 32 MiB gives each of 4 workers 8.0 MiB" in proc.stderr

@@ -274,6 +274,30 @@ def test_the_pool_keeps_at_most_its_bytes() -> None:
     assert sorted(b[0] for b in again) == [0, 0, 1, 1]
 
 
+def test_a_pool_told_to_keep_less_lets_the_rest_go() -> None:
+    """--buffer-memory sets the process's pool (cache.py): buffers kept beyond
+    the new budget are let go at once; one in use stays whole for its holder."""
+    pool = BufferPool(keep_bytes=4 * POOL_MIN)
+    held = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]  # all kept
+    for k, view in enumerate(held):
+        view[0] = k + 1
+    in_use = held.pop()  # still viewed
+    del held, view
+    pool.keep(2 * POOL_MIN)
+    assert pool.keep_bytes == 2 * POOL_MIN
+    assert in_use[0] == 4
+    again = [memoryview(pool.take(POOL_MIN)) for _ in range(4)]
+    # Two of the four were kept (those taken first); the others are new.
+    assert sorted(b[0] for b in again) == [0, 0, 1, 2]
+    del again
+    pool.keep(8 * POOL_MIN)  # and more again: new buffers are kept up to it
+    more = [memoryview(pool.take(POOL_MIN)) for _ in range(6)]
+    for view in more:
+        view[0] = 9
+    del more, view
+    assert [memoryview(pool.take(POOL_MIN))[0] for _ in range(6)] == [9] * 6
+
+
 def test_the_pool_keeps_its_bytes_for_all_size_classes_together() -> None:
     """A load whose buffers change size (1 MiB reads, then a block at a time)
     keeps the budget once, not once per class: free buffers of the class no

@@ -127,6 +127,7 @@ async def _cache_context(app: web.Application) -> AsyncIterator[None]:
         fsync=settings.fsync,
         metrics=app[METRICS_KEY],
         parent_group=settings.parent_group if settings.parent else None,
+        buffers=settings.buffer_budget,
     )
     await cache.start()
     app[CACHE_KEY] = cache

@@ -15,7 +15,7 @@ follow a block's bytes going out (a read-ahead window grown, a trace
 record) is kept with the batch and done once the batch is sent.
 
 What a batch holds stays in memory until its client takes it, so the
-responses being streamed at once share a budget (SEND_BUDGET): many slow
+responses being streamed at once share a budget (buffers.py): many slow
 clients get a block or two per write, not 1 MiB each. (A range of up to
 reader.BODY_MAX read at once from the page cache is not streamed, and not
 counted.)
@@ -26,25 +26,20 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .blockfile import Buffer
+from .buffers import SEND_BYTES
 
 # A batch is sent once it holds this many bytes...
 BATCH_BYTES = 1024 * 1024
 # ...or this many pieces (the kernel takes 1,024 in one writev).
 BATCH_PIECES = 64
-# What the responses one process streams at once may gather between them. A
-# batch the client has not taken yet stays in memory (in the transport's
-# buffer, or a pooled buffer a view of which it holds): 256 streams of
-# 1 MiB batches took the daemon's peak RSS to 212-274 MB with every block
-# warm (bench.suite --only rss); with this budget (and one buffer pool:
-# inflight.POOL_BYTES), 136-170. Up to 32 streams, each gathers BATCH_BYTES.
-SEND_BUDGET = 32 * 1024 * 1024
 
 
-def batch_bytes(streams: int) -> int:
+def batch_bytes(streams: int, budget: int = SEND_BYTES) -> int:
     """The bytes one of ``streams`` responses being streamed at once gathers
-    for a write: BATCH_BYTES while few are, an equal share of SEND_BUDGET
-    when many are (a batch always takes at least one piece)."""
-    return min(BATCH_BYTES, SEND_BUDGET // max(1, streams))
+    for a write: BATCH_BYTES while few are, an equal share of ``budget``
+    (what they may gather between them, buffers.py) when many are (a batch
+    always takes at least one piece)."""
+    return min(BATCH_BYTES, budget // max(1, streams))
 
 
 class Batch:

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from . import blockio, mapfile
 from .aio import Disk
 from .blockfile import Buffer, CorruptBlock, Parts
+from .buffers import RECENT_BYTES
 from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .marks import BlockMarks
@@ -74,6 +75,7 @@ class Blocks:
         capacity: int,
         fsync: bool,
         on_pressure: Callable[[], None],
+        recent_bytes: int = RECENT_BYTES,
     ) -> None:
         self.layout = layout
         self.index = index
@@ -84,7 +86,7 @@ class Blocks:
         # Called when the cache may be over capacity or the disk refused a write.
         self._on_pressure = on_pressure
         self._verified = BlockMarks(VERIFIED_CHUNKS)
-        self.recent = RecentBlocks()
+        self.recent = RecentBlocks(recent_bytes)
         self._staging: Staging | None = None
 
     async def start(self) -> None:

@@ -20,11 +20,14 @@ from nwbcache.urls import AllowList, UpstreamURL
 from .access import Access
 from .aio import Disk
 from .blocks import Blocks
+from .buffers import DEFAULT as DEFAULT_BUFFERS
+from .buffers import Budget
 from .claims import Claims
 from .credentials import NONE, Credentials
 from .fetcher import Fetcher
 from .freshness import Policy
 from .index import CacheIndex
+from .inflight import POOL
 from .layout import Layout
 from .metrics import Metrics
 from .openversions import OpenVersions, raise_fd_limit, table_capacity
@@ -60,8 +63,11 @@ class BlockCache:
         metrics: Metrics,
         trace: Path | None = None,
         parent_group: int | None = None,
+        buffers: Budget = DEFAULT_BUFFERS,
     ) -> None:
         self.layout = layout
+        # The pool is the process's (a process runs one cache; so do tests').
+        POOL.keep(buffers.pool)
         if block_size % PAGE:
             log.warning(
                 "--block-size %d is not a multiple of %d: eviction frees only the "
@@ -91,6 +97,7 @@ class BlockCache:
             capacity=capacity,
             fsync=fsync,
             on_pressure=self.upkeep.wake,
+            recent_bytes=buffers.recent,
         )
         # Upstream work this process has started, for every process on the cache dir to see.
         self.claims = Claims(layout.claims_path)
@@ -126,6 +133,7 @@ class BlockCache:
             readahead_blocks=max(1, readahead // block_size),
             metrics=metrics,
             trace=self.trace,
+            send_budget=buffers.send,
         )
 
     async def start(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from nwbcache.urls import DANDI_HOSTS, AllowList
 
+from .buffers import Budget, share
 from .policy import Eviction
 from .s3api import Bucket
 from .sizes import format_size
@@ -110,6 +111,12 @@ class Settings:
     s3_bucket: tuple[str, ...] | None = None  # None: DEFAULT_S3_BUCKETS, those allowed
     admin_token_file: Path | None = None
     pin_limit: int | None = None  # None: half of cache_size
+    buffer_memory: int | None = None  # None: auto (buffers.share)
+
+    @property
+    def buffer_budget(self) -> Budget:
+        """One worker's share of --buffer-memory, by use (buffers.py)."""
+        return Budget.of(share(self.buffer_memory, self.workers))
 
     @property
     def pin_bytes(self) -> int:
@@ -185,6 +192,7 @@ class Settings:
             )
         if self.workers < 1:
             raise ValueError("--workers must be at least 1")
+        self.buffer_budget  # noqa: B018 - raises ValueError below buffers.MIN_SHARE
         if self.retry_attempts < 1:
             raise ValueError("--retry-attempts must be at least 1")
         if self.event_loop not in EVENT_LOOPS:
@@ -236,5 +244,6 @@ def describe(settings: Settings) -> str:
     return (
         f"cache {settings.cache_dir} ({format_size(settings.cache_size)}, "
         f"blocks of {format_size(settings.block_size)}, eviction {settings.eviction.value}), "
+        f"buffers {format_size(settings.buffer_budget.total)} per worker, "
         f"upstreams {', '.join(settings.allow_upstream)}"
     )

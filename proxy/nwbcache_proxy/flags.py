@@ -278,6 +278,15 @@ _OPTIONS: tuple[_Option, ...] = (
         "SIZE",
     ),
     _Option(
+        "buffer_memory",
+        "--buffer-memory",
+        lambda text: None if text.strip().lower() in ("", "auto") else parse_size(text),
+        "memory all workers together keep for bytes on their way (pooled buffers, "
+        "blocks just written, what responses gather), shared equally; at least 16M "
+        "per worker (default auto: 160M per worker, at most 1G in all)",
+        "SIZE|auto",
+    ),
+    _Option(
         "node_name",
         "--node-name",
         str,

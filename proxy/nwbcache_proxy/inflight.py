@@ -18,20 +18,8 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator
 
-# Bytes of free buffers the pool keeps, all size classes together: the blocks
-# of several concurrent fetch runs, those kept a moment once written
-# (recent.py's 32 MiB), and reads from the page cache (openversions.py). More
-# buffers in use at once are made anew and freed as usual. At 32 MiB (fills
-# alone) a 1 GiB cold fill ran at 0.92x the MB/s on 1.18x the CPU (new
-# buffers zeroed and faulted in). Kept per size class, and in a second pool
-# for reads, it was 64 MiB for each class of each pool: a cold fill's idle
-# buffers stayed beside the reads' of the load after it, and reads that
-# changed size (1 MiB, then a block at a time once many streams shared
-# batching.SEND_BUDGET) kept both sizes. 96 MiB, not 64, for fills and reads
-# together: a cold fill beside 32 slow readers ran at 0.95x 50cb8cd's MB/s
-# with 64 and 1.01x with 96 (medians of 5 paired ratios, noisy), and peak RSS
-# with 256 streams stayed under 200 MB (191-198 cold).
-POOL_BYTES = 96 * 1024 * 1024
+from .buffers import POOL_BYTES
+
 # Size classes are powers of two from this up (a last, shorter block takes
 # a buffer of the class above its length); larger blocks are not pooled.
 POOL_MIN = 4 * 1024
@@ -61,6 +49,7 @@ class BufferPool:
     which lives on is free."""
 
     def __init__(self, keep_bytes: int = POOL_BYTES) -> None:
+        # Bytes of free buffers kept, all size classes together (buffers.py).
         self._keep_bytes = keep_bytes
         self._kept_bytes = 0  # in all the rings
         # Per size class, a ring: a take looks at the front and moves what it
@@ -69,6 +58,19 @@ class BufferPool:
         # start, so it is usually free; one held long (a slow reader's) is
         # passed over once per round, not at every take.
         self._buffers: dict[int, collections.deque[bytearray]] = {}
+
+    @property
+    def keep_bytes(self) -> int:
+        return self._keep_bytes
+
+    def keep(self, keep_bytes: int) -> None:
+        """Keep no more than ``keep_bytes`` of buffers from now on; those kept
+        beyond it are let go now (one in use is freed once its views are)."""
+        self._keep_bytes = keep_bytes
+        for cap, ring in self._buffers.items():
+            while ring and self._kept_bytes > keep_bytes:
+                ring.pop()
+                self._kept_bytes -= cap
 
     def take(self, size: int) -> bytearray:
         """A buffer of at least ``size`` bytes, of unspecified content. The caller

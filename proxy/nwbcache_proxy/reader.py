@@ -25,6 +25,7 @@ from nwbcache.urls import UpstreamURL
 from .batching import Batch, batch_bytes
 from .blockfile import Buffer
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks, CachedBlock
+from .buffers import SEND_BYTES
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
@@ -41,7 +42,7 @@ from .version import Version
 # blocks, no await, no thread (a 1 MiB range a block at a time ran at ~0.6x the GB/s, measured
 # with the raw section of bench/suite.py). Bounded so that many slow
 # clients cannot pin much memory in socket buffers; such a range is not a
-# stream, and takes no share of batching.SEND_BUDGET.
+# stream, and takes no share of the send budget (batching.batch_bytes).
 BODY_MAX = 1024 * 1024
 
 
@@ -58,6 +59,7 @@ class Reader:
         readahead_blocks: int,
         metrics: Metrics,
         trace: TraceWriter | None = None,
+        send_budget: int = SEND_BYTES,
     ) -> None:
         self.blocks = blocks
         self.trace = trace
@@ -68,8 +70,9 @@ class Reader:
         self._from_cache = metrics.served_bytes.labels("cache")
         self._coalesced = metrics.coalesced
         # Responses being streamed now (in _segments): they share what
-        # batches may hold (batching.batch_bytes).
+        # batches may hold, send_budget (batching.batch_bytes).
         self.streams = 0
+        self.send_budget = send_budget
 
     def _traced(self, v: Version, blocks: range) -> None:
         if self.trace is not None:
@@ -332,7 +335,7 @@ class Reader:
         is left: given the share, a second run overshot it, 1.5 MiB a write
         for a share of 768 KiB)."""
         bs = v.block_size
-        return Batch(max(bs, batch_bytes(self.streams) // bs * bs))
+        return Batch(max(bs, batch_bytes(self.streams, self.send_budget) // bs * bs))
 
     async def _acquire(
         self,

@@ -3,7 +3,7 @@
 Read-ahead fetches a reader's next blocks before it asks for them; with a
 fast upstream they are on disk before the reader gets there, and it reads
 them back (a ``pread``, a read lock, the map's entries). Their buffers were
-in memory until a moment before: keeping the last RECENT_BYTES of them lets
+in memory until a moment before: keeping the last of them (buffers.RECENT_BYTES by default) lets
 the reader take them from there. A block is taken once (the reader behind
 read-ahead is the one it was fetched for); the oldest go first.
 
@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import collections
 
-# Bytes of blocks kept. Read-ahead runs up to config.DEFAULT_READAHEAD
-# (16 MiB) ahead of each sequential reader: this covers two such readers
-# whole, more in part; a block not kept is read from disk as before.
-RECENT_BYTES = 32 * 1024 * 1024
+from .buffers import RECENT_BYTES
 
 
 class RecentBlocks:

@@ -1,0 +1,97 @@
+"""What a daemon process keeps in memory for bytes on their way; --buffer-memory shared. Pure.
+
+Three uses, each bounded on its own:
+
+- the pool (inflight.py): free buffers kept for the next block fetched or
+  read from the page cache;
+- blocks just written, kept for the reader read-ahead ran ahead of (recent.py);
+- what the responses being streamed gather for their clients (batching.py).
+
+``--buffer-memory`` is what all of a daemon's workers keep for them together:
+each worker gets an equal share, split among the three as the defaults are
+(3 : 1 : 1). Its default, ``auto``, gives each worker DEFAULT_SHARE (160 MiB)
+but no more than AUTO_TOTAL (1 GiB) for all of them, and never less than
+MIN_SHARE each: ``--workers auto`` on a 64-core server would otherwise keep
+10 GiB for buffers once it had been busy (a pool keeps its buffers once
+made).
+
+This is memory kept between uses, not a cap on memory in use: a fill's
+blocks in flight are bounded by ``--readahead`` per stream (fetcher.py), and
+a buffer needed when the pool has none free is made anew and freed after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIB = 1024 * 1024
+
+# Free buffers the pool keeps, all size classes together: the blocks of
+# several concurrent fetch runs, those kept a moment once written (RECENT),
+# and reads from the page cache. At 32 MiB (fills alone) a 1 GiB cold fill
+# ran at 0.92x the MB/s on 1.18x the CPU (new buffers zeroed and faulted in).
+# Kept per size class, and in a second pool for reads, it was 64 MiB for each
+# class of each pool: a cold fill's idle buffers stayed beside the reads' of
+# the load after it, and reads that changed size (1 MiB, then a block at a
+# time once many streams shared SEND) kept both sizes. 96 MiB, not 64, for
+# fills and reads together: a cold fill beside 32 slow readers ran at 0.95x
+# 50cb8cd's MB/s with 64 and 1.01x with 96 (medians of 5 paired ratios,
+# noisy), and peak RSS with 256 streams stayed under 200 MB (191-198 cold).
+POOL_BYTES = 96 * MIB
+# Blocks kept once written. Read-ahead runs up to config.DEFAULT_READAHEAD
+# (16 MiB) ahead of each sequential reader: this covers two such readers
+# whole, more in part; a block not kept is read from disk as before.
+RECENT_BYTES = 32 * MIB
+# What the responses one process streams at once may gather between them. A
+# batch the client has not taken yet stays in memory (in the transport's
+# buffer, or a pooled buffer a view of which it holds): 256 streams of
+# 1 MiB batches took the daemon's peak RSS to 212-274 MB with every block
+# warm (bench.suite --only rss); with this budget (and one buffer pool),
+# 136-170. Up to 32 streams, each gathers batching.BATCH_BYTES.
+SEND_BYTES = 32 * MIB
+
+DEFAULT_SHARE = POOL_BYTES + RECENT_BYTES + SEND_BYTES  # 160 MiB
+# ``auto`` keeps no more than this for all workers together.
+AUTO_TOTAL = 1024 * MIB
+# Less per worker and a default block's fill makes most of its buffers anew
+# (the pool would keep ~40 of 256 KiB).
+MIN_SHARE = 16 * MIB
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Budget:
+    """One process's bytes for each use."""
+
+    pool: int
+    recent: int
+    send: int
+
+    @classmethod
+    def of(cls, share: int) -> Budget:
+        """``share`` split as the defaults are: 3/5 pool, 1/5 each for the rest."""
+        pool = share * POOL_BYTES // DEFAULT_SHARE
+        recent = share * RECENT_BYTES // DEFAULT_SHARE
+        return cls(pool, recent, share - pool - recent)
+
+    @property
+    def total(self) -> int:
+        return self.pool + self.recent + self.send
+
+
+DEFAULT = Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
+
+
+def share(total: int | None, workers: int) -> int:
+    """Each of ``workers`` processes' share of ``total`` (None: ``auto``).
+    Raises ValueError, saying what would do, when a share is under MIN_SHARE."""
+    workers = max(1, workers)
+    if total is None:
+        return max(MIN_SHARE, min(DEFAULT_SHARE, AUTO_TOTAL // workers))
+    each = total // workers
+    if each < MIN_SHARE:
+        raise ValueError(
+            f"--buffer-memory {total // MIB} MiB gives each of {workers} workers "
+            f"{each / MIB:.1f} MiB; give at least {MIN_SHARE // MIB} MiB per worker "
+            f"({workers * MIN_SHARE // MIB} MiB), or fewer --workers"
+        )
+    return each

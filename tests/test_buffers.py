@@ -1,0 +1,78 @@
+"""What a daemon process keeps for bytes on their way, and --buffer-memory's shares (buffers.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from nwbcache_proxy.buffers import (
+    AUTO_TOTAL,
+    DEFAULT,
+    DEFAULT_SHARE,
+    MIB,
+    MIN_SHARE,
+    POOL_BYTES,
+    RECENT_BYTES,
+    SEND_BYTES,
+    Budget,
+    share,
+)
+
+
+def test_the_default_share_is_the_three_defaults() -> None:
+    assert Budget.of(DEFAULT_SHARE) == DEFAULT == Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
+    assert (DEFAULT.pool, DEFAULT.recent, DEFAULT.send) == (96 * MIB, 32 * MIB, 32 * MIB)
+    assert DEFAULT.total == DEFAULT_SHARE == 160 * MIB
+
+
+@pytest.mark.parametrize(
+    ("each", "pool", "recent", "send"),
+    [
+        (16 * MIB, 16 * MIB * 3 // 5, 16 * MIB // 5, 16 * MIB - 16 * MIB * 3 // 5 - 16 * MIB // 5),
+        (80 * MIB, 48 * MIB, 16 * MIB, 16 * MIB),
+        (320 * MIB, 192 * MIB, 64 * MIB, 64 * MIB),
+        (100_000_001, 60_000_000, 20_000_000, 20_000_001),  # the odd bytes go to send
+    ],
+)
+def test_a_share_splits_three_to_one_to_one(each: int, pool: int, recent: int, send: int) -> None:
+    budget = Budget.of(each)
+    assert (budget.pool, budget.recent, budget.send) == (pool, recent, send)
+    assert budget.total == each
+
+
+@pytest.mark.parametrize(
+    ("workers", "each"),
+    [
+        (1, 160 * MIB),
+        (2, 160 * MIB),
+        (6, 160 * MIB),  # 960 MiB in all
+        (7, AUTO_TOTAL // 7),  # 1 GiB in all from here
+        (16, 64 * MIB),
+        (64, 16 * MIB),
+        (200, MIN_SHARE),  # never less than a worker can fill with
+    ],
+)
+def test_auto_gives_each_worker_160_mib_up_to_1_gib_in_all(workers: int, each: int) -> None:
+    assert share(None, workers) == each
+
+
+@pytest.mark.parametrize(
+    ("total", "workers", "each"),
+    [
+        (16 * MIB, 1, 16 * MIB),
+        (64 * MIB, 4, 16 * MIB),
+        (8 * 1024 * MIB, 8, 1024 * MIB),  # more than auto would give, if asked
+        (100 * MIB + 1, 2, 50 * MIB),
+        (512 * MIB, 0, 512 * MIB),  # (no workers is one process)
+    ],
+)
+def test_a_total_given_is_shared_equally(total: int, workers: int, each: int) -> None:
+    assert share(total, workers) == each
+
+
+def test_a_total_too_small_for_the_workers_says_what_would_do() -> None:
+    with pytest.raises(ValueError) as info:
+        share(32 * MIB, 4)
+    assert str(info.value) == (
+        "--buffer-memory 32 MiB gives each of 4 workers 8.0 MiB; give at least 16 MiB "
+        "per worker (64 MiB), or fewer --workers"
+    )
