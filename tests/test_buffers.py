@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import pytest
+import requests
 
 from nwbcache_proxy.buffers import (
     AUTO_TOTAL,
@@ -16,6 +20,9 @@ from nwbcache_proxy.buffers import (
     Budget,
     share,
 )
+from tests.support.daemons import DaemonThread
+from tests.support.helpers import proxied, scrape, value
+from tests.support.s3emu import S3Emulator
 
 
 def test_the_default_share_is_the_three_defaults() -> None:
@@ -76,3 +83,29 @@ def test_a_total_too_small_for_the_workers_says_what_would_do() -> None:
         "--buffer-memory 32 MiB gives each of 4 workers 8.0 MiB; give at least 16 MiB "
         "per worker (64 MiB), or fewer --workers"
     )
+
+
+def test_a_daemon_keeps_no_more_buffers_than_its_share(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """A cold read of 24 MiB (read-ahead holds up to 16 MiB of it at once)
+    through a daemon given 16M: its pool keeps at most its three fifths, and
+    the gauges say so. Then through one with the default, which keeps more."""
+    data = os.urandom(24 * MIB)
+    origin.put("/b/first", data)
+    origin.put("/b/second", data[::-1])
+    small = make_daemon(buffer_memory=16 * MIB)
+    assert requests.get(proxied(small.url, origin, "/b/first"), timeout=60).content == data
+    small.call(small.cache.upkeep.run_pass())
+    samples = scrape(small.url)
+    assert value(samples, "nwbcache_buffer_memory_bytes") == 16 * MIB
+    kept = value(samples, "nwbcache_buffer_pool_bytes")
+    assert 0 < kept <= Budget.of(16 * MIB).pool
+    small.stop()
+    default = make_daemon(cache_dir=small.settings.cache_dir.with_name("other"))
+    url = proxied(default.url, origin, "/b/second")
+    assert requests.get(url, timeout=60).content == data[::-1]
+    default.call(default.cache.upkeep.run_pass())
+    samples = scrape(default.url)
+    assert value(samples, "nwbcache_buffer_memory_bytes") == DEFAULT_SHARE
+    assert value(samples, "nwbcache_buffer_pool_bytes") > Budget.of(16 * MIB).pool

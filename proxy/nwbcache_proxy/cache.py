@@ -68,6 +68,7 @@ class BlockCache:
         self.layout = layout
         # The pool is the process's (a process runs one cache; so do tests').
         POOL.keep(buffers.pool)
+        metrics.buffer_memory.set(buffers.total)
         if block_size % PAGE:
             log.warning(
                 "--block-size %d is not a multiple of %d: eviction frees only the "

@@ -63,6 +63,11 @@ class BufferPool:
     def keep_bytes(self) -> int:
         return self._keep_bytes
 
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the buffers kept, in use or free."""
+        return self._kept_bytes
+
     def keep(self, keep_bytes: int) -> None:
         """Keep no more than ``keep_bytes`` of buffers from now on; those kept
         beyond it are let go now (one in use is freed once its views are)."""

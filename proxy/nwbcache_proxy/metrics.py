@@ -261,6 +261,20 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=r,
         )
+        self.buffer_pool = Gauge(
+            "nwbcache_buffer_pool_bytes",
+            "Bytes of buffers the workers' pools keep for reuse, in use or free (blocks "
+            "on their way and just written, reads from the page cache): at most three "
+            "fifths of nwbcache_buffer_memory_bytes.",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.buffer_memory = Gauge(
+            "nwbcache_buffer_memory_bytes",
+            "What the workers may keep for bytes on their way between uses (--buffer-memory).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
 
         self._declare_label_values()
         self._request_counters: dict[tuple[str, str, str], Any] = {}

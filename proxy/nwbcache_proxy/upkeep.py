@@ -9,6 +9,7 @@ import logging
 from . import staging
 from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
+from .inflight import POOL
 from .layout import Layout
 from .metrics import Metrics
 from .openversions import OpenVersions
@@ -146,6 +147,7 @@ class Upkeep:
         self.metrics.queue_bytes.labels("main").set(main)
         self.metrics.queue_bytes.labels("pinned").set(totals.pinned_bytes)
         self.metrics.pinned_bytes.set(totals.pinned_bytes)
+        self.metrics.buffer_pool.set(POOL.kept_bytes)
         await self._report_policy()
 
     async def _report_policy(self) -> None:
