@@ -696,7 +696,7 @@ def markdown(report: dict[str, Any]) -> str:
         + (
             f"Before it, each server filled a second {format_size(WARM_SIZE)} object the "
             "same way, untimed (--primed: a running server, not a just-started one). "
-            if s.get("primed")
+            if s.get("primed") or s.get("slow_readers")
             else "Each server just started. "
         )
         + "MB = 10**6 bytes; CPU: utime + stime of the server's processes until the "

@@ -247,3 +247,26 @@ def test_coldfill_bench_runs_at_a_tiny_size(tmp_path: Path) -> None:
     assert "| 1 | nwbcache |" in md and "| 1 | nginx slice cache |" in md
     assert hashlib.sha256(b"").hexdigest() != report["origin_sha256"]
     assert not list(tmp_path.glob("coldfill-*"))  # the scratch dir is gone
+
+
+@pytest.mark.slow  # the emulator, nginx and the daemon as processes
+def test_a_primed_server_has_filled_the_second_object_before_the_timed_fill(
+    tmp_path: Path,
+) -> None:
+    """--primed: the timed fill is still cold (all of it from the origin, in
+    the timed window), and each cache holds the second object besides."""
+    out = tmp_path / "results.json"
+    report = _bench(
+        tmp_path, "--size", "16M", "--runs", "1", "--no-warmup", "--primed", timeout=180
+    )
+    assert report["problems"] == [] and report["settings"]["primed"] is True
+    size = 16 * MIB
+    caching = [r for r in report["runs"] if r["system"] != "origin"]
+    assert sorted(r["system"] for r in caching) == ["nginx", "nwbcache"]
+    for r in caching:
+        assert r["sha_ok"], r
+        assert size <= r["upstream_bytes"] < size + MIB, r  # the timed fill's alone
+        assert r["cached_bytes"] >= size + coldfill.WARM_SIZE, r  # and the primed object
+    assert (
+        "Before it, each server filled a second 64 MiB object" in out.with_suffix(".md").read_text()
+    )

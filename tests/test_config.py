@@ -81,6 +81,35 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("line", "field", "got"),
+    [
+        ("buffer_memory = 1.5e9", "buffer_memory", 1_500_000_000),  # a size, in bytes
+        ("cache_size = 1073741824", "cache_size", 1024**3),
+        ("pin_limit = 5e3", "pin_limit", 5000),
+        ("port = 9001", "port", 9001),
+        ("revalidate_after = 60", "revalidate_after", 60.0),
+        ("workers = 3", "workers", 3),
+        ("fsync = false", "fsync", False),
+    ],
+)
+def test_toml_numbers_and_booleans_get_the_settings_types(
+    tmp_path: Path, line: str, field: str, got: object
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(line + "\n")
+    value = getattr(load_settings(_args("--config", str(config)), environ={}), field)
+    assert value == got and type(value) is type(got)
+
+
+@pytest.mark.parametrize("line", ["port = true", "cache_size = true", "workers = 2.5"])
+def test_toml_values_of_the_wrong_kind_are_refused(tmp_path: Path, line: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(ValueError, match=f"c.toml: {line.split()[0]}: "):
+        load_settings(_args("--config", str(config)), environ={})
+
+
+@pytest.mark.parametrize(
     ("argv", "env", "message"),
     [
         (["--block-size", "3"], {}, "block-size"),
@@ -94,7 +123,12 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         ([], {"NWBCACHE_EVICTION": "random"}, "^NWBCACHE_EVICTION"),
         (["--event-loop", "trio"], {}, "--event-loop must be auto, uvloop or asyncio"),
         ([], {"NWBCACHE_BUFFER_MEMORY": "lots"}, "^NWBCACHE_BUFFER_MEMORY"),
-        (["--workers", "4", "--buffer-memory", "32M"], {}, "gives each of 4 workers 8.0 MiB"),
+        (["--workers", "4", "--buffer-memory", "32M"], {}, "gives each of 4 workers 8 MiB"),
+        (
+            ["--buffer-memory", "1500K"],
+            {},
+            r"^--buffer-memory 1.46 MiB is too little: give at least 16 MiB$",
+        ),
     ],
 )
 def test_bad_settings_fail_with_a_clear_message(
@@ -379,9 +413,10 @@ def test_each_worker_process_says_which_event_loop_it_runs_on(
 
 
 @pytest.mark.slow
-def test_each_worker_keeps_its_share_of_the_buffer_memory(tmp_path: Path) -> None:
+def test_each_worker_says_its_share_and_too_small_a_one_stops_the_start(tmp_path: Path) -> None:
     """Two worker processes, 100M between them: each says it keeps 50 MiB;
-    four workers cannot share 32M, and the daemon says so before starting."""
+    four workers cannot share 32M, and the daemon says so before starting.
+    (That a share reaches the cache: test_buffers.py.)"""
     log = tmp_path / "daemon.log"
     daemon = DaemonProcess(
         ["--cache-dir", str(tmp_path / "cache"), "--workers", "2", "--buffer-memory", "100M"],
@@ -404,4 +439,7 @@ def test_each_worker_keeps_its_share_of_the_buffer_memory(tmp_path: Path) -> Non
         env={**os.environ, "NWBCACHE_BUFFER_MEMORY": "32M"},
     )
     assert proc.returncode == 2
-    assert "--buffer-memory 32 MiB gives each of 4 workers 8.0 MiB" in proc.stderr
+    assert (
+        "--buffer-memory 32 MiB gives each of 4 workers 8 MiB; give at least 16 MiB per "
+        "worker (64 MiB in all), or fewer --workers"
+    ) in proc.stderr

@@ -290,12 +290,16 @@ def test_a_pool_told_to_keep_less_lets_the_rest_go() -> None:
     # Two of the four were kept (those taken first); the others are new.
     assert sorted(b[0] for b in again) == [0, 0, 1, 2]
     del again
-    pool.keep(8 * POOL_MIN)  # and more again: new buffers are kept up to it
-    more = [memoryview(pool.take(POOL_MIN)) for _ in range(6)]
-    for view in more:
-        view[0] = 9
-    del more, view
-    assert [memoryview(pool.take(POOL_MIN))[0] for _ in range(6)] == [9] * 6
+    pool.keep(8 * POOL_MIN)  # and more again: new buffers are kept up to it, no more
+    held = [memoryview(pool.take(POOL_MIN)) for _ in range(8)]  # the two kept, six new
+    kept = {id(v.obj) for v in held}
+    beyond = memoryview(pool.take(POOL_MIN))  # a ninth at once: not kept
+    beyond[0] = 5
+    del held, beyond
+    again = [memoryview(pool.take(POOL_MIN)) for _ in range(9)]
+    assert {id(v.obj) for v in again[:8]} == kept
+    assert again[8][0] == 0  # new: the ninth was let go
+    assert pool.kept_bytes == 8 * POOL_MIN
 
 
 def test_the_pool_keeps_its_bytes_for_all_size_classes_together() -> None:

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 from . import blockio, mapfile
 from .aio import Disk
 from .blockfile import Buffer, CorruptBlock, Parts
-from .buffers import RECENT_BYTES
 from .index import FLUSH_SHARE, CacheIndex
 from .layout import Layout
 from .marks import BlockMarks
@@ -75,7 +74,7 @@ class Blocks:
         capacity: int,
         fsync: bool,
         on_pressure: Callable[[], None],
-        recent_bytes: int = RECENT_BYTES,
+        recent_bytes: int,
     ) -> None:
         self.layout = layout
         self.index = index

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from .sizes import format_size
+
 MIB = 1024 * 1024
 
 # Free buffers the pool keeps, all size classes together: the blocks of
@@ -51,7 +53,10 @@ RECENT_BYTES = 32 * MIB
 SEND_BYTES = 32 * MIB
 
 DEFAULT_SHARE = POOL_BYTES + RECENT_BYTES + SEND_BYTES  # 160 MiB
-# ``auto`` keeps no more than this for all workers together.
+# ``auto`` keeps no more than this for all workers together (while each gets
+# MIN_SHARE): up to 6 workers, the full default each, as measured; a host
+# with more CPUs than that is a server the admin sizes (--buffer-memory), and
+# until then a daemon does not take more than a small one's whole RAM share.
 AUTO_TOTAL = 1024 * MIB
 # Less per worker and a default block's fill makes most of its buffers anew
 # (the pool would keep ~40 of 256 KiB).
@@ -78,7 +83,13 @@ class Budget:
         return self.pool + self.recent + self.send
 
 
-DEFAULT = Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
+DEFAULT_BUDGET = Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
+
+# For --help and the docs: what ``auto`` does, from the figures above.
+AUTO_TEXT = (
+    f"{format_size(DEFAULT_SHARE)} per worker, at most {format_size(AUTO_TOTAL)} in all "
+    f"(at least {format_size(MIN_SHARE)} each)"
+)
 
 
 def share(total: int | None, workers: int) -> int:
@@ -87,11 +98,18 @@ def share(total: int | None, workers: int) -> int:
     workers = max(1, workers)
     if total is None:
         return max(MIN_SHARE, min(DEFAULT_SHARE, AUTO_TOTAL // workers))
+    if total < 0:
+        raise ValueError(f"--buffer-memory must be a size or auto, got {total}")
     each = total // workers
-    if each < MIN_SHARE:
+    if each >= MIN_SHARE:
+        return each
+    if workers == 1:
         raise ValueError(
-            f"--buffer-memory {total // MIB} MiB gives each of {workers} workers "
-            f"{each / MIB:.1f} MiB; give at least {MIN_SHARE // MIB} MiB per worker "
-            f"({workers * MIN_SHARE // MIB} MiB), or fewer --workers"
+            f"--buffer-memory {format_size(total)} is too little: give at least "
+            f"{format_size(MIN_SHARE)}"
         )
-    return each
+    raise ValueError(
+        f"--buffer-memory {format_size(total)} gives each of {workers} workers "
+        f"{format_size(max(0, each))}; give at least {format_size(MIN_SHARE)} per worker "
+        f"({format_size(workers * MIN_SHARE)} in all), or fewer --workers"
+    )

@@ -20,8 +20,7 @@ from nwbcache.urls import AllowList, UpstreamURL
 from .access import Access
 from .aio import Disk
 from .blocks import Blocks
-from .buffers import DEFAULT as DEFAULT_BUFFERS
-from .buffers import Budget
+from .buffers import DEFAULT_BUDGET, Budget
 from .claims import Claims
 from .credentials import NONE, Credentials
 from .fetcher import Fetcher
@@ -63,10 +62,11 @@ class BlockCache:
         metrics: Metrics,
         trace: Path | None = None,
         parent_group: int | None = None,
-        buffers: Budget = DEFAULT_BUFFERS,
+        buffers: Budget = DEFAULT_BUDGET,
     ) -> None:
         self.layout = layout
-        # The pool is the process's (a process runs one cache; so do tests').
+        # The pool is the process's: a daemon process makes one cache. (Tests
+        # that run several daemons in one process give them all the default.)
         POOL.keep(buffers.pool)
         metrics.buffer_memory.set(buffers.total)
         if block_size % PAGE:

@@ -20,6 +20,7 @@ from typing import Any
 
 from nwbcache.env import split_entries
 
+from .buffers import AUTO_TEXT
 from .config import DEFAULT_DANDI_API_URL, Settings, default_cache_dir
 from .cpus import usable_cpus
 from .policy import parse_eviction
@@ -282,8 +283,8 @@ _OPTIONS: tuple[_Option, ...] = (
         "--buffer-memory",
         lambda text: None if text.strip().lower() in ("", "auto") else parse_size(text),
         "memory all workers together keep for bytes on their way (pooled buffers, "
-        "blocks just written, what responses gather), shared equally; at least 16M "
-        "per worker (default auto: 160M per worker, at most 1G in all)",
+        f"blocks just written, what responses gather), shared equally (default auto: "
+        f"{AUTO_TEXT})",
         "SIZE|auto",
     ),
     _Option(
@@ -343,11 +344,11 @@ def _coerce(opt: _Option, raw: Any, source: str) -> Any:
             return items
         if isinstance(raw, str):
             return opt.parse(raw)
-        if opt.parse is parse_size and isinstance(raw, int):
-            return raw
         if opt.parse is Path:
             return Path(str(raw))
-        return opt.parse(str(raw)) if not isinstance(raw, bool | int | float) else raw
+        # A TOML number or boolean is parsed as a flag's text is: 1.5e9 for a
+        # size is 1500000000 bytes; true for a port is an error, not 1.
+        return opt.parse(str(raw))
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
 

@@ -25,7 +25,6 @@ from nwbcache.urls import UpstreamURL
 from .batching import Batch, batch_bytes
 from .blockfile import Buffer
 from .blocks import PRESENCE_CHECK_LIMIT, Blocks, CachedBlock
-from .buffers import SEND_BYTES
 from .errors import NotCached
 from .fetcher import Fetcher
 from .inflight import InflightBlock
@@ -59,7 +58,7 @@ class Reader:
         readahead_blocks: int,
         metrics: Metrics,
         trace: TraceWriter | None = None,
-        send_budget: int = SEND_BYTES,
+        send_budget: int,
     ) -> None:
         self.blocks = blocks
         self.trace = trace

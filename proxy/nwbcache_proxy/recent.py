@@ -32,6 +32,10 @@ class RecentBlocks:
         self._bytes = 0
 
     @property
+    def limit(self) -> int:
+        return self._limit
+
+    @property
     def nbytes(self) -> int:
         """Memory held: the buffers' sizes (a short last block holds a whole pooled one)."""
         return self._bytes

@@ -78,7 +78,8 @@ def _run_on_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
 
 def run(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
-    return_freed_buffers()  # before the workers fork: they inherit it
+    if not return_freed_buffers():  # before the workers fork: they inherit it
+        log.debug("no mallopt (not glibc): freed buffers go back as the C library does it")
     if settings.workers == 1:
         from .app import serve_forever
 
