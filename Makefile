@@ -53,7 +53,8 @@ bench-httpfill: $(STAMP)
 
 ## bench-coldfill: a cold fill through nwbcache against nginx's slice cache, same origin,
 ## same reads (256 MiB in 16 MiB ranges, 4 streams, 6 runs; ~2 min); bench/results-coldfill.json;
-## ARGS="--baseline REV" also runs the daemon at git revision REV and compares run by run
+## ARGS="--baseline REV" also runs the daemon at git revision REV and compares run by run;
+## ARGS="--primed": each server fills a second object first (bench/results-coldfill-primed.json)
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)
 

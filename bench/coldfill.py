@@ -47,7 +47,8 @@ caches create walks over the inodes of the cache just deleted; ``--free
 truncate`` empties the old caches' files instead (the pages are freed all
 the same) and deletes them at the end.
 
-The table is printed and saved as bench/results-coldfill.json and .md.
+The table is printed and saved as bench/results-coldfill.json and .md
+(with ``--primed``, results-coldfill-primed.*).
 """
 
 from __future__ import annotations
@@ -790,7 +791,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="no warm-up round")
     ap.add_argument("--work", type=Path, help="scratch dir (default a temp dir in .bench-data)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir (logs)")
-    ap.add_argument("--out", type=Path, help="JSON results (default bench/results-coldfill.json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="JSON results (default bench/results-coldfill.json; -primed.json with --primed)",
+    )
     ap.add_argument("--profile", type=Path, help="py-spy the daemon into DIR (skews its figures)")
     ap.add_argument(
         "--baseline",
@@ -807,7 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 1:
         ap.error("--runs must be at least 1")
     parse_size(args.block_size)  # the daemon would refuse it later
-    out_path: Path = args.out or BENCH / "results-coldfill.json"
+    out_path: Path = args.out or BENCH / (
+        "results-coldfill-primed.json" if args.primed else "results-coldfill.json"
+    )
 
     base = args.work or REPO / ".bench-data"
     base.mkdir(parents=True, exist_ok=True)
