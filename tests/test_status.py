@@ -46,6 +46,10 @@ def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None
     assert since["hit_ratio_requests"] == pytest.approx(3 / 5)
     assert report["cache"]["blocks"] == 11
     assert report["cache"]["capacity_bytes"] == 100 * BS
+    # The default --buffer-memory of one worker, and the pool's buffers the
+    # cold reads made (no more than its three fifths).
+    assert report["buffers"]["limit_bytes"] == 160 * 1024 * 1024
+    assert BS <= report["buffers"]["kept_bytes"] <= 96 * 1024 * 1024
     top = report["top_objects"]
     assert [o["blocks"] for o in top] == [8, 3]
     assert top[0]["url"].endswith("/bucket/a") and top[1]["url"].endswith("/bucket/b")
@@ -65,6 +69,7 @@ def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None
     page = r.text
     assert "name=viewport" in page
     assert "Hit ratio (bytes)" in page
+    assert "kept of\n160 MiB (--buffer-memory)" in page
     assert "/bucket/a" in page
     assert "11 blocks" in page
 
@@ -75,6 +80,7 @@ def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
     for label, _key, _fmt in status.ROWS:
         assert label in text
     assert "/bucket/a" in text
+    assert "kept of 160 MiB --buffer-memory" in text
 
 
 def test_text_and_html_say_when_sizes_are_approximate(busy_daemon: DaemonThread) -> None:

@@ -77,6 +77,8 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 "nwbcache_pinned_size_bytes",
                 "nwbcache_cache_blocks",
                 "nwbcache_inflight_requests",
+                "nwbcache_buffer_pool_bytes",
+                "nwbcache_buffer_memory_bytes",
                 "nwbcache_upstream_breakers_open",
                 "nwbcache_stale_served_total",
                 "nwbcache_reconciling",
@@ -179,6 +181,11 @@ class StatusTracker:
                 "reconciling": v.get("reconciling", 0.0) > 0,
             },
             "inflight_requests": v.get("inflight_requests", 0.0),
+            # What the buffer pools keep (in use or free) against --buffer-memory.
+            "buffers": {
+                "kept_bytes": v.get("buffer_pool_bytes", 0.0),
+                "limit_bytes": v.get("buffer_memory_bytes", 0.0),
+            },
             # Upstream hosts not being asked now (circuit breaker open): misses fail fast.
             "upstream_breakers_open": v.get("upstream_breakers_open", 0.0),
             "last_minute": window(now, self._at_least(60, now.at)),
@@ -239,12 +246,15 @@ ROWS: tuple[tuple[str, str, Any], ...] = (
 
 def render_text(report: dict[str, Any]) -> str:
     cache = report["cache"]
+    buffers = report.get("buffers", {})  # (a daemon before --buffer-memory has none)
     lines = [
         f"nwbcache {report['version']}  up {report['uptime_seconds'] / 60:.0f} min",
         f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
         f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks, "
         f"{_pct(cache.get('protected'))} protected; "
-        f"{_n(report['inflight_requests'])} requests in flight",
+        f"{_n(report['inflight_requests'])} requests in flight; buffers "
+        f"{_b(buffers.get('kept_bytes', 0))} kept of {_b(buffers.get('limit_bytes', 0))} "
+        "--buffer-memory",
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
         f"pinned  {_b(cache.get('pinned_bytes', 0))} cached of {_n(cache.get('pins', 0))} "
         f"objects ({_b(cache.get('pinned_size_bytes', 0))} of "
@@ -284,6 +294,7 @@ th{text-align:left;font-weight:500}
 def render_html(report: dict[str, Any]) -> str:
     e = html.escape
     cache = report["cache"]
+    buffers = report["buffers"]
     fill = cache["fill"] or 0.0
     rows = "".join(
         f"<tr><th>{e(label)}</th><td>{e(fmt(report['last_minute'][key]))}</td>"
@@ -315,7 +326,8 @@ def render_html(report: dict[str, Any]) -> str:
 of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
 {e(_n(cache["blocks"]))} blocks, <span id=protected>{e(_pct(cache.get("protected")))}</span>
 protected (reused, kept through scans); {e(_n(report["inflight_requests"]))} requests in flight;
-up {report["uptime_seconds"] / 60:.0f} min.
+buffers <span id=buffers>{e(_b(buffers["kept_bytes"]))}</span> kept of
+{e(_b(buffers["limit_bytes"]))} (--buffer-memory); up {report["uptime_seconds"] / 60:.0f} min.
 Upstream hosts cut off (failing, circuit open):
 <b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.
 Pinned: <b id=pinned>{e(_b(cache.get("pinned_bytes", 0)))}</b> cached of
