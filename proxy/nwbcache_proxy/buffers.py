@@ -87,8 +87,8 @@ DEFAULT_BUDGET = Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
 
 # For --help and the docs: what ``auto`` does, from the figures above.
 AUTO_TEXT = (
-    f"{format_size(DEFAULT_SHARE)} per worker, at most {format_size(AUTO_TOTAL)} in all "
-    f"(at least {format_size(MIN_SHARE)} each)"
+    f"{format_size(DEFAULT_SHARE)} per worker, at most {format_size(AUTO_TOTAL)} in all, "
+    f"at least {format_size(MIN_SHARE)} each"
 )
 
 
