@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-layouts bench-writesize bench-sharing bench-s3 bench-warm
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-buffermemory bench-layouts bench-writesize bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-httpfill: $(STAMP)
 ## ARGS="--primed": each server fills a second object first (bench/results-coldfill-primed.json)
 bench-coldfill: $(STAMP) test-deps
 	$(BIN)/python -m bench.coldfill $(ARGS)
+
+## bench-buffermemory: RSS of a daemon of 8 workers at rest, at the peak of 256 streams and
+## after, by --buffer-memory (1280M, auto, 256M); bench/results-buffermemory.json
+bench-buffermemory: $(STAMP) test-deps
+	$(BIN)/python -m bench.buffermemory $(ARGS)
 
 ## bench-layouts: the storage costs of the two layouts (a file per block, the cache's own
 ## publish; a sparse file per version) for writes, reads and eviction (~1 min);
