@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,16 +13,17 @@ from pathlib import Path
 import pytest
 import requests
 
+from bench.harness import process_tree
 from nwbcache.cli import build_parser
 from nwbcache.urls import DANDI_HOSTS
 from nwbcache_proxy.buffers import Budget
 from nwbcache_proxy.config import DEFAULT_BLOCK_SIZE, Settings
-from nwbcache_proxy.cpus import cgroup_cpu_quota, cgroup_v2_dirs, usable_cpus
-from nwbcache_proxy.flags import load_settings, parse_workers
+from nwbcache_proxy.cpus import cgroup_cpu_quota, cgroup_v2_dirs, parse_workers, usable_cpus
+from nwbcache_proxy.flags import load_settings
 from nwbcache_proxy.policy import Eviction
 from nwbcache_proxy.runner import new_loop
 from tests.support.daemons import DaemonProcess
-from tests.support.helpers import wait_until
+from tests.support.helpers import scrape, value, wait_until
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -86,8 +88,11 @@ def test_config_file_with_serve_table_and_list(tmp_path: Path) -> None:
         ("buffer_memory = 1.5e9", "buffer_memory", 1_500_000_000),  # a size, in bytes
         ("cache_size = 1073741824", "cache_size", 1024**3),
         ("pin_limit = 5e3", "pin_limit", 5000),
+        ("cache_size = 1e13", "cache_size", 10**13),  # (str(1e16) would be "1e+16")
         ("port = 9001", "port", 9001),
         ("revalidate_after = 60", "revalidate_after", 60.0),
+        ("retry_base_delay = 0.2", "retry_base_delay", 0.2),
+        ('trace = "t.jsonl"', "trace", Path("t.jsonl")),
         ("workers = 3", "workers", 3),
         ("fsync = false", "fsync", False),
     ],
@@ -101,12 +106,35 @@ def test_toml_numbers_and_booleans_get_the_settings_types(
     assert value == got and type(value) is type(got)
 
 
-@pytest.mark.parametrize("line", ["port = true", "cache_size = true", "workers = 2.5"])
-def test_toml_values_of_the_wrong_kind_are_refused(tmp_path: Path, line: str) -> None:
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("port = true", "expected text or a number: True"),
+        ("cache_size = true", "expected text or a number: True"),
+        ("trace = false", "expected text or a number: False"),  # not a file named False
+        ("fsync = 1", "expected true or false: 1"),
+        ("workers = 2.5", "--workers takes a number or auto, got '2.5'"),
+        ('host = ["0.0.0.0"]', "expected text or a number: ['0.0.0.0']"),
+        ("allow_upstream = 5", "expected a list of strings, got 5"),
+        ("allow_upstream = [5]", "expected a list of strings, got [5]"),
+    ],
+)
+def test_toml_values_of_the_wrong_kind_are_refused(tmp_path: Path, line: str, message: str) -> None:
     config = tmp_path / "c.toml"
     config.write_text(line + "\n")
-    with pytest.raises(ValueError, match=f"c.toml: {line.split()[0]}: "):
+    with pytest.raises(ValueError) as info:
         load_settings(_args("--config", str(config)), environ={})
+    assert str(info.value) == f"{config}: {line.split()[0]}: {message}"
+
+
+def test_a_flag_of_auto_or_nothing_overrides_the_file_and_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('buffer_memory = "2G"\npin_limit = "1G"\n')
+    args = _args("--config", str(config), "--buffer-memory", "auto", "--pin-limit", "")
+    s = load_settings(args, environ={"NWBCACHE_BUFFER_MEMORY": "512M"})
+    assert s.buffer_memory is None and s.pin_limit is None
+    unset = load_settings(_args("--config", str(config)), environ={})  # and unset, they don't
+    assert unset.buffer_memory == 2 * 1024**3 and unset.pin_limit == 1024**3
 
 
 @pytest.mark.parametrize(
@@ -414,7 +442,8 @@ def test_each_worker_process_says_which_event_loop_it_runs_on(
 
 @pytest.mark.slow
 def test_each_worker_says_its_share_and_too_small_a_one_stops_the_start(tmp_path: Path) -> None:
-    """Two worker processes, 100M between them: each says it keeps 50 MiB;
+    """Two worker processes, 100M between them: each says it keeps 50 MiB, and
+    /metrics sums them to 100M, also once a worker killed has been replaced;
     four workers cannot share 32M, and the daemon says so before starting.
     (That a share reaches the cache: test_buffers.py.)"""
     log = tmp_path / "daemon.log"
@@ -426,8 +455,18 @@ def test_each_worker_says_its_share_and_too_small_a_one_stops_the_start(tmp_path
     def said() -> list[str]:
         return [line for line in log.read_text().splitlines() if "; event loop " in line]
 
+    def budget() -> float:
+        return value(scrape(daemon.url), "nwbcache_buffer_memory_bytes")
+
     try:
         assert wait_until(lambda: len(said()) == 2, 20), said()
+        assert budget() == 100 * 1024 * 1024
+        assert daemon.proc is not None
+        workers = process_tree(daemon.proc.pid)[1:]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert wait_until(lambda: len(said()) == 3, 20), said()  # its replacement
+        assert wait_until(lambda: budget() == 100 * 1024 * 1024, 10), budget()
     finally:
         assert daemon.terminate() == 0
     assert all(", buffers 50 MiB per worker, " in line for line in said()), said()

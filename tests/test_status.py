@@ -10,8 +10,9 @@ import pytest
 import requests
 
 from nwbcache_proxy import status
+from nwbcache_proxy.buffers import DEFAULT_SHARE, POOL_BYTES
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import free_port, proxied
+from tests.support.helpers import free_port, proxied, scrape, value
 from tests.support.s3emu import S3Emulator
 
 BS = 64 * 1024
@@ -46,10 +47,14 @@ def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None
     assert since["hit_ratio_requests"] == pytest.approx(3 / 5)
     assert report["cache"]["blocks"] == 11
     assert report["cache"]["capacity_bytes"] == 100 * BS
-    # The default --buffer-memory of one worker, and the pool's buffers the
-    # cold reads made (no more than its three fifths).
-    assert report["buffers"]["limit_bytes"] == 160 * 1024 * 1024
-    assert BS <= report["buffers"]["kept_bytes"] <= 96 * 1024 * 1024
+    # The default --buffer-memory of one worker, its pool's share, and what
+    # the pool keeps: the gauges' figures.
+    metrics = scrape(busy_daemon.url)
+    assert report["buffers"] == {
+        "kept_bytes": value(metrics, "nwbcache_buffer_pool_bytes"),
+        "pool_limit_bytes": POOL_BYTES,
+        "limit_bytes": DEFAULT_SHARE,
+    }
     top = report["top_objects"]
     assert [o["blocks"] for o in top] == [8, 3]
     assert top[0]["url"].endswith("/bucket/a") and top[1]["url"].endswith("/bucket/b")
@@ -69,7 +74,7 @@ def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None
     page = r.text
     assert "name=viewport" in page
     assert "Hit ratio (bytes)" in page
-    assert "kept of\n160 MiB (--buffer-memory)" in page
+    assert "of at most\n96 MiB (--buffer-memory 160 MiB)" in page
     assert "/bucket/a" in page
     assert "11 blocks" in page
 
@@ -80,7 +85,9 @@ def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
     for label, _key, _fmt in status.ROWS:
         assert label in text
     assert "/bucket/a" in text
-    assert "kept of 160 MiB --buffer-memory" in text
+    assert "of at most 96 MiB (--buffer-memory 160 MiB)" in text
+    del report["buffers"]  # a daemon from before --buffer-memory
+    assert "buffer pools" not in status.render_text(report)
 
 
 def test_text_and_html_say_when_sizes_are_approximate(busy_daemon: DaemonThread) -> None:

@@ -65,8 +65,8 @@ class BlockCache:
         buffers: Budget = DEFAULT_BUDGET,
     ) -> None:
         self.layout = layout
-        # The pool is the process's: a daemon process makes one cache. (Tests
-        # that run several daemons in one process give them all the default.)
+        # The pool is the process's, and a daemon process makes one cache. (In
+        # a process with several, as in tests, the last one made sets it for all.)
         POOL.keep(buffers.pool)
         metrics.buffer_memory.set(buffers.total)
         if block_size % PAGE:

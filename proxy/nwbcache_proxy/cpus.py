@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 # cgroup v2's mount, where each cgroup dir has ``cpu.max`` (``<quota|max> <period>``).
@@ -62,3 +63,13 @@ def _read_text(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+def parse_workers(text: str, cpus: Callable[[], int] = usable_cpus) -> int:
+    """``--workers``: a count, or ``auto`` for one per usable CPU."""
+    if text.strip().lower() == "auto":
+        return max(1, cpus())
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--workers takes a number or auto, got {text!r}") from None

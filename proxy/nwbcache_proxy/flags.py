@@ -22,19 +22,9 @@ from nwbcache.env import split_entries
 
 from .buffers import AUTO_TEXT
 from .config import DEFAULT_DANDI_API_URL, Settings, default_cache_dir
-from .cpus import usable_cpus
+from .cpus import parse_workers
 from .policy import parse_eviction
 from .sizes import parse_size
-
-
-def parse_workers(text: str, cpus: Callable[[], int] = usable_cpus) -> int:
-    """``--workers``: a count, or ``auto`` for one per usable CPU."""
-    if text.strip().lower() == "auto":
-        return max(1, cpus())
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--workers takes a number or auto, got {text!r}") from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -299,8 +289,9 @@ _OPTIONS: tuple[_Option, ...] = (
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """Declare the ``serve`` flags. Values default to None so that unset flags
-    fall through to environment, config file and defaults."""
+    """Declare the ``serve`` flags. An unset flag sets nothing (SUPPRESS), so
+    that it falls through to environment, config file and defaults, while one
+    given as ``auto`` or empty (None) still overrides them."""
     parser.add_argument(
         "--config",
         type=Path,
@@ -312,6 +303,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for opt in _OPTIONS:
         kwargs: dict[str, Any] = {"help": opt.help, "metavar": opt.metavar, "dest": opt.field}
+        kwargs["default"] = argparse.SUPPRESS
         if opt.repeatable:
             kwargs["action"] = "append"
         else:
@@ -338,17 +330,25 @@ def _env_name(field: str) -> str:
 
 
 def _coerce(opt: _Option, raw: Any, source: str) -> Any:
+    """A value from the environment (text) or the TOML file (any TOML type) as
+    the setting's type, checked by its parser; a ValueError naming ``source``."""
     try:
         if opt.repeatable:
-            items = split_entries(raw) if isinstance(raw, str) else tuple(str(x) for x in raw)
-            return items
+            if isinstance(raw, str):
+                return split_entries(raw)
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise ValueError(f"expected a list of strings, got {raw!r}")
+            return tuple(raw)
         if isinstance(raw, str):
             return opt.parse(raw)
-        if opt.parse is Path:
-            return Path(str(raw))
-        # A TOML number or boolean is parsed as a flag's text is: 1.5e9 for a
-        # size is 1500000000 bytes; true for a port is an error, not 1.
-        return opt.parse(str(raw))
+        boolean = opt.parse is _parse_bool
+        if isinstance(raw, bool) != boolean or not isinstance(raw, int | float):
+            raise ValueError(
+                f"expected {'true or false' if boolean else 'text or a number'}: {raw!r}"
+            )
+        # A number through the parser as text, whole ones without a point or an
+        # exponent: 1.5e9 for a size is 1500000000 bytes, 1e16 is 10**16.
+        return opt.parse(str(int(raw)) if isinstance(raw, float) and raw.is_integer() else str(raw))
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
 
@@ -370,8 +370,8 @@ def load_settings(
             values[opt.field] = _coerce(opt, env[name], name)
     if args is not None:
         for opt in _OPTIONS:
-            given = getattr(args, opt.field, None)
-            if given is not None:
+            if hasattr(args, opt.field):
+                given = getattr(args, opt.field)
                 values[opt.field] = tuple(given) if opt.repeatable else given
     values.setdefault("cache_dir", default_cache_dir(env))
     settings = Settings(**values)

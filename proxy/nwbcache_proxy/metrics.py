@@ -264,8 +264,8 @@ class Metrics:
         self.buffer_pool = Gauge(
             "nwbcache_buffer_pool_bytes",
             "Bytes of buffers the workers' pools keep for reuse, in use or free (blocks "
-            "on their way and just written, reads from the page cache): at most three "
-            "fifths of nwbcache_buffer_memory_bytes.",
+            "on their way and just written, reads from the page cache): at most the pools' "
+            "share of nwbcache_buffer_memory_bytes.",
             multiprocess_mode="livesum",
             registry=r,
         )

@@ -19,6 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import __version__, store
+from .buffers import Budget
 from .index import CacheIndex
 from .layout import Layout
 from .metrics import Metrics
@@ -181,9 +182,11 @@ class StatusTracker:
                 "reconciling": v.get("reconciling", 0.0) > 0,
             },
             "inflight_requests": v.get("inflight_requests", 0.0),
-            # What the buffer pools keep (in use or free) against --buffer-memory.
+            # What the buffer pools keep (in use or free), the most they may, and
+            # --buffer-memory (of which the pools' is a share: buffers.py).
             "buffers": {
                 "kept_bytes": v.get("buffer_pool_bytes", 0.0),
+                "pool_limit_bytes": Budget.of(int(v.get("buffer_memory_bytes", 0))).pool,
                 "limit_bytes": v.get("buffer_memory_bytes", 0.0),
             },
             # Upstream hosts not being asked now (circuit breaker open): misses fail fast.
@@ -244,6 +247,13 @@ ROWS: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def _buffers_text(b: dict[str, Any]) -> str:
+    return (
+        f"; buffer pools keep {_b(b['kept_bytes'])} of at most {_b(b['pool_limit_bytes'])} "
+        f"(--buffer-memory {_b(b['limit_bytes'])})"
+    )
+
+
 def render_text(report: dict[str, Any]) -> str:
     cache = report["cache"]
     buffers = report.get("buffers", {})  # (a daemon before --buffer-memory has none)
@@ -252,9 +262,8 @@ def render_text(report: dict[str, Any]) -> str:
         f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
         f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks, "
         f"{_pct(cache.get('protected'))} protected; "
-        f"{_n(report['inflight_requests'])} requests in flight; buffers "
-        f"{_b(buffers.get('kept_bytes', 0))} kept of {_b(buffers.get('limit_bytes', 0))} "
-        "--buffer-memory",
+        f"{_n(report['inflight_requests'])} requests in flight"
+        + (_buffers_text(buffers) if buffers else ""),
         f"upstream hosts cut off (failing, circuit open): {_n(report['upstream_breakers_open'])}",
         f"pinned  {_b(cache.get('pinned_bytes', 0))} cached of {_n(cache.get('pins', 0))} "
         f"objects ({_b(cache.get('pinned_size_bytes', 0))} of "
@@ -326,8 +335,9 @@ def render_html(report: dict[str, Any]) -> str:
 of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
 {e(_n(cache["blocks"]))} blocks, <span id=protected>{e(_pct(cache.get("protected")))}</span>
 protected (reused, kept through scans); {e(_n(report["inflight_requests"]))} requests in flight;
-buffers <span id=buffers>{e(_b(buffers["kept_bytes"]))}</span> kept of
-{e(_b(buffers["limit_bytes"]))} (--buffer-memory); up {report["uptime_seconds"] / 60:.0f} min.
+buffer pools keep <span id=buffers>{e(_b(buffers["kept_bytes"]))}</span> of at most
+{e(_b(buffers["pool_limit_bytes"]))} (--buffer-memory {e(_b(buffers["limit_bytes"]))});
+up {report["uptime_seconds"] / 60:.0f} min.
 Upstream hosts cut off (failing, circuit open):
 <b id=breakers>{e(_n(report["upstream_breakers_open"]))}</b>.
 Pinned: <b id=pinned>{e(_b(cache.get("pinned_bytes", 0)))}</b> cached of
