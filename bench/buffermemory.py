@@ -9,7 +9,7 @@ server on 127.0.0.1, unthrottled). For each ``--buffer-memory`` value, twice
 read whole first), a daemon of ``--workers`` processes is started and wrk
 reads random 8 MiB ranges of the object over 256 connections for
 ``--seconds``. Figures, RSS summed over the daemon's processes: at rest
-before the load, the peak during it (sampled every 50 ms), and what is kept
+before the load, the peak during it (harness.peak_rss_during), and what is kept
 2 s after it ended: a pool keeps its buffers, and what the C library does
 not hand back stays too (runner.return_freed_buffers). Saved as
 bench/results-buffermemory.json and .md.
@@ -23,14 +23,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Emulator, Nwbcache, git_commit, machine, rss_bytes
+from bench.harness import Emulator, Nwbcache, git_commit, machine, peak_rss_during, rss_bytes
 from bench.wrkrun import run_wrk
 from nwbcache_proxy.sizes import parse_size
 
@@ -39,7 +38,6 @@ REPO = BENCH.parent
 OBJECT = "object.bin"
 RANGE = 8 * 1024 * 1024
 CONNECTIONS = 256
-SAMPLE = 0.05  # s between RSS samples
 SETTLE = 2.0  # s after the load before "kept" is read
 
 
@@ -72,29 +70,18 @@ def measure(
                     pass
         time.sleep(1.0)  # every worker up and idle
         rest = rss_bytes(srv.pids())
-        peak = rest
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, rss_bytes(srv.pids()))
-                time.sleep(SAMPLE)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            load = run_wrk(
+        peak, load = peak_rss_during(
+            srv.pids,
+            lambda: run_wrk(
                 url,
                 size=args.size,
                 length=min(RANGE, args.size),
                 seconds=args.seconds,
                 connections=CONNECTIONS,
                 threads=2,
-            )
-        finally:
-            done.set()
-            sampler.join()
+            ),
+        )
+        peak = max(rest, peak)
         time.sleep(SETTLE)
         kept = rss_bytes(srv.pids())
     finally:

@@ -14,6 +14,7 @@ the advantage of not writing an access log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -22,15 +23,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tests.support.daemons import DaemonProcess
 from tests.support.helpers import REPO, find_tool, free_port, wait_until
 from tests.support.s3emu import STATS_PATH
+
+T = TypeVar("T")
 
 OBJECT_PREFIX = "/bench"  # emulator path prefix: <emulator>/bench/<file name>
 
@@ -81,6 +85,28 @@ def rss_bytes(pids: list[int]) -> int:
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) * 1024
     return total
+
+
+def peak_rss_during(pids: Callable[[], list[int]], work: Callable[[], T]) -> tuple[int, T]:
+    """``work()`` run while the RSS of the processes ``pids()`` names is sampled
+    every 50 ms: the peak (summed over them), and what ``work`` returned."""
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_bytes(pids()))
+            time.sleep(0.05)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sampler = pool.submit(sample)
+        try:
+            result = work()
+        finally:
+            done.set()
+            sampler.result()
+    return peak, result
 
 
 class Emulator:

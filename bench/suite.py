@@ -18,8 +18,8 @@ printed and saved as JSON with the machine, versions and settings.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clientrun import METHODS as ALL_METHODS
-from bench.harness import Emulator, Nginx, Nwbcache, machine, rss_bytes
+from bench.harness import Emulator, Nginx, Nwbcache, machine, peak_rss_during, rss_bytes
 from bench.nwbfiles import BenchFile, ensure_files
 from bench.wrkrun import run_wrk
 from tests.support.helpers import REPO, SHARED_NWB, get_range
@@ -383,10 +382,11 @@ class Bench:
                 if temp == "warm":
                     self.warm_whole(url)
                 idle = rss_bytes(nwb.pids())
-                peak = _peak_rss_during(
+                peak, _ = peak_rss_during(
                     nwb.pids,
-                    lambda u=url: run_wrk(
-                        u,
+                    functools.partial(
+                        run_wrk,
+                        url,
                         size=f.size,
                         length=min(8 * 1024 * 1024, f.size // 2),
                         seconds=max(3.0, self.scale.wrk_seconds),
@@ -424,26 +424,6 @@ class Bench:
                     out["readahead"][ra] = cold.__dict__
                     sys.stderr.write(f"  sweep readahead={ra} scan: {json.dumps(cold.__dict__)}\n")
         return out
-
-
-def _peak_rss_during(pids: Any, work: Any) -> int:
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_bytes(pids()))
-            time.sleep(0.05)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        sampler = pool.submit(sample)
-        try:
-            work()
-        finally:
-            done.set()
-            sampler.result()
-    return peak
 
 
 # --------------------------------------------------------------------------- report

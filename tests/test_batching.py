@@ -62,7 +62,7 @@ def test_a_batch_is_full_at_its_bytes_or_its_pieces(sizes: list[int], full: bool
 )
 def test_many_streams_share_the_send_budget(streams: int, limit: int) -> None:
     assert SEND_BYTES == 32 * 1024 * 1024  # (the table's premise)
-    assert batch_bytes(streams) == limit
+    assert batch_bytes(streams, SEND_BYTES) == limit
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from .blockfile import Buffer
-from .buffers import SEND_BYTES
 
 # A batch is sent once it holds this many bytes...
 BATCH_BYTES = 1024 * 1024
@@ -34,7 +33,7 @@ BATCH_BYTES = 1024 * 1024
 BATCH_PIECES = 64
 
 
-def batch_bytes(streams: int, budget: int = SEND_BYTES) -> int:
+def batch_bytes(streams: int, budget: int) -> int:
     """The bytes one of ``streams`` responses being streamed at once gathers
     for a write: BATCH_BYTES while few are, an equal share of ``budget``
     (what they may gather between them, buffers.py) when many are (a batch

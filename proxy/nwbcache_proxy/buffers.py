@@ -83,8 +83,6 @@ class Budget:
         return self.pool + self.recent + self.send
 
 
-DEFAULT_BUDGET = Budget(POOL_BYTES, RECENT_BYTES, SEND_BYTES)
-
 # For --help and the docs: what ``auto`` does, from the figures above.
 AUTO_TEXT = (
     f"{format_size(DEFAULT_SHARE)} per worker, at most {format_size(AUTO_TOTAL)} in all, "

@@ -20,7 +20,7 @@ from nwbcache.urls import AllowList, UpstreamURL
 from .access import Access
 from .aio import Disk
 from .blocks import Blocks
-from .buffers import DEFAULT_BUDGET, Budget
+from .buffers import Budget
 from .claims import Claims
 from .credentials import NONE, Credentials
 from .fetcher import Fetcher
@@ -62,7 +62,7 @@ class BlockCache:
         metrics: Metrics,
         trace: Path | None = None,
         parent_group: int | None = None,
-        buffers: Budget = DEFAULT_BUDGET,
+        buffers: Budget,
     ) -> None:
         self.layout = layout
         # The pool is the process's, and a daemon process makes one cache. (In

@@ -3,9 +3,10 @@
 Read-ahead fetches a reader's next blocks before it asks for them; with a
 fast upstream they are on disk before the reader gets there, and it reads
 them back (a ``pread``, a read lock, the map's entries). Their buffers were
-in memory until a moment before: keeping the last of them (buffers.RECENT_BYTES by default) lets
-the reader take them from there. A block is taken once (the reader behind
-read-ahead is the one it was fetched for); the oldest go first.
+in memory until a moment before: keeping the last of them (a share of
+--buffer-memory, buffers.py) lets the reader take them from there. A block
+is taken once (the reader behind read-ahead is the one it was fetched for);
+the oldest go first.
 
 The bytes are those written for the version (its name is the key), so they
 stay right whatever happens to the block's file meanwhile; a version dropped
@@ -16,15 +17,13 @@ from __future__ import annotations
 
 import collections
 
-from .buffers import RECENT_BYTES
-
 
 class RecentBlocks:
     """(version name, block index) -> the block's bytes and the files it was
     kept under (``owner``): taken only under the same ones, so a version whose
     files were dropped or swept, then made again, never gets old entries back."""
 
-    def __init__(self, limit: int = RECENT_BYTES) -> None:
+    def __init__(self, limit: int) -> None:
         self._limit = limit
         self._blocks: collections.OrderedDict[tuple[str, int], tuple[memoryview, object]] = (
             collections.OrderedDict()

@@ -41,9 +41,9 @@ def return_freed_buffers() -> bool:
     a small allocation after them lives. Measured: 8 workers with
     --buffer-memory 256M (32 MiB each) kept 780 MB after 256 streams of cold
     reads, 49 MB each over their RSS at rest; with the size fixed, 589 MB (25
-    each). Pooled buffers are
-    reused, so the cost (a map and page faults per buffer made) is paid only
-    beyond the pool. False where there is no mallopt (not glibc)."""
+    each). Pooled buffers are reused, so the cost (a map and page faults per
+    buffer made) is paid only beyond the pool. False where there is no
+    mallopt (not glibc)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
