@@ -164,6 +164,19 @@ def _read_slowly(url: str, stop: threading.Event) -> None:
             conn.close()
 
 
+def _write_random(path: Path, size: int) -> str:
+    """``size`` random bytes into ``path``; their sha256."""
+    digest = hashlib.sha256()
+    with path.open("wb") as fh:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            digest.update(chunk)
+            fh.write(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
+
+
 def read_ranges(url: str, buf: memoryview, range_size: int, streams: int) -> None:
     """GET the object at url into buf, ``range_size`` bytes per request, ranges
     handed out in order to ``streams`` threads, each on its own keep-alive
@@ -275,22 +288,12 @@ class ColdFill:
             source = str(self.baseline_source)
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", source])
 
-    def write_object(self) -> None:
-        """The random object, written once; its sha256."""
-        digest = hashlib.sha256()
-        with (self.origin_dir / OBJECT).open("wb") as fh:
-            left = self.size
-            while left:
-                chunk = os.urandom(min(left, 1 << 20))
-                digest.update(chunk)
-                fh.write(chunk)
-                left -= len(chunk)
-        self.want = digest.hexdigest()
-
-    def write_warm_object(self) -> None:
-        with (self.origin_dir / WARM_OBJECT).open("wb") as fh:
-            for _ in range(WARM_SIZE >> 20):
-                fh.write(os.urandom(1 << 20))
+    def write_objects(self) -> None:
+        """The random object, written once, and its sha256; the second one too
+        when the servers are primed."""
+        self.want = _write_random(self.origin_dir / OBJECT, self.size)
+        if self.args.prime:
+            _write_random(self.origin_dir / WARM_OBJECT, WARM_SIZE)
 
     def start_origin(self) -> None:
         # bandwidth=1e12: unthrottled (the emulator's cap never holds a chunk back).
@@ -357,7 +360,7 @@ class ColdFill:
         ``srv`` before the timed fill, untimed, as the timed one is (a cold fill
         too). A server that has filled before, the way a running one has: its
         buffers made, its memory faulted in."""
-        if srv is None or not (self.args.primed or self.args.slow_readers):
+        if srv is None or not self.args.prime:
             return
         url = srv.url_for(self.emulator.url_for(WARM_OBJECT))
         read_ranges(url, memoryview(bytearray(WARM_SIZE)), self.args.range_bytes, streams)
@@ -697,7 +700,7 @@ def markdown(report: dict[str, Any]) -> str:
         + (
             f"Before it, each server filled a second {format_size(WARM_SIZE)} object the "
             "same way, untimed (--primed: a running server, not a just-started one). "
-            if s.get("primed") or s.get("slow_readers")
+            if s.get("primed")
             else "Each server just started. "
         )
         + "MB = 10**6 bytes; CPU: utime + stime of the server's processes until the "
@@ -804,6 +807,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     args.size_bytes = args.size or parse_size("64M" if args.quick else "256M")
+    # Slow readers read the second object, filled in each server first: those
+    # servers are primed too (the output file follows --primed alone).
+    args.prime = args.primed or args.slow_readers > 0
     args.range_bytes = args.range
     args.streams_list = args.streams
     # By default each cache goes first, and follows each other, equally often
@@ -824,9 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.baseline:
             args.baseline_commit = bench.check_out_baseline(args.baseline)
-        bench.write_object()
-        if args.slow_readers or args.primed:
-            bench.write_warm_object()
+        bench.write_objects()
         bench.start_origin()
         print(
             f"cold fill of {format_size(bench.size)} in {format_size(args.range_bytes)} ranges, "
@@ -866,7 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "settle_s": args.settle,
             "free": args.free,
             "slow_readers": args.slow_readers,
-            "primed": args.primed,
+            "primed": args.prime,
             "warmup": args.warmup,
             "profiled": bool(args.profile),
             "baseline": getattr(args, "baseline_commit", None),
