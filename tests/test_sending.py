@@ -11,6 +11,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
+from nwbcache_proxy.sending import PACED_BYTES, paced
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied
 from tests.support.s3emu import S3Emulator
@@ -105,3 +106,36 @@ def test_a_plain_get_abandoned_after_its_headers_fetches_nothing_more(
     assert origin.log == []
     r = requests.get(url, timeout=60)  # a real download still gets every byte
     assert r.content == DATA
+
+
+@pytest.mark.parametrize(
+    ("plain", "length", "want"),
+    [
+        (True, PACED_BYTES + 1, True),  # a plain GET of a large body: its client may hang up
+        (True, PACED_BYTES, False),  # a small body goes at once
+        (True, 1, False),
+        (False, PACED_BYTES + 1, False),  # a Range names the bytes the client wants
+        (False, 10 * PACED_BYTES, False),
+    ],
+)
+def test_only_a_plain_get_of_a_large_body_is_paced(plain: bool, length: int, want: bool) -> None:
+    assert paced(plain, length) is want
+
+
+def test_a_plain_get_of_a_small_object_fetches_the_rest_in_one_request(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """A cold plain GET of an object of a few blocks: the first block (which
+    tells the object's version), then all the others at once. Its window used
+    to start at one block and grow as the client took them, each step waiting
+    for the client's delayed acknowledgement: four upstream requests here,
+    and ~50 ms, for 6 blocks."""
+    bs = 4096
+    data = os.urandom(5 * bs + 123)
+    origin.put("/s/small", data)
+    daemon = make_daemon(block_size=bs)
+    r = requests.get(proxied(daemon.url, origin, "/s/small"), timeout=30)
+    assert r.status_code == 200 and r.content == data
+    origin.wait_idle()
+    ranges = [q.range for q in origin.requests("/s/small", "GET")]
+    assert ranges == [f"bytes=0-{bs - 1}", f"bytes={bs}-{len(data) - 1}"]

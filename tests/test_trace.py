@@ -17,6 +17,7 @@ from bench.policysim.traces import load_jsonl
 from nwbcache_proxy.aio import Disk
 from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.objectmeta import ObjectMeta, ObjectVersion
+from nwbcache_proxy.sending import PACED_BYTES
 from nwbcache_proxy.trace import TraceWriter
 from nwbcache_proxy.version import Version
 from tests.support.daemons import DaemonThread
@@ -31,23 +32,25 @@ RANGES = [(0, 99), (BS - 10, 3 * BS + 5), (0, 99), (6 * BS, 7 * BS + 99)]
 def test_a_plain_get_abandoned_after_its_headers_records_what_was_sent(
     origin: S3Emulator, make_daemon: Callable[..., DaemonThread], tmp_path: Path
 ) -> None:
-    """remfile's size probe: a GET of the whole object, closed after the headers."""
+    """remfile's size probe: a GET of the whole object, closed after the headers
+    (an object over sending.PACED_BYTES: a smaller body goes at once)."""
     trace = tmp_path / "trace.jsonl"
-    origin.put("/t/probe", DATA)
+    data = os.urandom(PACED_BYTES + 100)
+    origin.put("/t/probe", data)
     daemon = make_daemon(block_size=BS, trace=trace)
     with requests.get(proxied(daemon.url, origin, "/t/probe"), stream=True, timeout=30) as r:
-        assert r.headers["Content-Length"] == str(len(DATA))
+        assert r.headers["Content-Length"] == str(len(data))
     r = requests.get(
         proxied(daemon.url, origin, "/t/probe"), headers={"Range": "bytes=0-9"}, timeout=30
     )
-    assert r.content == DATA[:10]
+    assert r.content == data[:10]
     wait_until(lambda: trace.exists() and '"block": 0' in trace.read_text(), 5)
     time.sleep(1.2)  # one more flush: nothing else comes
     blocks = [json.loads(line)["block"] for line in trace.read_text().splitlines()]
     *probe, ranged = blocks
     assert ranged == 0
     # What went out before the hang-up was noticed, in order, and not the
-    # object's 8 blocks. How much goes out first is the machine's timing: a
+    # object's 65 blocks. How much goes out first is the machine's timing: a
     # client's kernel acknowledges bytes its program never reads (up to 2
     # blocks here most often; 3 in CI once, 4 in 1 of 20 runs under load).
     assert probe == list(range(len(probe))) and len(probe) < 8, probe

@@ -49,7 +49,7 @@ from .observe import SERVER_NAME, add_request_id
 from .parents import INBOUND_VIA, MAX_HOPS, from_nwbcache, loops
 from .rangereader import RangeReader
 from .readfor import CacheOutcome, ReadFor, classify
-from .sending import ResponseAborted, abort, send
+from .sending import ResponseAborted, abort, paced, send
 from .version import Version
 
 log = logging.getLogger("nwbcache.access")
@@ -272,7 +272,9 @@ async def _answer(
         headers["Content-Range"] = rng.content_range(o.size)
     if request.method == "HEAD" or rng.length == 0:
         return await _bodiless(request, status, headers, rng.length)
-    reader = await cache.read(v, url, rng.start, rng.end, eager=status == 206, how=how)
+    # A paced body is also fetched as its client takes it; any other at once.
+    pace = paced(status == 200, rng.length)
+    reader = await cache.read(v, url, rng.start, rng.end, eager=not pace, how=how)
     headers["X-Cache"] = reader.outcome
     if reader.body is not None:  # a small read already in memory: one write
         return web.Response(status=status, headers=headers, body=reader.body)
@@ -280,7 +282,7 @@ async def _answer(
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = rng.length
         await response.prepare(request)
-        await send(request, response, reader, rng.length, pace=status == 200)
+        await send(request, response, reader, rng.length, pace=pace)
     except ResponseAborted as exc:
         request[ABORTED_KEY] = str(exc)
         return response
