@@ -137,6 +137,34 @@ def test_json_access_log_has_one_line_per_request(
     assert "X-Amz-Signature=REDACTED" in line["path"]
 
 
+def test_access_log_counts_the_bytes_of_hits_answered_from_memory(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A warm range small enough to go out in one write (from a block kept in
+    memory, or read whole from the page cache) logged 0 bytes."""
+    caplog.set_level(logging.INFO, logger="nwbcache.access")
+    origin.put(KEY, DATA)
+    daemon = make_daemon(block_size=BS)
+    url = proxied(daemon.url, origin, KEY)
+    assert requests.get(url, timeout=30).content == DATA
+    # All on disk (a block still being written is served from its fetch: not a HIT).
+    wait_until(lambda: daemon.cache.fetcher.fetching == 0, 5, "the blocks written")
+    ranges = [(0, 99), (BS - 10, BS + 9), (3, 3 * BS + 2)]
+    ids = []
+    for lo, hi in ranges:
+        r = requests.get(url, headers={"Range": f"bytes={lo}-{hi}"}, timeout=30)
+        assert r.status_code == 206 and r.content == DATA[lo : hi + 1]
+        assert r.headers["X-Cache"] == "HIT"
+        ids.append(r.headers["X-Request-Id"])
+
+    def logged() -> dict[str, int]:
+        records = [rec for rec in caplog.records if rec.name == "nwbcache.access"]
+        return {rec.request["request_id"]: rec.request["bytes"] for rec in records}  # type: ignore[attr-defined]
+
+    wait_until(lambda: all(i in logged() for i in ids), 5, "the hits' log lines", interval=0.02)
+    assert [logged()[i] for i in ids] == [hi - lo + 1 for lo, hi in ranges]
+
+
 @pytest.mark.slow
 def test_metrics_sum_over_workers(origin: S3Emulator, tmp_path: Path) -> None:
     origin.put(KEY, DATA)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.payload import Payload
 from aiohttp.typedefs import Middleware
 
 from . import __version__
@@ -154,7 +155,7 @@ def _observe(
     if not log.isEnabledFor(level):
         return
     if isinstance(response, web.Response) and method != "HEAD":
-        sent = len(response.body) if isinstance(response.body, bytes) else 0
+        sent = _body_bytes(response)
     else:
         sent = request.get(SENT_KEY, 0)
     record = {
@@ -175,6 +176,17 @@ def _observe(
         record["aborted"] = aborted
         line += f" cut short: {aborted}"
     log.log(level, line, extra={"request": record})
+
+
+def _body_bytes(response: web.Response) -> int:
+    """The length of a one-write response's body: bytes or a bytearray, or a
+    payload (a memoryview becomes one: a hit answered from memory)."""
+    body = response.body
+    if isinstance(body, bytes | bytearray):
+        return len(body)
+    if isinstance(body, Payload) and body.size is not None:
+        return body.size
+    return 0
 
 
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
