@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import requests
@@ -12,7 +14,7 @@ import requests
 from nwbcache_proxy import status
 from nwbcache_proxy.buffers import DEFAULT_SHARE, POOL_BYTES
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import free_port, proxied, scrape, value
+from tests.support.helpers import free_port, proxied, scrape, value, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 64 * 1024
@@ -32,8 +34,21 @@ def busy_daemon(origin: S3Emulator, make_daemon: Callable[..., DaemonThread]) ->
     return daemon
 
 
+def report_with_top(daemon: DaemonThread) -> dict[str, Any]:
+    """/status.json once it names the objects that take most of the cache
+    (found in the background when the index is slow: status.TOP_WAIT)."""
+    reports: list[dict[str, Any]] = []
+
+    def named() -> bool:
+        reports.append(requests.get(f"{daemon.url}/status.json", timeout=30).json())
+        return bool(reports[-1]["top_objects"])
+
+    wait_until(named, 5, "top objects in /status.json", interval=0.05)
+    return reports[-1]
+
+
 def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None:
-    report = requests.get(f"{busy_daemon.url}/status.json", timeout=30).json()
+    report = report_with_top(busy_daemon)
     since = report["since_start"]
     assert since["requests"] == 5
     # exactly the warm reads: blocks fetched for a cold reader (read-ahead
@@ -68,6 +83,7 @@ def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None
 
 
 def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None:
+    report_with_top(busy_daemon)  # found: the page names them too
     r = requests.get(f"{busy_daemon.url}/", timeout=30)
     assert r.status_code == 200
     assert r.headers["Content-Type"].startswith("text/html")
@@ -80,7 +96,7 @@ def test_status_page_is_html_with_the_figures(busy_daemon: DaemonThread) -> None
 
 
 def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
-    report = requests.get(f"{busy_daemon.url}/status.json", timeout=30).json()
+    report = report_with_top(busy_daemon)
     text = status.render_text(report)
     for label, _key, _fmt in status.ROWS:
         assert label in text
@@ -97,6 +113,50 @@ def test_text_and_html_say_when_sizes_are_approximate(busy_daemon: DaemonThread)
     report["cache"]["reconciling"] = True  # as after an unclean stop
     assert "after an unclean stop: sizes approximate" in status.render_text(report)
     assert "id=reconciling" in status.render_html(report)
+
+
+def test_status_answers_while_the_index_is_busy(busy_daemon: DaemonThread) -> None:
+    """Under load the index's thread is busy for long stretches (a flush of
+    many versions' use, an eviction slice): the report gives the top objects
+    found last rather than wait for it (it waited: 200-900 ms under hits)."""
+    first = report_with_top(busy_daemon)["top_objects"]
+    release = threading.Event()
+    busy_daemon.cache.index._executor.submit(release.wait, 30)  # the index's one thread
+    try:
+        time.sleep(status.TOP_MAX_AGE + 0.1)  # those are due to be found again
+        report = requests.get(f"{busy_daemon.url}/status.json", timeout=5).json()
+        assert report["top_objects"] == first
+        assert report["cache"]["blocks"] == 11
+    finally:
+        release.set()
+
+
+def test_the_gauges_show_the_cache_before_a_pass_is_through(
+    busy_daemon: DaemonThread, origin: S3Emulator
+) -> None:
+    """A daemon restarted with a cut --cache-size evicts in its first pass, for
+    as long as that takes under load; the figures showed 0 blocks meanwhile
+    (set at the end of a pass only). They now come first, from the totals the
+    index gave last (at start, when it was opened)."""
+    upkeep = busy_daemon.cache.upkeep
+    url = proxied(busy_daemon.url, origin, "/bucket/a")
+    assert requests.get(url, timeout=30).content == A  # use for the pass to store
+    upkeep.metrics.cache_blocks.set(0)  # as in a daemon just started
+    upkeep.metrics.cache_size.set(0)
+    release = threading.Event()
+    busy_daemon.cache.index._executor.submit(release.wait, 30)  # the pass waits on it
+    done = busy_daemon.submit(upkeep.run_pass())
+    try:
+        wait_until(
+            lambda: value(scrape(busy_daemon.url), "nwbcache_cache_blocks") == 11,
+            5,
+            "the cache's blocks in the gauge",
+        )
+        assert value(scrape(busy_daemon.url), "nwbcache_cache_size_bytes") == len(A) + len(B)
+        assert not done.done()
+    finally:
+        release.set()
+    done.result(30)
 
 
 def test_summarize_reads_metrics_text() -> None:
@@ -157,6 +217,7 @@ def test_nwbcache_status_prints_the_same_figures(busy_daemon: DaemonThread) -> N
     import subprocess
     import sys
 
+    report_with_top(busy_daemon)  # found: the command names them too
     proc = subprocess.run(
         [sys.executable, "-m", "nwbcache_proxy", "status", "--url", busy_daemon.url],
         capture_output=True, text=True, timeout=60, check=False,

@@ -9,6 +9,7 @@ daemons on one cache directory.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -77,7 +78,11 @@ class DaemonThread:
 
     def call(self, coro: Any) -> Any:
         """Run a coroutine on the daemon's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(60)
+        return self.submit(coro).result(60)
+
+    def submit(self, coro: Any) -> concurrent.futures.Future[Any]:
+        """Start a coroutine on the daemon's loop; its future."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def version_of(self, url: str) -> Version:
         """The version the daemon resolves a proxied URL (``proxied``) to."""
