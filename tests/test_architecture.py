@@ -40,6 +40,7 @@ LAYERS: dict[str, set[str]] = {
         "recent",
         "retry",
         "s3api",
+        "footprint",
         "sizes",
         "usage",
         "validate",

@@ -100,6 +100,19 @@ class Old:
         return self.data[index * self.bs : (index + 1) * self.bs]
 
 
+def old_schema(conn: sqlite3.Connection, version: int) -> None:
+    """Schema 4 or 5 (as their daemons made it): today's tables without what
+    came after, schema 6's count of versions in the totals (and for 4, schema
+    5's trigger on a row's bytes)."""
+    schema.run_script(conn, schema.SCHEMA)
+    conn.execute("DROP TRIGGER versions_ins")
+    conn.execute("DROP TRIGGER versions_del")
+    conn.execute("ALTER TABLE totals DROP COLUMN versions")
+    if version == 4:
+        conn.execute("DROP TRIGGER blocks_bytes")
+    conn.execute(f"PRAGMA user_version = {version}")
+
+
 class OldCache:
     """A cache dir as a format-1 (``v1/``, flat version dirs, CRC-32 blocks, index
     schema 2) or format-2 daemon (``v2/``, shard dirs, CRC-32C blocks, schema 4)
@@ -117,9 +130,7 @@ class OldCache:
             schema.run_script(self.conn, SCHEMA_2)
             self.conn.execute("PRAGMA user_version = 2")
         else:  # schema 4: today's tables without schema 5's trigger on a row's bytes
-            schema.run_script(self.conn, schema.SCHEMA)
-            self.conn.execute("DROP TRIGGER blocks_bytes")
-            self.conn.execute("PRAGMA user_version = 4")
+            old_schema(self.conn, 4)
 
     def close(self) -> None:
         self.conn.close()
@@ -681,3 +692,32 @@ def test_a_block_read_before_its_move_is_fetched_and_the_move_keeps_it(
     assert _get(proxied_url).content == data
     origin.wait_idle()
     assert origin.requests() == []
+
+
+def test_a_schema_5_index_gets_its_versions_counted(tmp_path: Path) -> None:
+    """Schema 6 counts the versions in the totals (each has files on disk that
+    --cache-size bounds: footprint.py). A schema-5 index is migrated in place:
+    its count made once, kept by triggers after; no reconcile is due."""
+    path = tmp_path / "index.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    old_schema(conn, 5)
+    names = [f"objects/aa/{k}/v.4096" for k in "abc"]
+    for name in names:
+        conn.execute(schema.ENSURE_VERSION, (name, name.rsplit("/", 1)[0]))
+    conn.executemany(
+        "INSERT INTO blocks(version, idx, bytes, atime) VALUES (?, ?, 4096, 0)",
+        [(vid, i) for vid in (1, 2, 3) for i in range(vid)],
+    )
+    before = schema.totals(conn)
+    conn.close()
+
+    conn = schema.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone() == (6,)
+    assert conn.execute("SELECT versions FROM totals").fetchone() == (3,)
+    assert schema.totals(conn) == before == (6 * 4096, 6)
+    assert schema.get_state(conn, schema.RECONCILE) is None
+    conn.execute("DELETE FROM blocks WHERE version = 2")  # its row goes with its last block
+    conn.execute(schema.ENSURE_VERSION, ("objects/bb/d/v.4096", "objects/bb/d"))
+    conn.execute(schema.ENSURE_VERSION, ("objects/bb/e/v.4096", "objects/bb/e"))
+    assert conn.execute("SELECT versions FROM totals").fetchone() == (4,)
+    conn.close()

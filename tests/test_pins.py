@@ -306,7 +306,7 @@ def test_a_schema_3_index_is_migrated_in_place_its_rows_kept(tmp_path: Path) -> 
     conn.close()
     conn = schema.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == schema.SCHEMA_VERSION == 6
         assert is_needed(conn)  # format 2's block files are to be moved into data files
         rows = conn.execute(
             "SELECT version, idx, bytes, atime, queue, freq, seq FROM blocks ORDER BY version, idx"
@@ -316,16 +316,16 @@ def test_a_schema_3_index_is_migrated_in_place_its_rows_kept(tmp_path: Path) -> 
             (1, 1, 16, 1.0, 0, 0, 2),
             (2, 5, 36, 2.0, 0, 1, 3),
         ]
-        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (116, 52, 3, 2, 0, 0)
+        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (116, 52, 3, 2, 0, 0, 2)
         # The new triggers keep the pinned totals.
         conn.execute("UPDATE blocks SET queue = 2 WHERE version = 2")
-        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (116, 16, 3, 1, 0, 36)
-        conn.execute("DELETE FROM blocks WHERE version = 2")
-        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (80, 16, 2, 1, 0, 0)
+        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (116, 16, 3, 1, 0, 36, 2)
+        conn.execute("DELETE FROM blocks WHERE version = 2")  # and its version's row
+        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (80, 16, 2, 1, 0, 0, 1)
         # Schema 5's trigger keeps the totals when a row's bytes change (a moved
         # format-2 block loses its header's 64 bytes).
         schema.resize_rows(conn, _v(1), [(0, 0), (1, 16)])
-        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (16, 16, 2, 1, 0, 0)
+        assert conn.execute(schema.QUEUE_TOTALS).fetchone() == (16, 16, 2, 1, 0, 0, 1)
         assert conn.execute("SELECT bytes FROM versions WHERE id = 1").fetchone() == (16,)
         # LRU's index leaves pinned rows out.
         plan = " ".join(str(r) for r in conn.execute("EXPLAIN QUERY PLAN " + batchsql.OLDEST, (5,)))

@@ -161,7 +161,7 @@ def evict_s3fifo(
     looked = 0
     with conn:
         conn.execute("BEGIN IMMEDIATE")
-        total, small, blocks, _, _, pinned = conn.execute(schema.QUEUE_TOTALS).fetchone()
+        total, small, blocks, _, _, pinned, _ = conn.execute(schema.QUEUE_TOTALS).fetchone()
         main = total - small - pinned
         # The policy shares out what pins leave of the cache.
         capacity = max(0, capacity - pinned)

@@ -331,7 +331,7 @@ class Blocks:
         self.touch(v, index, written=True)
         pending = self.index.pending_bytes
         if pending > FLUSH_SHARE * self.capacity or (
-            self.index.last_totals.bytes + pending > self.capacity
+            self.index.last_totals.on_disk + pending > self.capacity
         ):
             self._on_pressure()
         return True

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from . import accounting, reconcile, schema, store, wholeversions
+from . import accounting, footprint, reconcile, schema, store, wholeversions
 from .accounting import Stats
 from .layout import Layout
 from .policy import Eviction
@@ -58,6 +58,13 @@ class Totals:
     small_bytes: int = 0  # in S3-FIFO's small queue
     ghosts: int = 0  # blocks S3-FIFO's ghost list remembers
     pinned_bytes: int = 0  # in the pinned queue; the rest is in main
+    versions: int = 0  # each with files on disk (footprint.py)
+
+    @property
+    def on_disk(self) -> int:
+        """What the cache takes on disk: its blocks' bytes and their files'
+        overhead (footprint.py). What --cache-size bounds."""
+        return self.bytes + footprint.overhead(self.versions, self.blocks)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,8 +253,9 @@ class CacheIndex:
 
     # -- size and eviction -------------------------------------------------
     def _totals_sync(self) -> Totals:
-        total, small, blocks, _, ghosts, pinned = self.conn.execute(schema.QUEUE_TOTALS).fetchone()
-        return Totals(int(total), int(blocks), int(small), int(ghosts), int(pinned))
+        row = self.conn.execute(schema.QUEUE_TOTALS).fetchone()
+        total, small, blocks, _, ghosts, pinned, versions = map(int, row)
+        return Totals(total, blocks, small, ghosts, pinned, versions)
 
     async def totals(self) -> Totals:
         self.last_totals = await self._run(self._totals_sync)

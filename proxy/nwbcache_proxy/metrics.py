@@ -94,6 +94,13 @@ class Metrics:
             multiprocess_mode="mostrecent",
             registry=r,
         )
+        self.cache_overhead = Gauge(
+            "nwbcache_cache_overhead_bytes",
+            "Bytes the cache's files take on disk beyond their blocks' (an estimate from "
+            "the index: per version and per block); --cache-size bounds both.",
+            multiprocess_mode="mostrecent",
+            registry=r,
+        )
         self.cache_capacity = Gauge(
             "nwbcache_cache_capacity_bytes",
             "The --cache-size bound.",

@@ -21,9 +21,9 @@ from . import batchsql
 # version, so reports never scan the table; 4 adds pins (a queue eviction
 # never reads, and the pins table), and per version its cache key, last use
 # and hits, so the admin API lists and matches objects from the index alone;
-# 5 is cache format 3's (a row's bytes are its block's, no header; a trigger
-# keeps the totals when they change, as rows of moved format-2 blocks do).
-SCHEMA_VERSION = 5
+# 5 is cache format 3's (a row's bytes are its block's; a trigger keeps the
+# totals as rows' bytes change); 6 counts versions (footprint.py) in the totals.
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS totals (
     ghosts INTEGER NOT NULL DEFAULT 0,
     seq INTEGER NOT NULL DEFAULT 0,          -- the last queue position handed out
     pinned_bytes INTEGER NOT NULL DEFAULT 0, -- in the pinned queue
-    pinned_blocks INTEGER NOT NULL DEFAULT 0
+    pinned_blocks INTEGER NOT NULL DEFAULT 0,
+    versions INTEGER NOT NULL DEFAULT 0      -- rows in versions
 );
 INSERT OR IGNORE INTO totals(id, bytes, blocks) VALUES (0, 0, 0);
 -- Objects kept whatever the policy says (nwbcache pin), by object dir.
@@ -113,6 +114,10 @@ WHEN OLD.bytes != NEW.bytes BEGIN
         pinned_bytes = pinned_bytes + (NEW.bytes - OLD.bytes) * (NEW.queue = 2) WHERE id = 0;
     UPDATE versions SET bytes = bytes + NEW.bytes - OLD.bytes WHERE id = NEW.version;
 END;
+CREATE TRIGGER IF NOT EXISTS versions_ins AFTER INSERT ON versions
+BEGIN UPDATE totals SET versions = versions + 1 WHERE id = 0; END;
+CREATE TRIGGER IF NOT EXISTS versions_del AFTER DELETE ON versions
+BEGIN UPDATE totals SET versions = versions - 1 WHERE id = 0; END;
 CREATE TRIGGER IF NOT EXISTS ghosts_ins AFTER INSERT ON ghosts BEGIN
     UPDATE totals SET ghosts = ghosts + 1 WHERE id = 0;
 END;
@@ -168,6 +173,10 @@ ALTER TABLE totals ADD COLUMN pinned_bytes INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE totals ADD COLUMN pinned_blocks INTEGER NOT NULL DEFAULT 0;
 """
 
+# Schema 5 -> 6 (3, 4 on their way): the totals count the versions (SCHEMA's triggers).
+MIGRATE_5_TO_6 = "ALTER TABLE totals ADD COLUMN versions INTEGER NOT NULL DEFAULT 0"
+COUNT_VERSIONS = "UPDATE totals SET versions = (SELECT count(*) FROM versions) WHERE id = 0"
+
 # A new version of a pinned object is pinned from its first block.
 ENSURE_VERSION = (
     "INSERT INTO versions(name, pinned) VALUES (?, EXISTS(SELECT 1 FROM pins WHERE odir = ?)) "
@@ -194,7 +203,8 @@ INSERT_FOUND = (
 # Hands out ``?`` queue positions: the last one is returned.
 TAKE_SEQ = "UPDATE totals SET seq = seq + ? WHERE id = 0 RETURNING seq"
 QUEUE_TOTALS = (
-    "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes FROM totals WHERE id = 0"
+    "SELECT bytes, small_bytes, blocks, small_blocks, ghosts, pinned_bytes, versions "
+    "FROM totals WHERE id = 0"
 )
 TRIM_GHOSTS = "DELETE FROM ghosts WHERE key IN (SELECT key FROM ghosts ORDER BY seq LIMIT ?)"
 # Each [version id, index, bytes]: the version from the batch too, so that
@@ -280,11 +290,14 @@ def migrate(conn: sqlite3.Connection) -> None:
             )
         if version == SCHEMA_VERSION:
             return
-        if version in (3, 4):  # rows kept; the reconciler moves format 2's blocks
+        if version in (3, 4, 5):  # rows kept
             if version == 3:
                 run_script(conn, MIGRATE_3_TO_4)
+            conn.execute(MIGRATE_5_TO_6)
             run_script(conn, SCHEMA)
-            conn.execute(SET_STATE, (RECONCILE, ""))
+            conn.execute(COUNT_VERSIONS)
+            if version < 5:  # the reconciler moves format 2's blocks
+                conn.execute(SET_STATE, (RECONCILE, ""))
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         columns = {row[1] for row in conn.execute("PRAGMA table_info(blocks)")}
@@ -297,6 +310,7 @@ def migrate(conn: sqlite3.Connection) -> None:
         run_script(conn, SCHEMA)
         if old:
             run_script(conn, MIGRATE_2_TO_3_AFTER)
+        conn.execute(COUNT_VERSIONS)
         conn.execute(SET_STATE, (RECONCILE, ""))
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 

@@ -83,6 +83,7 @@ def summarize(exposition: bytes) -> dict[str, float]:
                 "nwbcache_cache_evictions_recent_total",
                 "nwbcache_coalesced_requests_total",
                 "nwbcache_cache_size_bytes",
+                "nwbcache_cache_overhead_bytes",
                 "nwbcache_cache_capacity_bytes",
                 "nwbcache_pins",
                 "nwbcache_pin_limit_bytes",
@@ -178,7 +179,13 @@ class StatusTracker:
                 "size_bytes": v.get("cache_size_bytes", 0.0),
                 "capacity_bytes": v.get("cache_capacity_bytes", 0.0),
                 "blocks": v.get("cache_blocks", 0.0),
-                "fill": _ratio(v.get("cache_size_bytes", 0.0), v.get("cache_capacity_bytes", 0.0)),
+                # Its files beyond the blocks' bytes (footprint.py): --cache-size
+                # bounds both, and the fill counts both.
+                "overhead_bytes": v.get("cache_overhead_bytes", 0.0),
+                "fill": _ratio(
+                    v.get("cache_size_bytes", 0.0) + v.get("cache_overhead_bytes", 0.0),
+                    v.get("cache_capacity_bytes", 0.0),
+                ),
                 # S3-FIFO's main queue: what a scan cannot push out.
                 "protected": _ratio(
                     v.get("cache_queue_bytes_main", 0.0), v.get("cache_size_bytes", 0.0)
@@ -288,7 +295,8 @@ def render_text(report: dict[str, Any]) -> str:
     lines = [
         f"nwbcache {report['version']}  up {report['uptime_seconds'] / 60:.0f} min",
         f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
-        f"({_pct(cache['fill'])}), {_n(cache['blocks'])} blocks, "
+        f"({_pct(cache['fill'])} with {_b(cache.get('overhead_bytes', 0))} in its files), "
+        f"{_n(cache['blocks'])} blocks, "
         f"{_pct(cache.get('protected'))} protected; "
         f"{_n(report['inflight_requests'])} requests in flight"
         + (_buffers_text(buffers) if buffers else ""),

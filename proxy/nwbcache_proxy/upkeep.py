@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from . import staging
+from . import footprint, staging
 from .aio import Disk, Tasks
 from .index import FLUSH_INTERVAL, CacheIndex
 from .inflight import POOL
@@ -141,7 +141,7 @@ class Upkeep:
         await self.index.flush()
         if self.trace is not None:
             await self.trace.flush()
-        if self.index.last_totals.bytes > self.capacity:
+        if self.index.last_totals.on_disk > self.capacity:
             await self._evict(int(self.capacity * LOW_WATER))
         self._gauge_totals()
         self.metrics.buffer_pool.set(POOL.kept_bytes)
@@ -150,6 +150,7 @@ class Upkeep:
     def _gauge_totals(self) -> None:
         totals = self.index.last_totals
         self.metrics.cache_size.set(totals.bytes)
+        self.metrics.cache_overhead.set(totals.on_disk - totals.bytes)
         self.metrics.cache_blocks.set(totals.blocks)
         self.metrics.queue_bytes.labels("small").set(totals.small_bytes)
         main = totals.bytes - totals.small_bytes - totals.pinned_bytes
@@ -167,10 +168,13 @@ class Upkeep:
         self.metrics.promotions.inc(done.promoted)
 
     async def _evict(self, target: int) -> None:
-        """Slice after slice down to ``target``: each a bounded job on the index's
-        thread, so this process's flushes and reconcile steps run between them."""
+        """Slice after slice down to ``target`` bytes on disk: each a bounded job
+        on the index's thread, so this process's flushes and reconcile steps run
+        between them."""
         while True:
-            done = await self.index.evict_slice(target, self.capacity)
+            totals = self.index.last_totals
+            room = footprint.block_room(target, totals.versions, totals.blocks)
+            done = await self.index.evict_slice(room, self.capacity)
             self.metrics.evicted_recent.inc(done.recent)
             self._gauge_totals()
             if not done.more:
