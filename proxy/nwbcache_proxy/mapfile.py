@@ -1,8 +1,7 @@
 """Format 3's map file: the header that binds a version's data file to one version, and
 the entry per block that says whether it is present (docs/format-3-design.md).
 
-Pure: bytes in, bytes out. versionfile.py does the I/O. Not used by the
-daemon yet, which writes format 2 (a file per block).
+Pure: bytes in, bytes out. versionfile.py does the I/O.
 
 A map file is a 64-byte header, then entry ``n`` at ``HEADER_SIZE + 8n``:
 the CRC-32C of block ``n``'s bytes and their length, little-endian. Length
