@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import requests
 
-from nwbcache_proxy import status
+from nwbcache_proxy import footprint, status
 from nwbcache_proxy.buffers import DEFAULT_SHARE, POOL_BYTES
+from nwbcache_proxy.sizes import format_size
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import free_port, proxied, scrape, value, wait_until
 from tests.support.s3emu import S3Emulator
@@ -62,6 +63,11 @@ def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None
     assert since["hit_ratio_requests"] == pytest.approx(3 / 5)
     assert report["cache"]["blocks"] == 11
     assert report["cache"]["capacity_bytes"] == 100 * BS
+    # The fill counts the files of the 2 versions and 11 blocks (footprint.py).
+    assert report["cache"]["size_bytes"] == len(A) + len(B)
+    assert report["cache"]["overhead_bytes"] == footprint.overhead(2, 11)
+    on_disk = len(A) + len(B) + footprint.overhead(2, 11)
+    assert report["cache"]["fill"] == pytest.approx(on_disk / (100 * BS))
     # The default --buffer-memory of one worker, its pool's share, and what
     # the pool keeps: the gauges' figures.
     metrics = scrape(busy_daemon.url)
@@ -100,6 +106,8 @@ def test_text_rendering_has_every_row(busy_daemon: DaemonThread) -> None:
     text = status.render_text(report)
     for label, _key, _fmt in status.ROWS:
         assert label in text
+    overhead = format_size(footprint.overhead(2, 11))
+    assert f"{format_size(len(A) + len(B))} of blocks and {overhead} of their files" in text
     assert "/bucket/a" in text
     assert "of at most 96 MiB (--buffer-memory 160 MiB)" in text
     del report["buffers"]  # a daemon from before --buffer-memory

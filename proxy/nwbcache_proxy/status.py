@@ -294,9 +294,9 @@ def render_text(report: dict[str, Any]) -> str:
     buffers = report.get("buffers", {})  # (a daemon before --buffer-memory has none)
     lines = [
         f"nwbcache {report['version']}  up {report['uptime_seconds'] / 60:.0f} min",
-        f"cache   {_b(cache['size_bytes'])} of {_b(cache['capacity_bytes'])} "
-        f"({_pct(cache['fill'])} with {_b(cache.get('overhead_bytes', 0))} in its files), "
-        f"{_n(cache['blocks'])} blocks, "
+        f"cache   {_b(cache['size_bytes'])} of blocks and "
+        f"{_b(cache.get('overhead_bytes', 0))} of their files: {_pct(cache['fill'])} of "
+        f"{_b(cache['capacity_bytes'])}, {_n(cache['blocks'])} blocks, "
         f"{_pct(cache.get('protected'))} protected; "
         f"{_n(report['inflight_requests'])} requests in flight"
         + (_buffers_text(buffers) if buffers else ""),
@@ -367,8 +367,9 @@ def render_html(report: dict[str, Any]) -> str:
 <title>nwbcache status</title>
 <style>{STYLE}</style></head><body>
 <h1>nwbcache {e(report["version"])}</h1>
-<p>Cache: <b id=cache-size>{e(_b(cache["size_bytes"]))}</b>
-of {e(_b(cache["capacity_bytes"]))} (<span id=cache-fill>{e(_pct(cache["fill"]))}</span>),
+<p>Cache: <b id=cache-size>{e(_b(cache["size_bytes"]))}</b> of blocks and
+{e(_b(cache.get("overhead_bytes", 0)))} of their files:
+<span id=cache-fill>{e(_pct(cache["fill"]))}</span> of {e(_b(cache["capacity_bytes"]))},
 {e(_n(cache["blocks"]))} blocks, <span id=protected>{e(_pct(cache.get("protected")))}</span>
 protected (reused, kept through scans); {e(_n(report["inflight_requests"]))} requests in flight;
 buffer pools keep <span id=buffers>{e(_b(buffers["kept_bytes"]))}</span> of at most
