@@ -18,8 +18,10 @@ The index counts what the cache holds the same way: the blocks' own bytes
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import pytest
 import requests
@@ -213,3 +215,40 @@ def test_any_read_order_counts_each_byte_once(
             assert now["cache"] - before["cache"] == len(data)
     after = indexed(daemon)  # every block held once, its own bytes only
     assert (after.bytes - held.bytes, after.blocks - held.blocks) == (len(data), BLOCKS)
+
+
+def test_a_block_a_client_had_whole_is_a_hit_while_it_is_written(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks whose bytes a client has had whole but whose write to disk is
+    still under way are read as from their files: a second reader's answer is
+    a HIT, its bytes from the cache. It was PARTIAL or MISS, bytes from
+    upstream (a plain GET of a small object and a read right after it)."""
+    bs = 4096
+    data = os.urandom(6 * bs)
+    origin.put("/acct/pending", data)
+    daemon = make_daemon(block_size=bs)
+    url = proxied(daemon.url, origin, "/acct/pending")
+    assert requests.get(url, headers={"Range": "bytes=0-0"}, timeout=30).content == data[:1]
+    release = threading.Event()
+    write = blockio.write
+
+    def slow_write(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(blockio, "write", slow_write)
+    before = served(daemon.url)
+    try:
+        rng = {"Range": f"bytes={bs}-{6 * bs - 1}"}
+        first = requests.get(url, headers=rng, timeout=30)
+        assert first.content == data[bs:] and first.headers["X-Cache"] == "MISS"
+        second = requests.get(url, headers=rng, timeout=30)
+        assert second.content == data[bs:]
+        assert daemon.cache.fetcher.fetching > 0  # still being written
+        assert second.headers["X-Cache"] == "HIT"
+        after = served(daemon.url)
+        assert after["upstream"] - before["upstream"] == 5 * bs
+        assert after["cache"] - before["cache"] == 5 * bs
+    finally:
+        release.set()

@@ -35,6 +35,11 @@ def test_sequential_detector(reads: list[tuple[int, int]], expected: list[int]) 
     assert [detector.blocks_after("k", a, b) for a, b in reads] == expected
 
 
+def test_no_readahead_fetches_nothing_past_a_sequential_read() -> None:
+    detector = SequentialDetector(BS, 0)  # --readahead 0
+    assert [detector.blocks_after("a", i * 100, i * 100 + 100) for i in range(4)] == [0] * 4
+
+
 def test_sequential_detector_keeps_objects_apart() -> None:
     detector = SequentialDetector(BS, max_blocks=8)
     assert detector.blocks_after("a", 0, 100) == 0

@@ -139,3 +139,25 @@ def test_a_plain_get_of_a_small_object_fetches_the_rest_in_one_request(
     origin.wait_idle()
     ranges = [q.range for q in origin.requests("/s/small", "GET")]
     assert ranges == [f"bytes=0-{bs - 1}", f"bytes={bs}-{len(data) - 1}"]
+
+
+def test_no_readahead_still_fetches_a_range_in_one_request(
+    origin: S3Emulator, make_daemon: Callable[..., DaemonThread]
+) -> None:
+    """--readahead 0: nothing past what is asked, but what is asked comes a run
+    at a time; it came a block per request, in turn (p99 1.5 s for ranges of
+    up to 2 MB of 4 KiB blocks, an outside harness found)."""
+    bs = 4096
+    data = os.urandom(64 * bs)
+    origin.put("/s/noahead", data)
+    daemon = make_daemon(block_size=bs, readahead=0)
+    url = proxied(daemon.url, origin, "/s/noahead")
+    for lo, hi in [(100, 20 * bs - 1), (20 * bs, 40 * bs - 1)]:  # back to back: sequential
+        r = requests.get(url, headers={"Range": f"bytes={lo}-{hi}"}, timeout=30)
+        assert r.status_code == 206 and r.content == data[lo : hi + 1]
+    origin.wait_idle()
+    gets = origin.requests("/s/noahead", "GET")
+    # The discovery's first block, each range's other blocks in one request,
+    # and not a byte past the second range.
+    assert len(gets) <= 3, [q.range for q in gets]
+    assert origin.bytes_sent("/s/noahead") == 40 * bs

@@ -131,7 +131,7 @@ class BlockCache:
             self.blocks,
             self.fetcher,
             block_size=block_size,
-            readahead_blocks=max(1, readahead // block_size),
+            readahead_blocks=readahead // block_size,
             metrics=metrics,
             trace=self.trace,
             send_budget=buffers.send,

@@ -159,6 +159,12 @@ class InflightBlock:
         return self.filled == self.length
 
     @property
+    def had(self) -> bool:
+        """Whole, and a client has had it: all that is left is its write to
+        disk, and another reader of it reads from the cache, not from upstream."""
+        return self.filled == self.length and self.claimed and self.error is None
+
+    @property
     def parts(self) -> list[memoryview]:
         """The whole block's bytes (for one writev)."""
         assert self.complete and self._buf is not None

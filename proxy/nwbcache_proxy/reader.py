@@ -6,11 +6,11 @@ outcome is known before response headers go out, and a version change found
 on the way surfaces while the request can still start over.
 
 Accounting: a byte sent to a client counts as served from upstream when its
-block came from upstream for this read: streamed from a fetch in flight, or
-read from a file whose fresh mark this read claimed (fetcher.py). Every
-other byte is served from the cache. A response is a HIT when none of its
-blocks had to come from upstream, a MISS when all did, else PARTIAL; a HIT of
-a version served without upstream's confirmation (versions.py) is STALE.
+block came from upstream for this read: streamed from a fetch in flight (not
+one a client had whole: as from its file), or read from a file whose fresh
+mark this read claimed (fetcher.py). Every other byte is served from the
+cache. A response is a HIT when none of its blocks had to come from upstream,
+a MISS when all did, else PARTIAL; a HIT upstream did not confirm is STALE.
 
 An offline read (``Cache-Control: only-if-cached``) fetches nothing: every
 block must be on disk before the headers go out, or it is a 504 (NotCached).
@@ -63,8 +63,14 @@ class Reader:
         self.blocks = blocks
         self.trace = trace
         self.fetcher = fetcher
-        self.readahead_blocks = readahead_blocks
         self.sequential = SequentialDetector(block_size, readahead_blocks)
+        # A range's own bytes are fetched up to this many blocks at a time: the
+        # read-ahead, but never less than a fetch run, so that a small
+        # --readahead (0: nothing past what is asked) does not fetch a range a
+        # block per request, in turn (2 MB of 4 KiB blocks: 512 of them). A
+        # plain GET's window grows to the read-ahead as its client reads.
+        self.window_blocks = max(readahead_blocks, fetcher.max_run_blocks)
+        self.readahead_blocks = max(1, readahead_blocks)
         self._from_upstream = metrics.served_bytes.labels("upstream")
         self._from_cache = metrics.served_bytes.labels("cache")
         self._coalesced = metrics.coalesced
@@ -114,9 +120,8 @@ class Reader:
                 return self._held_body(v, blocks, start, end, body, stale)
         if offline and not await self.cached(v, start, end):
             raise NotCached("not all of the range is in the cache (only-if-cached)")
-        window = StreamWindow.open(
-            blocks.start, blocks.stop, eager=eager, limit=self.readahead_blocks
-        )
+        limit = self.window_blocks if eager else self.readahead_blocks
+        window = StreamWindow.open(blocks.start, blocks.stop, eager=eager, limit=limit)
         span = _span_in_block(v, blocks.start, start, end)
         first, first_fresh = await self._acquire(
             v,
@@ -130,16 +135,19 @@ class Reader:
         if isinstance(first, InflightBlock):
             await first.first_bytes()
         rest = range(blocks.start + 1, min(blocks.stop, blocks.start + 1 + PRESENCE_CHECK_LIMIT))
-        # Blocks in flight count as missing, and are not looked for on disk.
-        look = [i for i in rest if self.fetcher.inflight(v, i) is None]
+        # Blocks in flight count as missing, and are not looked for on disk,
+        # but for those a client has had whole (only their write is pending).
+        inflight = [self.fetcher.inflight(v, i) for i in rest]
+        look = [i for i, b in zip(rest, inflight, strict=True) if b is None]
         on_disk = await self.blocks.present(v, look) if look else set()
         cached = sum(1 for i in on_disk if not self.fetcher.is_fresh(v, i))
+        cached += sum(1 for b in inflight if b is not None and b.had)
         if isinstance(first, CachedBlock) and not first_fresh:
             cached += 1
         outcome = classify(cached, 1 + len(rest), stale=stale)
         if eager and not offline:
             missing = [i for i in rest if i not in on_disk]
-            self.fetcher.fetch(v, url, missing[: self.readahead_blocks], auth)
+            self.fetcher.fetch(v, url, missing[: self.window_blocks], auth)
         if ahead:
             self.fetcher.prefetch(v, url, blocks.stop, blocks.stop + ahead, auth)
         if len(blocks) == 1 and isinstance(first, CachedBlock):
@@ -360,9 +368,11 @@ class Reader:
         if offline:  # evicted since the presence check, or being fetched: not cached
             raise NotCached("a block of the range left the cache (only-if-cached)")
         if inflight is not None:
+            if inflight.had:  # read as from its file (it was counted PARTIAL)
+                return CachedBlock(0, inflight.parts[0]), False
             self._coalesced.inc()
             return inflight, self.fetcher.claim(v, i, inflight)
-        upto = min(wanted_end, i + self.readahead_blocks, v.block_count)
+        upto = min(wanted_end, i + self.window_blocks, v.block_count)
         # The run extends while blocks are missing: up to the first in flight,
         # then up to the first on disk.
         following = range(i + 1, upto)
