@@ -147,7 +147,7 @@ def test_access_log_counts_the_bytes_of_hits_answered_from_memory(
     daemon = make_daemon(block_size=BS)
     url = proxied(daemon.url, origin, KEY)
     assert requests.get(url, timeout=30).content == DATA
-    # All on disk (a block still being written is served from its fetch: not a HIT).
+    # All on disk: the ranges are then answered in one write (the path that logged 0).
     wait_until(lambda: daemon.cache.fetcher.fetching == 0, 5, "the blocks written")
     ranges = [(0, 99), (BS - 10, BS + 9), (3, 3 * BS + 2)]
     ids = []

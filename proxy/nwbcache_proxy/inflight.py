@@ -162,7 +162,7 @@ class InflightBlock:
     def had(self) -> bool:
         """Whole, and a client has had it: all that is left is its write to
         disk, and another reader of it reads from the cache, not from upstream."""
-        return self.filled == self.length and self.claimed and self.error is None
+        return self.complete and self.claimed and self.error is None
 
     @property
     def parts(self) -> list[memoryview]:

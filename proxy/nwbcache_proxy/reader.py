@@ -70,7 +70,7 @@ class Reader:
         # block per request, in turn (2 MB of 4 KiB blocks: 512 of them). A
         # plain GET's window grows to the read-ahead as its client reads.
         self.window_blocks = max(readahead_blocks, fetcher.max_run_blocks)
-        self.readahead_blocks = max(1, readahead_blocks)
+        self.plain_window_blocks = max(1, readahead_blocks)
         self._from_upstream = metrics.served_bytes.labels("upstream")
         self._from_cache = metrics.served_bytes.labels("cache")
         self._coalesced = metrics.coalesced
@@ -120,7 +120,7 @@ class Reader:
                 return self._held_body(v, blocks, start, end, body, stale)
         if offline and not await self.cached(v, start, end):
             raise NotCached("not all of the range is in the cache (only-if-cached)")
-        limit = self.window_blocks if eager else self.readahead_blocks
+        limit = self.window_blocks if eager else self.plain_window_blocks
         window = StreamWindow.open(blocks.start, blocks.stop, eager=eager, limit=limit)
         span = _span_in_block(v, blocks.start, start, end)
         first, first_fresh = await self._acquire(

@@ -149,7 +149,7 @@ class StatusTracker:
         )
         self.started = time.time()
         self._top: list[dict[str, Any]] = []
-        self._top_at = -TOP_MAX_AGE  # (monotonic) when self._top was found
+        self._top_at = float("-inf")  # (monotonic) when self._top was found
         self._finding: asyncio.Task[None] | None = None
 
     def snapshot(self) -> Snapshot:

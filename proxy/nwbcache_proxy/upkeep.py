@@ -136,7 +136,7 @@ class Upkeep:
         self.table.close_unlinked()
         # The totals as last read (at start, the index's): gauges set only at the
         # end of a pass read 0 at start, for as long as a first pass evicting a
-        # cut --cache-size took under load (25 s measured at 1M blocks).
+        # cut --cache-size took under load (25 s under one client's hits, 1M blocks).
         self._gauge_totals()
         await self.index.flush()
         if self.trace is not None:
