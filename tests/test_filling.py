@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from nwbcache_proxy.filling import RunFill
+from nwbcache_proxy.filling import RunFill, WriteBacklog
 from nwbcache_proxy.inflight import InflightBlock
 
 BS = 1024
@@ -65,3 +65,80 @@ async def test_whole_blocks_go_to_disk_in_groups_of_the_size_asked(
     await fill.close()
     assert disk.groups == expected
     assert completed == [i for g in expected for i in g]  # each told before it is handed on
+
+
+async def test_a_fill_hands_on_what_is_whole_and_waits_while_writes_are_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Other runs' blocks not yet written fill the process's backlog: this
+    run hands its whole blocks to disk at once, short of a group, and takes
+    no more bytes until the backlog is back under its limit."""
+    monkeypatch.setattr("nwbcache_proxy.filling.PUBLISH_GROUP_BYTES", 4 * BS)
+    disk = Disk()
+    backlog = WriteBacklog(limit=2 * BS)
+    backlog.add(10 * BS)  # the other runs'
+    run = [InflightBlock(i, BS) for i in range(4)]
+    fill = RunFill(run, BS, disk.publish, lambda b: None, backlog)
+    filling = asyncio.ensure_future(_fill(fill, 4 * BS, chunk=BS))
+    await asyncio.sleep(0.05)
+    assert disk.groups == [[0]] and not filling.done()  # handed on, and held
+    assert run[1].filled == 0
+    backlog.written(10 * BS)  # theirs are on disk
+    await asyncio.wait_for(filling, 5)
+    await fill.close()
+    assert disk.groups == [[0], [1, 2, 3]]
+    assert backlog.bytes == 0  # each block left it once written
+
+
+def test_a_backlog_wakes_its_waiters_once_under_its_limit() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        backlog = WriteBacklog(limit=100)
+        assert backlog.room() is None
+        backlog.add(150)
+        waiter = loop.run_until_complete(_room(backlog))
+        assert waiter is not None and not waiter.done()
+        backlog.written(40)  # 110: still over
+        assert not waiter.done()
+        backlog.written(10)  # 100: at the limit
+        assert waiter.done()
+    finally:
+        loop.close()
+
+
+async def _room(backlog: WriteBacklog) -> asyncio.Future[None] | None:
+    return backlog.room()
+
+
+async def test_a_close_cancelled_before_its_last_groups_leaves_no_bytes_in_the_backlog(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Groups a cancelled close never hands on will never be written: their
+    bytes leave the backlog, or every later fill would wait for them."""
+    monkeypatch.setattr("nwbcache_proxy.filling.PUBLISH_GROUP_BYTES", 2 * BS)
+    gate: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+    groups: list[list[int]] = []
+
+    def publish(group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
+        groups.append([b.index for b in group])
+        return gate  # the first job never ends until the gate opens
+
+    backlog = WriteBacklog(limit=100 * BS)
+    run = [InflightBlock(i, BS) for i in range(5)]
+    fill = RunFill(run, BS, publish, lambda b: None, backlog)
+    waits = []
+    for _ in range(4):  # blocks 0 and 1: a group, under way; 2 and 3: queued
+        fill.space()[:BS] = bytes(BS)
+        waits.append(fill.received(BS))
+    assert waits[:3] == [None, None, None] and waits[3] is gate  # the body pauses there
+    assert groups == [[0, 1]] and backlog.bytes == 4 * BS
+    # The fetch fails meanwhile (block 4 never comes): its close hands on what is whole.
+    closing = asyncio.ensure_future(fill.close())
+    await asyncio.sleep(0.01)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert backlog.bytes == 2 * BS  # only the group under way is still owed
+    gate.set_result([True, True])
+    await asyncio.sleep(0)
+    assert backlog.bytes == 0

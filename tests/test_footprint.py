@@ -13,7 +13,7 @@ import requests
 
 from nwbcache_proxy import footprint
 from nwbcache_proxy.footprint import BLOCK_BYTES, VERSION_BYTES
-from nwbcache_proxy.index import Totals
+from nwbcache_proxy.index import FLUSH_SHARE, Totals
 from tests.support.daemons import DaemonThread
 from tests.support.helpers import proxied, scrape, value
 from tests.support.s3emu import S3Emulator
@@ -91,3 +91,33 @@ def test_many_small_objects_stay_within_the_cache_size_on_disk(
     assert content + overhead <= capacity
     # The estimate is not far off what the files take.
     assert on_disk <= content + overhead <= 1.5 * on_disk
+
+
+def test_new_small_versions_count_their_files_in_the_pressure_check(
+    origin: S3Emulator,
+    make_daemon: Callable[..., DaemonThread],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Eight new objects of one 4 KiB block each, unflushed: their bytes alone
+    (32 KiB) are under the share of a 4 MiB cache that wakes eviction
+    (index.FLUSH_SHARE), their files with them (~160 KiB) are not, and the
+    check wakes it. Counting the bytes alone, a fill of small objects ran a
+    cache up to a third over --cache-size between two flushes."""
+    capacity = 4 * 1024 * 1024
+    daemon = make_daemon(block_size=4096, cache_size=capacity)
+    index, blocks = daemon.cache.index, daemon.cache.blocks
+    objects = {f"/press/{i}": os.urandom(4096) for i in range(8)}
+    for key, data in objects.items():
+        origin.put(key, data)
+
+    async def held() -> bool:  # no flush meanwhile: the pending figures stay
+        return True
+
+    woken: list[int] = []
+    monkeypatch.setattr(index, "flush", held)
+    monkeypatch.setattr(blocks, "_on_pressure", lambda: woken.append(index.pending_on_disk))
+    for key, data in objects.items():
+        assert requests.get(proxied(daemon.url, origin, key), timeout=30).content == data
+    assert index.pending_bytes == 8 * 4096 <= FLUSH_SHARE * capacity
+    assert index.pending_on_disk > FLUSH_SHARE * capacity
+    assert woken, "the pressure check did not wake eviction"

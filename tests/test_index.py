@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nwbcache_proxy import schema, unlinker, usage
+from nwbcache_proxy import footprint, schema, unlinker, usage
 from nwbcache_proxy.index import EVICT_BATCH, CacheIndex, Evicted, Totals
 from nwbcache_proxy.layout import Layout
 from nwbcache_proxy.mapfile import MapHeader
@@ -144,6 +144,29 @@ async def test_pending_bytes(
     await index.flush()
     assert index.pending_bytes == 0
     assert _bb(index.last_totals) == (pending, len({r[:2] for r in records}))
+
+
+@pytest.mark.parametrize(
+    ("records", "versions", "blocks"),
+    [
+        ([], 0, 0),
+        ([(V1, 0, 80, True), (V1, 1, 50, True)], 1, 2),
+        ([(V1, 0, 80, True), (V2, 0, 90, True)], 2, 2),
+        ([(V1, 0, 80, True), (V2, 0, 90, False)], 1, 1),  # a read brings no files
+        ([(V1, 0, 80, True), (V1, 0, 80, True)], 1, 1),  # written twice: one block
+    ],
+)
+async def test_pending_on_disk_counts_the_files_of_what_was_written(
+    index: CacheIndex, records: list[tuple[str, int, int, bool]], versions: int, blocks: int
+) -> None:
+    """The pressure check's figure (blocks.Blocks._published): written bytes
+    and, for their versions and blocks, the files' share (footprint.py)."""
+    for version, n, nbytes, written in records:
+        index.record(version, n, nbytes, written=written)
+    want = index.pending_bytes + footprint.overhead(versions, blocks)
+    assert index.pending_on_disk == want
+    await index.flush()
+    assert index.pending_on_disk == 0
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -195,18 +196,23 @@ def test_blocks_return_their_buffers_to_the_pool(monkeypatch: pytest.MonkeyPatch
     assert len(seen) == 1
 
 
+def _counted(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """How many times inflight's function ``name`` has been called so far: ``[n]``."""
+    count = [0]
+    real = getattr(inflight, name)
+
+    def counting(arg: Any) -> Any:
+        count[0] += 1
+        return real(arg)
+
+    monkeypatch.setattr(inflight, name, counting)
+    return count
+
+
 @pytest.fixture
 def looked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """How many buffers pools have looked at (_unviewed) so far: ``[n]``."""
-    count = [0]
-    real = inflight._unviewed
-
-    def counting(buf: bytearray) -> bool:
-        count[0] += 1
-        return real(buf)
-
-    monkeypatch.setattr(inflight, "_unviewed", counting)
-    return count
+    return _counted(monkeypatch, "_unviewed")
 
 
 def test_a_take_looks_at_a_bounded_number_of_buffers(looked: list[int]) -> None:
@@ -352,3 +358,50 @@ def test_other_classes_are_not_looked_at_when_they_could_not_make_room(
     assert looked[0] - before == 2  # its own class's two, busy
     assert id(pool.take(POOL_MIN)) == idle_id  # the idle one is still pooled
     del busy
+
+
+async def test_a_pool_made_ahead_serves_the_next_takes_without_new_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """make_pool fills the pool up to the limit given and never past its
+    budget, with free buffers of the size asked for; takes of that size then
+    make none."""
+    cap = 16 * POOL_MIN
+    pool = BufferPool(keep_bytes=5 * cap + cap // 2)
+    made = _counted(monkeypatch, "_new_buffer")
+    assert await inflight.make_pool(pool, cap - 100, 2 * cap) == 2  # up to the limit
+    assert await inflight.make_pool(pool, cap - 100, 10 * cap) == 3  # the class of cap
+    assert pool.kept_bytes == 5 * cap and made[0] == 5  # the budget, not the limit
+    assert await inflight.make_pool(pool, cap, 10 * cap) == 0  # full already
+    held = [memoryview(pool.take(cap)) for _ in range(5)]
+    assert made[0] == 5  # all five were the pool's
+    assert len({id(view.obj) for view in held}) == 5
+    extra = memoryview(pool.take(cap))  # a sixth, all five in use: new, not kept
+    assert made[0] == 6 and pool.kept_bytes == 5 * cap
+    del held, extra
+
+
+async def test_making_a_pool_gives_the_event_loop_turns() -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    pool = BufferPool(keep_bytes=4 * inflight.MAKE_STEP * POOL_MIN)
+    try:
+        made = await inflight.make_pool(pool, POOL_MIN, pool.keep_bytes)
+        assert made == 4 * inflight.MAKE_STEP
+    finally:
+        ticker.cancel()
+    assert ticks >= 4
+
+
+async def test_no_pool_is_made_of_blocks_too_large_to_pool() -> None:
+    pool = BufferPool(keep_bytes=4 * POOL_MAX)
+    assert await inflight.make_pool(pool, POOL_MAX + 1, pool.keep_bytes) == 0
+    assert pool.kept_bytes == 0

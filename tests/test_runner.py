@@ -92,3 +92,26 @@ def test_a_daemon_keeps_about_its_buffer_memory_after_a_burst(
     grown = rss_bytes(pids) - rest
     assert grown <= 28 * 1024 * 1024, f"{grown / 2**20:.0f} MiB over its RSS at rest"
     assert daemon.terminate() == 0
+
+
+@pytest.mark.slow
+def test_a_daemon_makes_its_buffer_pool_once_started(spawn: Spawn, tmp_path: Path) -> None:
+    """A started daemon makes the first START_BYTES of its pool
+    (inflight.make_pool) before any request: its first fill pays for no new
+    memory. With --buffer-memory 160M (a pool of 96 MiB, 64 made at start)
+    it holds ~54 MiB more at rest than with 16M (a pool of 9.6 MiB, all of it
+    made); before, the two were within a few MiB of each other until their
+    first fills."""
+    small = spawn(tmp_path / "small", "--buffer-memory", "16M")
+    large = spawn(tmp_path / "large", "--buffer-memory", "160M")
+    assert small.proc is not None and large.proc is not None
+    pids = process_tree(small.proc.pid), process_tree(large.proc.pid)
+    deadline, gap = time.monotonic() + 10, 0
+    while time.monotonic() < deadline:
+        gap = rss_bytes(pids[1]) - rss_bytes(pids[0])
+        if gap >= 48 * 1024 * 1024:
+            break
+        time.sleep(0.1)
+    assert gap >= 48 * 1024 * 1024, f"{gap / 2**20:.0f} MiB apart"
+    assert gap <= 64 * 1024 * 1024, f"{gap / 2**20:.0f} MiB apart"  # START_BYTES, not the pool
+    assert small.terminate() == 0 and large.terminate() == 0

@@ -15,7 +15,7 @@ from nwbcache_proxy import footprint, status
 from nwbcache_proxy.buffers import DEFAULT_SHARE, POOL_BYTES
 from nwbcache_proxy.sizes import format_size
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import free_port, proxied, scrape, value, wait_until
+from tests.support.helpers import free_port, proxied, scrape, status_with_top, value, wait_until
 from tests.support.s3emu import S3Emulator
 
 BS = 64 * 1024
@@ -36,16 +36,7 @@ def busy_daemon(origin: S3Emulator, make_daemon: Callable[..., DaemonThread]) ->
 
 
 def report_with_top(daemon: DaemonThread) -> dict[str, Any]:
-    """/status.json once it names the objects that take most of the cache
-    (found in the background when the index is slow: status.TOP_WAIT)."""
-    reports: list[dict[str, Any]] = []
-
-    def named() -> bool:
-        reports.append(requests.get(f"{daemon.url}/status.json", timeout=30).json())
-        return bool(reports[-1]["top_objects"])
-
-    wait_until(named, 5, "top objects in /status.json", interval=0.05)
-    return reports[-1]
+    return status_with_top(daemon.url)
 
 
 def test_status_json_agrees_with_the_workload(busy_daemon: DaemonThread) -> None:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from tests.support.daemons import DaemonThread
-from tests.support.helpers import proxied
+from tests.support.helpers import proxied, status_with_top
 from tests.support.s3emu import S3Emulator
 
 # Slow (not in make test-fast): headless Chromium.
@@ -53,6 +53,7 @@ def test_status_page_in_headless_chromium(
     for _ in range(3):
         assert requests.get(url, timeout=30).content == DATA
     time.sleep(1.5)  # cache gauges refreshed by a maintenance pass
+    status_with_top(daemon.url)  # found once: the page shows the last found (TOP_WAIT)
     dom = _run_chromium(["--dump-dom", f"{daemon.url}/"], tmp_path / "profile1")
     assert dom.returncode == 0, dom.stderr[-2000:]
     page = dom.stdout

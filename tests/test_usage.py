@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nwbcache_proxy.usage import Batch, Usage
 
@@ -88,3 +90,46 @@ def test_a_batch_of_keys_alone_is_empty_and_its_keys_go_back() -> None:
     assert keys_only.empty
     use.put_back(keys_only)
     assert use.empty and use.take().keys == {V: ("s3://b/k", 10)}
+
+
+VERSIONS = ["objects/aa/aaaa/0123.4096", "objects/bb/bbbb/4567.4096", "objects/cc/cccc/89ab.4096"]
+# An operation: ("record", version, index, bytes, written), ("take",),
+# ("put_back", which of the batches taken so far), ("forget", version).
+OPERATIONS = st.one_of(
+    st.tuples(
+        st.just("record"),
+        st.sampled_from(VERSIONS),
+        st.integers(0, 3),
+        st.integers(1, 9),
+        st.booleans(),
+    ),
+    st.tuples(st.just("take")),
+    st.tuples(st.just("put_back"), st.integers(0, 5)),
+    st.tuples(st.just("forget"), st.sampled_from(VERSIONS)),
+)
+
+
+@given(st.lists(OPERATIONS, max_size=40))
+def test_the_written_counts_are_those_of_the_blocks_waiting(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """Whatever was recorded, taken, put back or forgotten, the written
+    bytes, blocks and versions (the pressure check's upper bound of what the
+    next flush adds on disk) are those of the written blocks waiting."""
+    use, taken = Usage(), []
+    for op in ops:
+        if op[0] == "record":
+            use.record(op[1], op[2], op[3], None, op[4])
+        elif op[0] == "take":
+            taken.append(use.take())
+        elif op[0] == "put_back" and taken:
+            use.put_back(taken.pop(op[1] % len(taken)))
+        elif op[0] == "forget":
+            use.forget(op[1])
+        counts = use.written_bytes, use.written_blocks, use.written_versions
+        batch = use.take()  # what waits, seen (and put back as it was)
+        use.put_back(batch)
+        written = [(key, n) for key, (n, _, w) in batch.blocks.items() if w]
+        assert counts == (
+            sum(n for _, n in written),
+            len(written),
+            len({v for (v, _), _ in written}),
+        )

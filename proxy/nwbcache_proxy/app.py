@@ -38,6 +38,7 @@ from .cache import BlockCache
 from .config import Settings, describe
 from .dandi_resolver import DandiResolver
 from .index import CacheIndex
+from .inflight import POOL, make_pool
 from .jobs import JobStore
 from .layout import Layout
 from .metrics import Metrics
@@ -212,7 +213,13 @@ async def serve_forever(
         # per cent of the event loop in a cold fill, perf).
         gc.collect()  # start-up's garbage first, or it would never be freed
         gc.freeze()
+        # Serving already: the pool's first buffers are made in the background
+        # (inflight.make_pool, buffers.START_BYTES).
+        pool = asyncio.create_task(
+            make_pool(POOL, settings.block_size, settings.buffer_budget.start)
+        )
         await stop.wait()
+        pool.cancel()
     finally:
         # Warm-up reads go through this daemon's own port: stopped while it
         # still listens, so that no file fails for the stop (its job resumes).

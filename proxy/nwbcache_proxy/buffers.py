@@ -17,7 +17,10 @@ made).
 
 This is memory kept between uses, not a cap on memory in use: a fill's
 blocks in flight are bounded by ``--readahead`` per stream (fetcher.py), and
-a buffer needed when the pool has none free is made anew and freed after.
+those whole but not yet written by WRITE_BEHIND_BYTES per process (fetch
+runs pause beyond it: filling.WriteBacklog); a buffer needed when the pool
+has none free is made anew and freed after. START_BYTES of the pool are
+made once the daemon serves, the rest as a load needs it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,23 @@ RECENT_BYTES = 32 * MIB
 SEND_BYTES = 32 * MIB
 
 DEFAULT_SHARE = POOL_BYTES + RECENT_BYTES + SEND_BYTES  # 160 MiB
+# Of the pool, what a daemon makes once it serves (inflight.make_pool): the
+# blocks four cold readers keep in flight (a 16 MiB range's runs, or
+# read-ahead's 16 MiB window, each), so that its first fill makes none: a
+# just-started daemon's first fill had run at 0.87x the MB/s of a later one,
+# 16,000 page faults against ~700 with these made. The rest is made as a load
+# needs it: made whole, the pool raised a light load's peak RSS by what it
+# never used (one cold reader with 1 MiB blocks: 148 MB against 116).
+START_BYTES = 64 * MIB
+# Bytes of fetched blocks, whole and not yet written, beyond which fetch
+# runs stop taking bytes from upstream until writes catch up.
+# Nothing else waits for a write (readers stream from the blocks), so a fill
+# faster than its disk grew the daemon by what it was ahead: one cold
+# reader of 512 MiB in 1 MiB blocks, 77-165 MB of peak RSS from run to run
+# with the event loop and the disk threads sharing two cores, and up to 274
+# once one file was written from one thread at a time (aio.Disk lanes). A
+# quarter of the pool: the blocks waiting come from it.
+WRITE_BEHIND_BYTES = 24 * MIB
 # ``auto`` keeps no more than this for all workers together (while each gets
 # MIN_SHARE): up to 6 workers, the full default each, as measured; a host
 # with more CPUs than that is a server the admin sizes (--buffer-memory), and
@@ -81,6 +101,11 @@ class Budget:
     @property
     def total(self) -> int:
         return self.pool + self.recent + self.send
+
+    @property
+    def start(self) -> int:
+        """Of the pool, what is made at start (START_BYTES)."""
+        return min(self.pool, START_BYTES)
 
 
 # For --help and the docs: what ``auto`` does, from the figures above.

@@ -35,9 +35,10 @@ from nwbcache.urls import UpstreamURL, redact_url
 
 from .aio import Tasks
 from .blocks import Blocks
+from .buffers import WRITE_BEHIND_BYTES
 from .claims import CLAIM_PATIENCE, CLAIM_POLL_FIRST, CLAIM_POLL_MAX, Claims
 from .errors import UpstreamUnavailable, VersionChanged
-from .filling import RunFill
+from .filling import RunFill, WriteBacklog
 from .inflight import InflightBlock
 from .marks import BlockMarks
 from .metrics import Metrics
@@ -87,6 +88,8 @@ class Fetcher:
         self._on_version_changed = on_version_changed
         self._inflight: dict[tuple[str, int], InflightBlock] = {}
         self._fresh = BlockMarks(FRESH_CHUNKS)
+        # This process's fetched blocks not yet written: runs pause beyond it.
+        self._backlog = WriteBacklog(WRITE_BEHIND_BYTES)
         self._fetches = Tasks()
         self._plans = Tasks()
 
@@ -305,7 +308,13 @@ class Fetcher:
                 # Before the file exists: see "Fresh marks" above.
                 self._fresh.add(v.name, block.index)
 
-        fill = RunFill(run, v.block_size, lambda group: self._publish(v, group), completed)
+        fill = RunFill(
+            run,
+            v.block_size,
+            lambda group: self._publish(v, group),
+            completed,
+            self._backlog,
+        )
         del run  # published blocks leave with their last reader (see _fetch_run)
         try:
             await self.upstream.fill(url, start, end, v.remote, fill, authorization=auth)

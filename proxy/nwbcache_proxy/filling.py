@@ -8,6 +8,11 @@ job per run is under way: a full group waits for the one before, and the
 body pauses meanwhile, which bounds the memory held to two groups. Readers
 wait for none of it: they stream from the blocks, which stay registered
 until their files exist.
+
+Across runs, the process's whole blocks not yet written (WriteBacklog) are
+bounded too: past the limit, a run hands what it has whole to disk at once
+and pauses at its next block until writes catch up. Only blocks handed to
+disk jobs then count, and those jobs end, so the pause always does.
 """
 
 from __future__ import annotations
@@ -34,6 +39,36 @@ PUBLISH_GROUP_BYTES = 4 * 1024 * 1024
 Publish = Callable[[list[InflightBlock]], "asyncio.Future[list[bool]]"]
 
 
+class WriteBacklog:
+    """Bytes of a process's fetched blocks, whole, not yet written to disk;
+    the runs waiting for them to fall to the limit (buffers.WRITE_BEHIND_BYTES)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.bytes = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def add(self, nbytes: int) -> None:
+        self.bytes += nbytes
+
+    def written(self, nbytes: int) -> None:
+        """``nbytes`` of them are on disk now (or failed to get there)."""
+        self.bytes -= nbytes
+        if self.bytes <= self.limit and self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def room(self) -> asyncio.Future[None] | None:
+        """None when under the limit; else a future done once under it."""
+        if self.bytes <= self.limit:
+            return None
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
+
+
 class RunFill:
     def __init__(
         self,
@@ -41,13 +76,17 @@ class RunFill:
         block_size: int,
         publish: Publish,
         completed: Callable[[InflightBlock], None],
+        backlog: WriteBacklog | None = None,
     ) -> None:
         """``publish`` starts a disk job for a group; ``completed`` is told of each
-        block as it completes, before its group is handed on (fresh marks)."""
+        block as it completes, before its group is handed on (fresh marks);
+        ``backlog``: the process's, which the run's whole blocks join until
+        written."""
         self._pending = collections.deque(run)
         self._group_blocks = max(1, PUBLISH_GROUP_BYTES // block_size)
         self._publish = publish
         self._completed = completed
+        self._backlog = backlog
         self._group: list[InflightBlock] = []
         self._writing: asyncio.Future[list[bool]] | None = None
         self._queued: list[InflightBlock] = []  # a full group waiting for the job before it
@@ -66,24 +105,39 @@ class RunFill:
         self._pending.popleft()
         self._completed(block)
         self._group.append(block)
+        if self._backlog is not None:
+            self._backlog.add(block.length)
+        room = None
         if len(self._group) < self._group_blocks and self._pending:
-            return None
+            # Too much of the process's fetch waits for disk: hand on what
+            # is whole now, and wait (see the module's docstring).
+            room = self._backlog.room() if self._backlog is not None else None
+            if room is None:
+                return None
         group, self._group = self._group, []
         writing = self._writing
         if writing is None or writing.done():
-            self._writing = self._publish(group)
-            return None
+            self._writing = self._start(group)
+            return room
         # The job before is under way: this group waits for it, and the body
         # with it. This callback is added before the connection's own, so the
         # next job has started when reading resumes.
         self._queued = group
         writing.add_done_callback(self._write_queued)
-        return writing
+        return writing if room is None else _both(writing, room)
+
+    def _start(self, group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
+        """Publish a group; once written, its bytes leave the backlog."""
+        job = self._publish(group)
+        if self._backlog is not None:
+            backlog, nbytes = self._backlog, sum(b.length for b in group)
+            job.add_done_callback(lambda _: backlog.written(nbytes))
+        return job
 
     def _write_queued(self, _: asyncio.Future[list[bool]]) -> None:
         group, self._queued = self._queued, []
         if group:
-            self._writing = self._publish(group)
+            self._writing = self._start(group)
 
     # -- the end -------------------------------------------------------------------
     async def close(self) -> None:
@@ -91,9 +145,19 @@ class RunFill:
         and wait until it is on disk. A cancelled wait leaves the jobs running."""
         groups = [g for g in (self._queued, self._group) if g]
         self._queued, self._group = [], []
-        for group in groups:
-            if self._writing is not None:
-                await asyncio.shield(self._writing)
-            self._writing = self._publish(group)
+        try:
+            while groups:
+                if self._writing is not None:
+                    await asyncio.shield(self._writing)
+                self._writing = self._start(groups.pop(0))
+        finally:
+            if groups and self._backlog is not None:  # cancelled: never to be written
+                self._backlog.written(sum(b.length for g in groups for b in g))
         if self._writing is not None:
             await asyncio.shield(self._writing)
+
+
+def _both(first: asyncio.Future[Any], second: asyncio.Future[Any]) -> asyncio.Future[Any]:
+    """A future done once both are."""
+    both: asyncio.Future[Any] = asyncio.gather(first, second, return_exceptions=True)
+    return both

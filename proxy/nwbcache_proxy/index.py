@@ -193,6 +193,15 @@ class CacheIndex:
         return self._use.written_bytes
 
     @property
+    def pending_on_disk(self) -> int:
+        """What the blocks written since the last flush take on disk, their
+        versions' files and their rows included (footprint.py): an upper bound
+        of what the flush adds to ``Totals.on_disk`` (a version with rows
+        already adds no files). What the pressure check counts."""
+        use = self._use
+        return use.written_bytes + footprint.overhead(use.written_versions, use.written_blocks)
+
+    @property
     def flush_due(self) -> bool:
         """Whether anything was recorded and the last flush is FLUSH_INTERVAL old."""
         late = time.monotonic() - self._flushed_at >= FLUSH_INTERVAL

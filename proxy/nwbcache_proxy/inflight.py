@@ -28,6 +28,9 @@ POOL_MAX = 16 * 1024 * 1024
 # small blocks thousands are in flight at once: looking through all of them
 # per take made the pool most of a 4 KiB-block cold fill's event loop.
 POOL_TRIES = 8
+# Buffers make_pool makes per turn of the event loop: ~1 ms of the loop's
+# time at 256 KiB each.
+MAKE_STEP = 8
 
 
 def _unviewed(buf: bytearray) -> bool:
@@ -82,19 +85,28 @@ class BufferPool:
         keeps only views of it."""
         if size > POOL_MAX:
             return bytearray(size)
-        cap = max(POOL_MIN, 1 << (size - 1).bit_length())
+        cap = _size_class(size)
         ring = self._buffers.setdefault(cap, collections.deque())
         for _ in range(min(len(ring), POOL_TRIES)):
             buf = ring[0]
             ring.rotate(-1)
             if _unviewed(buf):
                 return buf
-        buf = bytearray(cap + 1)  # room for _unviewed's byte: it never reallocates
-        del buf[cap:]
+        buf = _new_buffer(cap)
         if self._room(cap):
             ring.append(buf)
             self._kept_bytes += cap
         return buf
+
+    def make(self, size: int) -> bool:
+        """Make one free buffer for ``size`` bytes if the pool has room for it
+        as it is (no other buffer let go); whether it did."""
+        cap = _size_class(size)
+        if size > POOL_MAX or self._kept_bytes + cap > self._keep_bytes:
+            return False
+        self._buffers.setdefault(cap, collections.deque()).append(_new_buffer(cap))
+        self._kept_bytes += cap
+        return True
 
     def _room(self, cap: int) -> bool:
         """Whether one more buffer of class ``cap`` may be kept, once free
@@ -119,7 +131,36 @@ class BufferPool:
         return self._kept_bytes + cap <= self._keep_bytes
 
 
+def _size_class(size: int) -> int:
+    return max(POOL_MIN, 1 << (size - 1).bit_length())
+
+
+def _new_buffer(cap: int) -> bytearray:
+    buf = bytearray(cap + 1)  # room for _unviewed's byte: it never reallocates
+    del buf[cap:]
+    return buf
+
+
 POOL = BufferPool()
+
+
+async def make_pool(pool: BufferPool, size: int, limit: int) -> int:
+    """Make free buffers for blocks of ``size`` bytes until ``pool`` keeps
+    ``limit`` bytes (or its budget), MAKE_STEP of them per turn of the event
+    loop; how many it made.
+
+    A daemon does this once it serves (app.serve_forever), so that its first
+    fill does not pay for new memory: a buffer made costs the zeroing and
+    page faults of new pages (~150 us per 256 KiB here), and a cold fill of
+    four 16 MiB ranges at a time has ~64 MiB of blocks in flight
+    (buffers.START_BYTES). The pool keeps these buffers in any case once a
+    fill has made them."""
+    made = 0
+    while pool.kept_bytes < limit and pool.make(size):
+        made += 1
+        if made % MAKE_STEP == 0:
+            await asyncio.sleep(0)
+    return made
 
 
 class InflightBlock:

@@ -46,6 +46,18 @@ class Usage:
         # made again after its last block went gets them back at once).
         self._keys: Keys = {}
         self._written_bytes = 0
+        # Version dir -> its blocks recorded as written (the files' share of a
+        # flush to come: footprint.py).
+        self._written: dict[str, int] = {}
+        self._written_blocks = 0
+
+    def _count_written(self, version: str, n: int) -> None:
+        count = self._written.get(version, 0) + n
+        if count:
+            self._written[version] = count
+        else:
+            del self._written[version]
+        self._written_blocks += n
 
     def record(
         self, version: str, index: int, nbytes: int, about: tuple[str, int] | None, written: bool
@@ -56,10 +68,13 @@ class Usage:
         old = self._blocks.get((version, index))
         if old is None and not written and len(self._blocks) >= PENDING_MAX:
             return  # its use goes unrecorded (PENDING_MAX)
-        written = written or (old is not None and old[2])
-        self._written_bytes -= old[0] if old is not None and old[2] else 0
+        was_written = old is not None and old[2]
+        written = written or was_written
+        self._written_bytes -= old[0] if old is not None and was_written else 0
         self._blocks[(version, index)] = (nbytes, time.time(), written)
         self._written_bytes += nbytes if written else 0
+        if written and not was_written:
+            self._count_written(version, 1)
 
     def hit(self, version: str, index: int) -> None:
         key = (version, index)
@@ -83,11 +98,23 @@ class Usage:
         the index's totals: a block only read adds nothing)."""
         return self._written_bytes
 
+    @property
+    def written_blocks(self) -> int:
+        """Blocks recorded as written."""
+        return self._written_blocks
+
+    @property
+    def written_versions(self) -> int:
+        """Versions with a block recorded as written (an upper bound of the
+        versions a flush adds: some have rows already)."""
+        return len(self._written)
+
     def take(self) -> Batch:
         """Everything recorded, for a flush; nothing is left."""
         batch = Batch(self._blocks, self._hits, self._keys)
         self._blocks, self._hits, self._keys = {}, {}, {}
         self._written_bytes = 0
+        self._written, self._written_blocks = {}, 0
         return batch
 
     def put_back(self, batch: Batch) -> None:
@@ -97,10 +124,13 @@ class Usage:
             newer = self._blocks.get(key)
             if newer is None:
                 self._blocks[key] = value
-                self._written_bytes += value[0] if value[2] else 0
+                if value[2]:
+                    self._written_bytes += value[0]
+                    self._count_written(key[0], 1)
             elif value[2] and not newer[2]:
                 self._blocks[key] = (newer[0], newer[1], True)
                 self._written_bytes += newer[0]
+                self._count_written(key[0], 1)
         for key, count in batch.hits.items():
             self._hits[key] = self._hits.get(key, 0) + count
         self._keys = {**batch.keys, **self._keys}
@@ -109,6 +139,8 @@ class Usage:
         """Drop what was recorded of one version dir."""
         for key in [k for k in self._blocks if k[0] == version]:
             nbytes, _, written = self._blocks.pop(key)
-            self._written_bytes -= nbytes if written else 0
+            if written:
+                self._written_bytes -= nbytes
+                self._count_written(version, -1)
         for key in [k for k in self._hits if k[0] == version]:
             del self._hits[key]

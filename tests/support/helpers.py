@@ -67,6 +67,19 @@ def wait_until(
     return True
 
 
+def status_with_top(daemon_url: str) -> dict[str, Any]:
+    """/status.json once it names the objects that take most of the cache
+    (found in the background when the index is slow: status.TOP_WAIT)."""
+    reports: list[dict[str, Any]] = []
+
+    def named() -> bool:
+        reports.append(requests.get(f"{daemon_url}/status.json", timeout=30).json())
+        return bool(reports[-1]["top_objects"])
+
+    wait_until(named, 5, "top objects in /status.json", interval=0.05)
+    return reports[-1]
+
+
 async def wait_until_async(
     check: Callable[[], object],
     seconds: float,
