@@ -119,6 +119,32 @@ async def test_a_job_cancelled_while_queued_never_runs() -> None:
     assert not ran.is_set()
 
 
+def test_a_lane_whose_loop_closed_under_it_goes_on_for_the_next_loop() -> None:
+    """A job's outcome cannot reach a loop closed meanwhile: the lane's
+    thread must not die of it and leave the lane taken, or every later job
+    of that lane would wait forever."""
+    disk, gate = Disk(threads=2), threading.Event()
+    first = asyncio.new_event_loop()
+
+    async def queue_two() -> None:
+        disk.start(lambda: gate.wait(10), lane="x")
+        disk.start(lambda: "late", lane="x")
+
+    first.run_until_complete(queue_two())
+    first.close()  # both jobs' outcomes are for a closed loop now
+    gate.set()
+    second = asyncio.new_event_loop()
+
+    async def next_job() -> int:
+        return await asyncio.wait_for(disk.start(lambda: 3, lane="x"), 5)
+
+    try:
+        assert second.run_until_complete(next_job()) == 3
+    finally:
+        second.close()
+        disk.shutdown()
+
+
 async def test_a_lane_started_after_shutdown_fails_not_hangs() -> None:
     disk = Disk(threads=1)
     disk.shutdown()
@@ -153,16 +179,21 @@ def test_a_fill_writes_one_versions_file_from_one_job_at_a_time(
     for name, body in data.items():
         origin.put(f"/lanes/{name}", body)
 
+    answers: dict[str, requests.Response] = {}
+
     def get(name: str) -> None:
         url = proxied(daemon.url, origin, f"/lanes/{name}")
-        got = requests.get(url, headers={"Range": f"bytes=0-{16 * MiB - 1}"}, timeout=60)
-        assert got.status_code == 206 and got.content == data[name]
+        rng = {"Range": f"bytes=0-{16 * MiB - 1}"}
+        answers[name] = requests.get(url, headers=rng, timeout=60)
 
     threads = [threading.Thread(target=get, args=(name,)) for name in data]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    for name, body in data.items():
+        assert answers[name].status_code == 206 and answers[name].content == body
     assert daemon.call(daemon.cache.index.flush())
     assert len(seen.most) == 2  # both versions were written
     assert max(seen.most.values()) == 1

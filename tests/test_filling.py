@@ -90,7 +90,7 @@ async def test_a_fill_hands_on_what_is_whole_and_waits_while_writes_are_behind(
     assert backlog.bytes == 0  # each block left it once written
 
 
-def test_a_backlog_wakes_its_waiters_once_under_its_limit() -> None:
+def test_a_backlog_wakes_its_waiters_at_half_its_limit() -> None:
     loop = asyncio.new_event_loop()
     try:
         backlog = WriteBacklog(limit=100)
@@ -100,7 +100,9 @@ def test_a_backlog_wakes_its_waiters_once_under_its_limit() -> None:
         assert waiter is not None and not waiter.done()
         backlog.written(40)  # 110: still over
         assert not waiter.done()
-        backlog.written(10)  # 100: at the limit
+        backlog.written(10)  # 100: at the limit, not yet room for a group
+        assert not waiter.done() and backlog.room() is None
+        backlog.written(50)  # 50: half
         assert waiter.done()
     finally:
         loop.close()
@@ -110,11 +112,12 @@ async def _room(backlog: WriteBacklog) -> asyncio.Future[None] | None:
     return backlog.room()
 
 
-async def test_a_close_cancelled_before_its_last_groups_leaves_no_bytes_in_the_backlog(
+async def test_only_groups_handed_to_disk_count_so_a_cancelled_close_leaves_none(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Groups a cancelled close never hands on will never be written: their
-    bytes leave the backlog, or every later fill would wait for them."""
+    """Blocks count in the backlog once their group is handed to a disk job,
+    whose end takes them out: groups a cancelled close never hands on never
+    counted, or every later fill would wait for them."""
     monkeypatch.setattr("nwbcache_proxy.filling.PUBLISH_GROUP_BYTES", 2 * BS)
     gate: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
     groups: list[list[int]] = []
@@ -131,7 +134,7 @@ async def test_a_close_cancelled_before_its_last_groups_leaves_no_bytes_in_the_b
         fill.space()[:BS] = bytes(BS)
         waits.append(fill.received(BS))
     assert waits[:3] == [None, None, None] and waits[3] is gate  # the body pauses there
-    assert groups == [[0, 1]] and backlog.bytes == 4 * BS
+    assert groups == [[0, 1]] and backlog.bytes == 2 * BS  # the queued group: not yet
     # The fetch fails meanwhile (block 4 never comes): its close hands on what is whole.
     closing = asyncio.ensure_future(fill.close())
     await asyncio.sleep(0.01)
@@ -142,3 +145,37 @@ async def test_a_close_cancelled_before_its_last_groups_leaves_no_bytes_in_the_b
     gate.set_result([True, True])
     await asyncio.sleep(0)
     assert backlog.bytes == 0
+
+
+async def test_groups_queued_behind_a_job_are_all_written(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A retried request's new connection does not pause where the old one
+    did: a second group may come while one waits for the job before. Both
+    are written (the second once replaced the first, which was never written)."""
+    monkeypatch.setattr("nwbcache_proxy.filling.PUBLISH_GROUP_BYTES", 2 * BS)
+    gate: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+    groups: list[list[int]] = []
+
+    def publish(group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
+        groups.append([b.index for b in group])
+        return gate if len(groups) == 1 else _done([True] * len(group))
+
+    backlog = WriteBacklog(limit=100 * BS)
+    run = [InflightBlock(i, BS) for i in range(6)]
+    fill = RunFill(run, BS, publish, lambda b: None, backlog)
+    for _ in range(6):  # no pause honoured: blocks 2-3 and 4-5 both wait for 0-1's job
+        fill.space()[:BS] = bytes(BS)
+        fill.received(BS)
+    assert groups == [[0, 1]]
+    gate.set_result([True, True])
+    await fill.close()
+    assert groups == [[0, 1], [2, 3, 4, 5]]
+    await asyncio.sleep(0)  # the jobs' done-callbacks
+    assert backlog.bytes == 0
+
+
+def _done(value: list[bool]) -> asyncio.Future[list[bool]]:
+    done: asyncio.Future[list[bool]] = asyncio.get_running_loop().create_future()
+    done.set_result(value)
+    return done

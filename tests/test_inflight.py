@@ -366,7 +366,7 @@ async def test_a_pool_made_ahead_serves_the_next_takes_without_new_memory(
     """make_pool fills the pool up to the limit given and never past its
     budget, with free buffers of the size asked for; takes of that size then
     make none."""
-    cap = 16 * POOL_MIN
+    cap = 2 * inflight.MAKE_MIN
     pool = BufferPool(keep_bytes=5 * cap + cap // 2)
     made = _counted(monkeypatch, "_new_buffer")
     assert await inflight.make_pool(pool, cap - 100, 2 * cap) == 2  # up to the limit
@@ -392,16 +392,24 @@ async def test_making_a_pool_gives_the_event_loop_turns() -> None:
 
     ticker = asyncio.create_task(tick())
     await asyncio.sleep(0)
-    pool = BufferPool(keep_bytes=4 * inflight.MAKE_STEP * POOL_MIN)
+    size = inflight.MAKE_MIN
+    pool = BufferPool(keep_bytes=4 * inflight.MAKE_STEP * size)
     try:
-        made = await inflight.make_pool(pool, POOL_MIN, pool.keep_bytes)
+        made = await inflight.make_pool(pool, size, pool.keep_bytes)
         assert made == 4 * inflight.MAKE_STEP
     finally:
         ticker.cancel()
-    assert ticks >= 4
+    assert ticks >= 1 + made // inflight.MAKE_STEP  # a turn after each step, and one before
 
 
-async def test_no_pool_is_made_of_blocks_too_large_to_pool() -> None:
+@pytest.mark.parametrize(
+    "size",
+    [
+        pytest.param(POOL_MAX + 1, id="too large to pool"),
+        pytest.param(inflight.MAKE_MIN - 1, id="small: reads would find the pool full of them"),
+    ],
+)
+async def test_no_pool_is_made_of_blocks_too_large_or_too_small(size: int) -> None:
     pool = BufferPool(keep_bytes=4 * POOL_MAX)
-    assert await inflight.make_pool(pool, POOL_MAX + 1, pool.keep_bytes) == 0
+    assert await inflight.make_pool(pool, size, pool.keep_bytes) == 0
     assert pool.kept_bytes == 0

@@ -113,5 +113,6 @@ def test_a_daemon_makes_its_buffer_pool_once_started(spawn: Spawn, tmp_path: Pat
             break
         time.sleep(0.1)
     assert gap >= 48 * 1024 * 1024, f"{gap / 2**20:.0f} MiB apart"
-    assert gap <= 64 * 1024 * 1024, f"{gap / 2**20:.0f} MiB apart"  # START_BYTES, not the pool
+    # START_BYTES of the pool, not all of it (96 - 9.6 = 86 MiB apart)
+    assert gap <= 76 * 1024 * 1024, f"{gap / 2**20:.0f} MiB apart"
     assert small.terminate() == 0 and large.terminate() == 0

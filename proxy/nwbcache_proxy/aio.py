@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
+import logging
 import threading
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -67,14 +71,18 @@ class Disk:
         return result
 
     def _drain(self, lane: Hashable, queue: collections.deque[_Job[Any]]) -> None:
-        """In a disk thread: the lane's jobs, until none is left."""
+        """In a disk thread: the lane's jobs, until none is left. Never dies
+        with the lane still taken: its later jobs would wait forever."""
         while True:
             with self._lanes_lock:
                 if not queue:
                     del self._lanes[lane]
                     return
                 job = queue.popleft()
-            job.run()
+            try:
+                job.run()
+            except Exception:
+                log.exception("a disk job's outcome was lost")
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
@@ -103,10 +111,18 @@ class _Job(Generic[T]):
         except BaseException as exc:  # delivered, as run_in_executor does
             self.fail(exc)
         else:
-            self.loop.call_soon_threadsafe(_resolve, self.result, value)
+            self._deliver(_resolve, value)
 
     def fail(self, exc: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_reject, self.result, exc)
+        self._deliver(_reject, exc)
+
+    def _deliver(self, how: Callable[[asyncio.Future[T], Any], None], what: Any) -> None:
+        """To the loop, unless it has closed (nobody is left to hear it, as
+        with run_in_executor)."""
+        if self.loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # closed since
+            self.loop.call_soon_threadsafe(how, self.result, what)
 
 
 def _resolve(result: asyncio.Future[T], value: T) -> None:

@@ -334,7 +334,8 @@ class Blocks:
         # files beside its blocks' bytes (16 KiB beside 4-32 KiB for small
         # objects). Counting the bytes alone, 8 clients filling 8,000 objects
         # of 1-8 blocks of 4 KiB ran a 50 MB cache up to 1.33x over by du;
-        # now 1.05x, the index's WAL (up to 4 MiB) among it.
+        # now 1.04-1.05x in 3 runs of 4 (the index's WAL, up to 4 MiB,
+        # among it), 1.24x in the fourth.
         pending = self.index.pending_on_disk
         if pending > FLUSH_SHARE * self.capacity or (
             self.index.last_totals.on_disk + pending > self.capacity

@@ -62,7 +62,8 @@ DEFAULT_SHARE = POOL_BYTES + RECENT_BYTES + SEND_BYTES  # 160 MiB
 # just-started daemon's first fill had run at 0.87x the MB/s of a later one,
 # 16,000 page faults against ~700 with these made. The rest is made as a load
 # needs it: made whole, the pool raised a light load's peak RSS by what it
-# never used (one cold reader with 1 MiB blocks: 148 MB against 116).
+# never used (one cold reader with 1 MiB blocks: 148 MB against 116). None
+# for small blocks (inflight.MAKE_MIN).
 START_BYTES = 64 * MIB
 # Bytes of fetched blocks, whole and not yet written, beyond which fetch
 # runs stop taking bytes from upstream until writes catch up.

@@ -9,10 +9,12 @@ body pauses meanwhile, which bounds the memory held to two groups. Readers
 wait for none of it: they stream from the blocks, which stay registered
 until their files exist.
 
-Across runs, the process's whole blocks not yet written (WriteBacklog) are
-bounded too: past the limit, a run hands what it has whole to disk at once
-and pauses at its next block until writes catch up. Only blocks handed to
-disk jobs then count, and those jobs end, so the pause always does.
+Across runs, the process's blocks handed to disk jobs and not yet written
+(WriteBacklog) are bounded too: when a run's whole blocks would take them
+past the limit, it hands them on at once, short of a group, and pauses
+until writes bring them down to half of it. Only blocks in disk jobs count,
+and those jobs end, so the pause always does; a paused run holds no whole
+block that is not on its way to disk.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ Publish = Callable[[list[InflightBlock]], "asyncio.Future[list[bool]]"]
 
 
 class WriteBacklog:
-    """Bytes of a process's fetched blocks, whole, not yet written to disk;
-    the runs waiting for them to fall to the limit (buffers.WRITE_BEHIND_BYTES)."""
+    """Bytes of a process's fetched blocks in disk jobs, not yet written; the
+    runs waiting for them to fall (buffers.WRITE_BEHIND_BYTES). Waiters wake
+    at half the limit, not at it: woken at the limit, each run's next block
+    took it over again, and went to disk alone."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -54,14 +58,14 @@ class WriteBacklog:
     def written(self, nbytes: int) -> None:
         """``nbytes`` of them are on disk now (or failed to get there)."""
         self.bytes -= nbytes
-        if self.bytes <= self.limit and self._waiters:
+        if self.bytes <= self.limit // 2 and self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
 
     def room(self) -> asyncio.Future[None] | None:
-        """None when under the limit; else a future done once under it."""
+        """None when at most the limit; else a future done at half of it."""
         if self.bytes <= self.limit:
             return None
         waiter = asyncio.get_running_loop().create_future()
@@ -80,7 +84,7 @@ class RunFill:
     ) -> None:
         """``publish`` starts a disk job for a group; ``completed`` is told of each
         block as it completes, before its group is handed on (fresh marks);
-        ``backlog``: the process's, which the run's whole blocks join until
+        ``backlog``: the process's, which the run's groups join until
         written."""
         self._pending = collections.deque(run)
         self._group_blocks = max(1, PUBLISH_GROUP_BYTES // block_size)
@@ -88,8 +92,11 @@ class RunFill:
         self._completed = completed
         self._backlog = backlog
         self._group: list[InflightBlock] = []
+        self._group_bytes = 0
         self._writing: asyncio.Future[list[bool]] | None = None
-        self._queued: list[InflightBlock] = []  # a full group waiting for the job before it
+        # Blocks waiting for the job before theirs: a full group, or more when a
+        # new connection of a retried request did not pause.
+        self._queued: list[InflightBlock] = []
         for block in run:
             block.from_upstream = True
 
@@ -105,32 +112,35 @@ class RunFill:
         self._pending.popleft()
         self._completed(block)
         self._group.append(block)
-        if self._backlog is not None:
-            self._backlog.add(block.length)
-        room = None
-        if len(self._group) < self._group_blocks and self._pending:
-            # Too much of the process's fetch waits for disk: hand on what
-            # is whole now, and wait (see the module's docstring).
-            room = self._backlog.room() if self._backlog is not None else None
-            if room is None:
-                return None
-        group, self._group = self._group, []
+        self._group_bytes += block.length
+        if len(self._group) < self._group_blocks and self._pending and not self._behind():
+            return None
+        group, self._group, self._group_bytes = self._group, [], 0
         writing = self._writing
         if writing is None or writing.done():
             self._writing = self._start(group)
-            return room
+            return self._backlog.room() if self._backlog is not None else None
         # The job before is under way: this group waits for it, and the body
         # with it. This callback is added before the connection's own, so the
         # next job has started when reading resumes.
-        self._queued = group
-        writing.add_done_callback(self._write_queued)
+        if not self._queued:
+            writing.add_done_callback(self._write_queued)
+        self._queued += group
+        room = self._backlog.room() if self._backlog is not None else None
         return writing if room is None else _both(writing, room)
 
+    def _behind(self) -> bool:
+        """Whether this run's whole blocks would take the process's writes
+        past their limit: then they go to disk now, short of a group."""
+        backlog = self._backlog
+        return backlog is not None and backlog.bytes + self._group_bytes > backlog.limit
+
     def _start(self, group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
-        """Publish a group; once written, its bytes leave the backlog."""
+        """Publish a group; its bytes are in the backlog until written."""
         job = self._publish(group)
         if self._backlog is not None:
             backlog, nbytes = self._backlog, sum(b.length for b in group)
+            backlog.add(nbytes)
             job.add_done_callback(lambda _: backlog.written(nbytes))
         return job
 
@@ -144,15 +154,11 @@ class RunFill:
         """Publish what is whole, also after a failure (those blocks are whole),
         and wait until it is on disk. A cancelled wait leaves the jobs running."""
         groups = [g for g in (self._queued, self._group) if g]
-        self._queued, self._group = [], []
-        try:
-            while groups:
-                if self._writing is not None:
-                    await asyncio.shield(self._writing)
-                self._writing = self._start(groups.pop(0))
-        finally:
-            if groups and self._backlog is not None:  # cancelled: never to be written
-                self._backlog.written(sum(b.length for g in groups for b in g))
+        self._queued, self._group, self._group_bytes = [], [], 0
+        for group in groups:
+            if self._writing is not None:
+                await asyncio.shield(self._writing)
+            self._writing = self._start(group)
         if self._writing is not None:
             await asyncio.shield(self._writing)
 
