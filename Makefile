@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-coldfill bench-buffermemory bench-layouts bench-writesize bench-sharing bench-s3 bench-warm
+.PHONY: run test test-fast test-deps lint format clean bench bench-quick bench-scale bench-httpfill bench-overshoot bench-coldfill bench-buffermemory bench-layouts bench-writesize bench-sharing bench-s3 bench-warm
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ bench-scale: $(STAMP)
 ## bench/results-httpfill.json
 bench-httpfill: $(STAMP)
 	$(BIN)/python -m bench.httpfill $(ARGS)
+
+## bench-overshoot: 8 clients fill 8,000 small objects (1-8 blocks of 4 KiB) through a 50M
+## cache, du sampled: how far over --cache-size it goes and where it ends (3 runs, ~2 min);
+## bench/results-overshoot.json
+bench-overshoot: $(STAMP)
+	$(BIN)/python -m bench.overshoot $(ARGS)
 
 ## bench-coldfill: a cold fill through nwbcache against nginx's slice cache, same origin,
 ## same reads (256 MiB in 16 MiB ranges, 4 streams, 6 runs; ~2 min); bench/results-coldfill.json;
