@@ -81,6 +81,7 @@ from bench.harness import (
     Emulator,
     Nginx,
     Nwbcache,
+    allocated_bytes,
     git_commit,
     machine,
     process_tree,
@@ -135,16 +136,6 @@ def cpu_times(pids: Sequence[int]) -> tuple[float, float]:
             user += int(fields[11])
             system += int(fields[12])
     return user / TICK, system / TICK
-
-
-def disk_bytes(root: Path) -> int:
-    """Bytes allocated on disk under root (st_blocks)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
 
 
 def _read_slowly(url: str, stop: threading.Event) -> None:
@@ -418,7 +409,7 @@ class ColdFill:
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(60)
-        cached = None if cache is None else disk_bytes(cache)
+        cached = None if cache is None else allocated_bytes(cache)
         got = hashlib.sha256(self.buf).hexdigest()
         gib = self.size / GIB
         user, sys_ = (s1[0] - s0[0], s1[1] - s0[1]) if srv is not None else (None, None)

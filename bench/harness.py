@@ -76,6 +76,18 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def allocated_bytes(root: Path, *, dirs: bool = False) -> int:
+    """Bytes allocated on disk under ``root`` (st_blocks) to its files, and with
+    ``dirs`` to its directories too (what ``du`` counts). A file removed
+    while it is walked (an eviction) counts nothing."""
+    total = 0
+    for dirpath, subdirs, files in os.walk(root):
+        for name in files + subdirs if dirs else files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Resident set size summed over processes (VmRSS, kB in /proc)."""
     total = 0

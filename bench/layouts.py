@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import fileperblock
-from bench.harness import git_commit, machine
+from bench.harness import allocated_bytes, git_commit, machine
 from nwbcache_proxy import blockfile
 from nwbcache_proxy.blockfile import HEADER_SIZE
 from nwbcache_proxy.layout import DATA_SUFFIX, MAP_SUFFIX, Layout, block_relpath
@@ -95,15 +95,6 @@ DIGEST = bytes(32)  # the version digest in block headers: any 32 bytes
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def allocated(path: Path) -> int:
-    """Bytes allocated on disk under ``path``."""
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
 
 
 # -- the two layouts ------------------------------------------------------------
@@ -335,7 +326,7 @@ def one_run(
             w = measure(write_all, store, source, bs, blocks, args.threads)
             out[f"write {bs}"] = rates(w, total, blocks)
             problems += verify(store, source, bs, blocks)
-            out[f"disk use {bs}"] = allocated(store.data_root()) / total
+            out[f"disk use {bs}"] = allocated_bytes(store.data_root()) / total
             settle(args.settle)
             r = measure(read_all, store, bs, blocks)
             out[f"read {bs}"] = rates(r, total, blocks)

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Emulator, Nwbcache, git_commit, machine
+from bench.harness import Emulator, Nwbcache, allocated_bytes, git_commit, machine
 from nwbcache_proxy.sizes import format_size, parse_size
 from tests.support.helpers import REPO
 
@@ -52,18 +52,6 @@ class Settings:
     max_blocks: int
     interval: float
     runs: int
-
-
-def disk_use(root: Path) -> int:
-    """Bytes allocated under ``root`` (``du``: st_blocks of files and dirs)."""
-    total = 0
-    for dirpath, dirs, files in os.walk(root):
-        for name in files + dirs:
-            try:
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-            except OSError:
-                continue  # evicted meanwhile
-    return total
 
 
 def write_objects(origin: Path, s: Settings) -> dict[str, bytes]:
@@ -114,7 +102,7 @@ def one_run(emu: Emulator, objects: dict[str, bytes], s: Settings, work: Path) -
 
     def sampler() -> None:
         while not done.is_set():
-            samples.append(disk_use(cache))
+            samples.append(allocated_bytes(cache, dirs=True))
             done.wait(s.interval)
 
     watcher = threading.Thread(target=sampler)
@@ -131,7 +119,7 @@ def one_run(emu: Emulator, objects: dict[str, bytes], s: Settings, work: Path) -
     finally:
         done.set()
         watcher.join()
-        final = disk_use(cache)
+        final = allocated_bytes(cache, dirs=True)
         srv.stop()
     peak = max(samples, default=0)
     return {

@@ -56,7 +56,7 @@ class Disk:
         result: asyncio.Future[T] = loop.create_future()
         with self._lanes_lock:
             queue = self._lanes.get(lane)
-            idle = queue is None
+            idle = queue is None  # else a thread runs the lane, and will take this job too
             if queue is None:
                 queue = self._lanes[lane] = collections.deque()
             queue.append(_Job(fn, result, loop))
@@ -119,9 +119,7 @@ class _Job(Generic[T]):
     def _deliver(self, how: Callable[[asyncio.Future[T], Any], None], what: Any) -> None:
         """To the loop, unless it has closed (nobody is left to hear it, as
         with run_in_executor)."""
-        if self.loop.is_closed():
-            return
-        with contextlib.suppress(RuntimeError):  # closed since
+        with contextlib.suppress(RuntimeError):  # the loop is closed
             self.loop.call_soon_threadsafe(how, self.result, what)
 
 

@@ -333,9 +333,8 @@ class Blocks:
         # What waits for a flush counts as it will stand on disk, a version's
         # files beside its blocks' bytes (16 KiB beside 4-32 KiB for small
         # objects). Counting the bytes alone, 8 clients filling 8,000 objects
-        # of 1-8 blocks of 4 KiB ran a 50 MB cache up to 1.33x over by du;
-        # now 1.04-1.05x in 3 runs of 4 (the index's WAL, up to 4 MiB,
-        # among it), 1.24x in the fourth.
+        # of 1-8 blocks of 4 KiB ran a 50 MB cache up to 1.33x over by du
+        # (make bench-overshoot: now 1.00-1.13x).
         pending = self.index.pending_on_disk
         if pending > FLUSH_SHARE * self.capacity or (
             self.index.last_totals.on_disk + pending > self.capacity

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -85,12 +86,12 @@ class RunFill:
         """``publish`` starts a disk job for a group; ``completed`` is told of each
         block as it completes, before its group is handed on (fresh marks);
         ``backlog``: the process's, which the run's groups join until
-        written."""
+        written (by default one of its own, without a limit)."""
         self._pending = collections.deque(run)
         self._group_blocks = max(1, PUBLISH_GROUP_BYTES // block_size)
         self._publish = publish
         self._completed = completed
-        self._backlog = backlog
+        self._backlog = backlog or WriteBacklog(sys.maxsize)
         self._group: list[InflightBlock] = []
         self._group_bytes = 0
         self._writing: asyncio.Future[list[bool]] | None = None
@@ -119,29 +120,27 @@ class RunFill:
         writing = self._writing
         if writing is None or writing.done():
             self._writing = self._start(group)
-            return self._backlog.room() if self._backlog is not None else None
+            return self._backlog.room()
         # The job before is under way: this group waits for it, and the body
         # with it. This callback is added before the connection's own, so the
         # next job has started when reading resumes.
         if not self._queued:
             writing.add_done_callback(self._write_queued)
         self._queued += group
-        room = self._backlog.room() if self._backlog is not None else None
+        room = self._backlog.room()
         return writing if room is None else _both(writing, room)
 
     def _behind(self) -> bool:
         """Whether this run's whole blocks would take the process's writes
         past their limit: then they go to disk now, short of a group."""
-        backlog = self._backlog
-        return backlog is not None and backlog.bytes + self._group_bytes > backlog.limit
+        return self._backlog.bytes + self._group_bytes > self._backlog.limit
 
     def _start(self, group: list[InflightBlock]) -> asyncio.Future[list[bool]]:
         """Publish a group; its bytes are in the backlog until written."""
         job = self._publish(group)
-        if self._backlog is not None:
-            backlog, nbytes = self._backlog, sum(b.length for b in group)
-            backlog.add(nbytes)
-            job.add_done_callback(lambda _: backlog.written(nbytes))
+        backlog, nbytes = self._backlog, sum(b.length for b in group)
+        backlog.add(nbytes)
+        job.add_done_callback(lambda _: backlog.written(nbytes))
         return job
 
     def _write_queued(self, _: asyncio.Future[list[bool]]) -> None:

@@ -161,9 +161,9 @@ async def make_pool(pool: BufferPool, size: int, limit: int) -> int:
     four 16 MiB ranges at a time has ~64 MiB of blocks in flight
     (buffers.START_BYTES). The pool keeps these buffers in any case once a
     fill has made them."""
-    made = 0
     if size < MAKE_MIN:
-        return made
+        return 0
+    made = 0
     while pool.kept_bytes < limit and pool.make(size):
         made += 1
         if made % MAKE_STEP == 0:

@@ -51,13 +51,16 @@ class Usage:
         self._written: dict[str, int] = {}
         self._written_blocks = 0
 
-    def _count_written(self, version: str, n: int) -> None:
+    def _count_written(self, version: str, nbytes: int, n: int = 1) -> None:
+        """``n`` blocks (-1: one less) of ``version``, ``nbytes`` in all, written
+        or no longer waiting: the three counters move together."""
         count = self._written.get(version, 0) + n
         if count:
             self._written[version] = count
         else:
             del self._written[version]
         self._written_blocks += n
+        self._written_bytes += nbytes
 
     def record(
         self, version: str, index: int, nbytes: int, about: tuple[str, int] | None, written: bool
@@ -68,13 +71,12 @@ class Usage:
         old = self._blocks.get((version, index))
         if old is None and not written and len(self._blocks) >= PENDING_MAX:
             return  # its use goes unrecorded (PENDING_MAX)
-        was_written = old is not None and old[2]
-        written = written or was_written
-        self._written_bytes -= old[0] if old is not None and was_written else 0
+        if old is not None and old[2]:  # written before: its length may change
+            self._written_bytes += nbytes - old[0]
+            written = True
+        elif written:
+            self._count_written(version, nbytes)
         self._blocks[(version, index)] = (nbytes, time.time(), written)
-        self._written_bytes += nbytes if written else 0
-        if written and not was_written:
-            self._count_written(version, 1)
 
     def hit(self, version: str, index: int) -> None:
         key = (version, index)
@@ -113,8 +115,7 @@ class Usage:
         """Everything recorded, for a flush; nothing is left."""
         batch = Batch(self._blocks, self._hits, self._keys)
         self._blocks, self._hits, self._keys = {}, {}, {}
-        self._written_bytes = 0
-        self._written, self._written_blocks = {}, 0
+        self._written, self._written_blocks, self._written_bytes = {}, 0, 0
         return batch
 
     def put_back(self, batch: Batch) -> None:
@@ -125,12 +126,10 @@ class Usage:
             if newer is None:
                 self._blocks[key] = value
                 if value[2]:
-                    self._written_bytes += value[0]
-                    self._count_written(key[0], 1)
+                    self._count_written(key[0], value[0])
             elif value[2] and not newer[2]:
                 self._blocks[key] = (newer[0], newer[1], True)
-                self._written_bytes += newer[0]
-                self._count_written(key[0], 1)
+                self._count_written(key[0], newer[0])
         for key, count in batch.hits.items():
             self._hits[key] = self._hits.get(key, 0) + count
         self._keys = {**batch.keys, **self._keys}
@@ -140,7 +139,6 @@ class Usage:
         for key in [k for k in self._blocks if k[0] == version]:
             nbytes, _, written = self._blocks.pop(key)
             if written:
-                self._written_bytes -= nbytes
-                self._count_written(version, -1)
+                self._count_written(version, -nbytes, -1)
         for key in [k for k in self._hits if k[0] == version]:
             del self._hits[key]
